@@ -1,0 +1,301 @@
+//! Checkpoints in safetensors: weights, optimizer state, config, position in the run and the
+//! generator state, written atomically (temporary file, fsync, rename, fsync of the folder), so a
+//! crash or a full disk leaves the previous checkpoint as it was.
+//!
+//! Tensors: `param.<name>` (f32 weights as trained: latent floats, or ±1 for Bop), `optim.<name>`
+//! (velocity / Bop average) and, for every quantized layer, `int.layers.<i>.weight` (the i8 codes
+//! of `ŵ`, `[inputs, outputs]`) with `int.layers.<i>.weight_scale` (f32 per output channel). The
+//! header's `qmomentum` metadata is JSON: config, epoch, step, RNG state, observers, history.
+
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::quant::WeightQuant;
+use crate::rng::Rng;
+use crate::train::{EpochProgress, History, Trainer};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const FORMAT: &str = "qmomentum-checkpoint";
+const VERSION: u32 = 1;
+
+/// Saved state of one activation observer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObserverState {
+    /// Layer index.
+    pub layer: usize,
+    /// Range.
+    pub min: f32,
+    /// Range.
+    pub max: f32,
+    /// LSQ step.
+    pub lsq_scale: f32,
+    /// Seen a batch.
+    pub initialized: bool,
+    /// Frozen.
+    pub frozen: bool,
+    /// The grid in force, as `(scale, zero_point)`, for readers that want integer parameters.
+    pub qparams: Option<(f32, i32)>,
+}
+
+/// The JSON metadata of a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    /// Always `qmomentum-checkpoint`.
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// The run's configuration.
+    pub config: TrainConfig,
+    /// Epochs finished.
+    pub epoch: usize,
+    /// Steps done in the epoch in progress.
+    pub step_in_epoch: usize,
+    /// Steps done in total.
+    pub global_step: u64,
+    /// Dropout generator state.
+    pub rng: [u64; 4],
+    /// Steps taken per parameter (optimizer).
+    pub optimizer_steps: Vec<u64>,
+    /// Epoch in progress.
+    pub progress: EpochProgress,
+    /// Finished epochs.
+    pub history: History,
+    /// Observers.
+    pub observers: Vec<ObserverState>,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Serialise a trainer to bytes.
+pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for p in t.model.params() {
+        owned.push((format!("param.{}", p.name), Dtype::F32, p.shape.clone(), f32_bytes(&p.value)));
+    }
+    let params = t.model.params();
+    for (st, p) in t.optimizer.state.iter().zip(&params) {
+        owned.push((format!("optim.{}", p.name), Dtype::F32, p.shape.clone(), f32_bytes(&st.buffer)));
+    }
+    let mut observers = Vec::new();
+    let mut model = t.model.clone();
+    for d in model.dense_mut() {
+        if let Some(o) = &d.observer {
+            observers.push(ObserverState {
+                layer: d.index,
+                min: o.min,
+                max: o.max,
+                lsq_scale: d.act_step.as_ref().map(|p| p.value[0]).unwrap_or(o.lsq_scale),
+                initialized: o.initialized,
+                frozen: o.frozen,
+                qparams: d.output_qparams().map(|q| (q.scale, q.zero_point)),
+            });
+        }
+        if let Some(wq) = d.quant.weights {
+            let (inputs, outputs, index) = (d.inputs, d.outputs, d.index);
+            let (w_hat, scales) = d.effective_weights();
+            let codes: Vec<u8> = w_hat
+                .chunks_exact(outputs)
+                .flat_map(|row| {
+                    row.iter()
+                        .zip(scales)
+                        .map(|(&w, &s)| (w / s).round_ties_even().clamp(-128.0, 127.0) as i8 as u8)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let _ = wq;
+            owned.push((format!("int.layers.{index}.weight"), Dtype::I8, vec![inputs, outputs], codes));
+            owned.push((format!("int.layers.{index}.weight_scale"), Dtype::F32, vec![outputs], f32_bytes(scales)));
+        }
+    }
+    let meta = Meta {
+        format: FORMAT.into(),
+        version: VERSION,
+        config: t.config.clone(),
+        epoch: t.epoch,
+        step_in_epoch: t.step_in_epoch,
+        global_step: t.global_step,
+        rng: t.rng.to_words(),
+        optimizer_steps: t.optimizer.state.iter().map(|s| s.steps).collect(),
+        progress: t.progress.clone(),
+        history: t.history.clone(),
+        observers,
+    };
+    let json = serde_json::to_string(&meta).map_err(|e| Error::Diverged(format!("cannot encode checkpoint metadata: {e}")))?;
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(n, dt, shape, data)| {
+            TensorView::new(*dt, shape.clone(), data)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Shape(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let info = HashMap::from([("qmomentum".to_string(), json)]);
+    safetensors::serialize(views, Some(info)).map_err(|e| Error::Shape(format!("cannot serialise checkpoint: {e}")))
+}
+
+/// Write `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the
+/// folder. On any failure the temporary file is removed and `path` is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(e.kind(), format!("{e} (nothing was replaced; the previous file, if any, is intact)")),
+        });
+    }
+    Ok(())
+}
+
+/// Save a checkpoint atomically.
+pub fn save(t: &Trainer, path: &Path) -> Result<()> {
+    write_atomic(path, &to_bytes(t)?)
+}
+
+/// Read the metadata of a checkpoint.
+pub fn read_meta(bytes: &[u8], path: &Path) -> Result<Meta> {
+    let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| Error::checkpoint(path, format!("not a safetensors file: {e}")))?;
+    let json = md
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("qmomentum"))
+        .ok_or_else(|| Error::checkpoint(path, "no 'qmomentum' metadata: not a qmomentum checkpoint"))?;
+    let meta: Meta = serde_json::from_str(json).map_err(|e| Error::checkpoint(path, format!("metadata: {e}")))?;
+    if meta.format != FORMAT || meta.version != VERSION {
+        return Err(Error::checkpoint(
+            path,
+            format!("format {:?} version {} (expected {FORMAT:?} version {VERSION})", meta.format, meta.version),
+        ));
+    }
+    Ok(meta)
+}
+
+fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>> {
+    let v = st.tensor(name).map_err(|_| Error::checkpoint(path, format!("missing tensor '{name}'")))?;
+    if v.dtype() != Dtype::F32 {
+        return Err(Error::checkpoint(path, format!("tensor '{name}' has dtype {:?}, expected F32", v.dtype())));
+    }
+    if v.shape() != shape {
+        return Err(Error::checkpoint(
+            path,
+            format!("tensor '{name}' has shape {:?}, the model needs {:?} (a checkpoint of another model?)", v.shape(), shape),
+        ));
+    }
+    let out: Vec<f32> = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+        return Err(Error::checkpoint(path, format!("tensor '{name}' holds a non-finite value ({}) at index {i}", out[i])));
+    }
+    Ok(out)
+}
+
+/// Rebuild a trainer from checkpoint bytes; `path` names the file in errors.
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
+    let meta = read_meta(bytes, path)?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::checkpoint(path, format!("corrupt tensors: {e}")))?;
+    meta.config.validate().map_err(|e| Error::checkpoint(path, format!("config: {e}")))?;
+    let mut t = Trainer::new(meta.config.clone()).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let n_params = t.model.params().len();
+    let mut values = Vec::with_capacity(n_params);
+    let mut buffers = Vec::with_capacity(n_params);
+    for p in t.model.params() {
+        values.push(read_f32(&st, &format!("param.{}", p.name), &p.shape, path)?);
+        if !meta.optimizer_steps.is_empty() {
+            buffers.push(read_f32(&st, &format!("optim.{}", p.name), &p.shape, path)?);
+        }
+    }
+    for (p, v) in t.model.params_mut().into_iter().zip(values) {
+        p.value = v;
+    }
+    if !meta.optimizer_steps.is_empty() {
+        if meta.optimizer_steps.len() != n_params {
+            return Err(Error::checkpoint(
+                path,
+                format!("optimizer_steps has {} entries for {n_params} parameters", meta.optimizer_steps.len()),
+            ));
+        }
+        t.optimizer.state = t
+            .model
+            .params()
+            .iter()
+            .zip(buffers)
+            .zip(&meta.optimizer_steps)
+            .map(|((p, b), &s)| crate::optim::ParamState {
+                name: p.name.clone(),
+                buffer: b,
+                steps: s,
+            })
+            .collect();
+    }
+    for o in &meta.observers {
+        let d = t
+            .model
+            .dense_mut()
+            .find(|d| d.index == o.layer)
+            .ok_or_else(|| Error::checkpoint(path, format!("observer for layer {} which is not a dense layer", o.layer)))?;
+        let obs = d
+            .observer
+            .as_mut()
+            .ok_or_else(|| Error::checkpoint(path, format!("observer for layer {} which has no activation quantizer", o.layer)))?;
+        if !(o.min.is_finite() && o.max.is_finite() && o.lsq_scale.is_finite()) {
+            return Err(Error::checkpoint(path, format!("observer of layer {} has a non-finite range", o.layer)));
+        }
+        obs.min = o.min;
+        obs.max = o.max;
+        obs.lsq_scale = o.lsq_scale;
+        obs.initialized = o.initialized;
+        obs.frozen = o.frozen;
+        if let Some(p) = d.act_step.as_mut() {
+            p.value[0] = o.lsq_scale;
+        }
+    }
+    for d in t.model.dense() {
+        if d.quant.weights.is_some() && st.tensor(&format!("int.layers.{}.weight", d.index)).is_err() {
+            return Err(Error::checkpoint(path, format!("missing tensor 'int.layers.{}.weight'", d.index)));
+        }
+        if let Some(WeightQuant::Binary { .. }) = d.quant.weights {
+            if d.alpha.is_some() && d.weight.value.iter().any(|&w| w != 1.0 && w != -1.0) {
+                return Err(Error::checkpoint(path, format!("tensor 'param.{}' must hold only ±1 (Bop weights)", d.weight.name)));
+            }
+        }
+    }
+    t.rng = Rng::from_words(meta.rng).ok_or_else(|| Error::checkpoint(path, "rng: not a valid generator state"))?;
+    let n_epochs = meta.config.epochs;
+    if meta.epoch > n_epochs {
+        return Err(Error::checkpoint(path, format!("epoch {} is beyond the configured {n_epochs} epochs", meta.epoch)));
+    }
+    t.epoch = meta.epoch;
+    t.step_in_epoch = meta.step_in_epoch;
+    t.global_step = meta.global_step;
+    t.progress = meta.progress;
+    t.history = meta.history;
+    Ok(t)
+}
+
+/// Load a checkpoint file.
+pub fn load(path: &Path) -> Result<Trainer> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    from_bytes(&bytes, path)
+}

@@ -1,0 +1,72 @@
+//! One error type for the library. Every message names the file, field or value at fault.
+
+use std::path::PathBuf;
+
+/// Errors of the training library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O failure on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A data file whose content is wrong (magic, size, counts, labels).
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+    /// A hyper-parameter or configuration value that cannot work.
+    #[error("invalid {field} = {value}: {why}")]
+    Config {
+        field: String,
+        value: String,
+        why: String,
+    },
+    /// Shapes that do not fit together.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A checkpoint that cannot be read or does not belong to this model.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    /// The loss or a gradient became NaN or infinite.
+    #[error("{0}")]
+    Diverged(String),
+    /// A model-file problem reported by the integer runtime.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Short for `std::result::Result<T, Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A configuration error for `field` with the offending `value`.
+    pub fn config(field: impl Into<String>, value: impl ToString, why: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            value: value.to_string(),
+            why: why.into(),
+        }
+    }
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    /// A data error on `path`.
+    pub fn data(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    /// A checkpoint error on `path`.
+    pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Export of a trained quantized model to the integer runtime format (see `doc/model-format.md`).

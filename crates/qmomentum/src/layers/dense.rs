@@ -1,0 +1,370 @@
+//! `Dense`: `y = q_a(f(q_w(W)ᵀ·x + b))`, a fully connected layer with optional fake quantization.
+//!
+//! The kernel is stored `[inputs, outputs]` (the Keras layout) and initialised Glorot-uniform with
+//! a zero bias, as Keras does. With a [`LayerQuant`], the forward pass uses the fake-quantized
+//! kernel `ŵ` and fake-quantizes the output activations; the backward pass applies the
+//! straight-through estimators of `crate::quant`. Element-wise work is fused: bias, activation and
+//! the batch range statistics are one pass over the GEMM output, fake quantization one more, and
+//! the backward pass folds the STE mask, the activation derivative and the bias gradient into a
+//! single pass. No allocation after the first batch.
+//!
+//! ```
+//! use qmomentum::layers::{Activation, Dense};
+//! use qmomentum::rng::Rng;
+//! let mut rng = Rng::new(0, 0);
+//! let mut d = Dense::new(0, 3, 2, Activation::Relu, &mut rng);
+//! let x = [1.0f32, 2.0, 3.0];
+//! let mut y = [0.0f32; 2];
+//! d.forward(&x, &mut y, 1, false, false);
+//! assert!(y.iter().all(|&v| v >= 0.0));
+//! ```
+
+use super::activation::{softmax_rows, Activation};
+use super::param::{Param, ParamKind};
+use crate::gemm::{matmul, Op};
+use crate::quant::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor, QParams};
+use crate::quant::binary::{binarize, sign, ternarize};
+use crate::quant::observer::{lsq_grad, ActObserver, Observer};
+use crate::quant::{LayerQuant, WeightQuant};
+use crate::rng::Rng;
+
+/// A fully connected layer.
+#[derive(Clone, Debug)]
+pub struct Dense {
+    /// Index in the model (used in parameter names).
+    pub index: usize,
+    /// Input features.
+    pub inputs: usize,
+    /// Output features.
+    pub outputs: usize,
+    /// Activation applied after the bias.
+    pub activation: Activation,
+    /// Kernel `[inputs, outputs]` (latent float weights, or ±1 for Bop-trained binary weights).
+    pub weight: Param,
+    /// Bias `[outputs]`.
+    pub bias: Param,
+    /// Learned per-channel scale `α` of Bop-trained binary weights (`ŵ = α_j·w`).
+    pub alpha: Option<Param>,
+    /// Learned step of an LSQ activation quantizer.
+    pub act_step: Option<Param>,
+    /// Quantization of this layer.
+    pub quant: LayerQuant,
+    /// Output activation observer (when activations are quantized with 2 bits or more).
+    pub observer: Option<ActObserver>,
+    // Scratch, sized on first use.
+    w_hat: Vec<f32>,
+    w_scale: Vec<f32>,
+    w_tmp: Vec<f32>,
+    z: Vec<f32>,
+    dz: Vec<f32>,
+    dw_hat: Vec<f32>,
+    qp: Option<QParams>,
+}
+
+impl Dense {
+    /// A float layer with Glorot-uniform weights `U(−√(6/(in+out)), √(6/(in+out)))`, zero bias.
+    pub fn new(index: usize, inputs: usize, outputs: usize, activation: Activation, rng: &mut Rng) -> Self {
+        let limit = (6.0 / (inputs + outputs) as f32).sqrt();
+        let w = (0..inputs * outputs)
+            .map(|_| rng.uniform_range(-limit, limit))
+            .collect();
+        Dense {
+            index,
+            inputs,
+            outputs,
+            activation,
+            weight: Param::new(format!("layers.{index}.weight"), ParamKind::Weight, vec![inputs, outputs], w),
+            bias: Param::new(format!("layers.{index}.bias"), ParamKind::Bias, vec![outputs], vec![0.0; outputs]),
+            alpha: None,
+            act_step: None,
+            quant: LayerQuant::default(),
+            observer: None,
+            w_hat: Vec::new(),
+            w_scale: Vec::new(),
+            w_tmp: Vec::new(),
+            z: Vec::new(),
+            dz: Vec::new(),
+            dw_hat: Vec::new(),
+            qp: None,
+        }
+    }
+
+    /// Apply a quantization. `bop` turns binary weights into ±1 parameters with a learned
+    /// per-channel scale (initialised to `mean|w|` of the current weights) for the Bop optimizer.
+    pub fn set_quant(&mut self, quant: LayerQuant, bop: bool) {
+        self.quant = quant;
+        self.alpha = None;
+        self.act_step = None;
+        self.weight.kind = ParamKind::Weight;
+        if let (Some(WeightQuant::Binary { .. }), true) = (quant.weights, bop) {
+            let mut alpha = vec![0.0f32; self.outputs];
+            for row in self.weight.value.chunks_exact(self.outputs) {
+                for (a, &v) in alpha.iter_mut().zip(row) {
+                    *a += v.abs() / self.inputs as f32;
+                }
+            }
+            for v in self.weight.value.iter_mut() {
+                *v = sign(*v);
+            }
+            self.weight.kind = ParamKind::Binary;
+            self.alpha = Some(Param::new(
+                format!("layers.{}.alpha", self.index),
+                ParamKind::Scale,
+                vec![self.outputs],
+                alpha,
+            ));
+        }
+        self.observer = match quant.activations {
+            Some(a) if a.bits >= 2 => {
+                if a.observer == Observer::Lsq {
+                    self.act_step = Some(Param::new(
+                        format!("layers.{}.act_step", self.index),
+                        ParamKind::Scale,
+                        vec![1],
+                        vec![1.0],
+                    ));
+                }
+                Some(ActObserver::new(a.bits, a.observer, !self.activation.non_negative()))
+            }
+            _ => None,
+        };
+    }
+
+    /// True when the output is a sign (1-bit activation).
+    pub fn sign_output(&self) -> bool {
+        matches!(self.quant.activations, Some(a) if a.bits == 1)
+    }
+
+    /// The kernel the forward pass uses (`ŵ` if quantized) and its per-channel scales.
+    pub fn effective_weights(&mut self) -> (&[f32], &[f32]) {
+        self.quantize_weights();
+        if self.quant.weights.is_some() {
+            (&self.w_hat, &self.w_scale)
+        } else {
+            (&self.weight.value, &self.w_scale)
+        }
+    }
+
+    /// The activation grid in force (after training or calibration).
+    pub fn output_qparams(&self) -> Option<QParams> {
+        let obs = self.observer.as_ref()?;
+        let mut o = obs.clone();
+        if let Some(p) = &self.act_step {
+            o.lsq_scale = p.value[0];
+        }
+        o.initialized.then(|| o.qparams())
+    }
+
+    fn ensure(&mut self, batch: usize) {
+        let n = batch * self.outputs;
+        if self.z.len() < n {
+            self.z.resize(n, 0.0);
+            self.dz.resize(n, 0.0);
+        }
+        let wn = self.inputs * self.outputs;
+        if self.quant.weights.is_some() && self.w_hat.len() != wn {
+            self.w_hat.resize(wn, 0.0);
+            self.dw_hat.resize(wn, 0.0);
+        }
+        if self.w_scale.len() != self.outputs {
+            self.w_scale.resize(self.outputs, 1.0);
+            self.w_tmp.resize(self.outputs, 0.0);
+        }
+    }
+
+    fn quantize_weights(&mut self) {
+        self.ensure(0);
+        let Some(wq) = self.quant.weights else { return };
+        let w = &self.weight.value;
+        let out = self.outputs;
+        match wq {
+            WeightQuant::Int { bits, per_channel: true, narrow } => fake_quant_weights_per_channel(
+                w,
+                out,
+                bits,
+                narrow,
+                &mut self.w_hat,
+                &mut self.w_scale,
+                &mut self.w_tmp,
+            ),
+            WeightQuant::Int { bits, per_channel: false, narrow } => {
+                let s = fake_quant_weights_per_tensor(w, bits, narrow, &mut self.w_hat);
+                self.w_scale.fill(s);
+            }
+            WeightQuant::Binary { scaled } => match &self.alpha {
+                Some(alpha) => {
+                    // Bop: w is ±1 already, ŵ = α_j·w.
+                    for (row, o) in w.chunks_exact(out).zip(self.w_hat.chunks_exact_mut(out)) {
+                        for ((o, &v), &a) in o.iter_mut().zip(row).zip(&alpha.value) {
+                            *o = a * v;
+                        }
+                    }
+                    self.w_scale.copy_from_slice(&alpha.value);
+                }
+                None => binarize(w, out, scaled, &mut self.w_hat, &mut self.w_scale),
+            },
+            WeightQuant::Ternary { rule } => {
+                ternarize(w, out, rule, &mut self.w_hat, &mut self.w_scale, &mut self.w_tmp)
+            }
+        }
+    }
+
+    /// Forward pass over `batch` rows: `x` is `[batch, inputs]`, `y` is `[batch, outputs]`.
+    /// `training` updates the observers; `logits` skips a softmax activation (the loss fuses it).
+    pub fn forward(&mut self, x: &[f32], y: &mut [f32], batch: usize, training: bool, logits: bool) {
+        self.ensure(batch);
+        self.quantize_weights();
+        let n = batch * self.outputs;
+        let w: &[f32] = if self.quant.weights.is_some() { &self.w_hat } else { &self.weight.value };
+        matmul(batch, self.outputs, self.inputs, x, Op::N, w, Op::N, &mut self.z[..n], false);
+        // Pass 1: bias + activation (+ range statistics).
+        let act = self.activation;
+        let sign_out = self.sign_output();
+        let (mut lo, mut hi, mut sum_abs) = (f32::INFINITY, f32::NEG_INFINITY, 0.0f32);
+        for (zr, yr) in self.z[..n].chunks_exact_mut(self.outputs).zip(y.chunks_exact_mut(self.outputs)) {
+            for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(&self.bias.value) {
+                *z += b;
+                let a = if sign_out { sign(*z) } else { act.forward(*z) };
+                lo = lo.min(a);
+                hi = hi.max(a);
+                sum_abs += a.abs();
+                *yv = a;
+            }
+        }
+        if act == Activation::Softmax && !logits && !sign_out {
+            softmax_rows(&mut y[..n], self.outputs);
+        }
+        // Pass 2: fake quantization of the outputs.
+        self.qp = None;
+        if let Some(obs) = self.observer.as_mut() {
+            if let Some(p) = &self.act_step {
+                obs.lsq_scale = p.value[0];
+            }
+            if training {
+                obs.observe(lo, hi, sum_abs / n.max(1) as f32);
+                if let (Some(p), Observer::Lsq) = (self.act_step.as_mut(), obs.observer) {
+                    p.value[0] = obs.lsq_scale;
+                }
+            }
+            if obs.initialized {
+                let qp = obs.qparams();
+                for v in y[..n].iter_mut() {
+                    *v = qp.fake_quant(*v);
+                }
+                self.qp = Some(qp);
+            }
+        }
+    }
+
+    /// Backward pass. `x` is the forward input, `dy` the gradient of the output; writes the
+    /// parameter gradients and, when `dx` is given, the input gradient.
+    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, batch: usize) {
+        let n = batch * self.outputs;
+        let act = self.activation;
+        let sign_out = self.sign_output();
+        let qp = self.qp;
+        let lsq = self.observer.as_ref().filter(|o| o.observer == Observer::Lsq).map(|o| (o.qn(), o.qp()));
+        let mut ds = 0.0f32;
+        self.bias.grad.fill(0.0);
+        // One pass: STE mask of the output quantizer, activation derivative, bias gradient.
+        for (zr, (dzr, dyr)) in self.z[..n]
+            .chunks_exact(self.outputs)
+            .zip(self.dz[..n].chunks_exact_mut(self.outputs).zip(dy.chunks_exact(self.outputs)))
+        {
+            for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
+                let v = if sign_out {
+                    // Clipped STE of sign (Larq `ste_sign`, hard-tanh derivative).
+                    if z.abs() <= 1.0 {
+                        g
+                    } else {
+                        0.0
+                    }
+                } else {
+                    let a = act.forward(z);
+                    let g = match (qp, lsq) {
+                        (Some(q), Some((qn, qpos))) => {
+                            let (gs, inside) = lsq_grad(a, q.scale, qn, qpos);
+                            ds += g * gs;
+                            if inside {
+                                g
+                            } else {
+                                0.0
+                            }
+                        }
+                        (Some(q), None) => {
+                            let (l, h) = q.range();
+                            if a >= l && a <= h {
+                                g
+                            } else {
+                                0.0
+                            }
+                        }
+                        _ => g,
+                    };
+                    g * act.derivative(z, a)
+                };
+                *d = v;
+                *db += v;
+            }
+        }
+        if let (Some(p), Some((_, qpos))) = (self.act_step.as_mut(), lsq) {
+            // LSQ gradient scale g = 1/√(N·Qp), N = features of the layer.
+            p.grad[0] = ds / ((self.outputs as f32) * qpos as f32).sqrt();
+        }
+        // Weight gradient dŴ = Xᵀ·dZ, then the weight quantizer's backward.
+        let w_for_dx: &[f32];
+        match self.quant.weights {
+            None | Some(WeightQuant::Int { .. }) | Some(WeightQuant::Ternary { .. }) => {
+                // Plain STE: the symmetric max-scaled grid never clips its own weights.
+                matmul(self.inputs, self.outputs, batch, x, Op::T, &self.dz[..n], Op::N, &mut self.weight.grad, false);
+            }
+            Some(WeightQuant::Binary { .. }) => {
+                matmul(self.inputs, self.outputs, batch, x, Op::T, &self.dz[..n], Op::N, &mut self.dw_hat, false);
+                let out = self.outputs;
+                match self.alpha.as_mut() {
+                    Some(alpha) => {
+                        // ŵ = α_j·w: ∂L/∂w = α_j·∂L/∂ŵ, ∂L/∂α_j = Σ_k ∂L/∂ŵ_kj·w_kj.
+                        alpha.grad.fill(0.0);
+                        for ((gr, dr), wr) in self
+                            .weight
+                            .grad
+                            .chunks_exact_mut(out)
+                            .zip(self.dw_hat.chunks_exact(out))
+                            .zip(self.weight.value.chunks_exact(out))
+                        {
+                            for j in 0..out {
+                                gr[j] = alpha.value[j] * dr[j];
+                                alpha.grad[j] += dr[j] * wr[j];
+                            }
+                        }
+                    }
+                    None => {
+                        // Clipped STE: gradient passes where |w| ≤ 1.
+                        for ((g, &d), &w) in self.weight.grad.iter_mut().zip(&self.dw_hat).zip(&self.weight.value) {
+                            *g = if w.abs() <= 1.0 { d } else { 0.0 };
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(dx) = dx {
+            w_for_dx = if self.quant.weights.is_some() { &self.w_hat } else { &self.weight.value };
+            matmul(batch, self.inputs, self.outputs, &self.dz[..n], Op::N, w_for_dx, Op::T, dx, false);
+        }
+    }
+
+    /// Parameters, in a fixed order.
+    pub fn params(&self) -> Vec<&Param> {
+        let mut v = vec![&self.weight, &self.bias];
+        v.extend(self.alpha.as_ref());
+        v.extend(self.act_step.as_ref());
+        v
+    }
+    /// Parameters, mutable, in the order of [`Dense::params`].
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut v = vec![&mut self.weight, &mut self.bias];
+        v.extend(self.alpha.as_mut());
+        v.extend(self.act_step.as_mut());
+        v
+    }
+}

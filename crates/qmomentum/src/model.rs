@@ -1,0 +1,245 @@
+//! `Sequential`: a stack of layers with the activation buffers of a batch (llm.c style: one
+//! buffer per layer boundary, allocated once, reused every step).
+//!
+//! ```
+//! use qmomentum::{config::ModelConfig, model::Sequential, quant::Scheme};
+//! let mut m = Sequential::from_config(&ModelConfig::default(), Scheme::Fp32, false, 0).unwrap();
+//! assert_eq!(m.param_count(), 109_386);
+//! let x = vec![0.5f32; 2 * 784];
+//! let p = m.predict(&x, 2);
+//! assert_eq!(p.len(), 20);
+//! assert!((p[..10].iter().sum::<f32>() - 1.0).abs() < 1e-5);
+//! ```
+
+use crate::config::{LayerConfig, ModelConfig};
+use crate::error::{Error, Result};
+use crate::layers::{Activation, Dense, Dropout, Layer, Param};
+use crate::loss;
+use crate::quant::Scheme;
+use crate::rng::Rng;
+
+/// A sequential model.
+#[derive(Clone, Debug)]
+pub struct Sequential {
+    /// Input features.
+    pub input_size: usize,
+    /// Layers.
+    pub layers: Vec<Layer>,
+    acts: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    probs: Vec<f32>,
+    cap: usize,
+}
+
+impl Sequential {
+    /// An empty model reading `input_size` features.
+    pub fn new(input_size: usize) -> Self {
+        Sequential {
+            input_size,
+            layers: Vec::new(),
+            acts: Vec::new(),
+            grads: Vec::new(),
+            probs: Vec::new(),
+            cap: 0,
+        }
+    }
+
+    /// Output features of the whole model.
+    pub fn output_size(&self) -> usize {
+        self.layers.iter().fold(self.input_size, |n, l| l.output_size(n))
+    }
+
+    /// Number of classes (output features).
+    pub fn classes(&self) -> usize {
+        self.output_size()
+    }
+
+    /// Build from a config: Glorot init from `seed`, then the quantization of `scheme` (per-layer
+    /// `quant` overrides win); `bop` makes binary weights ±1 parameters for Bop.
+    pub fn from_config(cfg: &ModelConfig, scheme: Scheme, bop: bool, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = Rng::new(seed, 0x1417);
+        let mut m = Sequential::new(cfg.input);
+        let n_dense = cfg.layers.iter().filter(|l| matches!(l, LayerConfig::Dense { .. })).count();
+        let preset = scheme.layers(n_dense);
+        let mut d = 0;
+        for (i, l) in cfg.layers.iter().enumerate() {
+            let inputs = m.output_size();
+            let layer = match l {
+                LayerConfig::Dense { units, activation, quant } => {
+                    let mut dense = Dense::new(i, inputs, *units, *activation, &mut rng);
+                    let q = quant.unwrap_or(preset[d]);
+                    q.validate(i)?;
+                    dense.set_quant(q, bop);
+                    d += 1;
+                    Layer::Dense(dense)
+                }
+                LayerConfig::Dropout { rate } => Layer::Dropout(Dropout::new(*rate)),
+                LayerConfig::Activation { activation } => Layer::Activation(*activation),
+                LayerConfig::Flatten => Layer::Flatten,
+            };
+            m.layers.push(layer);
+        }
+        Ok(m)
+    }
+
+    fn ensure(&mut self, batch: usize) {
+        if batch <= self.cap && self.acts.len() == self.layers.len() + 1 {
+            return;
+        }
+        let mut sizes = vec![self.input_size];
+        for l in &self.layers {
+            sizes.push(l.output_size(*sizes.last().unwrap_or(&0)));
+        }
+        self.acts = sizes.iter().map(|&s| vec![0.0; s * batch]).collect();
+        self.grads = sizes.iter().map(|&s| vec![0.0; s * batch]).collect();
+        self.probs = vec![0.0; self.classes() * batch];
+        self.cap = batch;
+    }
+
+    /// The input buffer of a batch of `batch` rows, to be filled by the caller.
+    pub fn input_mut(&mut self, batch: usize) -> &mut [f32] {
+        self.ensure(batch);
+        let n = batch * self.input_size;
+        &mut self.acts[0][..n]
+    }
+
+    /// Forward pass over the batch in the input buffer; returns the outputs (logits when
+    /// `logits`, probabilities for a softmax model otherwise).
+    pub fn forward(&mut self, batch: usize, training: bool, logits: bool, rng: &mut Rng) -> &[f32] {
+        self.ensure(batch);
+        let mut size = self.input_size;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let out = layer.output_size(size);
+            let (a, b) = self.acts.split_at_mut(i + 1);
+            layer.forward(&a[i][..batch * size], &mut b[0][..batch * out], batch, training, logits, rng);
+            size = out;
+        }
+        &self.acts[self.layers.len()][..batch * size]
+    }
+
+    /// One forward + backward pass for `labels` with the fused softmax cross-entropy loss.
+    /// Returns `(loss, correct predictions)`; gradients are left in the parameters.
+    pub fn forward_backward(&mut self, labels: &[u32], rng: &mut Rng) -> (f32, usize) {
+        let batch = labels.len();
+        let classes = self.classes();
+        self.forward(batch, true, true, rng);
+        let l = self.layers.len();
+        let n = batch * classes;
+        let loss = loss::softmax_crossentropy_forward(&self.acts[l][..n], labels, classes, &mut self.probs[..n]);
+        let correct = crate::metrics::correct(&self.probs[..n], labels, classes);
+        loss::softmax_crossentropy_backward(&self.probs[..n], labels, classes, &mut self.grads[l][..n]);
+        // Backward, last layer first; the first layer needs no input gradient.
+        let mut sizes = vec![self.input_size];
+        for layer in &self.layers {
+            sizes.push(layer.output_size(*sizes.last().unwrap_or(&0)));
+        }
+        for i in (0..l).rev() {
+            let (gl, gr) = self.grads.split_at_mut(i + 1);
+            let dx = if i > 0 { Some(&mut gl[i][..batch * sizes[i]]) } else { None };
+            self.layers[i].backward(&self.acts[i][..batch * sizes[i]], &gr[0][..batch * sizes[i + 1]], dx, batch);
+        }
+        (loss, correct)
+    }
+
+    /// Loss and correct predictions on a batch already in the input buffer (no training).
+    pub fn evaluate_batch(&mut self, labels: &[u32], rng: &mut Rng) -> (f32, usize) {
+        let batch = labels.len();
+        let classes = self.classes();
+        self.forward(batch, false, true, rng);
+        let l = self.layers.len();
+        let n = batch * classes;
+        let loss = loss::softmax_crossentropy_forward(&self.acts[l][..n], labels, classes, &mut self.probs[..n]);
+        (loss, crate::metrics::correct(&self.probs[..n], labels, classes))
+    }
+
+    /// Outputs (probabilities for a softmax model) of `n` rows of `x`, in batches of 1024.
+    pub fn predict(&mut self, x: &[f32], n: usize) -> Vec<f32> {
+        let f = self.input_size;
+        let c = self.classes();
+        let mut out = Vec::with_capacity(n * c);
+        let mut rng = Rng::new(0, 0);
+        for start in (0..n).step_by(1024) {
+            let b = (n - start).min(1024);
+            self.input_mut(b).copy_from_slice(&x[start * f..(start + b) * f]);
+            out.extend_from_slice(self.forward(b, false, false, &mut rng));
+        }
+        out
+    }
+
+    /// The output of layer `i` from the last forward pass over `batch` rows.
+    pub fn layer_output(&self, i: usize, batch: usize) -> &[f32] {
+        let n = self.layers[..=i].iter().fold(self.input_size, |n, l| l.output_size(n));
+        &self.acts[i + 1][..batch * n]
+    }
+
+    /// All parameters in a fixed order.
+    pub fn params(&self) -> Vec<&Param> {
+        self.layers
+            .iter()
+            .flat_map(|l| match l {
+                Layer::Dense(d) => d.params(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// All parameters, mutable, in the order of [`Sequential::params`].
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| match l {
+                Layer::Dense(d) => d.params_mut(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Number of trainable values.
+    pub fn param_count(&self) -> usize {
+        self.params().iter().map(|p| p.len()).sum()
+    }
+
+    /// The dense layers in order.
+    pub fn dense(&self) -> impl Iterator<Item = &Dense> {
+        self.layers.iter().filter_map(|l| match l {
+            Layer::Dense(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    /// The dense layers in order, mutable.
+    pub fn dense_mut(&mut self) -> impl Iterator<Item = &mut Dense> {
+        self.layers.iter_mut().filter_map(|l| match l {
+            Layer::Dense(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    /// The first parameter whose gradient is NaN or infinite, as `(name, index)`.
+    pub fn first_non_finite_grad(&self) -> Option<(String, usize)> {
+        for p in self.params() {
+            if let Some(i) = p.grad.iter().position(|g| !g.is_finite()) {
+                return Some((p.name.clone(), i));
+            }
+        }
+        None
+    }
+
+    /// Check that a loss layer can be fused: the last layer must end in softmax or be linear.
+    pub fn check_loss_compatible(&self) -> Result<()> {
+        let last = self.layers.iter().rev().find_map(|l| match l {
+            Layer::Dense(d) => Some(d.activation),
+            Layer::Activation(a) => Some(*a),
+            _ => None,
+        });
+        match last {
+            Some(Activation::Softmax) | Some(Activation::Linear) => Ok(()),
+            other => Err(Error::config(
+                "model.layers[last].activation",
+                format!("{other:?}").to_lowercase(),
+                "sparse categorical cross-entropy needs a softmax (or linear, from logits) output",
+            )),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Optimizers: the Momentum family and Bop, composed from small transforms.
+//!
+//! * [`momentum`] — the momentum transform in both conventions (lr inside / outside), Nesterov,
+//!   dampening.
+//! * [`decay`] — coupled (L2) and decoupled weight decay.
+//! * [`clip`] — clipping by value and by global norm.
+//! * [`schedule`] — learning-rate schedules.
+//! * [`bop`] — the binary optimizer for ±1 weights.
+//!
+//! An [`Optimizer`] sees the model's parameters as groups by [`ParamKind`]: `Binary` weights go
+//! to Bop (when configured), everything else (latent weights, biases, scales) to Momentum.
+//! Order within a step: clip → coupled L2 → decoupled decay → momentum.
+//!
+//! ```
+//! use qmomentum::optim::{OptimizerConfig, Optimizer};
+//! use qmomentum::layers::{Param, ParamKind};
+//! // The design document's update, v ← γv + ηg, θ ← θ − v, on f(θ) = θ²/2 (g = θ).
+//! let cfg = OptimizerConfig { lr: 0.1, momentum: 0.9, ..Default::default() };
+//! let mut opt = Optimizer::new(cfg).unwrap();
+//! let mut p = Param::new("theta", ParamKind::Weight, vec![1], vec![1.0]);
+//! p.grad[0] = 1.0;
+//! opt.step(&mut [&mut p], 1).unwrap();
+//! assert!((p.value[0] - 0.9).abs() < 1e-7);
+//! ```
+
+pub mod bop;
+pub mod clip;
+pub mod decay;
+pub mod momentum;
+pub mod schedule;
+
+use crate::error::{Error, Result};
+use crate::layers::{Param, ParamKind};
+pub use bop::Bop;
+pub use decay::DecayMode;
+pub use momentum::{Convention, Momentum};
+pub use schedule::Schedule;
+use serde::{Deserialize, Serialize};
+
+/// Which optimizer trains ±1 weights.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BinaryOptimizer {
+    /// Momentum on latent float weights (the STE way).
+    Latent,
+    /// Bop on the ±1 weights themselves.
+    Bop {
+        /// Adaptivity rate γ (Larq default 1e-4).
+        #[serde(default = "bop_gamma")]
+        gamma: f32,
+        /// Flip threshold τ (Larq default 1e-8).
+        #[serde(default = "bop_threshold")]
+        threshold: f32,
+    },
+}
+
+fn bop_gamma() -> f32 {
+    1e-4
+}
+fn bop_threshold() -> f32 {
+    1e-8
+}
+
+impl Default for BinaryOptimizer {
+    fn default() -> Self {
+        BinaryOptimizer::Bop {
+            gamma: bop_gamma(),
+            threshold: bop_threshold(),
+        }
+    }
+}
+
+/// Everything that configures training updates (the `[optimizer]` table of a config file).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Base learning rate η ≥ 0.
+    pub lr: f32,
+    /// Momentum μ in [0, 1) (0 = plain SGD).
+    pub momentum: f32,
+    /// Dampening τ in [0, 1].
+    pub dampening: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// `lr_inside` (design document, Keras) or `lr_outside` (PyTorch).
+    pub convention: Convention,
+    /// Weight decay λ ≥ 0.
+    pub weight_decay: f32,
+    /// Coupled (L2) or decoupled.
+    pub decay_mode: DecayMode,
+    /// Clip each gradient value into [−c, c].
+    pub clip_value: Option<f32>,
+    /// Clip the global gradient norm to this.
+    pub clip_norm: Option<f32>,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Optimizer of ±1 weights.
+    pub binary: BinaryOptimizer,
+}
+
+impl Default for OptimizerConfig {
+    /// The design document's optimizer: Momentum 0.9, lr 0.001, lr inside the velocity.
+    fn default() -> Self {
+        OptimizerConfig {
+            lr: 0.001,
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: false,
+            convention: Convention::LrInside,
+            weight_decay: 0.0,
+            decay_mode: DecayMode::Coupled,
+            clip_value: None,
+            clip_norm: None,
+            schedule: Schedule::Constant,
+            binary: BinaryOptimizer::default(),
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// Reject settings that cannot work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let f = |name: &str, v: f32, ok: bool, why: &str| {
+            if ok && v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::config(format!("optimizer.{name}"), v, why))
+            }
+        };
+        f("lr", self.lr, self.lr >= 0.0, "the learning rate must be a finite number ≥ 0")?;
+        f(
+            "momentum",
+            self.momentum,
+            (0.0..1.0).contains(&self.momentum),
+            "momentum must be in [0, 1)",
+        )?;
+        f(
+            "dampening",
+            self.dampening,
+            (0.0..=1.0).contains(&self.dampening),
+            "dampening must be in [0, 1]",
+        )?;
+        f("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "must be ≥ 0")?;
+        if let Some(c) = self.clip_value {
+            f("clip_value", c, c > 0.0, "must be > 0")?;
+        }
+        if let Some(c) = self.clip_norm {
+            f("clip_norm", c, c > 0.0, "must be > 0")?;
+        }
+        if self.nesterov && self.momentum == 0.0 {
+            return Err(Error::config(
+                "optimizer.nesterov",
+                true,
+                "Nesterov needs momentum > 0",
+            ));
+        }
+        if self.nesterov && self.dampening != 0.0 {
+            return Err(Error::config(
+                "optimizer.dampening",
+                self.dampening,
+                "Nesterov momentum requires zero dampening (as in PyTorch)",
+            ));
+        }
+        if let BinaryOptimizer::Bop { gamma, threshold } = self.binary {
+            f("binary.gamma", gamma, gamma > 0.0 && gamma <= 1.0, "Bop's γ must be in (0, 1]")?;
+            f("binary.threshold", threshold, threshold >= 0.0, "Bop's τ must be ≥ 0")?;
+        }
+        self.schedule.validate()
+    }
+}
+
+/// Per-parameter state: velocity (or Bop's gradient average) and step count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamState {
+    /// Parameter name (checked on resume).
+    pub name: String,
+    /// Momentum velocity `v` (`LrInside`), buffer `b` (`LrOutside`) or Bop's `m`.
+    pub buffer: Vec<f32>,
+    /// Steps taken on this parameter.
+    pub steps: u64,
+}
+
+/// A configured optimizer with its state.
+#[derive(Clone, Debug)]
+pub struct Optimizer {
+    /// Configuration.
+    pub config: OptimizerConfig,
+    /// State per parameter, in model order.
+    pub state: Vec<ParamState>,
+    /// Steps per epoch (for epoch-based schedules).
+    pub steps_per_epoch: u64,
+    /// Total epochs (for the cosine schedule).
+    pub total_epochs: usize,
+    /// Bop flips in the last step.
+    pub last_flips: usize,
+    scratch: Vec<f32>,
+}
+
+impl Optimizer {
+    /// A new optimizer (validated).
+    pub fn new(config: OptimizerConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Optimizer {
+            config,
+            state: Vec::new(),
+            steps_per_epoch: 1,
+            total_epochs: 1,
+            last_flips: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The learning rate of 0-based step `t`.
+    pub fn lr_at(&self, t: u64) -> f32 {
+        self.config
+            .schedule
+            .lr(self.config.lr, t, self.steps_per_epoch, self.total_epochs)
+    }
+
+    /// One update of every parameter from its `grad`; `t` is the 1-based global step.
+    pub fn step(&mut self, params: &mut [&mut Param], t: u64) -> Result<()> {
+        if self.state.len() != params.len() {
+            self.state = params
+                .iter()
+                .map(|p| ParamState {
+                    name: p.name.clone(),
+                    buffer: vec![0.0; p.len()],
+                    steps: 0,
+                })
+                .collect();
+        }
+        let cfg = &self.config;
+        let lr = self.lr_at(t.saturating_sub(1));
+        // Global norm over the float-trained parameters (Bop's ±1 weights excluded).
+        let bop = match cfg.binary {
+            BinaryOptimizer::Bop { gamma, threshold } => Some(Bop { gamma, threshold }),
+            BinaryOptimizer::Latent => None,
+        };
+        let norm_scale = match cfg.clip_norm {
+            Some(c) => {
+                let sq: f64 = params
+                    .iter()
+                    .filter(|p| p.kind != ParamKind::Binary || bop.is_none())
+                    .flat_map(|p| p.grad.iter())
+                    .map(|&g| g as f64 * g as f64)
+                    .sum();
+                clip::norm_factor(sq.sqrt(), c)
+            }
+            None => 1.0,
+        };
+        let mom = Momentum {
+            momentum: cfg.momentum,
+            dampening: cfg.dampening,
+            nesterov: cfg.nesterov,
+            convention: cfg.convention,
+        };
+        self.last_flips = 0;
+        for (p, st) in params.iter_mut().zip(self.state.iter_mut()) {
+            if p.kind == ParamKind::Binary {
+                if let Some(b) = bop {
+                    self.last_flips += b.apply(&mut p.value, &p.grad, &mut st.buffer);
+                    st.steps += 1;
+                    continue;
+                }
+            }
+            let g = &mut self.scratch;
+            g.clear();
+            g.extend_from_slice(&p.grad);
+            if norm_scale != 1.0 {
+                g.iter_mut().for_each(|v| *v *= norm_scale);
+            }
+            if let Some(c) = cfg.clip_value {
+                clip::clip_value(g, c);
+            }
+            if cfg.weight_decay > 0.0 {
+                match cfg.decay_mode {
+                    DecayMode::Coupled => decay::couple(g, &p.value, cfg.weight_decay),
+                    DecayMode::Decoupled => decay::decouple(&mut p.value, lr, cfg.weight_decay),
+                }
+            }
+            mom.apply(&mut p.value, g, &mut st.buffer, lr, st.steps == 0);
+            st.steps += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

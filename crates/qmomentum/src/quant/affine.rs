@@ -1,0 +1,216 @@
+//! Uniform affine quantization: `q = clamp(round(x/s) + z, qmin, qmax)`, `x̂ = s·(q − z)`.
+//!
+//! Rounding is half to even (`f32::round_ties_even`), as `nearbyint` in TensorFlow and PyTorch.
+//! Ranges are always widened to contain 0 and the zero point is an integer, so 0.0 is exactly on
+//! the grid (zero padding and ReLU zeros are exact). A degenerate range (all zeros) gets scale 1:
+//! every value then quantizes to the zero point and dequantizes to exactly 0 — never a NaN.
+
+/// Scale, zero point and integer range of one quantized tensor (or one channel).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QParams {
+    /// Step between grid points (> 0, finite).
+    pub scale: f32,
+    /// Integer that represents 0.0.
+    pub zero_point: i32,
+    /// Smallest integer.
+    pub qmin: i32,
+    /// Largest integer.
+    pub qmax: i32,
+}
+
+impl QParams {
+    /// Symmetric signed grid for `bits` with `|x| ≤ max_abs`; `narrow` drops the most negative
+    /// code (`[-(2^(b-1)-1), 2^(b-1)-1]`, the TFLite/PyTorch weight convention).
+    pub fn symmetric(max_abs: f32, bits: u32, narrow: bool) -> Self {
+        let qmax = (1i32 << (bits - 1)) - 1;
+        let qmin = if narrow { -qmax } else { -qmax - 1 };
+        let m = if max_abs.is_finite() { max_abs.abs() } else { 0.0 };
+        let scale = if m > 0.0 { m / qmax as f32 } else { 1.0 };
+        QParams {
+            scale: if scale > 0.0 && scale.is_finite() { scale } else { 1.0 },
+            zero_point: 0,
+            qmin,
+            qmax,
+        }
+    }
+
+    /// Asymmetric unsigned grid `[0, 2^b − 1]` covering `[min(lo,0), max(hi,0)]`.
+    pub fn asymmetric(lo: f32, hi: f32, bits: u32) -> Self {
+        let qmin = 0;
+        let qmax = (1i32 << bits) - 1;
+        let lo = if lo.is_finite() { lo.min(0.0) } else { 0.0 };
+        let hi = if hi.is_finite() { hi.max(0.0) } else { 0.0 };
+        let range = hi - lo;
+        if !(range > 0.0) || !range.is_finite() {
+            return QParams {
+                scale: 1.0,
+                zero_point: 0,
+                qmin,
+                qmax,
+            };
+        }
+        let scale = range / (qmax - qmin) as f32;
+        let zp = (qmin as f32 - lo / scale).round_ties_even() as i32;
+        QParams {
+            scale,
+            zero_point: zp.clamp(qmin, qmax),
+            qmin,
+            qmax,
+        }
+    }
+
+    /// The integer code of `x`.
+    #[inline]
+    pub fn quantize(&self, x: f32) -> i32 {
+        let q = (x / self.scale).round_ties_even() + self.zero_point as f32;
+        q.clamp(self.qmin as f32, self.qmax as f32) as i32
+    }
+
+    /// The real value of code `q`.
+    #[inline]
+    pub fn dequantize(&self, q: i32) -> f32 {
+        (q - self.zero_point) as f32 * self.scale
+    }
+
+    /// `dequantize(quantize(x))`.
+    #[inline]
+    pub fn fake_quant(&self, x: f32) -> f32 {
+        self.dequantize(self.quantize(x))
+    }
+
+    /// Lowest and highest representable real values.
+    #[inline]
+    pub fn range(&self) -> (f32, f32) {
+        (self.dequantize(self.qmin), self.dequantize(self.qmax))
+    }
+}
+
+/// Per-output-channel symmetric fake quantization of a `[inputs, outputs]` kernel (channel =
+/// column). Writes `ŵ` and the scale of each channel. One pass to find `max|w|` per column, one to
+/// quantize; no allocation.
+pub fn fake_quant_weights_per_channel(
+    w: &[f32],
+    outputs: usize,
+    bits: u32,
+    narrow: bool,
+    w_hat: &mut [f32],
+    scales: &mut [f32],
+    max_abs: &mut [f32],
+) {
+    max_abs[..outputs].fill(0.0);
+    for row in w.chunks_exact(outputs) {
+        for (m, &v) in max_abs.iter_mut().zip(row) {
+            *m = m.max(v.abs());
+        }
+    }
+    for (s, &m) in scales.iter_mut().zip(max_abs.iter()) {
+        *s = QParams::symmetric(m, bits, narrow).scale;
+    }
+    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+    let qmin = if narrow { -qmax } else { -qmax - 1.0 };
+    for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
+        for ((o, &v), &s) in out.iter_mut().zip(row).zip(scales.iter()) {
+            *o = (v / s).round_ties_even().clamp(qmin, qmax) * s;
+        }
+    }
+}
+
+/// Per-tensor symmetric fake quantization (one scale for the whole kernel).
+pub fn fake_quant_weights_per_tensor(
+    w: &[f32],
+    bits: u32,
+    narrow: bool,
+    w_hat: &mut [f32],
+) -> f32 {
+    let m = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let qp = QParams::symmetric(m, bits, narrow);
+    for (o, &v) in w_hat.iter_mut().zip(w) {
+        *o = qp.fake_quant(v);
+    }
+    qp.scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Definition checks: x̂ lies on the grid, 0 is on the grid, error ≤ s/2 inside the range.
+        #[test]
+        fn asymmetric_grid_properties(lo in -10.0f32..5.0, span in 0.0f32..20.0, bits in 2u32..=8, x in -30.0f32..30.0) {
+            let qp = QParams::asymmetric(lo, lo + span, bits);
+            prop_assert!(qp.scale > 0.0 && qp.scale.is_finite());
+            prop_assert!(qp.zero_point >= qp.qmin && qp.zero_point <= qp.qmax);
+            prop_assert_eq!(qp.fake_quant(0.0), 0.0);
+            let xh = qp.fake_quant(x);
+            let k = xh / qp.scale + qp.zero_point as f32;
+            prop_assert!((k - k.round()).abs() < 1e-3, "x̂ = {} not on grid", xh);
+            let (a, b) = qp.range();
+            if x >= a && x <= b {
+                prop_assert!((xh - x).abs() <= qp.scale * 0.5 * (1.0 + 1e-4) + 1e-6);
+            } else {
+                prop_assert!(xh == a || xh == b);
+            }
+        }
+        #[test]
+        fn symmetric_grid_properties(m in 0.0f32..10.0, bits in 2u32..=8, narrow: bool, x in -20.0f32..20.0) {
+            let qp = QParams::symmetric(m, bits, narrow);
+            prop_assert_eq!(qp.zero_point, 0);
+            prop_assert_eq!(qp.fake_quant(0.0), 0.0);
+            let q = qp.quantize(x);
+            prop_assert!(q >= qp.qmin && q <= qp.qmax);
+            if narrow { prop_assert_eq!(qp.qmin, -qp.qmax); }
+            if x.abs() <= m && m > 0.0 {
+                prop_assert!((qp.fake_quant(x) - x).abs() <= qp.scale * 0.5 * (1.0 + 1e-4) + 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn hand_worked_values() {
+        // 8-bit asymmetric on [-1, 3]: s = 4/255, z = round(255/4) = 64.
+        let qp = QParams::asymmetric(-1.0, 3.0, 8);
+        assert!((qp.scale - 4.0 / 255.0).abs() < 1e-9);
+        assert_eq!(qp.zero_point, 64);
+        assert_eq!(qp.quantize(3.0), 255);
+        assert_eq!(qp.quantize(-5.0), 0);
+        // Range forced to include 0: [2, 4] becomes [0, 4].
+        let qp = QParams::asymmetric(2.0, 4.0, 8);
+        assert_eq!(qp.zero_point, 0);
+        // 4-bit symmetric narrow, max 7: scale 1, codes -7..7, half to even.
+        let qp = QParams::symmetric(7.0, 4, true);
+        assert_eq!((qp.qmin, qp.qmax, qp.scale), (-7, 7, 1.0));
+        assert_eq!(qp.quantize(2.5), 2);
+        assert_eq!(qp.quantize(3.5), 4);
+        assert_eq!(qp.quantize(-9.0), -7);
+    }
+
+    #[test]
+    fn degenerate_ranges_are_defined() {
+        for qp in [
+            QParams::asymmetric(0.0, 0.0, 8),
+            QParams::symmetric(0.0, 8, true),
+            QParams::asymmetric(f32::NAN, f32::INFINITY, 4),
+        ] {
+            assert_eq!(qp.scale, 1.0);
+            assert_eq!(qp.fake_quant(0.0), 0.0);
+            assert!(qp.fake_quant(0.3).is_finite());
+        }
+        let w = [0.0f32; 12];
+        let (mut wh, mut s, mut m) = ([1.0f32; 12], [0.0f32; 3], [0.0f32; 3]);
+        fake_quant_weights_per_channel(&w, 3, 8, true, &mut wh, &mut s, &mut m);
+        assert!(wh.iter().all(|&v| v == 0.0) && s.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn per_channel_uses_column_max() {
+        // [inputs=2, outputs=2]: column 0 = (1, -0.5), column 1 = (0.1, 0.2).
+        let w = [1.0, 0.1, -0.5, 0.2];
+        let (mut wh, mut s, mut m) = ([0.0f32; 4], [0.0f32; 2], [0.0f32; 2]);
+        fake_quant_weights_per_channel(&w, 2, 8, true, &mut wh, &mut s, &mut m);
+        assert!((s[0] - 1.0 / 127.0).abs() < 1e-9 && (s[1] - 0.2 / 127.0).abs() < 1e-9);
+        assert_eq!(wh[0], 1.0);
+        assert!((wh[3] - 0.2).abs() < 1e-7);
+    }
+}

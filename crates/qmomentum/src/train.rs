@@ -1,0 +1,350 @@
+//! Training: `fit`/`evaluate` with a per-epoch [`History`], resumable at any step.
+//!
+//! A [`Trainer`] owns the model, the optimizer and every bit of state a run needs to continue
+//! exactly: the epoch, the position in the epoch, the dropout generator and the running sums of
+//! the current epoch. The epoch's sample order is a pure function of `(seed, epoch)`, so a
+//! checkpoint written after any step resumes to the very same weights (`tests/resume.rs`).
+//!
+//! ```no_run
+//! use qmomentum::{config::TrainConfig, data::Dataset, train::Trainer};
+//! let (train, test) = Dataset::load_mnist_dir("data/fashion-mnist".as_ref()).unwrap();
+//! let mut t = Trainer::new(TrainConfig::default()).unwrap();
+//! let history = t.fit(&train, Some(&test), |_t, _event| {}).unwrap();
+//! println!("{:?}", history.epochs.last());
+//! ```
+
+use crate::config::{OnNonFinite, TrainConfig};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::layers::ParamKind;
+use crate::model::Sequential;
+use crate::optim::{BinaryOptimizer, Optimizer};
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// One epoch's figures (the rows of `history.csv`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub loss: f32,
+    /// Training accuracy.
+    pub accuracy: f32,
+    /// Validation loss, if validation data was given.
+    pub val_loss: Option<f32>,
+    /// Validation accuracy.
+    pub val_accuracy: Option<f32>,
+    /// Learning rate at the last step of the epoch.
+    pub lr: f32,
+    /// Wall time of the training steps (validation excluded), seconds.
+    pub seconds: f64,
+    /// Training samples per second.
+    pub samples_per_sec: f64,
+    /// Steps whose update was skipped because of NaN/inf.
+    pub skipped_steps: u64,
+}
+
+/// Per-epoch history, as Keras's `History`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// One record per finished epoch.
+    pub epochs: Vec<EpochRecord>,
+}
+
+impl History {
+    /// CSV with a header row.
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from("epoch,loss,accuracy,val_loss,val_accuracy,lr,seconds,samples_per_sec\n");
+        let o = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
+        for r in &self.epochs {
+            s.push_str(&format!(
+                "{},{},{},{},{},{},{:.4},{:.0}\n",
+                r.epoch,
+                r.loss,
+                r.accuracy,
+                o(r.val_loss),
+                o(r.val_accuracy),
+                r.lr,
+                r.seconds,
+                r.samples_per_sec
+            ));
+        }
+        s
+    }
+}
+
+/// Running sums of the epoch in progress (checkpointed, so a resumed epoch reports the same).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    /// Σ loss·batch.
+    pub loss_sum: f64,
+    /// Correct predictions.
+    pub correct: u64,
+    /// Samples seen.
+    pub seen: u64,
+    /// Seconds spent in steps.
+    pub seconds: f64,
+    /// Skipped (non-finite) steps.
+    pub skipped: u64,
+}
+
+/// What happened in [`Trainer::step`].
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A step ended (loss of the batch).
+    Step {
+        /// Batch loss.
+        loss: f32,
+        /// Steps done in this epoch.
+        step: usize,
+        /// Steps in the epoch.
+        of: usize,
+    },
+    /// An epoch ended.
+    Epoch(EpochRecord),
+}
+
+/// A training run in progress.
+#[derive(Clone, Debug)]
+pub struct Trainer {
+    /// The configuration.
+    pub config: TrainConfig,
+    /// The model.
+    pub model: Sequential,
+    /// The optimizer and its state.
+    pub optimizer: Optimizer,
+    /// Dropout's generator.
+    pub rng: Rng,
+    /// 0-based epoch in progress.
+    pub epoch: usize,
+    /// Steps done in the epoch in progress.
+    pub step_in_epoch: usize,
+    /// Optimizer steps done in total.
+    pub global_step: u64,
+    /// Sums of the epoch in progress.
+    pub progress: EpochProgress,
+    /// Finished epochs.
+    pub history: History,
+    order: Vec<usize>,
+    order_epoch: Option<usize>,
+    labels: Vec<u32>,
+}
+
+impl Trainer {
+    /// A fresh run (validated config, initialised model).
+    pub fn new(config: TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let bop = matches!(config.optimizer.binary, BinaryOptimizer::Bop { .. });
+        let model = Sequential::from_config(&config.model, config.quant, bop, config.seed)?;
+        model.check_loss_compatible()?;
+        let optimizer = Optimizer::new(config.optimizer.clone())?;
+        Ok(Trainer {
+            rng: Rng::new(config.seed, 0xD0),
+            config,
+            model,
+            optimizer,
+            epoch: 0,
+            step_in_epoch: 0,
+            global_step: 0,
+            progress: EpochProgress::default(),
+            history: History::default(),
+            order: Vec::new(),
+            order_epoch: None,
+            labels: Vec::new(),
+        })
+    }
+
+    /// Steps in an epoch of `n` samples.
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
+        n.div_ceil(self.config.batch_size)
+    }
+
+    /// True when every epoch is done.
+    pub fn finished(&self) -> bool {
+        self.epoch >= self.config.epochs
+    }
+
+    /// The sample order of `epoch`: a pure function of `(seed, epoch)`.
+    fn prepare_order(&mut self, n: usize) {
+        if self.order_epoch == Some(self.epoch) && self.order.len() == n {
+            return;
+        }
+        self.order.clear();
+        self.order.extend(0..n);
+        if self.config.shuffle {
+            Rng::new(self.config.seed, 0x5EED_0000 + self.epoch as u64).shuffle(&mut self.order);
+        }
+        self.order_epoch = Some(self.epoch);
+    }
+
+    /// One optimizer step on the next batch of `train`; at the end of an epoch, evaluates
+    /// `validation` and returns the epoch's record too.
+    pub fn step(&mut self, train: &Dataset, validation: Option<&Dataset>) -> Result<Vec<Event>> {
+        if self.finished() {
+            return Ok(Vec::new());
+        }
+        if train.features != self.model.input_size {
+            return Err(Error::Shape(format!(
+                "the data have {} features per sample, the model reads {}",
+                train.features, self.model.input_size
+            )));
+        }
+        if train.classes > self.model.classes() {
+            return Err(Error::Shape(format!(
+                "the data have {} classes, the model outputs {}",
+                train.classes,
+                self.model.classes()
+            )));
+        }
+        if train.is_empty() {
+            return Err(Error::config("training set", 0, "has no samples"));
+        }
+        let n = train.len();
+        let spe = self.steps_per_epoch(n);
+        self.optimizer.steps_per_epoch = spe as u64;
+        self.optimizer.total_epochs = self.config.epochs;
+        self.prepare_order(n);
+        let bs = self.config.batch_size;
+        let start = self.step_in_epoch * bs;
+        let end = (start + bs).min(n);
+        let batch = end - start;
+        let t0 = Instant::now();
+        self.labels.resize(batch, 0);
+        let x = self.model.input_mut(batch);
+        train.gather_normalised(&self.order[start..end], x, &mut self.labels);
+        let labels = std::mem::take(&mut self.labels);
+        let (loss, correct) = self.model.forward_backward(&labels, &mut self.rng);
+        self.labels = labels;
+        let step_no = self.global_step + 1;
+        let bad = if !loss.is_finite() {
+            Some(format!("loss is {loss}"))
+        } else {
+            self.model
+                .first_non_finite_grad()
+                .map(|(name, i)| format!("gradient of {name}[{i}] is not finite"))
+        };
+        match (bad, self.config.on_non_finite) {
+            (Some(why), OnNonFinite::Stop) => {
+                return Err(Error::Diverged(format!(
+                    "training diverged at epoch {}, step {} (global step {step_no}): {why}. \
+                     The last good checkpoint is kept. Usual cures: a lower learning rate \
+                     (now {}), gradient clipping (optimizer.clip_norm), or \
+                     on_non_finite = \"skip\" to skip such steps",
+                    self.epoch + 1,
+                    self.step_in_epoch + 1,
+                    self.optimizer.lr_at(self.global_step)
+                )));
+            }
+            (Some(_), OnNonFinite::Skip) => {
+                self.progress.skipped += 1;
+            }
+            (None, _) => {
+                let mut params = self.model.params_mut();
+                self.optimizer.step(&mut params, step_no)?;
+                self.progress.loss_sum += loss as f64 * batch as f64;
+                self.progress.correct += correct as u64;
+                self.progress.seen += batch as u64;
+            }
+        }
+        self.global_step = step_no;
+        self.step_in_epoch += 1;
+        self.progress.seconds += t0.elapsed().as_secs_f64();
+        let mut events = vec![Event::Step {
+            loss,
+            step: self.step_in_epoch,
+            of: spe,
+        }];
+        if self.step_in_epoch == spe {
+            let p = std::mem::take(&mut self.progress);
+            let (val_loss, val_accuracy) = match validation {
+                Some(v) if !v.is_empty() => {
+                    let (l, a) = self.evaluate(v)?;
+                    (Some(l), Some(a))
+                }
+                _ => (None, None),
+            };
+            let seen = p.seen.max(1) as f64;
+            let rec = EpochRecord {
+                epoch: self.epoch + 1,
+                loss: (p.loss_sum / seen) as f32,
+                accuracy: (p.correct as f64 / seen) as f32,
+                val_loss,
+                val_accuracy,
+                lr: self.optimizer.lr_at(self.global_step.saturating_sub(1)),
+                seconds: p.seconds,
+                samples_per_sec: p.seen as f64 / p.seconds.max(1e-9),
+                skipped_steps: p.skipped,
+            };
+            self.history.epochs.push(rec.clone());
+            self.epoch += 1;
+            self.step_in_epoch = 0;
+            if let Some(k) = self.config.freeze_observers_after {
+                if self.epoch >= k {
+                    for d in self.model.dense_mut() {
+                        if let Some(o) = d.observer.as_mut() {
+                            o.frozen = true;
+                        }
+                    }
+                }
+            }
+            events.push(Event::Epoch(rec));
+        }
+        Ok(events)
+    }
+
+    /// Train to the end; `on_event` sees every step and epoch.
+    pub fn fit(
+        &mut self,
+        train: &Dataset,
+        validation: Option<&Dataset>,
+        mut on_event: impl FnMut(&Trainer, &Event),
+    ) -> Result<History> {
+        while !self.finished() {
+            for e in self.step(train, validation)? {
+                on_event(self, &e);
+            }
+        }
+        Ok(self.history.clone())
+    }
+
+    /// `(mean loss, accuracy)` on `data` (no training, observers untouched).
+    pub fn evaluate(&mut self, data: &Dataset) -> Result<(f32, f32)> {
+        evaluate(&mut self.model, data)
+    }
+
+    /// Number of ±1 weights flipped by Bop in the last step.
+    pub fn last_flips(&self) -> usize {
+        self.optimizer.last_flips
+    }
+
+    /// Whether any parameter is trained by Bop.
+    pub fn uses_bop(&self) -> bool {
+        self.model.params().iter().any(|p| p.kind == ParamKind::Binary)
+    }
+}
+
+/// `(mean loss, accuracy)` of `model` on `data`, in batches of 1000.
+pub fn evaluate(model: &mut Sequential, data: &Dataset) -> Result<(f32, f32)> {
+    if data.features != model.input_size {
+        return Err(Error::Shape(format!(
+            "the data have {} features per sample, the model reads {}",
+            data.features, model.input_size
+        )));
+    }
+    let n = data.len();
+    let mut rng = Rng::new(0, 0);
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    let mut labels = Vec::new();
+    let idx: Vec<usize> = (0..n).collect();
+    for chunk in idx.chunks(1000) {
+        labels.resize(chunk.len(), 0);
+        let x = model.input_mut(chunk.len());
+        data.gather_normalised(chunk, x, &mut labels);
+        let (l, c) = model.evaluate_batch(&labels, &mut rng);
+        loss += l as f64 * chunk.len() as f64;
+        correct += c;
+    }
+    Ok(((loss / n.max(1) as f64) as f32, correct as f32 / n.max(1) as f32))
+}
