@@ -10,7 +10,6 @@
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::quant::WeightQuant;
-use crate::rng::Rng;
 use crate::train::{EpochProgress, History, Trainer};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -57,8 +56,6 @@ pub struct Meta {
     pub step_in_epoch: usize,
     /// Steps done in total.
     pub global_step: u64,
-    /// Dropout generator state.
-    pub rng: [u64; 4],
     /// Steps taken per parameter (optimizer).
     pub optimizer_steps: Vec<u64>,
     /// Epoch in progress.
@@ -121,7 +118,6 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         epoch: t.epoch,
         step_in_epoch: t.step_in_epoch,
         global_step: t.global_step,
-        rng: t.rng.to_words(),
         optimizer_steps: t.optimizer.state.iter().map(|s| s.steps).collect(),
         progress: t.progress.clone(),
         history: t.history.clone(),
@@ -281,7 +277,6 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             }
         }
     }
-    t.rng = Rng::from_words(meta.rng).ok_or_else(|| Error::checkpoint(path, "rng: not a valid generator state"))?;
     let n_epochs = meta.config.epochs;
     if meta.epoch > n_epochs {
         return Err(Error::checkpoint(path, format!("epoch {} is beyond the configured {n_epochs} epochs", meta.epoch)));

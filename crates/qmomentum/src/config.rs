@@ -162,6 +162,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Reshuffle the training set every epoch.
     pub shuffle: bool,
+    /// Cores a training step uses (1 or 2; the batch is split in two halves). Results are
+    /// deterministic for a given value; 1 and 2 differ in float rounding only.
+    pub threads: usize,
     /// Fraction of the training set (taken from its end, as Keras) held out for validation.
     pub validation_split: f32,
     /// Quantization preset applied to every dense layer without its own `quant`.
@@ -186,6 +189,7 @@ impl Default for TrainConfig {
             epochs: 10,
             batch_size: 128,
             shuffle: true,
+            threads: 2,
             validation_split: 0.0,
             quant: Scheme::Fp32,
             freeze_observers_after: None,
@@ -213,6 +217,9 @@ impl TrainConfig {
         }
         if self.batch_size == 0 || self.batch_size > 1 << 20 {
             return Err(Error::config("batch_size", self.batch_size, "must be in 1..=1048576"));
+        }
+        if !(1..=2).contains(&self.threads) {
+            return Err(Error::config("threads", self.threads, "a training step uses 1 or 2 threads"));
         }
         if !(0.0..1.0).contains(&self.validation_split) {
             return Err(Error::config("validation_split", self.validation_split, "must be in [0, 1)"));

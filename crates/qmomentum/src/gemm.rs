@@ -5,7 +5,8 @@
 //! forward `Y = X·W`, weight gradient `dW = Xᵀ·dY`, input gradient `dX = dY·Wᵀ`.
 //!
 //! Threading (measured, see `doc/performance.md`): two threads only pay on large products, so a
-//! product of at least [`PARALLEL_MIN_FLOP`] uses both cores and smaller ones stay on one.
+//! product of at least [`PARALLEL_MIN_FLOP`] called from outside the thread pool (evaluation on
+//! large batches) uses both cores; training splits the batch over the cores instead.
 
 use gemm::Parallelism;
 
@@ -22,7 +23,8 @@ pub enum Op {
 }
 
 fn threads_for(m: usize, n: usize, k: usize) -> Parallelism {
-    if 2 * m * n * k >= PARALLEL_MIN_FLOP && rayon::current_num_threads() > 1 {
+    // Inside a rayon task (a training replica) the other core is busy already.
+    if 2 * m * n * k >= PARALLEL_MIN_FLOP && rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none() {
         Parallelism::Rayon(2)
     } else {
         Parallelism::None

@@ -28,6 +28,7 @@ pub struct Sequential {
     acts: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     probs: Vec<f32>,
+    sizes: Vec<usize>,
     cap: usize,
 }
 
@@ -40,6 +41,7 @@ impl Sequential {
             acts: Vec::new(),
             grads: Vec::new(),
             probs: Vec::new(),
+            sizes: Vec::new(),
             cap: 0,
         }
     }
@@ -94,6 +96,7 @@ impl Sequential {
         self.acts = sizes.iter().map(|&s| vec![0.0; s * batch]).collect();
         self.grads = sizes.iter().map(|&s| vec![0.0; s * batch]).collect();
         self.probs = vec![0.0; self.classes() * batch];
+        self.sizes = sizes;
         self.cap = batch;
     }
 
@@ -118,9 +121,11 @@ impl Sequential {
         &self.acts[self.layers.len()][..batch * size]
     }
 
-    /// One forward + backward pass for `labels` with the fused softmax cross-entropy loss.
-    /// Returns `(loss, correct predictions)`; gradients are left in the parameters.
-    pub fn forward_backward(&mut self, labels: &[u32], rng: &mut Rng) -> (f32, usize) {
+    /// One forward + backward pass for `labels` with the fused softmax cross-entropy loss,
+    /// the loss being averaged over `norm` samples (the whole batch when this model computes only
+    /// a share of it). Returns `(Σ loss over these rows, correct predictions)`; gradients are left
+    /// in the parameters.
+    pub fn forward_backward(&mut self, labels: &[u32], norm: usize, rng: &mut Rng) -> (f64, usize) {
         let batch = labels.len();
         let classes = self.classes();
         self.forward(batch, true, true, rng);
@@ -129,17 +134,18 @@ impl Sequential {
         let loss = loss::softmax_crossentropy_forward(&self.acts[l][..n], labels, classes, &mut self.probs[..n]);
         let correct = crate::metrics::correct(&self.probs[..n], labels, classes);
         loss::softmax_crossentropy_backward(&self.probs[..n], labels, classes, &mut self.grads[l][..n]);
-        // Backward, last layer first; the first layer needs no input gradient.
-        let mut sizes = vec![self.input_size];
-        for layer in &self.layers {
-            sizes.push(layer.output_size(*sizes.last().unwrap_or(&0)));
+        if norm != batch && batch > 0 {
+            let f = batch as f32 / norm as f32;
+            self.grads[l][..n].iter_mut().for_each(|g| *g *= f);
         }
+        // Backward, last layer first; the first layer needs no input gradient.
+        let sizes = &self.sizes;
         for i in (0..l).rev() {
             let (gl, gr) = self.grads.split_at_mut(i + 1);
             let dx = if i > 0 { Some(&mut gl[i][..batch * sizes[i]]) } else { None };
             self.layers[i].backward(&self.acts[i][..batch * sizes[i]], &gr[0][..batch * sizes[i + 1]], dx, batch);
         }
-        (loss, correct)
+        (loss as f64 * batch as f64, correct)
     }
 
     /// Loss and correct predictions on a batch already in the input buffer (no training).
@@ -219,11 +225,54 @@ impl Sequential {
     /// The first parameter whose gradient is NaN or infinite, as `(name, index)`.
     pub fn first_non_finite_grad(&self) -> Option<(String, usize)> {
         for p in self.params() {
-            if let Some(i) = p.grad.iter().position(|g| !g.is_finite()) {
+            // A value is NaN or infinite iff its exponent bits are all ones; the integer max is a
+            // reduction the compiler vectorises (a float sum would be a serial chain). The slow
+            // search runs only when something is wrong.
+            const EXP: u32 = 0x7f80_0000;
+            let probe = p.grad.iter().fold(0u32, |m, g| m.max(g.to_bits() & EXP));
+            if probe == EXP {
+                let i = p.grad.iter().position(|g| !g.is_finite()).unwrap_or(0);
                 return Some((p.name.clone(), i));
             }
         }
         None
+    }
+
+    /// Copy the parameter values and observer states of `src` (same architecture) into `self`.
+    pub fn sync_from(&mut self, src: &Sequential) {
+        for (d, s) in self.dense_mut().zip(src.dense()) {
+            d.weight.value.copy_from_slice(&s.weight.value);
+            d.bias.value.copy_from_slice(&s.bias.value);
+            if let (Some(a), Some(b)) = (d.alpha.as_mut(), s.alpha.as_ref()) {
+                a.value.copy_from_slice(&b.value);
+            }
+            if let (Some(a), Some(b)) = (d.act_step.as_mut(), s.act_step.as_ref()) {
+                a.value.copy_from_slice(&b.value);
+            }
+            d.observer.clone_from(&s.observer);
+        }
+    }
+
+    /// Add the gradients of `other` (same architecture) to this model's.
+    pub fn add_grads(&mut self, other: &Sequential) {
+        for (p, q) in self.params_mut().into_iter().zip(other.params()) {
+            for (a, &b) in p.grad.iter_mut().zip(&q.grad) {
+                *a += b;
+            }
+        }
+    }
+
+    /// Feed every dense layer's observer the merged statistics of the last batch over `parts`.
+    pub fn observe_batch(&mut self, parts: &[&Sequential]) {
+        let mut stats: Vec<crate::layers::BatchStats> = self.dense().map(|d| d.stats).collect();
+        for p in parts {
+            for (s, d) in stats.iter_mut().zip(p.dense()) {
+                *s = s.merge(d.stats);
+            }
+        }
+        for (d, s) in self.dense_mut().zip(stats) {
+            d.observe(s);
+        }
     }
 
     /// Check that a loss layer can be fused: the last layer must end in softmax or be linear.

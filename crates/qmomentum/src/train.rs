@@ -115,8 +115,6 @@ pub struct Trainer {
     pub model: Sequential,
     /// The optimizer and its state.
     pub optimizer: Optimizer,
-    /// Dropout's generator.
-    pub rng: Rng,
     /// 0-based epoch in progress.
     pub epoch: usize,
     /// Steps done in the epoch in progress.
@@ -130,6 +128,7 @@ pub struct Trainer {
     order: Vec<usize>,
     order_epoch: Option<usize>,
     labels: Vec<u32>,
+    replica: Option<Box<(Sequential, Vec<u32>)>>,
 }
 
 impl Trainer {
@@ -141,7 +140,6 @@ impl Trainer {
         model.check_loss_compatible()?;
         let optimizer = Optimizer::new(config.optimizer.clone())?;
         Ok(Trainer {
-            rng: Rng::new(config.seed, 0xD0),
             config,
             model,
             optimizer,
@@ -153,6 +151,7 @@ impl Trainer {
             order: Vec::new(),
             order_epoch: None,
             labels: Vec::new(),
+            replica: None,
         })
     }
 
@@ -210,14 +209,51 @@ impl Trainer {
         let start = self.step_in_epoch * bs;
         let end = (start + bs).min(n);
         let batch = end - start;
+        if start >= n {
+            return Err(Error::Shape(format!(
+                "the run is at step {} of an epoch of {spe} steps: the training set changed since the checkpoint",
+                self.step_in_epoch
+            )));
+        }
         let t0 = Instant::now();
-        self.labels.resize(batch, 0);
-        let x = self.model.input_mut(batch);
-        train.gather_normalised(&self.order[start..end], x, &mut self.labels);
-        let labels = std::mem::take(&mut self.labels);
-        let (loss, correct) = self.model.forward_backward(&labels, &mut self.rng);
-        self.labels = labels;
         let step_no = self.global_step + 1;
+        let seed = self.config.seed;
+        // Dropout draws are a pure function of (seed, step, replica): nothing to checkpoint.
+        let rng_for = |r: u64| Rng::new(seed ^ step_no.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0xD0 + r);
+        // The batch is split in two contiguous halves, one per core; each replica computes the
+        // gradient of its half (of the mean loss over the whole batch), and the halves are added
+        // in a fixed order, so the result does not depend on thread timing.
+        let split = self.config.threads >= 2 && batch >= 2;
+        let half = if split { batch.div_ceil(2) } else { batch };
+        let order = &self.order[start..end];
+        self.labels.resize(half, 0);
+        let (loss_sum, correct) = if split {
+            let rep = self.replica.get_or_insert_with(|| Box::new((self.model.clone(), Vec::new())));
+            rep.0.sync_from(&self.model);
+            rep.1.resize(batch - half, 0);
+            let (m0, l0) = (&mut self.model, &mut self.labels);
+            let (m1, l1) = (&mut rep.0, &mut rep.1);
+            let ((s0, c0), (s1, c1)) = rayon::join(
+                || {
+                    train.gather_normalised(&order[..half], m0.input_mut(half), l0);
+                    m0.forward_backward(l0, batch, &mut rng_for(0))
+                },
+                || {
+                    train.gather_normalised(&order[half..], m1.input_mut(batch - half), l1);
+                    m1.forward_backward(l1, batch, &mut rng_for(1))
+                },
+            );
+            self.model.add_grads(&rep.0);
+            self.model.observe_batch(&[&rep.0]);
+            (s0 + s1, c0 + c1)
+        } else {
+            let x = self.model.input_mut(batch);
+            train.gather_normalised(order, x, &mut self.labels);
+            let r = self.model.forward_backward(&self.labels, batch, &mut rng_for(0));
+            self.model.observe_batch(&[]);
+            r
+        };
+        let loss = (loss_sum / batch as f64) as f32;
         let bad = if !loss.is_finite() {
             Some(format!("loss is {loss}"))
         } else {
@@ -243,7 +279,7 @@ impl Trainer {
             (None, _) => {
                 let mut params = self.model.params_mut();
                 self.optimizer.step(&mut params, step_no)?;
-                self.progress.loss_sum += loss as f64 * batch as f64;
+                self.progress.loss_sum += loss_sum;
                 self.progress.correct += correct as u64;
                 self.progress.seen += batch as u64;
             }

@@ -22,16 +22,34 @@ pub struct Idx {
 /// Largest decompressed IDX we accept (1 GiB): far above any of the MNIST family.
 const MAX_IDX_BYTES: u64 = 1 << 30;
 
-/// Read an IDX file (gzip is recognised by its magic bytes, not by the name).
+/// Read an IDX file (gzip is recognised by its magic bytes, not by the name). A gzip file is
+/// decompressed as a stream from the file, so only the decompressed bytes are ever held.
 pub fn read_idx(path: &Path) -> Result<Idx> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse_idx(&raw, path)
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut magic = [0u8; 2];
+    let got = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    if got == 2 && magic == [0x1f, 0x8b] {
+        let mut out = Vec::new();
+        GzDecoder::new(std::io::BufReader::new(f))
+            .take(MAX_IDX_BYTES + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| Error::data(path, format!("corrupt gzip stream: {e}")))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(Error::data(path, "decompressed size exceeds 1 GiB"));
+        }
+        parse_raw(out, path)
+    } else {
+        let mut out = Vec::new();
+        f.read_to_end(&mut out).map_err(|e| Error::io(path, e))?;
+        parse_raw(out, path)
+    }
 }
 
 /// Parse IDX bytes (raw or gzip); `path` is only used in error messages.
 pub fn parse_idx(raw: &[u8], path: &Path) -> Result<Idx> {
-    let bytes: Vec<u8>;
-    let buf: &[u8] = if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
+    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
         let mut out = Vec::new();
         GzDecoder::new(raw)
             .take(MAX_IDX_BYTES + 1)
@@ -40,11 +58,14 @@ pub fn parse_idx(raw: &[u8], path: &Path) -> Result<Idx> {
         if out.len() as u64 > MAX_IDX_BYTES {
             return Err(Error::data(path, "decompressed size exceeds 1 GiB"));
         }
-        bytes = out;
-        &bytes
+        parse_raw(out, path)
     } else {
-        raw
-    };
+        parse_raw(raw.to_vec(), path)
+    }
+}
+
+/// Parse uncompressed IDX bytes, keeping the buffer (the header is removed in place).
+fn parse_raw(mut buf: Vec<u8>, path: &Path) -> Result<Idx> {
     if buf.len() < 4 {
         return Err(Error::data(
             path,
@@ -96,10 +117,8 @@ pub fn parse_idx(raw: &[u8], path: &Path) -> Result<Idx> {
             ),
         ));
     }
-    Ok(Idx {
-        dims,
-        data: buf[header..].to_vec(),
-    })
+    buf.drain(..header);
+    Ok(Idx { dims, data: buf })
 }
 
 #[cfg(test)]

@@ -28,6 +28,32 @@ use crate::quant::observer::{lsq_grad, ActObserver, Observer};
 use crate::quant::{LayerQuant, WeightQuant};
 use crate::rng::Rng;
 
+/// Min, max and Σ|a| of a layer's outputs over (part of) a batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchStats {
+    /// Smallest output.
+    pub lo: f32,
+    /// Largest output.
+    pub hi: f32,
+    /// Σ|a|.
+    pub sum_abs: f64,
+    /// Values counted.
+    pub count: u64,
+}
+
+impl Default for BatchStats {
+    fn default() -> Self {
+        BatchStats { lo: f32::INFINITY, hi: f32::NEG_INFINITY, sum_abs: 0.0, count: 0 }
+    }
+}
+
+impl BatchStats {
+    /// Statistics of the union of two parts (exact for min/max; sums added in a fixed order).
+    pub fn merge(self, o: BatchStats) -> BatchStats {
+        BatchStats { lo: self.lo.min(o.lo), hi: self.hi.max(o.hi), sum_abs: self.sum_abs + o.sum_abs, count: self.count + o.count }
+    }
+}
+
 /// A fully connected layer.
 #[derive(Clone, Debug)]
 pub struct Dense {
@@ -51,6 +77,9 @@ pub struct Dense {
     pub quant: LayerQuant,
     /// Output activation observer (when activations are quantized with 2 bits or more).
     pub observer: Option<ActObserver>,
+    /// Range statistics of the outputs of the last training batch (fed to the observer by the
+    /// trainer once every replica's share of the batch is done).
+    pub stats: BatchStats,
     // Scratch, sized on first use.
     w_hat: Vec<f32>,
     w_scale: Vec<f32>,
@@ -79,6 +108,7 @@ impl Dense {
             act_step: None,
             quant: LayerQuant::default(),
             observer: None,
+            stats: BatchStats::default(),
             w_hat: Vec::new(),
             w_scale: Vec::new(),
             w_tmp: Vec::new(),
@@ -209,8 +239,28 @@ impl Dense {
         }
     }
 
+    /// Feed the statistics of a whole training batch to the observer (see [`Dense::stats`]).
+    pub fn observe(&mut self, stats: BatchStats) {
+        if stats.count == 0 {
+            return;
+        }
+        if let Some(obs) = self.observer.as_mut() {
+            if let Some(p) = &self.act_step {
+                obs.lsq_scale = p.value[0];
+            }
+            obs.observe(stats.lo, stats.hi, (stats.sum_abs / stats.count as f64) as f32);
+            if let (Some(p), Observer::Lsq) = (self.act_step.as_mut(), obs.observer) {
+                p.value[0] = obs.lsq_scale;
+            }
+        }
+    }
+
     /// Forward pass over `batch` rows: `x` is `[batch, inputs]`, `y` is `[batch, outputs]`.
-    /// `training` updates the observers; `logits` skips a softmax activation (the loss fuses it).
+    /// `training` records the output statistics in [`Dense::stats`]; the observer itself is
+    /// updated by [`Dense::observe`] after the step, so a batch is quantized with the range
+    /// observed through the previous batches (the first batch of a run, before any range
+    /// exists, passes through unquantized). `logits` skips a softmax activation (the loss fuses
+    /// it).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], batch: usize, training: bool, logits: bool) {
         self.ensure(batch);
         self.quantize_weights();
@@ -220,14 +270,14 @@ impl Dense {
         // Pass 1: bias + activation (+ range statistics).
         let act = self.activation;
         let sign_out = self.sign_output();
-        let (mut lo, mut hi, mut sum_abs) = (f32::INFINITY, f32::NEG_INFINITY, 0.0f32);
+        let (mut lo, mut hi, mut sum_abs) = (f32::INFINITY, f32::NEG_INFINITY, 0.0f64);
         for (zr, yr) in self.z[..n].chunks_exact_mut(self.outputs).zip(y.chunks_exact_mut(self.outputs)) {
             for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(&self.bias.value) {
                 *z += b;
                 let a = if sign_out { sign(*z) } else { act.forward(*z) };
                 lo = lo.min(a);
                 hi = hi.max(a);
-                sum_abs += a.abs();
+                sum_abs += a.abs() as f64;
                 *yv = a;
             }
         }
@@ -236,15 +286,12 @@ impl Dense {
         }
         // Pass 2: fake quantization of the outputs.
         self.qp = None;
+        if training {
+            self.stats = BatchStats { lo, hi, sum_abs, count: n as u64 };
+        }
         if let Some(obs) = self.observer.as_mut() {
             if let Some(p) = &self.act_step {
                 obs.lsq_scale = p.value[0];
-            }
-            if training {
-                obs.observe(lo, hi, sum_abs / n.max(1) as f32);
-                if let (Some(p), Observer::Lsq) = (self.act_step.as_mut(), obs.observer) {
-                    p.value[0] = obs.lsq_scale;
-                }
             }
             if obs.initialized {
                 let qp = obs.qparams();
@@ -266,6 +313,20 @@ impl Dense {
         let lsq = self.observer.as_ref().filter(|o| o.observer == Observer::Lsq).map(|o| (o.qn(), o.qp()));
         let mut ds = 0.0f32;
         self.bias.grad.fill(0.0);
+        if !sign_out && qp.is_none() && matches!(act, Activation::Relu | Activation::Linear | Activation::Softmax) {
+            // The common float path as a tight loop the compiler vectorises.
+            let relu = act == Activation::Relu;
+            for (zr, (dzr, dyr)) in self.z[..n]
+                .chunks_exact(self.outputs)
+                .zip(self.dz[..n].chunks_exact_mut(self.outputs).zip(dy.chunks_exact(self.outputs)))
+            {
+                for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
+                    let v = if relu && z <= 0.0 { 0.0 } else { g };
+                    *d = v;
+                    *db += v;
+                }
+            }
+        } else {
         // One pass: STE mask of the output quantizer, activation derivative, bias gradient.
         for (zr, (dzr, dyr)) in self.z[..n]
             .chunks_exact(self.outputs)
@@ -306,6 +367,7 @@ impl Dense {
                 *d = v;
                 *db += v;
             }
+        }
         }
         if let (Some(p), Some((_, qpos))) = (self.act_step.as_mut(), lsq) {
             // LSQ gradient scale g = 1/√(N·Qp), N = features of the layer.

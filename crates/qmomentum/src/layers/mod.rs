@@ -7,7 +7,7 @@ pub mod dropout;
 pub mod param;
 
 pub use activation::Activation;
-pub use dense::Dense;
+pub use dense::{BatchStats, Dense};
 pub use dropout::Dropout;
 pub use param::{Param, ParamKind};
 

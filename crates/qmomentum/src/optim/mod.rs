@@ -263,6 +263,13 @@ impl Optimizer {
                     continue;
                 }
             }
+            let plain = norm_scale == 1.0 && cfg.clip_value.is_none() && cfg.weight_decay == 0.0;
+            if plain {
+                // Nothing to transform: update straight from the gradient (no copy).
+                mom.apply(&mut p.value, &p.grad, &mut st.buffer, lr, st.steps == 0);
+                st.steps += 1;
+                continue;
+            }
             let g = &mut self.scratch;
             g.clear();
             g.extend_from_slice(&p.grad);
