@@ -272,7 +272,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             return Err(Error::checkpoint(path, format!("missing tensor 'int.layers.{}.weight'", d.index)));
         }
         if let Some(WeightQuant::Binary { .. }) = d.quant.weights {
-            if d.alpha.is_some() && d.weight.value.iter().any(|&w| w != 1.0 && w != -1.0) {
+            if d.bop && d.weight.value.iter().any(|&w| w != 1.0 && w != -1.0) {
                 return Err(Error::checkpoint(path, format!("tensor 'param.{}' must hold only ±1 (Bop weights)", d.weight.name)));
             }
         }

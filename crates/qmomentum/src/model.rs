@@ -243,9 +243,6 @@ impl Sequential {
         for (d, s) in self.dense_mut().zip(src.dense()) {
             d.weight.value.copy_from_slice(&s.weight.value);
             d.bias.value.copy_from_slice(&s.bias.value);
-            if let (Some(a), Some(b)) = (d.alpha.as_mut(), s.alpha.as_ref()) {
-                a.value.copy_from_slice(&b.value);
-            }
             if let (Some(a), Some(b)) = (d.act_step.as_mut(), s.act_step.as_ref()) {
                 a.value.copy_from_slice(&b.value);
             }

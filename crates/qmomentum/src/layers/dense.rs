@@ -69,8 +69,8 @@ pub struct Dense {
     pub weight: Param,
     /// Bias `[outputs]`.
     pub bias: Param,
-    /// Learned per-channel scale `α` of Bop-trained binary weights (`ŵ = α_j·w`).
-    pub alpha: Option<Param>,
+    /// Bop mode: the weights are ±1 parameters and `ŵ = w/√inputs` (see [`Dense::set_quant`]).
+    pub bop: bool,
     /// Learned step of an LSQ activation quantizer.
     pub act_step: Option<Param>,
     /// Quantization of this layer.
@@ -104,7 +104,7 @@ impl Dense {
             activation,
             weight: Param::new(format!("layers.{index}.weight"), ParamKind::Weight, vec![inputs, outputs], w),
             bias: Param::new(format!("layers.{index}.bias"), ParamKind::Bias, vec![outputs], vec![0.0; outputs]),
-            alpha: None,
+            bop: false,
             act_step: None,
             quant: LayerQuant::default(),
             observer: None,
@@ -119,30 +119,24 @@ impl Dense {
         }
     }
 
-    /// Apply a quantization. `bop` turns binary weights into ±1 parameters with a learned
-    /// per-channel scale (initialised to `mean|w|` of the current weights) for the Bop optimizer.
+    /// Apply a quantization. `bop` turns binary weights into ±1 parameters (the signs of the
+    /// current weights) for the Bop optimizer, with the fixed scale `ŵ = w/√inputs`.
+    ///
+    /// Why a fixed scale: this MLP has no batch normalisation, and a learned per-channel scale
+    /// trained by Momentum diverged in our runs (pre-activations left the STE window |z| ≤ 1 and
+    /// the gradients died). With ±1 inputs, `w/√K` gives pre-activations of unit variance, a
+    /// parameter-free normalisation; the biases still learn each channel's threshold.
     pub fn set_quant(&mut self, quant: LayerQuant, bop: bool) {
         self.quant = quant;
-        self.alpha = None;
         self.act_step = None;
         self.weight.kind = ParamKind::Weight;
+        self.bop = false;
         if let (Some(WeightQuant::Binary { .. }), true) = (quant.weights, bop) {
-            let mut alpha = vec![0.0f32; self.outputs];
-            for row in self.weight.value.chunks_exact(self.outputs) {
-                for (a, &v) in alpha.iter_mut().zip(row) {
-                    *a += v.abs() / self.inputs as f32;
-                }
-            }
             for v in self.weight.value.iter_mut() {
                 *v = sign(*v);
             }
             self.weight.kind = ParamKind::Binary;
-            self.alpha = Some(Param::new(
-                format!("layers.{}.alpha", self.index),
-                ParamKind::Scale,
-                vec![self.outputs],
-                alpha,
-            ));
+            self.bop = true;
         }
         self.observer = match quant.activations {
             Some(a) if a.bits >= 2 => {
@@ -221,18 +215,18 @@ impl Dense {
                 let s = fake_quant_weights_per_tensor(w, bits, narrow, &mut self.w_hat);
                 self.w_scale.fill(s);
             }
-            WeightQuant::Binary { scaled } => match &self.alpha {
-                Some(alpha) => {
-                    // Bop: w is ±1 already, ŵ = α_j·w.
-                    for (row, o) in w.chunks_exact(out).zip(self.w_hat.chunks_exact_mut(out)) {
-                        for ((o, &v), &a) in o.iter_mut().zip(row).zip(&alpha.value) {
-                            *o = a * v;
-                        }
+            WeightQuant::Binary { scaled } => {
+                if self.bop {
+                    // Bop: w is ±1 already, ŵ = w/√K.
+                    let a = 1.0 / (self.inputs as f32).sqrt();
+                    for (o, &v) in self.w_hat.iter_mut().zip(w) {
+                        *o = a * v;
                     }
-                    self.w_scale.copy_from_slice(&alpha.value);
+                    self.w_scale.fill(a);
+                } else {
+                    binarize(w, out, scaled, &mut self.w_hat, &mut self.w_scale)
                 }
-                None => binarize(w, out, scaled, &mut self.w_hat, &mut self.w_scale),
-            },
+            }
             WeightQuant::Ternary { rule } => {
                 ternarize(w, out, rule, &mut self.w_hat, &mut self.w_scale, &mut self.w_tmp)
             }
@@ -382,29 +376,16 @@ impl Dense {
             }
             Some(WeightQuant::Binary { .. }) => {
                 matmul(self.inputs, self.outputs, batch, x, Op::T, &self.dz[..n], Op::N, &mut self.dw_hat, false);
-                let out = self.outputs;
-                match self.alpha.as_mut() {
-                    Some(alpha) => {
-                        // ŵ = α_j·w: ∂L/∂w = α_j·∂L/∂ŵ, ∂L/∂α_j = Σ_k ∂L/∂ŵ_kj·w_kj.
-                        alpha.grad.fill(0.0);
-                        for ((gr, dr), wr) in self
-                            .weight
-                            .grad
-                            .chunks_exact_mut(out)
-                            .zip(self.dw_hat.chunks_exact(out))
-                            .zip(self.weight.value.chunks_exact(out))
-                        {
-                            for j in 0..out {
-                                gr[j] = alpha.value[j] * dr[j];
-                                alpha.grad[j] += dr[j] * wr[j];
-                            }
-                        }
+                if self.bop {
+                    // ŵ = w/√K: ∂L/∂w = ∂L/∂ŵ/√K.
+                    let a = 1.0 / (self.inputs as f32).sqrt();
+                    for (g, &d) in self.weight.grad.iter_mut().zip(&self.dw_hat) {
+                        *g = a * d;
                     }
-                    None => {
-                        // Clipped STE: gradient passes where |w| ≤ 1.
-                        for ((g, &d), &w) in self.weight.grad.iter_mut().zip(&self.dw_hat).zip(&self.weight.value) {
-                            *g = if w.abs() <= 1.0 { d } else { 0.0 };
-                        }
+                } else {
+                    // Clipped STE: gradient passes where |w| ≤ 1.
+                    for ((g, &d), &w) in self.weight.grad.iter_mut().zip(&self.dw_hat).zip(&self.weight.value) {
+                        *g = if w.abs() <= 1.0 { d } else { 0.0 };
                     }
                 }
             }
@@ -418,14 +399,12 @@ impl Dense {
     /// Parameters, in a fixed order.
     pub fn params(&self) -> Vec<&Param> {
         let mut v = vec![&self.weight, &self.bias];
-        v.extend(self.alpha.as_ref());
         v.extend(self.act_step.as_ref());
         v
     }
     /// Parameters, mutable, in the order of [`Dense::params`].
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
         let mut v = vec![&mut self.weight, &mut self.bias];
-        v.extend(self.alpha.as_mut());
         v.extend(self.act_step.as_mut());
         v
     }

@@ -145,3 +145,42 @@ mod tests {
         assert_eq!("percentile".parse::<Calibration>().unwrap(), Calibration::Percentile { p: 99.99 });
     }
 }
+
+/// Post-training quantization of a float model: a model of the same architecture with the
+/// quantization of `scheme` (per-layer `quant` of the config wins), the float weights and biases
+/// copied, and the activation ranges calibrated on `batches` batches of `data`.
+pub fn quantize_float_model(
+    float: &Sequential,
+    cfg: &crate::config::ModelConfig,
+    scheme: super::Scheme,
+    data: &Dataset,
+    batches: usize,
+    batch_size: usize,
+    method: Calibration,
+) -> Result<Sequential> {
+    if let Some(d) = float.dense().find(|d| d.quant.weights.is_some() || d.quant.activations.is_some()) {
+        return Err(Error::config(
+            "checkpoint",
+            format!("layer {} is quantized", d.index),
+            "post-training quantization starts from a float (fp32) checkpoint",
+        ));
+    }
+    let mut q = Sequential::from_config(cfg, scheme, false, 0)?;
+    let src: Vec<_> = float.dense().collect();
+    let n_dst = q.dense().count();
+    if src.len() != n_dst {
+        return Err(Error::Shape(format!("the checkpoint has {} dense layers, the config {n_dst}", src.len())));
+    }
+    for (d, s) in q.dense_mut().zip(src) {
+        if (d.inputs, d.outputs) != (s.inputs, s.outputs) {
+            return Err(Error::Shape(format!(
+                "layer {}: the checkpoint is {}→{}, the config {}→{}",
+                d.index, s.inputs, s.outputs, d.inputs, d.outputs
+            )));
+        }
+        d.weight.value.copy_from_slice(&s.weight.value);
+        d.bias.value.copy_from_slice(&s.bias.value);
+    }
+    calibrate(&mut q, data, batches, batch_size, method)?;
+    Ok(q)
+}
