@@ -173,7 +173,17 @@ pub fn save(t: &Trainer, path: &Path) -> Result<()> {
 
 /// Read the metadata of a checkpoint.
 pub fn read_meta(bytes: &[u8], path: &Path) -> Result<Meta> {
-    let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| Error::checkpoint(path, format!("not a safetensors file: {e}")))?;
+    if bytes.len() < 8 {
+        return Err(Error::checkpoint(path, format!("truncated: {} bytes, a safetensors file starts with an 8-byte header length", bytes.len())));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+    if n > bytes.len() as u64 - 8 {
+        return Err(Error::checkpoint(
+            path,
+            format!("truncated or not a safetensors file: the header claims {n} bytes, the file has {}", bytes.len()),
+        ));
+    }
+    let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| Error::checkpoint(path, format!("truncated or corrupt safetensors file ({e})")))?;
     let json = md
         .metadata()
         .as_ref()
@@ -210,7 +220,8 @@ fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Resul
 /// Rebuild a trainer from checkpoint bytes; `path` names the file in errors.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     let meta = read_meta(bytes, path)?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::checkpoint(path, format!("corrupt tensors: {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::checkpoint(path, format!("truncated or corrupt tensor data ({e}): the file has {} bytes", bytes.len())))?;
     meta.config.validate().map_err(|e| Error::checkpoint(path, format!("config: {e}")))?;
     let mut t = Trainer::new(meta.config.clone()).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     let n_params = t.model.params().len();
