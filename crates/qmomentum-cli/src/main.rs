@@ -78,6 +78,13 @@ struct InfoArgs {
 }
 
 fn main() {
+    // A write past a file-size limit (`ulimit -f`) must fail with EFBIG and be reported, not
+    // kill the process with SIGXFSZ before it can say anything.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Train(a) => train_cmd::run(a),

@@ -37,7 +37,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
-// TEMP pub mod export;
+pub mod export;
 pub mod gemm;
 pub mod layers;
 pub mod loss;

@@ -112,8 +112,19 @@ impl Sequential {
     pub fn forward(&mut self, batch: usize, training: bool, logits: bool, rng: &mut Rng) -> &[f32] {
         self.ensure(batch);
         let mut size = self.input_size;
+        // The grid of each layer's input: pixels/255 for the model input (the data pipeline),
+        // then each quantized layer's output grid.
+        let mut in_scale = Some(1.0f32 / 255.0);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let out = layer.output_size(size);
+            match layer {
+                Layer::Dense(d) => {
+                    d.input_scale = in_scale;
+                    in_scale = d.output_qparams().map(|q| q.scale);
+                }
+                Layer::Activation(_) => in_scale = None,
+                Layer::Dropout(_) | Layer::Flatten => {}
+            }
             let (a, b) = self.acts.split_at_mut(i + 1);
             layer.forward(&a[i][..batch * size], &mut b[0][..batch * out], batch, training, logits, rng);
             size = out;

@@ -77,10 +77,16 @@ pub struct Dense {
     pub quant: LayerQuant,
     /// Output activation observer (when activations are quantized with 2 bits or more).
     pub observer: Option<ActObserver>,
+    /// Scale of the grid this layer's input lies on (set by the model before each forward pass:
+    /// 1/255 for pixels, the previous layer's output grid otherwise). With integer weights the
+    /// bias is then quantized to the accumulator grid `s_in·s_w[j]`, exactly as the integer
+    /// runtime adds it (int32 bias, the TFLite convention); straight-through in backward.
+    pub input_scale: Option<f32>,
     /// Range statistics of the outputs of the last training batch (fed to the observer by the
     /// trainer once every replica's share of the batch is done).
     pub stats: BatchStats,
     // Scratch, sized on first use.
+    b_hat: Vec<f32>,
     w_hat: Vec<f32>,
     w_scale: Vec<f32>,
     w_tmp: Vec<f32>,
@@ -109,6 +115,8 @@ impl Dense {
             quant: LayerQuant::default(),
             observer: None,
             stats: BatchStats::default(),
+            input_scale: None,
+            b_hat: Vec::new(),
             w_hat: Vec::new(),
             w_scale: Vec::new(),
             w_tmp: Vec::new(),
@@ -193,6 +201,7 @@ impl Dense {
         if self.w_scale.len() != self.outputs {
             self.w_scale.resize(self.outputs, 1.0);
             self.w_tmp.resize(self.outputs, 0.0);
+            self.b_hat.resize(self.outputs, 0.0);
         }
     }
 
@@ -261,12 +270,24 @@ impl Dense {
         let n = batch * self.outputs;
         let w: &[f32] = if self.quant.weights.is_some() { &self.w_hat } else { &self.weight.value };
         matmul(batch, self.outputs, self.inputs, x, Op::N, w, Op::N, &mut self.z[..n], false);
+        // The bias as the integer runtime adds it: round(b/(s_in·s_w))·s_in·s_w.
+        let int_weights = matches!(self.quant.weights, Some(WeightQuant::Int { .. } | WeightQuant::Ternary { .. }));
+        let bias: &[f32] = match (self.input_scale, int_weights) {
+            (Some(s_in), true) => {
+                for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&self.bias.value).zip(&self.w_scale) {
+                    let unit = s_in * sw;
+                    *bh = if unit > 0.0 { (b / unit).round() * unit } else { b };
+                }
+                &self.b_hat
+            }
+            _ => &self.bias.value,
+        };
         // Pass 1: bias + activation (+ range statistics).
         let act = self.activation;
         let sign_out = self.sign_output();
         let (mut lo, mut hi, mut sum_abs) = (f32::INFINITY, f32::NEG_INFINITY, 0.0f64);
         for (zr, yr) in self.z[..n].chunks_exact_mut(self.outputs).zip(y.chunks_exact_mut(self.outputs)) {
-            for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(&self.bias.value) {
+            for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
                 *z += b;
                 let a = if sign_out { sign(*z) } else { act.forward(*z) };
                 lo = lo.min(a);

@@ -1,0 +1,159 @@
+//! Kernel and model throughput on this machine.
+//!
+//! `cargo run -p qmomentum-runtime --release --example bench_kernels`
+//!
+//! Prints GOP/s (1 multiply-add = 2 ops) of each int8 tier on a [128×784]·[784×128] product,
+//! the binary tiers on 128-bit rows, batch-10000 samples/s of a random 784-128-64-10 int8
+//! model on 1 and 2 threads, and batch-1 latency. Each figure is the median of several runs.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use qmomentum_runtime::kernels::{self, KernelKind, PackedDenseBin, PackedDenseI8};
+use qmomentum_runtime::{quantize_multiplier, InputSpec, Layer, Model, Output};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn i8(&mut self) -> i8 {
+        ((self.next() % 255) as i16 - 127) as i8
+    }
+}
+
+/// Median seconds of `runs` timings of `f`.
+fn median(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[runs / 2]
+}
+
+fn dense(rng: &mut Rng, inputs: usize, outputs: usize, output: Output) -> Layer {
+    Layer::DenseI8 {
+        inputs,
+        outputs,
+        weight: (0..inputs * outputs).map(|_| rng.i8()).collect(),
+        bias: (0..outputs).map(|_| (rng.next() % 2001) as i32 - 1000).collect(),
+        input_zero_point: 0,
+        output,
+    }
+}
+
+/// A `relu_u8` output whose scale spreads typical accumulators over 0..255.
+fn relu(outputs: usize, inputs: usize) -> Output {
+    let (m, r) = quantize_multiplier(100.0 / (64.0 * 73.0 * (inputs as f64).sqrt())).unwrap();
+    Output::ReluU8 {
+        multiplier: vec![m; outputs],
+        shift: vec![r; outputs],
+        zero_point: 0,
+        qmax: 255,
+    }
+}
+
+fn main() {
+    let mut rng = Rng(42);
+    println!("kernel tiers available: {:?}", KernelKind::available());
+
+    // int8 GEMM [128×784]·[784×128].
+    let (m, k, n) = (128, 784, 128);
+    let w: Vec<i8> = (0..k * n).map(|_| rng.i8()).collect();
+    let bias = vec![0i32; n];
+    let x: Vec<u8> = (0..m * k).map(|_| rng.next() as u8).collect();
+    let packed = PackedDenseI8::new(k, n, &w, &bias, 0);
+    let mut acc = vec![0i32; m * n];
+    let ops = 2.0 * (m * k * n) as f64;
+    for kind in KernelKind::available() {
+        let reps = if kind == KernelKind::Scalar { 2 } else { 50 };
+        let t = median(9, || {
+            for _ in 0..reps {
+                kernels::dense_i8(kind, &packed, black_box(&x), k, m, &mut acc, n).unwrap();
+            }
+        }) / reps as f64;
+        println!(
+            "dense_i8 [{m}x{k}]x[{k}x{n}] {:>10}: {:7.1} GOP/s ({:.1} µs)",
+            kind.name(),
+            ops / t / 1e9,
+            t * 1e6
+        );
+    }
+
+    // Binary layer: 128 rows of 128 bits → 64 channels, and 1024 bits → 256 channels.
+    for (bits, outs) in [(128usize, 64usize), (1024, 256)] {
+        let words = bits / 64;
+        let wb: Vec<u64> = (0..outs * words).map(|_| rng.next()).collect();
+        let xb: Vec<u64> = (0..m * words).map(|_| rng.next()).collect();
+        let pb = PackedDenseBin::new(bits, outs, &wb);
+        let mut acc = vec![0i32; m * outs];
+        let ops = 2.0 * (m * bits * outs) as f64;
+        for kind in KernelKind::available() {
+            let label = match kind {
+                KernelKind::Scalar => "count_ones",
+                KernelKind::Avx2 => "popcnt",
+                KernelKind::Avx512Vnni => "vpopcntdq",
+            };
+            let t = median(9, || {
+                for _ in 0..100 {
+                    kernels::dense_bin(kind, &pb, black_box(&xb), words, m, &mut acc, outs).unwrap();
+                }
+            }) / 100.0;
+            println!(
+                "dense_bin [{m}x{bits}b]x[{bits}b x{outs}] {label:>10}: {:7.1} binary GOP/s ({:.2} µs)",
+                ops / t / 1e9,
+                t * 1e6
+            );
+        }
+    }
+
+    // The MNIST-shaped int8 model.
+    let layers = vec![
+        dense(&mut rng, 784, 128, relu(128, 784)),
+        dense(&mut rng, 128, 64, relu(64, 128)),
+        dense(
+            &mut rng,
+            64,
+            10,
+            Output::Logits {
+                scale: vec![1e-4; 10],
+                bias: None,
+            },
+        ),
+    ];
+    let input = InputSpec {
+        size: 784,
+        scale: 1.0 / 255.0,
+        zero_point: 0,
+    };
+    let model = Model::new(input, layers).unwrap();
+    let batch = 10_000;
+    let x: Vec<u8> = (0..batch * 784).map(|_| rng.next() as u8).collect();
+    for threads in [1, 2] {
+        let t = median(31, || {
+            black_box(model.predict(&x, batch, threads).unwrap());
+        });
+        println!(
+            "model 784-128-64-10 batch {batch}, {threads} thread(s): {:6.2} M samples/s",
+            batch as f64 / t / 1e6
+        );
+    }
+    let mut ws = model.workspace(1);
+    let one = &x[..784];
+    let reps = 20_000;
+    let t = median(9, || {
+        for _ in 0..reps {
+            black_box(model.run(&mut ws, black_box(one), 1).unwrap());
+        }
+    }) / reps as f64;
+    println!("model batch-1 latency ({}): {:.2} µs", model.kernel().name(), t * 1e6);
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Disassembles the runtime's kernels and counts floating-point arithmetic/conversion
+# instructions in each. Every kernel must have none except the two `dequantize` functions,
+# the final i32 → f32 step. Plain vector moves (vmovaps/vmovups) are bit copies and not counted.
+#
+# Usage: crates/qmomentum-runtime/scripts/check-integer-kernels.sh   (from the workspace root)
+set -euo pipefail
+cargo build -p qmomentum-runtime --release --example bench_kernels >/dev/null
+bin=target/release/examples/bench_kernels
+asm=$(mktemp)
+trap 'rm -f "$asm"' EXIT
+objdump -d --no-show-raw-insn -C "$bin" >"$asm"
+float='\s(v?(add|sub|mul|div|min|max|sqrt|rcp|rsqrt|round|fmadd|fmsub|fnmadd|cmp|ucomi|comi)[a-z0-9]*(ps|pd|ss|sd)|v?cvt[a-z0-9]*(ps|pd|ss|sd)[a-z0-9]*)\s'
+status=0
+for f in kernels::scalar::dense_i8 kernels::scalar::dense_bin_reference kernels::scalar::requant_u8 \
+    kernels::scalar::sign_bits kernels::avx2::dense_i8 kernels::avx512::dense_i8 \
+    kernels::avx512::requant_u8 kernels::avx512::sign_bits kernels::binary::popcnt_rows \
+    kernels::binary::avx512::dense_bin kernels::scalar::dequantize kernels::avx512::dequantize; do
+    body=$(awk -v f="<qmomentum_runtime::$f>:" 'index($0, f) { p = 1; next } p && /^$/ { p = 0 } p' "$asm")
+    if [ -z "$body" ]; then
+        echo "$f: inlined or not found (skipped)"
+        continue
+    fi
+    n=$(grep -cE "$float" <<<"$body" || true)
+    echo "$f: $n float instructions"
+    case "$f" in
+    *dequantize) ;;
+    *) [ "$n" -eq 0 ] || status=1 ;;
+    esac
+done
+[ $status -eq 0 ] && echo "OK: integer kernels contain no floating-point instructions"
+exit $status

@@ -1,0 +1,377 @@
+//! Running a model: per-thread workspaces, row blocking, batch splitting over threads.
+//!
+//! A batch is processed in blocks of [`BLOCK_ROWS`] rows; each block goes through all layers
+//! before the next starts, so a block's activations (u8 rows or bit rows, plus one i32
+//! accumulator tile) stay in L1/L2 while the packed weights are shared by all blocks.
+//!
+//! Between the u8 input and the final logits every value is an integer: each layer is a dense
+//! kernel (u8/i8 or u64 bits in, i32 out) followed by an integer epilogue (i32 → u8 or bits);
+//! only the last layer's epilogue, [`kernels::dequantize`], converts i32 to f32.
+
+use crate::aligned::Aligned;
+use crate::error::Error;
+use crate::format::{Layer, Model, Output};
+use crate::kernels::{self, padded, Dequant, KernelKind, PackedDenseBin, PackedDenseI8, Requant, SignBits};
+
+/// Rows pushed through all layers at a time.
+pub const BLOCK_ROWS: usize = 64;
+
+/// Rows per dense-kernel call: the i32 accumulator tile (`ACC_ROWS × outputs`) stays in L1.
+pub const ACC_ROWS: usize = 32;
+
+/// Rows per [`Model::run`] call inside [`Model::predict`] / [`Model::logits`].
+pub const CHUNK_ROWS: usize = 256;
+
+/// A layer's dense part, packed.
+#[derive(Clone, Debug)]
+pub(crate) enum Dense {
+    I8(PackedDenseI8),
+    Bin(PackedDenseBin),
+}
+
+/// A layer's output step, prepared for the kernels.
+#[derive(Clone, Debug)]
+pub(crate) enum Epilogue {
+    Requant(Requant),
+    Sign(SignBits),
+    Logits(Dequant),
+}
+
+/// A validated layer ready to run.
+#[derive(Clone, Debug)]
+pub(crate) struct CompiledLayer {
+    dense: Dense,
+    epilogue: Epilogue,
+    outputs: usize,
+}
+
+/// Packs validated layers for the kernels.
+pub(crate) fn compile(layers: &[Layer]) -> Vec<CompiledLayer> {
+    layers
+        .iter()
+        .map(|layer| {
+            let dense = match layer {
+                Layer::DenseI8 {
+                    inputs,
+                    outputs,
+                    weight,
+                    bias,
+                    input_zero_point,
+                    ..
+                } => Dense::I8(PackedDenseI8::new(*inputs, *outputs, weight, bias, *input_zero_point)),
+                Layer::DenseBin {
+                    inputs,
+                    outputs,
+                    weight,
+                    ..
+                } => Dense::Bin(PackedDenseBin::new(*inputs, *outputs, weight)),
+            };
+            let epilogue = match layer.output() {
+                Output::ReluU8 {
+                    multiplier,
+                    shift,
+                    zero_point,
+                    qmax,
+                } => Epilogue::Requant(Requant::new(multiplier, shift, *zero_point, *qmax, true)),
+                Output::U8 {
+                    multiplier,
+                    shift,
+                    zero_point,
+                    qmax,
+                } => Epilogue::Requant(Requant::new(multiplier, shift, *zero_point, *qmax, false)),
+                Output::SignBits { threshold } => Epilogue::Sign(match threshold {
+                    Some(t) => SignBits::new(t),
+                    None => SignBits::new(&vec![0; layer.outputs()]),
+                }),
+                Output::Logits { scale, bias } => Epilogue::Logits(Dequant::new(scale, bias.as_deref())),
+            };
+            CompiledLayer {
+                dense,
+                epilogue,
+                outputs: layer.outputs(),
+            }
+        })
+        .collect()
+}
+
+/// One layer's output activations for a block of rows.
+#[derive(Debug)]
+enum Act {
+    /// `[rows, stride]` u8.
+    U8 { buf: Aligned<u8>, stride: usize },
+    /// `[rows, words]` u64 bit rows.
+    Bits { buf: Aligned<u64>, words: usize },
+}
+
+/// Scratch memory for running one model on up to `max_batch` rows per call, on one thread.
+///
+/// Create it once with [`Model::workspace`] and reuse it: [`Model::run`] then allocates
+/// nothing.
+#[derive(Debug)]
+pub struct Workspace {
+    model_id: u64,
+    max_batch: usize,
+    block: usize,
+    /// One i32 accumulator tile, `[ACC_ROWS, padded(max outputs)]`.
+    acc: Aligned<i32>,
+    /// Outputs of every layer but the last.
+    acts: Vec<Act>,
+    /// `[max_batch, classes]`.
+    logits: Vec<f32>,
+}
+
+impl Workspace {
+    /// The largest batch [`Model::run`] accepts with this workspace.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+}
+
+impl Model {
+    /// Scratch memory for batches of up to `max_batch` rows.
+    pub fn workspace(&self, max_batch: usize) -> Workspace {
+        let block = max_batch.clamp(1, BLOCK_ROWS);
+        let max_out = self.compiled.iter().map(|l| padded(l.outputs)).max();
+        let n = self.compiled.len();
+        let acts = self.compiled[..n.saturating_sub(1)]
+            .iter()
+            .map(|l| match l.epilogue {
+                Epilogue::Sign(_) => {
+                    let words = l.outputs.div_ceil(64);
+                    Act::Bits {
+                        buf: Aligned::zeroed(block * words),
+                        words,
+                    }
+                }
+                // Logits only occur on the last layer, so this is a u8 output.
+                _ => {
+                    let stride = l.outputs.next_multiple_of(64);
+                    Act::U8 {
+                        buf: Aligned::zeroed(block * stride),
+                        stride,
+                    }
+                }
+            })
+            .collect();
+        Workspace {
+            model_id: self.id,
+            max_batch,
+            block,
+            acc: Aligned::zeroed(block.min(ACC_ROWS) * max_out.unwrap_or(0)),
+            acts,
+            logits: vec![0.0; max_batch * self.num_classes()],
+        }
+    }
+
+    /// Runs `batch` samples (`input` is `[batch, input.size]` u8) and returns the logits,
+    /// `[batch, classes]`, borrowed from the workspace. Allocation-free.
+    ///
+    /// Uses the best kernel tier of this CPU ([`Model::kernel`]).
+    pub fn run<'w>(&self, ws: &'w mut Workspace, input: &[u8], batch: usize) -> Result<&'w [f32], Error> {
+        self.run_with(self.kernel, ws, input, batch)
+    }
+
+    /// [`Model::run`] with a chosen kernel tier; fails if this CPU lacks it.
+    /// All tiers give bit-identical logits.
+    pub fn run_with<'w>(
+        &self,
+        kernel: KernelKind,
+        ws: &'w mut Workspace,
+        input: &[u8],
+        batch: usize,
+    ) -> Result<&'w [f32], Error> {
+        if ws.model_id != self.id {
+            return Err(Error::WorkspaceMismatch);
+        }
+        if batch > ws.max_batch {
+            return Err(Error::BatchTooLarge {
+                batch,
+                max_batch: ws.max_batch,
+            });
+        }
+        let size = self.input.size;
+        self.check_input(input, batch)?;
+        if !kernel.is_available() {
+            return Err(Error::KernelUnavailable(kernel));
+        }
+        let classes = self.num_classes();
+        let Workspace {
+            block,
+            acc,
+            acts,
+            logits,
+            ..
+        } = ws;
+        let mut start = 0;
+        while start < batch {
+            let rows = (*block).min(batch - start);
+            let x = &input[start * size..(start + rows) * size];
+            for (l, layer) in self.compiled.iter().enumerate() {
+                let (done, rest) = acts.split_at_mut(l);
+                let stride = padded(layer.outputs);
+                // Dense kernel and epilogue alternate on small row groups so the i32
+                // accumulator tile stays in L1.
+                let mut r0 = 0;
+                while r0 < rows {
+                    let n = ACC_ROWS.min(rows - r0);
+                    let acc = &mut acc[..n * stride];
+                    match (&layer.dense, l.checked_sub(1).map(|p| &done[p])) {
+                        (Dense::I8(p), None) => kernels::dense_i8(kernel, p, &x[r0 * size..], size, n, acc, stride)?,
+                        (Dense::I8(p), Some(Act::U8 { buf, stride: xs })) => {
+                            kernels::dense_i8(kernel, p, &buf[r0 * xs..], *xs, n, acc, stride)?
+                        }
+                        (Dense::Bin(p), Some(Act::Bits { buf, words })) => {
+                            let x = &buf[r0 * words..];
+                            kernels::dense_bin(kernel, p, x, *words, n, acc, stride)?
+                        }
+                        // Excluded by validation (layer kinds chain) and by how `acts` is built.
+                        _ => return Err(Error::WorkspaceMismatch),
+                    }
+                    match (&layer.epilogue, rest.first_mut()) {
+                        (Epilogue::Requant(p), Some(Act::U8 { buf, stride: os })) => {
+                            let out = &mut buf[r0 * *os..];
+                            kernels::requant_u8(kernel, p, acc, stride, n, out, *os)?
+                        }
+                        (Epilogue::Sign(p), Some(Act::Bits { buf, words })) => {
+                            let out = &mut buf[r0 * *words..];
+                            kernels::sign_bits(kernel, p, acc, stride, n, out, *words)?
+                        }
+                        (Epilogue::Logits(p), None) => {
+                            let first = (start + r0) * classes;
+                            let out = &mut logits[first..first + n * classes];
+                            kernels::dequantize(kernel, p, acc, stride, n, out, classes)?
+                        }
+                        _ => return Err(Error::WorkspaceMismatch),
+                    }
+                    r0 += n;
+                }
+            }
+            start += rows;
+        }
+        Ok(&ws.logits[..batch * classes])
+    }
+
+    /// Predicted class (argmax of the logits; the lowest index wins ties) for each sample,
+    /// splitting the batch over `threads` threads (0 = one per available core).
+    pub fn predict(&self, input: &[u8], batch: usize, threads: usize) -> Result<Vec<u32>, Error> {
+        let mut out = vec![0u32; batch];
+        self.par_rows(input, batch, threads, 1, &mut out, |logits, out| {
+            for (o, row) in out.iter_mut().zip(logits.chunks_exact(self.num_classes())) {
+                *o = argmax(row);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// The logits, `[batch, classes]`, splitting the batch over `threads` threads
+    /// (0 = one per available core).
+    pub fn logits(&self, input: &[u8], batch: usize, threads: usize) -> Result<Vec<f32>, Error> {
+        let classes = self.num_classes();
+        let mut out = vec![0f32; batch * classes];
+        self.par_rows(input, batch, threads, classes, &mut out, |logits, out| {
+            out.copy_from_slice(logits)
+        })?;
+        Ok(out)
+    }
+
+    /// Maps real inputs to the model's u8 inputs: `q = clamp(round(x / scale) + zero_point,
+    /// 0, 255)`, where `round` is `f32::round_ties_even` (half to even, like numpy and
+    /// PyTorch). NaN maps to `zero_point`. `x` and `out` must have the same length.
+    pub fn quantize_input(&self, x: &[f32], out: &mut [u8]) -> Result<(), Error> {
+        if x.len() != out.len() {
+            return Err(Error::OutputLength {
+                got: out.len(),
+                expected: x.len(),
+            });
+        }
+        let scale = self.input.scale;
+        let zp = f32::from(self.input.zero_point);
+        for (q, &v) in out.iter_mut().zip(x) {
+            let r = (v / scale).round_ties_even() + zp;
+            // `as u8` saturates, but clamp first to make the rule explicit; NaN → zero point.
+            *q = if r.is_nan() {
+                self.input.zero_point
+            } else {
+                r.clamp(0.0, 255.0) as u8
+            };
+        }
+        Ok(())
+    }
+
+    fn check_input(&self, input: &[u8], batch: usize) -> Result<(), Error> {
+        let size = self.input.size;
+        let expected = batch.checked_mul(size);
+        if expected != Some(input.len()) {
+            return Err(Error::InputLength {
+                got: input.len(),
+                expected: expected.unwrap_or(usize::MAX),
+                batch,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the batch in [`CHUNK_ROWS`]-row pieces on up to `threads` threads (contiguous
+    /// ranges, one workspace each) and hands each piece's logits to `f` with the matching
+    /// `per_row`-wide slice of `out`.
+    fn par_rows<T: Send>(
+        &self,
+        input: &[u8],
+        batch: usize,
+        threads: usize,
+        per_row: usize,
+        out: &mut [T],
+        f: impl Fn(&[f32], &mut [T]) + Sync,
+    ) -> Result<(), Error> {
+        self.check_input(input, batch)?;
+        if batch == 0 {
+            return Ok(());
+        }
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let threads = threads.min(batch.div_ceil(CHUNK_ROWS)).max(1);
+        let size = self.input.size;
+        let per_thread = batch.div_ceil(threads);
+        let work = |x: &[u8], out: &mut [T]| -> Result<(), Error> {
+            let rows = x.len() / size;
+            let mut ws = self.workspace(rows.min(CHUNK_ROWS));
+            for (xc, oc) in x.chunks(CHUNK_ROWS * size).zip(out.chunks_mut(CHUNK_ROWS * per_row)) {
+                let logits = self.run(&mut ws, xc, xc.len() / size)?;
+                f(logits, oc);
+            }
+            Ok(())
+        };
+        if threads == 1 {
+            return work(input, out);
+        }
+        let mut parts = input
+            .chunks(per_thread * size)
+            .zip(out.chunks_mut(per_thread * per_row));
+        let Some((first_x, first_out)) = parts.next() else {
+            return Ok(());
+        };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts.map(|(x, o)| s.spawn(move || work(x, o))).collect();
+            let mut result = work(first_x, first_out);
+            for h in handles {
+                let r = h.join().unwrap_or(Err(Error::WorkerPanicked));
+                result = result.and(r);
+            }
+            result
+        })
+    }
+}
+
+/// Index of the largest value; the first one wins ties.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (j, &v) in row.iter().enumerate() {
+        if v > best.1 || j == 0 {
+            best = (j, v);
+        }
+    }
+    best.0 as u32
+}

@@ -1,0 +1,285 @@
+//! AVX-512 VNNI tier: the int8 dense kernel on `vpdpbusd` and the vectorised epilogues.
+//!
+//! # Packed weight layout
+//! Output channels are taken in groups of 16 (one zmm of i32 accumulators) and the inputs in
+//! steps of 4 (one `vpdpbusd` lane sums 4 u8×i8 products). For group `g` and step `s`, 64
+//! consecutive bytes hold `W[16g + c][4s + t]` at byte `4c + t`. The kernel broadcasts the 4
+//! input bytes `x[4s..4s+4]` (one i32) to all lanes and does one `vpdpbusd` per group: 64
+//! multiply-adds. Channels past `out` and inputs past `in` are zero-padded, so they contribute
+//! nothing; a partial last input step reads only the row's valid bytes.
+//!
+//! # Register blocking
+//! A tile of up to 4 rows × 4 groups (4 × 64 channels) keeps 16 accumulators in registers;
+//! each weight vector loaded is used 4 times, each broadcast input 4 times.
+//!
+//! `vpdpbusd` multiplies u8 by i8 into i16 products and adds them in i32 without saturation
+//! (unlike `vpmaddubsw`), so the result equals the scalar tier's exactly.
+
+use std::arch::x86_64::*;
+
+use super::{Dequant, PackedDenseI8, Requant, SignBits, LANES};
+use crate::aligned::Aligned;
+
+const ROWS: usize = 4;
+const GROUPS: usize = 4;
+
+/// Packs `[out, in]` row-major weights into the layout described in the module doc.
+pub(super) fn pack(inputs: usize, outputs: usize, weight: &[i8]) -> Aligned<i8> {
+    let groups = outputs.div_ceil(LANES);
+    let steps = inputs.div_ceil(4);
+    let mut p = Aligned::zeroed(groups * steps * 64);
+    for j in 0..outputs {
+        let (g, c) = (j / LANES, j % LANES);
+        for k in 0..inputs {
+            let (s, t) = (k / 4, k % 4);
+            p[(g * steps + s) * 64 + 4 * c + t] = weight[j * inputs + k];
+        }
+    }
+    p
+}
+
+/// The VNNI int8 dense kernel (see [`super::dense_i8`]).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI; `packed` must come from [`pack`] for `w`'s
+/// shape; `x` must hold `rows` rows of `w.inputs` bytes at stride `x_stride` and `acc` `rows`
+/// rows of `w.outputs` values at stride `acc_stride`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn dense_i8(
+    w: &PackedDenseI8,
+    packed: &[i8],
+    x: &[u8],
+    x_stride: usize,
+    rows: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) {
+    let groups = w.outputs.div_ceil(LANES);
+    let steps = w.inputs.div_ceil(4);
+    let shape = Shape {
+        gstride: steps * 64,
+        x_stride,
+        full: w.inputs / 4,
+        tail: w.inputs % 4,
+        acc_stride,
+    };
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = ROWS.min(rows - r0);
+        let mut g0 = 0;
+        while g0 < groups {
+            let ng = GROUPS.min(groups - g0);
+            let t = Tile {
+                w: packed.as_ptr().add(g0 * shape.gstride),
+                x: x.as_ptr().add(r0 * x_stride),
+                bias: w.bias.as_ptr().add(g0 * LANES),
+                acc: acc.as_mut_ptr().add(r0 * acc_stride + g0 * LANES),
+                valid: w.outputs - g0 * LANES,
+            };
+            macro_rules! go {
+                ($($r:literal $g:literal),*) => {
+                    match (nr, ng) {
+                        $(($r, $g) => tile::<$r, $g>(&shape, &t),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
+            g0 += ng;
+        }
+        r0 += nr;
+    }
+}
+
+/// Loop bounds shared by all tiles of one call.
+struct Shape {
+    /// Bytes between consecutive channel groups in the packed weights.
+    gstride: usize,
+    x_stride: usize,
+    /// Complete 4-byte input steps.
+    full: usize,
+    /// Inputs in the last, partial step (0..4).
+    tail: usize,
+    acc_stride: usize,
+}
+
+/// One tile's base pointers.
+struct Tile {
+    w: *const i8,
+    x: *const u8,
+    bias: *const i32,
+    acc: *mut i32,
+    /// Valid channels from the tile's first channel on (may exceed the tile's width).
+    valid: usize,
+}
+
+/// Computes an `R`-row × `G`-group tile; accumulators start at the folded bias.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
+    let mut c = [[_mm512_setzero_si512(); G]; R];
+    for g in 0..G {
+        let b = _mm512_load_si512(t.bias.add(g * LANES).cast());
+        for row in c.iter_mut() {
+            row[g] = b;
+        }
+    }
+    let mut wp = t.w;
+    for k in 0..s.full {
+        let mut wv = [_mm512_setzero_si512(); G];
+        for (g, v) in wv.iter_mut().enumerate() {
+            *v = _mm512_load_si512(wp.add(g * s.gstride).cast());
+        }
+        for (r, row) in c.iter_mut().enumerate() {
+            let four = t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned();
+            let xv = _mm512_set1_epi32(four);
+            for g in 0..G {
+                row[g] = _mm512_dpbusd_epi32(row[g], xv, wv[g]);
+            }
+        }
+        wp = wp.add(64);
+    }
+    if s.tail > 0 {
+        let mut wv = [_mm512_setzero_si512(); G];
+        for (g, v) in wv.iter_mut().enumerate() {
+            *v = _mm512_load_si512(wp.add(g * s.gstride).cast());
+        }
+        for (r, row) in c.iter_mut().enumerate() {
+            // Only the row's remaining bytes are read; the missing ones meet zero weights.
+            let mut four = [0u8; 4];
+            for (i, b) in four.iter_mut().enumerate().take(s.tail) {
+                *b = *t.x.add(r * s.x_stride + 4 * s.full + i);
+            }
+            let xv = _mm512_set1_epi32(i32::from_le_bytes(four));
+            for g in 0..G {
+                row[g] = _mm512_dpbusd_epi32(row[g], xv, wv[g]);
+            }
+        }
+    }
+    for (r, row) in c.iter().enumerate() {
+        for (g, v) in row.iter().enumerate() {
+            let dst = t.acc.add(r * s.acc_stride + g * LANES);
+            let n = t.valid.saturating_sub(g * LANES).min(LANES);
+            _mm512_mask_storeu_epi32(dst, lane_mask(n), *v);
+        }
+    }
+}
+
+/// The mask selecting the first `n` (≤ 16) lanes.
+#[inline]
+fn lane_mask(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// Vectorised [`super::scalar::requant_u8`].
+///
+/// Per lane it computes `((acc·m >> (30+r)) + 1) >> 1`, which equals the spec's
+/// `(acc·m + 2^(30+r)) >> (31+r)`: with `q = floor(p/2^s)`, `floor((q+1)/2) =
+/// floor((p/2^s + 1)/2) = floor((p + 2^s)/2^(s+1))`. `vpmuldq` multiplies the even i32 lanes
+/// into i64; the odd lanes are shifted down and done the same way.
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available; sizes as checked by [`super::requant_u8`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn requant_u8(
+    p: &Requant,
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [u8],
+    out_stride: usize,
+) {
+    let n = p.outputs;
+    let one = _mm512_set1_epi64(1);
+    let low32 = _mm512_set1_epi64(0xffff_ffff);
+    let z = _mm512_set1_epi64(i64::from(p.z_out));
+    let lo = _mm512_set1_epi64(i64::from(p.lo));
+    let hi = _mm512_set1_epi64(i64::from(p.hi));
+    for b in 0..rows {
+        let a = acc.as_ptr().add(b * acc_stride);
+        let o = out.as_mut_ptr().add(b * out_stride);
+        for j in (0..n).step_by(LANES) {
+            let mask = lane_mask(n - j);
+            let v = _mm512_maskz_loadu_epi32(mask, a.add(j));
+            let m = _mm512_load_si512(p.m.as_ptr().add(j).cast());
+            let s1 = _mm512_load_si512(p.s1.as_ptr().add(j).cast());
+            let pe = _mm512_mul_epi32(v, m);
+            let po = _mm512_mul_epi32(_mm512_srli_epi64(v, 32), _mm512_srli_epi64(m, 32));
+            let se = _mm512_and_si512(s1, low32);
+            let so = _mm512_srli_epi64(s1, 32);
+            let qe = _mm512_srai_epi64(_mm512_add_epi64(_mm512_srav_epi64(pe, se), one), 1);
+            let qo = _mm512_srai_epi64(_mm512_add_epi64(_mm512_srav_epi64(po, so), one), 1);
+            let ye = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(qe, z), lo), hi);
+            let yo = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(qo, z), lo), hi);
+            let y = _mm512_mask_blend_epi32(0xaaaa, ye, _mm512_slli_epi64(yo, 32));
+            _mm_mask_storeu_epi8(o.add(j).cast(), mask, _mm512_cvtepi32_epi8(y));
+        }
+    }
+}
+
+/// Vectorised [`super::scalar::sign_bits`]: one compare-to-mask per 16 channels.
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available; sizes as checked by [`super::sign_bits`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn sign_bits(
+    p: &SignBits,
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [u64],
+    out_words: usize,
+) {
+    let n = p.outputs;
+    for b in 0..rows {
+        let a = acc.as_ptr().add(b * acc_stride);
+        for w in 0..out_words {
+            let mut word = 0u64;
+            for q in 0..4 {
+                let j = w * 64 + q * LANES;
+                if j >= n {
+                    break;
+                }
+                let mask = lane_mask(n - j);
+                let v = _mm512_maskz_loadu_epi32(mask, a.add(j));
+                let t = _mm512_load_si512(p.threshold.as_ptr().add(j).cast());
+                let bits = _mm512_mask_cmpge_epi32_mask(mask, v, t);
+                word |= u64::from(bits) << (q * LANES);
+            }
+            *out.get_unchecked_mut(b * out_words + w) = word;
+        }
+    }
+}
+
+/// Vectorised [`super::scalar::dequantize`]; multiply and add stay separate (no FMA) so the
+/// rounding matches the scalar tier.
+///
+/// # Safety
+/// AVX-512 F must be available; sizes as checked by [`super::dequantize`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn dequantize(
+    p: &Dequant,
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n = p.outputs;
+    for b in 0..rows {
+        let a = acc.as_ptr().add(b * acc_stride);
+        let o = out.as_mut_ptr().add(b * out_stride);
+        for j in (0..n).step_by(LANES) {
+            let mask = lane_mask(n - j);
+            let v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, a.add(j)));
+            let mut y = _mm512_mul_ps(v, _mm512_load_ps(p.scale.as_ptr().add(j)));
+            if let Some(bias) = &p.bias {
+                y = _mm512_add_ps(y, _mm512_load_ps(bias.as_ptr().add(j)));
+            }
+            _mm512_mask_storeu_ps(o.add(j), mask, y);
+        }
+    }
+}

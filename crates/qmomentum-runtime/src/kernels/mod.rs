@@ -1,0 +1,484 @@
+//! Integer kernels: dense layers (int8 and binary) and the per-channel output steps.
+//!
+//! # Why hand-written kernels
+//! The hot loop is a u8×i8 → i32 matrix product with a per-channel fixed-point epilogue. BLAS
+//! and the float GEMM crates do not offer an exact integer u8×i8 GEMM, and none fuses this
+//! format's requantization; `_mm512_dpbusd_epi32` (AVX-512 VNNI) does 64 such multiply-adds per
+//! instruction, so a small register-blocked kernel over pre-packed weights is both the fastest
+//! and the simplest exact option.
+//!
+//! # Integer by construction
+//! The dense kernels take u8/i8/u64 inputs and produce i32 accumulators; [`requant_u8`] maps
+//! i32 → u8 and [`sign_bits`] maps i32 → bits with integer arithmetic only. [`dequantize`] is
+//! the single function that produces `f32`, and the engine only calls it for the last layer.
+//!
+//! # Tiers
+//! [`KernelKind::Scalar`] runs anywhere; [`KernelKind::Avx2`] needs AVX2 and POPCNT;
+//! [`KernelKind::Avx512Vnni`] needs AVX-512 F/BW/VL/VNNI (and uses VPOPCNTDQ for binary layers
+//! when present). Every tier gives bit-identical results; [`KernelKind::detect`] picks the best.
+//!
+//! All kernel functions take row-major 2-D buffers described by `(rows, stride)`; they panic if
+//! a buffer is too small for the shape (a programming error, never a data error).
+
+pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod binary;
+
+use crate::aligned::Aligned;
+use crate::error::Error;
+
+/// A kernel tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelKind {
+    /// Portable Rust loops (the reference).
+    Scalar,
+    /// AVX2: u8/i8 widened to i16 and multiplied exactly with `vpmaddwd`; POPCNT for bits.
+    Avx2,
+    /// AVX-512 VNNI: `vpdpbusd`, 64 u8×i8 products per instruction; VPOPCNTDQ for bits.
+    Avx512Vnni,
+}
+
+impl KernelKind {
+    /// All tiers, slowest first.
+    pub const ALL: [KernelKind; 3] = [KernelKind::Scalar, KernelKind::Avx2, KernelKind::Avx512Vnni];
+
+    /// Whether this CPU can run the tier (cheap: the feature test is cached by `std`).
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelKind::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt"),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("popcnt")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The tiers this CPU can run, slowest first.
+    pub fn available() -> Vec<KernelKind> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The fastest tier this CPU can run.
+    pub fn detect() -> KernelKind {
+        Self::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.is_available())
+            .unwrap_or(KernelKind::Scalar)
+    }
+
+    /// A short lowercase name (`scalar`, `avx2`, `avx512vnni`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Scalar => "scalar",
+            KernelKind::Avx2 => "avx2",
+            KernelKind::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    fn check(self) -> Result<(), Error> {
+        if self.is_available() {
+            Ok(())
+        } else {
+            Err(Error::KernelUnavailable(self))
+        }
+    }
+}
+
+/// Channels per AVX-512 group (one zmm of i32).
+pub(crate) const LANES: usize = 16;
+
+/// Rounds `n` up to a multiple of [`LANES`]: the padded channel count of packed tensors.
+pub(crate) fn padded(n: usize) -> usize {
+    n.div_ceil(LANES) * LANES
+}
+
+/// Asserts that a `[rows, stride]` buffer of `len` elements holds `width` values per row.
+fn check_2d(what: &str, len: usize, rows: usize, stride: usize, width: usize) {
+    assert!(stride >= width, "{what}: stride {stride} < row width {width}");
+    if rows > 0 {
+        let need = (rows - 1) * stride + width;
+        assert!(
+            len >= need,
+            "{what}: {len} elements, {rows} rows of stride {stride} need {need}"
+        );
+    }
+}
+
+/// An int8 dense layer's weights, packed once for every tier this CPU supports.
+///
+/// The input zero point is folded into the bias at pack time:
+/// `Σ (x − z)·W + bias = Σ x·W + (bias − z·Σ W)`, so the kernels multiply the raw u8 input.
+#[derive(Clone, Debug)]
+pub struct PackedDenseI8 {
+    pub(crate) inputs: usize,
+    pub(crate) outputs: usize,
+    /// `[out, in]` as given (scalar tier).
+    pub(crate) rowmajor: Aligned<i8>,
+    /// `bias − z_in·Σ_k W[j,k]` (wrapping), zero-padded to a multiple of 16 channels.
+    pub(crate) bias: Aligned<i32>,
+    /// AVX2 layout, see `avx2.rs`.
+    pub(crate) avx2: Option<Aligned<i16>>,
+    /// VNNI layout, see `avx512.rs`.
+    pub(crate) vnni: Option<Aligned<i8>>,
+}
+
+impl PackedDenseI8 {
+    /// Packs `weight` (`[outputs, inputs]`, row-major) and `bias` (`[outputs]`).
+    ///
+    /// # Panics
+    /// If `inputs` or `outputs` is 0 or the slice lengths do not match them.
+    pub fn new(inputs: usize, outputs: usize, weight: &[i8], bias: &[i32], input_zero_point: u8) -> PackedDenseI8 {
+        assert!(inputs > 0 && outputs > 0, "empty dense_i8 layer");
+        assert_eq!(weight.len(), inputs * outputs, "weight length");
+        assert_eq!(bias.len(), outputs, "bias length");
+        let mut folded = Aligned::<i32>::zeroed(padded(outputs));
+        for j in 0..outputs {
+            let colsum = weight[j * inputs..(j + 1) * inputs]
+                .iter()
+                .fold(0i32, |s, &w| s.wrapping_add(i32::from(w)));
+            folded[j] = bias[j].wrapping_sub(i32::from(input_zero_point).wrapping_mul(colsum));
+        }
+        #[cfg(target_arch = "x86_64")]
+        let (avx2, vnni) = (
+            KernelKind::Avx2
+                .is_available()
+                .then(|| avx2::pack(inputs, outputs, weight)),
+            KernelKind::Avx512Vnni
+                .is_available()
+                .then(|| avx512::pack(inputs, outputs, weight)),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (avx2, vnni) = (None, None);
+        PackedDenseI8 {
+            inputs,
+            outputs,
+            rowmajor: Aligned::from_slice(weight),
+            bias: folded,
+            avx2,
+            vnni,
+        }
+    }
+
+    /// Input features.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Output channels.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+}
+
+/// `acc[b][j] = Σ_k (x[b][k] − z_in)·W[j][k] + bias[j]` for `rows` rows (i32, wrapping).
+///
+/// `x` is `[rows, x_stride]` u8, `acc` is `[rows, acc_stride]` i32; only the first
+/// `outputs` entries of each `acc` row are written.
+pub fn dense_i8(
+    kind: KernelKind,
+    w: &PackedDenseI8,
+    x: &[u8],
+    x_stride: usize,
+    rows: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) -> Result<(), Error> {
+    kind.check()?;
+    check_2d("dense_i8 input", x.len(), rows, x_stride, w.inputs);
+    check_2d("dense_i8 acc", acc.len(), rows, acc_stride, w.outputs);
+    match kind {
+        KernelKind::Scalar => scalar::dense_i8(w, x, x_stride, rows, acc, acc_stride),
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx2 => {
+            let packed = w.avx2.as_ref().ok_or(Error::KernelUnavailable(kind))?;
+            // SAFETY: the tier's CPU features were checked above; buffer sizes were checked
+            // by `check_2d` and `packed` was built by `avx2::pack` for this layer's shape.
+            unsafe { avx2::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512Vnni => {
+            let packed = w.vnni.as_ref().ok_or(Error::KernelUnavailable(kind))?;
+            // SAFETY: as above, for `avx512::pack`.
+            unsafe { avx512::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => return Err(Error::KernelUnavailable(kind)),
+    }
+    Ok(())
+}
+
+/// A binary (±1) dense layer's weights, row-major and re-grouped for the SIMD tier.
+#[derive(Clone, Debug)]
+pub struct PackedDenseBin {
+    pub(crate) inputs: usize,
+    pub(crate) outputs: usize,
+    pub(crate) words: usize,
+    /// `[out, words]` as given.
+    pub(crate) rowmajor: Aligned<u64>,
+    /// `[ceil(out/8)][words][8]`, for VPOPCNTDQ (see `binary.rs`).
+    pub(crate) grouped: Aligned<u64>,
+}
+
+impl PackedDenseBin {
+    /// Packs `weight` (`[outputs, ceil(inputs/64)]`; bit b of word w is input `64·w + b`; bit 1
+    /// means +1). Padding bits must be 0, in the weights and in the inputs given to the kernel.
+    ///
+    /// # Panics
+    /// If `inputs` or `outputs` is 0 or the slice length does not match.
+    pub fn new(inputs: usize, outputs: usize, weight: &[u64]) -> PackedDenseBin {
+        assert!(inputs > 0 && outputs > 0, "empty dense_bin layer");
+        let words = inputs.div_ceil(64);
+        assert_eq!(weight.len(), words * outputs, "weight length");
+        PackedDenseBin {
+            inputs,
+            outputs,
+            words,
+            rowmajor: Aligned::from_slice(weight),
+            grouped: binary::pack(outputs, words, weight),
+        }
+    }
+
+    /// Input bits.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Output channels.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// u64 words per input row.
+    pub fn words(&self) -> usize {
+        self.words
+    }
+}
+
+/// `dot[b][j] = in − 2·popcount(x[b] XOR W[j])` for `rows` rows.
+///
+/// `x` is `[rows, x_stride]` u64 words with zero padding bits, `acc` is `[rows, acc_stride]`.
+pub fn dense_bin(
+    kind: KernelKind,
+    w: &PackedDenseBin,
+    x: &[u64],
+    x_stride: usize,
+    rows: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) -> Result<(), Error> {
+    kind.check()?;
+    check_2d("dense_bin input", x.len(), rows, x_stride, w.words);
+    check_2d("dense_bin acc", acc.len(), rows, acc_stride, w.outputs);
+    binary::dense_bin(kind, w, x, x_stride, rows, acc, acc_stride);
+    Ok(())
+}
+
+/// Per-channel fixed-point parameters of a `u8` / `relu_u8` output.
+#[derive(Clone, Debug)]
+pub struct Requant {
+    pub(crate) outputs: usize,
+    pub(crate) m: Aligned<i32>,
+    pub(crate) r: Aligned<i32>,
+    /// `30 + r`, the SIMD tier's first shift (see `avx512::requant_u8`); 0 in padding.
+    pub(crate) s1: Aligned<i32>,
+    pub(crate) z_out: u8,
+    pub(crate) lo: u8,
+    pub(crate) hi: u8,
+}
+
+impl Requant {
+    /// `relu = true` clamps below at `zero_point` (`relu_u8`), else at 0 (`u8`); `qmax` is the
+    /// upper clamp.
+    ///
+    /// # Panics
+    /// If the lengths differ, `zero_point > qmax`, or a multiplier or shift is outside the
+    /// spec's range.
+    pub fn new(multiplier: &[i32], shift: &[i32], zero_point: u8, qmax: u8, relu: bool) -> Requant {
+        assert_eq!(multiplier.len(), shift.len(), "multiplier/shift length");
+        assert!(zero_point <= qmax, "zero point above qmax");
+        let n = multiplier.len();
+        let mut m = Aligned::zeroed(padded(n));
+        let mut r = Aligned::zeroed(padded(n));
+        let mut s1 = Aligned::zeroed(padded(n));
+        for j in 0..n {
+            assert!(
+                crate::requant::multiplier_in_range(multiplier[j]) && crate::requant::shift_in_range(shift[j]),
+                "requant parameters out of range"
+            );
+            m[j] = multiplier[j];
+            r[j] = shift[j];
+            s1[j] = 30 + shift[j];
+        }
+        Requant {
+            outputs: n,
+            m,
+            r,
+            s1,
+            z_out: zero_point,
+            lo: if relu { zero_point } else { 0 },
+            hi: qmax,
+        }
+    }
+
+    /// Output channels.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+}
+
+/// `out[b][j] = clamp(requant(acc[b][j], m[j], r[j]) + z_out, lo, qmax)`.
+pub fn requant_u8(
+    kind: KernelKind,
+    p: &Requant,
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [u8],
+    out_stride: usize,
+) -> Result<(), Error> {
+    kind.check()?;
+    check_2d("requant acc", acc.len(), rows, acc_stride, p.outputs);
+    check_2d("requant out", out.len(), rows, out_stride, p.outputs);
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512Vnni => {
+            // SAFETY: AVX-512 availability checked above, sizes checked by `check_2d`.
+            unsafe { avx512::requant_u8(p, acc, acc_stride, rows, out, out_stride) }
+        }
+        _ => scalar::requant_u8(p, acc, acc_stride, rows, out, out_stride),
+    }
+    Ok(())
+}
+
+/// Per-channel thresholds of a `sign_bits` output (all 0 after a `dense_i8` layer).
+#[derive(Clone, Debug)]
+pub struct SignBits {
+    pub(crate) threshold: Aligned<i32>,
+    pub(crate) outputs: usize,
+}
+
+impl SignBits {
+    /// Bit j is `acc[j] ≥ threshold[j]`.
+    pub fn new(threshold: &[i32]) -> SignBits {
+        let mut t = Aligned::zeroed(padded(threshold.len()));
+        t[..threshold.len()].copy_from_slice(threshold);
+        SignBits {
+            threshold: t,
+            outputs: threshold.len(),
+        }
+    }
+
+    /// Output channels (bits per row).
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+}
+
+/// Packs `acc[b][j] ≥ threshold[j]` into `out[b]` (`out_words = ceil(outputs/64)` u64 per
+/// row, bit j%64 of word j/64); padding bits are written as 0.
+pub fn sign_bits(
+    kind: KernelKind,
+    p: &SignBits,
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [u64],
+    out_words: usize,
+) -> Result<(), Error> {
+    kind.check()?;
+    assert_eq!(out_words, p.outputs.div_ceil(64), "sign_bits row words");
+    check_2d("sign_bits acc", acc.len(), rows, acc_stride, p.outputs);
+    check_2d("sign_bits out", out.len(), rows, out_words, out_words);
+    let t = &p.threshold[..p.outputs];
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512Vnni => {
+            // SAFETY: AVX-512 availability checked above, sizes checked by `check_2d`.
+            unsafe { avx512::sign_bits(p, acc, acc_stride, rows, out, out_words) }
+        }
+        _ => scalar::sign_bits(t, acc, acc_stride, rows, out, out_words),
+    }
+    Ok(())
+}
+
+/// Per-channel float scale (and, after a binary layer, bias) of the `logits` output.
+#[derive(Clone, Debug)]
+pub struct Dequant {
+    pub(crate) scale: Aligned<f32>,
+    pub(crate) bias: Option<Aligned<f32>>,
+    pub(crate) outputs: usize,
+}
+
+impl Dequant {
+    /// `logit[j] = (acc[j] as f32)·scale[j] (+ bias[j])`.
+    ///
+    /// # Panics
+    /// If `bias` is given with a different length.
+    pub fn new(scale: &[f32], bias: Option<&[f32]>) -> Dequant {
+        let n = scale.len();
+        let pad = |v: &[f32]| {
+            let mut a = Aligned::zeroed(padded(n));
+            a[..n].copy_from_slice(v);
+            a
+        };
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "logits bias length");
+        }
+        Dequant {
+            scale: pad(scale),
+            bias: bias.map(pad),
+            outputs: n,
+        }
+    }
+
+    /// Output channels (classes).
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+}
+
+/// The final dequantization: `out[b][j] = (acc[b][j] as f32)·scale[j] (+ bias[j])`.
+pub fn dequantize(
+    kind: KernelKind,
+    p: &Dequant,
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), Error> {
+    kind.check()?;
+    check_2d("logits acc", acc.len(), rows, acc_stride, p.outputs);
+    check_2d("logits out", out.len(), rows, out_stride, p.outputs);
+    let n = p.outputs;
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512Vnni => {
+            // SAFETY: AVX-512 availability checked above, sizes checked by `check_2d`.
+            unsafe { avx512::dequantize(p, acc, acc_stride, rows, out, out_stride) }
+        }
+        _ => scalar::dequantize(
+            &p.scale[..n],
+            p.bias.as_ref().map(|b| &b[..n]),
+            acc,
+            acc_stride,
+            rows,
+            out,
+            out_stride,
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Portable reference kernels: plain loops, obviously correct, used as the oracle in tests and
+//! as the fallback tier on CPUs without AVX2.
+//!
+//! All i32 arithmetic wraps (two's complement), like the SIMD instructions do. For any layer
+//! whose exact accumulator fits in i32 (always, for `in` below ~66 000 at full range) this is
+//! the exact integer result; beyond that every tier still agrees bit for bit.
+
+use super::{PackedDenseBin, PackedDenseI8, Requant};
+
+/// The `dense_i8` accumulator exactly as the format spec writes it:
+/// `acc[b][j] = Σ_k (x[b][k] − z_in)·W[j][k] + bias[j]`, with `W` row-major `[out, in]`.
+///
+/// This is the oracle the tests compare every tier against; it does not use the packed form
+/// or the folded bias.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_i8_reference(
+    x: &[u8],
+    x_stride: usize,
+    rows: usize,
+    weight: &[i8],
+    bias: &[i32],
+    input_zero_point: u8,
+    acc: &mut [i32],
+    acc_stride: usize,
+) {
+    let outputs = bias.len();
+    let inputs = weight.len() / outputs.max(1);
+    for b in 0..rows {
+        let xr = &x[b * x_stride..b * x_stride + inputs];
+        for j in 0..outputs {
+            let wr = &weight[j * inputs..(j + 1) * inputs];
+            let mut s = 0i32;
+            for (&xv, &wv) in xr.iter().zip(wr) {
+                let d = i32::from(xv) - i32::from(input_zero_point);
+                s = s.wrapping_add(d * i32::from(wv));
+            }
+            acc[b * acc_stride + j] = s.wrapping_add(bias[j]);
+        }
+    }
+}
+
+/// The `dense_bin` dot product exactly as the spec writes it:
+/// `dot[b][j] = in − 2·popcount(x[b] XOR W[j])`, with `W` row-major `[out, words]`.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_bin_reference(
+    x: &[u64],
+    x_stride: usize,
+    rows: usize,
+    inputs: usize,
+    weight: &[u64],
+    outputs: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) {
+    let words = inputs.div_ceil(64);
+    for b in 0..rows {
+        let xr = &x[b * x_stride..b * x_stride + words];
+        for j in 0..outputs {
+            let wr = &weight[j * words..(j + 1) * words];
+            let diff: u32 = xr.iter().zip(wr).map(|(a, w)| (a ^ w).count_ones()).sum();
+            acc[b * acc_stride + j] = (inputs as i32).wrapping_sub((diff as i32).wrapping_mul(2));
+        }
+    }
+}
+
+/// Scalar tier of the int8 dense layer: `acc = folded_bias + Σ x·W` over the packed weights.
+pub(super) fn dense_i8(w: &PackedDenseI8, x: &[u8], x_stride: usize, rows: usize, acc: &mut [i32], acc_stride: usize) {
+    let (n, k) = (w.outputs, w.inputs);
+    for b in 0..rows {
+        let xr = &x[b * x_stride..b * x_stride + k];
+        let out = &mut acc[b * acc_stride..b * acc_stride + n];
+        for (j, o) in out.iter_mut().enumerate() {
+            let wr = &w.rowmajor[j * k..(j + 1) * k];
+            let mut s = w.bias[j];
+            for (&xv, &wv) in xr.iter().zip(wr) {
+                s = s.wrapping_add(i32::from(xv) * i32::from(wv));
+            }
+            *o = s;
+        }
+    }
+}
+
+/// Scalar tier of the binary layer, on the row-major weights.
+pub(super) fn dense_bin(
+    w: &PackedDenseBin,
+    x: &[u64],
+    x_stride: usize,
+    rows: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) {
+    dense_bin_reference(x, x_stride, rows, w.inputs, &w.rowmajor, w.outputs, acc, acc_stride);
+}
+
+/// `u8` / `relu_u8` output: `clamp(requant(acc, m, r) + z_out, lo, qmax)` per channel.
+pub(super) fn requant_u8(p: &Requant, acc: &[i32], acc_stride: usize, rows: usize, out: &mut [u8], out_stride: usize) {
+    let n = p.outputs;
+    for b in 0..rows {
+        let a = &acc[b * acc_stride..b * acc_stride + n];
+        let o = &mut out[b * out_stride..b * out_stride + n];
+        for j in 0..n {
+            o[j] = crate::requant::requantize_u8(a[j], p.m[j], p.r[j], p.z_out, p.lo, p.hi);
+        }
+    }
+}
+
+/// `sign_bits` output: bit j of the row is `acc[j] ≥ threshold[j]`; padding bits are cleared.
+pub(super) fn sign_bits(
+    threshold: &[i32],
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [u64],
+    out_words: usize,
+) {
+    let n = threshold.len();
+    for b in 0..rows {
+        let a = &acc[b * acc_stride..b * acc_stride + n];
+        let o = &mut out[b * out_words..(b + 1) * out_words];
+        o.fill(0);
+        for j in 0..n {
+            if a[j] >= threshold[j] {
+                o[j / 64] |= 1 << (j % 64);
+            }
+        }
+    }
+}
+
+/// `logits` output: `(acc as f32)·scale[j]`, plus `bias[j]` for binary layers.
+///
+/// This is the only place an integer becomes a float. Multiplication and addition are separate
+/// f32 operations (never fused), so every tier rounds identically.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dequantize(
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    acc: &[i32],
+    acc_stride: usize,
+    rows: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n = scale.len();
+    for b in 0..rows {
+        let a = &acc[b * acc_stride..b * acc_stride + n];
+        let o = &mut out[b * out_stride..b * out_stride + n];
+        for j in 0..n {
+            o[j] = a[j] as f32 * scale[j];
+            if let Some(bias) = bias {
+                o[j] += bias[j];
+            }
+        }
+    }
+}

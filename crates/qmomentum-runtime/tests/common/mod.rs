@@ -1,0 +1,287 @@
+//! Shared helpers: a deterministic RNG, random valid models, and a raw file builder for
+//! writing deliberately broken files.
+#![allow(dead_code)]
+
+use qmomentum_runtime::{InputSpec, Layer, Model, Output};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// SplitMix64: small, deterministic, good enough for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next() % ((hi - lo + 1) as u64)) as i64
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// What a random layer should look like.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    I8,
+    Bin,
+}
+
+/// A random valid layer `inputs → outputs` of `kind` with output `out` ("relu_u8", "u8",
+/// "sign_bits", "logits"). Requantization scales are chosen so outputs spread over 0..255.
+pub fn random_layer(rng: &mut Rng, kind: Kind, inputs: usize, outputs: usize, out: &str) -> Layer {
+    let binary = matches!(kind, Kind::Bin);
+    // Typical |acc|: i8 ≈ 128·127·sqrt(in)/2, bits ≈ sqrt(in).
+    let typical = if binary {
+        (inputs as f64).sqrt()
+    } else {
+        64.0 * 73.0 * (inputs as f64).sqrt()
+    };
+    let output = match out {
+        "relu_u8" | "u8" => {
+            let mut multiplier = Vec::new();
+            let mut shift = Vec::new();
+            for _ in 0..outputs {
+                let real = 100.0 / typical * (0.5 + rng.range(0, 1000) as f64 / 1000.0);
+                let (m, r) = qmomentum_runtime::quantize_multiplier(real).unwrap();
+                // Some all-zero channels use m = 0.
+                let zero = rng.range(0, 20) == 0;
+                multiplier.push(if zero { 0 } else { m });
+                shift.push(r);
+            }
+            // Mostly 8-bit grids, sometimes a 4-bit one.
+            let (zero_point, qmax) = if rng.range(0, 3) == 0 {
+                (rng.range(0, 4) as u8, 15)
+            } else {
+                (rng.range(0, 60) as u8, 255)
+            };
+            if out == "relu_u8" {
+                Output::ReluU8 {
+                    multiplier,
+                    shift,
+                    zero_point,
+                    qmax,
+                }
+            } else {
+                Output::U8 {
+                    multiplier,
+                    shift,
+                    zero_point,
+                    qmax,
+                }
+            }
+        }
+        "sign_bits" => Output::SignBits {
+            threshold: binary.then(|| {
+                (0..outputs)
+                    .map(|_| rng.range(-(inputs as i64) / 4, inputs as i64 / 4) as i32)
+                    .collect()
+            }),
+        },
+        "logits" => Output::Logits {
+            scale: (0..outputs)
+                .map(|_| (rng.range(1, 1000) as f32) * 1e-4 / typical as f32)
+                .collect(),
+            bias: binary.then(|| (0..outputs).map(|_| rng.range(-100, 100) as f32 * 0.01).collect()),
+        },
+        other => panic!("unknown output {other}"),
+    };
+    match kind {
+        Kind::I8 => Layer::DenseI8 {
+            inputs,
+            outputs,
+            weight: (0..inputs * outputs).map(|_| rng.range(-127, 127) as i8).collect(),
+            bias: (0..outputs).map(|_| rng.range(-20_000, 20_000) as i32).collect(),
+            input_zero_point: rng.range(0, 255) as u8,
+            output,
+        },
+        Kind::Bin => {
+            let words = inputs.div_ceil(64);
+            let mut weight: Vec<u64> = (0..outputs * words).map(|_| rng.next()).collect();
+            if !inputs.is_multiple_of(64) {
+                let keep = (1u64 << (inputs % 64)) - 1;
+                for j in 0..outputs {
+                    weight[j * words + words - 1] &= keep;
+                }
+            }
+            Layer::DenseBin {
+                inputs,
+                outputs,
+                weight,
+                output,
+            }
+        }
+    }
+}
+
+/// A random model from a list of `(kind, outputs, output)`.
+pub fn random_model(rng: &mut Rng, input: usize, spec: &[(Kind, usize, &str)]) -> Model {
+    let mut layers = Vec::new();
+    let mut prev = input;
+    for &(kind, out, output) in spec {
+        layers.push(random_layer(rng, kind, prev, out, output));
+        prev = out;
+    }
+    let input = InputSpec {
+        size: input,
+        scale: 1.0 / 255.0,
+        zero_point: rng.range(0, 255) as u8,
+    };
+    Model::new(input, layers).unwrap()
+}
+
+/// A mixed model exercising every layer kind and output.
+pub fn mixed_model(rng: &mut Rng) -> Model {
+    random_model(
+        rng,
+        50,
+        &[
+            (Kind::I8, 70, "sign_bits"),
+            (Kind::Bin, 130, "sign_bits"),
+            (Kind::Bin, 33, "relu_u8"),
+            (Kind::I8, 29, "u8"),
+            (Kind::I8, 7, "logits"),
+        ],
+    )
+}
+
+/// A model ending in a binary layer.
+pub fn binary_head_model(rng: &mut Rng) -> Model {
+    random_model(rng, 37, &[(Kind::I8, 65, "sign_bits"), (Kind::Bin, 10, "logits")])
+}
+
+/// A raw file: metadata document + named tensors, written with no validation at all.
+pub struct RawFile {
+    pub doc: Value,
+    pub tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    pub metadata_key: String,
+}
+
+impl RawFile {
+    pub fn bytes(&self) -> Vec<u8> {
+        let views: Vec<(String, TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        let meta = HashMap::from([(self.metadata_key.clone(), self.doc.to_string())]);
+        safetensors::serialize(views, Some(meta)).unwrap()
+    }
+
+    pub fn tensor_mut(&mut self, name: &str) -> &mut (String, Dtype, Vec<usize>, Vec<u8>) {
+        self.tensors.iter_mut().find(|t| t.0 == name).unwrap()
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.tensors.retain(|t| t.0 != name);
+    }
+
+    pub fn set_i32(&mut self, name: &str, index: usize, v: i32) {
+        self.tensor_mut(name).3[4 * index..4 * index + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn set_f32(&mut self, name: &str, index: usize, v: f32) {
+        self.tensor_mut(name).3[4 * index..4 * index + 4].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn i32s(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A valid 3-layer int8 file, 8 → 16 (relu_u8) → 12 (u8) → 3 (logits), as raw parts.
+pub fn base_int8() -> RawFile {
+    let mut rng = Rng(7);
+    let doc = json!({
+        "format": "qmomentum-int",
+        "version": 1,
+        "input": { "size": 8, "scale": 0.003921569, "zero_point": 0 },
+        "layers": [
+            { "kind": "dense_i8", "in": 8, "out": 16, "input_zero_point": 0,
+              "output": "relu_u8", "output_zero_point": 0 },
+            { "kind": "dense_i8", "in": 16, "out": 12, "input_zero_point": 0,
+              "output": "u8", "output_zero_point": 3 },
+            { "kind": "dense_i8", "in": 12, "out": 3, "input_zero_point": 0,
+              "output": "logits" }
+        ]
+    });
+    let mut tensors = Vec::new();
+    for (i, (k, n)) in [(8usize, 16usize), (16, 12), (12, 3)].into_iter().enumerate() {
+        let w: Vec<u8> = (0..k * n).map(|_| rng.range(-127, 127) as i8 as u8).collect();
+        tensors.push((format!("layers.{i}.weight"), Dtype::I8, vec![n, k], w));
+        let b: Vec<i32> = (0..n).map(|_| rng.range(-500, 500) as i32).collect();
+        tensors.push((format!("layers.{i}.bias"), Dtype::I32, vec![n], i32s(&b)));
+        if i < 2 {
+            tensors.push((
+                format!("layers.{i}.multiplier"),
+                Dtype::I32,
+                vec![n],
+                i32s(&vec![1 << 30; n]),
+            ));
+            tensors.push((format!("layers.{i}.shift"), Dtype::I32, vec![n], i32s(&vec![8; n])));
+        } else {
+            tensors.push((format!("layers.{i}.scale"), Dtype::F32, vec![n], f32s(&vec![0.01; n])));
+        }
+    }
+    RawFile {
+        doc,
+        tensors,
+        metadata_key: "qmomentum".into(),
+    }
+}
+
+/// A valid binary file, 8 → 70 (dense_i8, sign_bits) → 3 (dense_bin, logits).
+pub fn base_binary() -> RawFile {
+    let mut rng = Rng(11);
+    let doc = json!({
+        "format": "qmomentum-int",
+        "version": 1,
+        "input": { "size": 8, "scale": 0.5, "zero_point": 128 },
+        "layers": [
+            { "kind": "dense_i8", "in": 8, "out": 70, "input_zero_point": 128,
+              "output": "sign_bits" },
+            { "kind": "dense_bin", "in": 70, "out": 3, "output": "logits" }
+        ]
+    });
+    let w0: Vec<u8> = (0..8 * 70).map(|_| rng.range(-127, 127) as i8 as u8).collect();
+    let w1: Vec<u8> = (0..3)
+        .flat_map(|_| [rng.next(), rng.next() & 0x3f])
+        .flat_map(u64::to_le_bytes)
+        .collect();
+    let tensors = vec![
+        ("layers.0.weight".to_string(), Dtype::I8, vec![70, 8], w0),
+        ("layers.0.bias".to_string(), Dtype::I32, vec![70], i32s(&[0; 70])),
+        ("layers.1.weight".to_string(), Dtype::U64, vec![3, 2], w1),
+        (
+            "layers.1.scale".to_string(),
+            Dtype::F32,
+            vec![3],
+            f32s(&[0.1, 0.2, 0.3]),
+        ),
+        (
+            "layers.1.bias".to_string(),
+            Dtype::F32,
+            vec![3],
+            f32s(&[0.0, 1.0, -1.0]),
+        ),
+    ];
+    RawFile {
+        doc,
+        tensors,
+        metadata_key: "qmomentum".into(),
+    }
+}
