@@ -67,7 +67,16 @@ fn train(b: TrainBench) -> Result<()> {
     let mut fp = None;
     for s in &b.schemes {
         let scheme: Scheme = s.parse()?;
-        let cfg = TrainConfig { epochs: b.epochs, quant: scheme, threads: b.threads, optimizer: qmomentum::optim::OptimizerConfig { lr: 0.01, ..Default::default() }, ..Default::default() };
+        let cfg = TrainConfig {
+            epochs: b.epochs,
+            quant: scheme,
+            threads: b.threads,
+            optimizer: qmomentum::optim::OptimizerConfig {
+                lr: 0.01,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let mut t = Trainer::new(cfg)?;
         t.fit(&train, None, |_, _| {})?;
         let first = t.history.epochs[0].seconds;

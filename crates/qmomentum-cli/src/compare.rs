@@ -61,7 +61,13 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn train_one(base: &TrainConfig, scheme: Scheme, seed: u64, train: &Dataset, test: &Dataset) -> Result<(Trainer, f32, Vec<f64>)> {
+fn train_one(
+    base: &TrainConfig,
+    scheme: Scheme,
+    seed: u64,
+    train: &Dataset,
+    test: &Dataset,
+) -> Result<(Trainer, f32, Vec<f64>)> {
     let mut c = base.clone();
     c.quant = scheme;
     c.seed = seed;
@@ -84,12 +90,27 @@ pub fn run(a: CompareArgs) -> Result<()> {
     base.validate()?;
     let qat: Vec<Scheme> = a.schemes.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
     let ptq: Vec<Scheme> = a.ptq.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
-    let mut rows = vec![Row { name: "fp32".into(), method: "float", accs: vec![], epoch_s: vec![] }];
+    let mut rows = vec![Row {
+        name: "fp32".into(),
+        method: "float",
+        accs: vec![],
+        epoch_s: vec![],
+    }];
     for s in &ptq {
-        rows.push(Row { name: s.to_string(), method: "PTQ (min-max, 10 batches)", accs: vec![], epoch_s: vec![] });
+        rows.push(Row {
+            name: s.to_string(),
+            method: "PTQ (min-max, 10 batches)",
+            accs: vec![],
+            epoch_s: vec![],
+        });
     }
     for s in &qat {
-        rows.push(Row { name: s.to_string(), method: "QAT", accs: vec![], epoch_s: vec![] });
+        rows.push(Row {
+            name: s.to_string(),
+            method: "QAT",
+            accs: vec![],
+            epoch_s: vec![],
+        });
     }
     for &seed in &a.seeds {
         let (fp, acc, secs) = train_one(&base, Scheme::Fp32, seed, &train, &test)?;
@@ -120,24 +141,63 @@ pub fn run(a: CompareArgs) -> Result<()> {
          Low-bit presets keep the first and last layers' weights at 8 bits; binary = Bop (γ {:?}) on the ±1 weights of layers 2–3 with sign activations, layer 1 int8.\n",
         o.momentum, o.lr, base.batch_size, base.epochs, a.seeds, o.binary
     )?;
-    writeln!(md, "| scheme | method | test accuracy (mean ± std) | Δ vs fp32 (points) | epoch s (median) | epoch time / fp32 |")?;
+    writeln!(
+        md,
+        "| scheme | method | test accuracy (mean ± std) | Δ vs fp32 (points) | epoch s (median) | epoch time / fp32 |"
+    )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     let mut bars = Vec::new();
     let mut json = Vec::new();
     for r in &mut rows {
         let (m, s) = mean_std(&r.accs);
         let ep = median(&mut r.epoch_s);
-        let (ep_s, ratio) = if ep.is_finite() { (format!("{ep:.3}"), format!("{:.2}×", ep / fp_epoch)) } else { ("–".into(), "–".into()) };
-        writeln!(md, "| {} | {} | {:.4} ± {:.4} | {:+.2} | {} | {} |", r.name, r.method, m, s, (m - fp_mean) * 100.0, ep_s, ratio)?;
-        bars.push((format!("{} {}", r.name, if r.method == "QAT" { "QAT" } else if r.method == "float" { "" } else { "PTQ" }), m, s));
+        let (ep_s, ratio) = if ep.is_finite() {
+            (format!("{ep:.3}"), format!("{:.2}×", ep / fp_epoch))
+        } else {
+            ("–".into(), "–".into())
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.4} ± {:.4} | {:+.2} | {} | {} |",
+            r.name,
+            r.method,
+            m,
+            s,
+            (m - fp_mean) * 100.0,
+            ep_s,
+            ratio
+        )?;
+        bars.push((
+            format!(
+                "{} {}",
+                r.name,
+                if r.method == "QAT" {
+                    "QAT"
+                } else if r.method == "float" {
+                    ""
+                } else {
+                    "PTQ"
+                }
+            ),
+            m,
+            s,
+        ));
         json.push(serde_json::json!({"scheme": r.name, "method": r.method, "accuracies": r.accs, "mean": m, "std": s, "epoch_seconds_median": ep}));
     }
     print!("{md}");
     let mdp = a.out.join("compare.md");
     qmomentum::checkpoint::write_atomic(&mdp, md.as_bytes())?;
-    qmomentum::checkpoint::write_atomic(&a.out.join("compare.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    qmomentum::checkpoint::write_atomic(
+        &a.out.join("compare.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
     let png = a.out.join("compare.png");
-    plot::bars(&bars, &png, "Fashion-MNIST test accuracy by scheme (mean ± std over seeds)", "test accuracy")?;
+    plot::bars(
+        &bars,
+        &png,
+        "Fashion-MNIST test accuracy by scheme (mean ± std over seeds)",
+        "test accuracy",
+    )?;
     println!("wrote {}, {}", mdp.display(), png.display());
     Ok(())
 }

@@ -45,8 +45,16 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let method: Calibration = a.calibration.parse()?;
     let (train, test) = Dataset::load_mnist_dir(&a.data.data)?;
     let (_, fp_acc) = evaluate(&mut float.model.clone(), &test)?;
-    let q = quantize_float_model(&float.model, &float.config.model, scheme, &train, a.batches, 128, method)
-        .with_context(|| format!("post-training quantization of {}", a.checkpoint.display()))?;
+    let q = quantize_float_model(
+        &float.model,
+        &float.config.model,
+        scheme,
+        &train,
+        a.batches,
+        128,
+        method,
+    )
+    .with_context(|| format!("post-training quantization of {}", a.checkpoint.display()))?;
     let mut cfg = float.config.clone();
     cfg.quant = scheme;
     cfg.epochs = a.finetune_epochs.max(1);
@@ -57,7 +65,10 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let mut t = Trainer::new(cfg)?;
     t.model = q;
     let (_, ptq_acc) = t.evaluate(&test)?;
-    println!("fp32 {fp_acc:.4} → PTQ {scheme} ({:?}, {} batches) {ptq_acc:.4}", method, a.batches);
+    println!(
+        "fp32 {fp_acc:.4} → PTQ {scheme} ({:?}, {} batches) {ptq_acc:.4}",
+        method, a.batches
+    );
     std::fs::create_dir_all(&a.out)?;
     let files = RunFiles::new(&a.out);
     if a.finetune_epochs > 0 {
@@ -68,7 +79,10 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         }
         t.fit(&train, None, |_, e| {
             if let qmomentum::train::Event::Epoch(r) = e {
-                println!("QAT fine-tune epoch {} - loss {:.4} - accuracy {:.4}", r.epoch, r.loss, r.accuracy);
+                println!(
+                    "QAT fine-tune epoch {} - loss {:.4} - accuracy {:.4}",
+                    r.epoch, r.loss, r.accuracy
+                );
             }
         })?;
         let (_, acc) = t.evaluate(&test)?;
@@ -92,10 +106,17 @@ pub struct ExportArgs {
 
 pub fn export(a: ExportArgs) -> Result<()> {
     let t = qmomentum::checkpoint::load(&a.checkpoint)?;
-    let m = qmomentum::export::to_runtime(&t.model).with_context(|| format!("cannot export {}", a.checkpoint.display()))?;
+    let m =
+        qmomentum::export::to_runtime(&t.model).with_context(|| format!("cannot export {}", a.checkpoint.display()))?;
     m.save(&a.output)?;
     let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
-    println!("wrote {} ({} bytes, {} layers, {} scheme)", a.output.display(), size, m.layers().len(), t.config.quant);
+    println!(
+        "wrote {} ({} bytes, {} layers, {} scheme)",
+        a.output.display(),
+        size,
+        m.layers().len(),
+        t.config.quant
+    );
     Ok(())
 }
 
@@ -117,7 +138,13 @@ pub fn infer(a: InferArgs) -> Result<()> {
     let m = qmomentum_runtime::Model::load(&a.model)?;
     let (_, test) = Dataset::load_mnist_dir(&a.data.data)?;
     if test.features != m.input().size {
-        bail!("{}: the model reads {} values per sample, the images in {} have {}", a.model.display(), m.input().size, a.data.data.display(), test.features);
+        bail!(
+            "{}: the model reads {} values per sample, the images in {} have {}",
+            a.model.display(),
+            m.input().size,
+            a.data.data.display(),
+            test.features
+        );
     }
     let t0 = std::time::Instant::now();
     let pred = m.predict(&test.images, test.len(), a.threads)?;
@@ -143,13 +170,33 @@ pub fn infer(a: InferArgs) -> Result<()> {
 }
 
 pub fn info_model(path: &Path, bytes: &[u8]) -> Result<()> {
-    let m = qmomentum_runtime::Model::from_bytes(bytes).with_context(|| format!("{}: neither a qmomentum checkpoint nor an integer model", path.display()))?;
+    let m = qmomentum_runtime::Model::from_bytes(bytes).with_context(|| {
+        format!(
+            "{}: neither a qmomentum checkpoint nor an integer model",
+            path.display()
+        )
+    })?;
     println!("integer model {} ({} bytes)", path.display(), bytes.len());
-    println!("  input {} values, scale {} zero point {}", m.input().size, m.input().scale, m.input().zero_point);
+    println!(
+        "  input {} values, scale {} zero point {}",
+        m.input().size,
+        m.input().scale,
+        m.input().zero_point
+    );
     for (i, l) in m.layers().iter().enumerate() {
         match l {
-            qmomentum_runtime::Layer::DenseI8 { inputs, outputs, output, .. } => println!("  layer {i}: dense_i8 {inputs}→{outputs} → {}", output_name(output)),
-            qmomentum_runtime::Layer::DenseBin { inputs, outputs, output, .. } => println!("  layer {i}: dense_bin {inputs}→{outputs} → {}", output_name(output)),
+            qmomentum_runtime::Layer::DenseI8 {
+                inputs,
+                outputs,
+                output,
+                ..
+            } => println!("  layer {i}: dense_i8 {inputs}→{outputs} → {}", output_name(output)),
+            qmomentum_runtime::Layer::DenseBin {
+                inputs,
+                outputs,
+                output,
+                ..
+            } => println!("  layer {i}: dense_bin {inputs}→{outputs} → {}", output_name(output)),
         }
     }
     Ok(())
@@ -188,7 +235,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn quick_model(scheme: Scheme, train: &Dataset) -> Result<Trainer> {
-    let cfg = qmomentum::config::TrainConfig { epochs: 1, quant: scheme, optimizer: qmomentum::optim::OptimizerConfig { lr: 0.01, ..Default::default() }, ..Default::default() };
+    let cfg = qmomentum::config::TrainConfig {
+        epochs: 1,
+        quant: scheme,
+        optimizer: qmomentum::optim::OptimizerConfig {
+            lr: 0.01,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     let mut t = Trainer::new(cfg)?;
     t.fit(train, None, |_, _| {})?;
     Ok(t)
@@ -224,7 +279,15 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
     let int8 = match &b.int8 {
         Some(p) => qmomentum_runtime::Model::load(p)?,
         None => {
-            let q = quantize_float_model(&fp.model, &fp.config.model, Scheme::W8a8, &train, 10, 128, Calibration::MinMax)?;
+            let q = quantize_float_model(
+                &fp.model,
+                &fp.config.model,
+                Scheme::W8a8,
+                &train,
+                10,
+                128,
+                Calibration::MinMax,
+            )?;
             qmomentum::export::to_runtime(&q)?
         }
     };
@@ -232,10 +295,18 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
         Some(p) => qmomentum_runtime::Model::load(p)?,
         None => qmomentum::export::to_runtime(&quick_model(Scheme::Binary, &train)?.model)?,
     };
-    println!("| path | batch-1 latency µs | batch-{n} samples/s ({} threads) | vs f32 | accuracy |", b.threads);
+    println!(
+        "| path | batch-1 latency µs | batch-{n} samples/s ({} threads) | vs f32 | accuracy |",
+        b.threads
+    );
     println!("|---|---|---|---|---|");
     let f32_acc = evaluate(&mut f32_model, &test)?.1;
-    println!("| f32 (qmomentum, gemm) | {:.2} | {:.0} | 1.00× | {:.4} |", f32_lat * 1e6, f32_thr, f32_acc);
+    println!(
+        "| f32 (qmomentum, gemm) | {:.2} | {:.0} | 1.00× | {:.4} |",
+        f32_lat * 1e6,
+        f32_thr,
+        f32_acc
+    );
     for (name, m) in [("int8 (runtime)", &int8), ("binary (runtime)", &binary)] {
         let mut ws = m.workspace(1);
         let mut lat = Vec::new();
@@ -254,7 +325,13 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
         }
         let acc = pred.iter().zip(&test.labels).filter(|(p, &l)| **p == l as u32).count() as f64 / n as f64;
         let t = median(thr);
-        println!("| {name} | {:.2} | {:.0} | {:.2}× | {:.4} |", median(lat) * 1e6, t, t / f32_thr, acc);
+        println!(
+            "| {name} | {:.2} | {:.0} | {:.2}× | {:.4} |",
+            median(lat) * 1e6,
+            t,
+            t / f32_thr,
+            acc
+        );
     }
     println!("(models trained here for 1 epoch at lr 0.01 unless given: the accuracy column is a sanity check, not the benchmark)");
     Ok(())

@@ -27,7 +27,8 @@ impl RunLock {
         for _ in 0..2 {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    write!(f, "{}", std::process::id()).with_context(|| format!("{}: cannot write the lock", path.display()))?;
+                    write!(f, "{}", std::process::id())
+                        .with_context(|| format!("{}: cannot write the lock", path.display()))?;
                     return Ok(RunLock { path });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

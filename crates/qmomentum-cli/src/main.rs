@@ -99,7 +99,11 @@ fn main() {
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
-        let code = if e.downcast_ref::<train_cmd::Interrupted>().is_some() { 130 } else { 1 };
+        let code = if e.downcast_ref::<train_cmd::Interrupted>().is_some() {
+            130
+        } else {
+            1
+        };
         std::process::exit(code);
     }
 }
@@ -108,7 +112,11 @@ fn evaluate(a: EvalArgs) -> Result<()> {
     let mut t = qmomentum::checkpoint::load(&a.checkpoint)?;
     let (_, test) = qmomentum::data::Dataset::load_mnist_dir(&a.data.data)?;
     let (loss, acc) = t.evaluate(&test)?;
-    println!("test loss {loss:.4}  accuracy {acc:.4}  ({} samples, {})", test.len(), a.checkpoint.display());
+    println!(
+        "test loss {loss:.4}  accuracy {acc:.4}  ({} samples, {})",
+        test.len(),
+        a.checkpoint.display()
+    );
     Ok(())
 }
 
@@ -127,7 +135,12 @@ fn predict(a: PredictArgs) -> Result<()> {
     let mut pred = Vec::new();
     qmomentum::metrics::argmax_rows(&probs, c, &mut pred);
     for i in 0..n {
-        out.push_str(&format!("{i},{},{},{:.5}\n", y[i], pred[i], probs[i * c + pred[i] as usize]));
+        out.push_str(&format!(
+            "{i},{},{},{:.5}\n",
+            y[i],
+            pred[i],
+            probs[i * c + pred[i] as usize]
+        ));
     }
     match a.output {
         Some(p) => qmomentum::checkpoint::write_atomic(&p, out.as_bytes())?,
@@ -141,7 +154,10 @@ fn info(a: InfoArgs) -> Result<()> {
     if let Ok(meta) = qmomentum::checkpoint::read_meta(&bytes, &a.file) {
         let t = qmomentum::checkpoint::from_bytes(&bytes, &a.file)?;
         println!("checkpoint {}", a.file.display());
-        println!("  epochs done    {} of {} (step {} of the next, {} steps in total)", meta.epoch, meta.config.epochs, meta.step_in_epoch, meta.global_step);
+        println!(
+            "  epochs done    {} of {} (step {} of the next, {} steps in total)",
+            meta.epoch, meta.config.epochs, meta.step_in_epoch, meta.global_step
+        );
         println!("  quantization   {}", meta.config.quant);
         println!("  optimizer      {:?}", meta.config.optimizer);
         println!("  parameters     {}", t.model.param_count());
@@ -154,11 +170,16 @@ fn info(a: InfoArgs) -> Result<()> {
                 d.activation,
                 d.quant.weights,
                 d.quant.activations.map(|a| a.bits),
-                d.output_qparams().map(|q| format!("  grid scale {:.5} zero point {}", q.scale, q.zero_point)).unwrap_or_default()
+                d.output_qparams()
+                    .map(|q| format!("  grid scale {:.5} zero point {}", q.scale, q.zero_point))
+                    .unwrap_or_default()
             );
         }
         if let Some(last) = meta.history.epochs.last() {
-            println!("  last epoch     loss {:.4} accuracy {:.4} val {:?}", last.loss, last.accuracy, last.val_accuracy);
+            println!(
+                "  last epoch     loss {:.4} accuracy {:.4} val {:?}",
+                last.loss, last.accuracy, last.val_accuracy
+            );
         }
         return Ok(());
     }

@@ -11,7 +11,11 @@ static FONT: Once = Once::new();
 
 fn init_font() {
     FONT.call_once(|| {
-        let _ = register_font("sans-serif", FontStyle::Normal, include_bytes!("../../../assets/DejaVuSans.ttf"));
+        let _ = register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            include_bytes!("../../../assets/DejaVuSans.ttf"),
+        );
     });
 }
 
@@ -28,14 +32,24 @@ pub fn curves(h: &History, path: &Path, title: &str) -> Result<()> {
     let (left, right) = root.split_horizontally(500);
     let n = h.epochs.len().max(2) as f32;
     let series = |f: &dyn Fn(&qmomentum::train::EpochRecord) -> Option<f32>| -> Vec<(f32, f32)> {
-        h.epochs.iter().filter_map(|r| f(r).map(|v| (r.epoch as f32, v))).collect()
+        h.epochs
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.epoch as f32, v)))
+            .collect()
     };
     for (area, name, train, val) in [
         (&left, "loss", series(&|r| Some(r.loss)), series(&|r| r.val_loss)),
-        (&right, "accuracy", series(&|r| Some(r.accuracy)), series(&|r| r.val_accuracy)),
+        (
+            &right,
+            "accuracy",
+            series(&|r| Some(r.accuracy)),
+            series(&|r| r.val_accuracy),
+        ),
     ] {
         let all: Vec<f32> = train.iter().chain(val.iter()).map(|p| p.1).collect();
-        let (lo, hi) = all.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        let (lo, hi) = all
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
         let pad = ((hi - lo) * 0.1).max(1e-3);
         let mut chart = ChartBuilder::on(area)
             .margin(12)
@@ -43,7 +57,12 @@ pub fn curves(h: &History, path: &Path, title: &str) -> Result<()> {
             .y_label_area_size(55)
             .build_cartesian_2d(1f32..n, (lo - pad)..(hi + pad))
             .map_err(err)?;
-        chart.configure_mesh().x_desc("epoch").y_desc(name).draw().map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc(name)
+            .draw()
+            .map_err(err)?;
         chart
             .draw_series(LineSeries::new(train, BLUE.stroke_width(2)))
             .map_err(err)?
@@ -56,7 +75,12 @@ pub fn curves(h: &History, path: &Path, title: &str) -> Result<()> {
                 .label(format!("validation {name}"))
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(err)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -91,14 +115,23 @@ pub fn bars(rows: &[(String, f32, f32)], path: &Path, title: &str, y_desc: &str)
         .map_err(err)?;
     chart
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
-            let mut b = Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), r.1)], BLUE.mix(0.6).filled());
+            let mut b = Rectangle::new(
+                [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), r.1)],
+                BLUE.mix(0.6).filled(),
+            );
             b.set_margin(0, 0, 12, 12);
             b
         }))
         .map_err(err)?;
     chart
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
-            PathElement::new(vec![(SegmentValue::CenterOf(i), r.1 - r.2), (SegmentValue::CenterOf(i), r.1 + r.2)], BLACK.stroke_width(2))
+            PathElement::new(
+                vec![
+                    (SegmentValue::CenterOf(i), r.1 - r.2),
+                    (SegmentValue::CenterOf(i), r.1 + r.2),
+                ],
+                BLACK.stroke_width(2),
+            )
         }))
         .map_err(err)?;
     root.present().map_err(err)?;

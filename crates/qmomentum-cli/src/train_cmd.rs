@@ -129,13 +129,20 @@ fn parse_schedule(s: &str) -> Result<Schedule> {
     };
     Ok(match parts[0] {
         "constant" => Schedule::Constant,
-        "step" => Schedule::Step { every: num(1, "EVERY")? as usize, gamma: num(2, "GAMMA")? },
-        "exp" | "exponential" => Schedule::Exponential { gamma: num(1, "GAMMA")? },
+        "step" => Schedule::Step {
+            every: num(1, "EVERY")? as usize,
+            gamma: num(2, "GAMMA")?,
+        },
+        "exp" | "exponential" => Schedule::Exponential {
+            gamma: num(1, "GAMMA")?,
+        },
         "cosine" => Schedule::Cosine {
             warmup_epochs: if parts.len() > 1 { num(1, "WARMUP_EPOCHS")? } else { 0.0 },
             min_lr: if parts.len() > 2 { num(2, "MIN_LR")? } else { 0.0 },
         },
-        other => bail!("--schedule {other}: expected constant, step:EVERY:GAMMA, exp:GAMMA or cosine[:WARMUP[:MIN_LR]]"),
+        other => {
+            bail!("--schedule {other}: expected constant, step:EVERY:GAMMA, exp:GAMMA or cosine[:WARMUP[:MIN_LR]]")
+        }
     })
 }
 
@@ -193,7 +200,10 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             BinaryOptimizer::Bop { gamma, threshold } => (gamma, threshold),
             BinaryOptimizer::Latent => (1e-4, 1e-8),
         };
-        c.optimizer.binary = BinaryOptimizer::Bop { gamma: a.bop_gamma.unwrap_or(g0), threshold: a.bop_threshold.unwrap_or(t0) };
+        c.optimizer.binary = BinaryOptimizer::Bop {
+            gamma: a.bop_gamma.unwrap_or(g0),
+            threshold: a.bop_threshold.unwrap_or(t0),
+        };
     }
     if let Some(n) = a.freeze_observers_after {
         c.freeze_observers_after = Some(n);
@@ -202,7 +212,11 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         c.checkpoint.every_steps = n;
     }
     if let Some(s) = &a.on_nan {
-        c.on_non_finite = if s == "skip" { OnNonFinite::Skip } else { OnNonFinite::Stop };
+        c.on_non_finite = if s == "skip" {
+            OnNonFinite::Skip
+        } else {
+            OnNonFinite::Stop
+        };
     }
     c.validate()?;
     Ok(c)
@@ -236,8 +250,16 @@ fn write_history(t: &Trainer, f: &RunFiles) -> Result<()> {
     write_atomic(&f.history_csv, t.history.to_csv().as_bytes())?;
     write_atomic(&f.history_json, serde_json::to_string_pretty(&t.history)?.as_bytes())?;
     if !t.history.epochs.is_empty() {
-        plot::curves(&t.history, &f.plot, &format!("{} — {}", t.config.quant, f.plot.parent().map(|p| p.display().to_string()).unwrap_or_default()))
-            .with_context(|| format!("{}: cannot draw the plot", f.plot.display()))?;
+        plot::curves(
+            &t.history,
+            &f.plot,
+            &format!(
+                "{} — {}",
+                t.config.quant,
+                f.plot.parent().map(|p| p.display().to_string()).unwrap_or_default()
+            ),
+        )
+        .with_context(|| format!("{}: cannot draw the plot", f.plot.display()))?;
     }
     Ok(())
 }
@@ -245,9 +267,16 @@ fn write_history(t: &Trainer, f: &RunFiles) -> Result<()> {
 pub fn run(a: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
     let _lock = RunLock::acquire(&a.out)?;
+    remove_stale_temporaries(&a.out);
     let files = RunFiles::new(&a.out);
     let mut t = if a.resume {
-        if a.config.is_some() || a.lr.is_some() || a.quant.is_some() || a.batch_size.is_some() || a.seed.is_some() || a.momentum.is_some() {
+        if a.config.is_some()
+            || a.lr.is_some()
+            || a.quant.is_some()
+            || a.batch_size.is_some()
+            || a.seed.is_some()
+            || a.momentum.is_some()
+        {
             bail!("--resume continues the run as configured in its checkpoint: only --epochs may change");
         }
         let mut t = qmomentum::checkpoint::load(&files.checkpoint)
@@ -297,7 +326,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
             describe_opt(&t.config)
         );
     } else {
-        println!("resuming {} at epoch {}, step {} of {spe}", a.out.display(), t.epoch + 1, t.step_in_epoch);
+        println!(
+            "resuming {} at epoch {}, step {} of {spe}",
+            a.out.display(),
+            t.epoch + 1,
+            t.step_in_epoch
+        );
     }
     let every = t.config.checkpoint.every_steps;
     let (mut run_loss, mut run_n) = (0.0f64, 0u64);
@@ -356,7 +390,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                         r.loss,
                         r.accuracy,
                         r.lr,
-                        if r.skipped_steps > 0 { format!(" - {} steps skipped (NaN/inf)", r.skipped_steps) } else { String::new() }
+                        if r.skipped_steps > 0 {
+                            format!(" - {} steps skipped (NaN/inf)", r.skipped_steps)
+                        } else {
+                            String::new()
+                        }
                     );
                     qmomentum::checkpoint::save(&t, &files.checkpoint)?;
                     write_history(&t, &files)?;
@@ -411,6 +449,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         files.result.display()
     );
     Ok(())
+}
+
+/// Temporary files of atomic writes that a killed run left behind (`.NAME.tmp.PID`); safe to
+/// remove while holding the lock, since no other run writes here.
+fn remove_stale_temporaries(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') && n.contains(".tmp.") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 fn describe_opt(c: &TrainConfig) -> String {

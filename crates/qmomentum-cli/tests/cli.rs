@@ -37,10 +37,26 @@ fn small_data(n_train: usize, n_test: usize) -> PathBuf {
     static FULL: OnceLock<(Dataset, Dataset)> = OnceLock::new();
     let (tr, te) = FULL.get_or_init(|| Dataset::load_mnist_dir(&shipped()).unwrap());
     let d = tmp(&format!("data-{n_train}-{n_test}"));
-    write_idx(&d.join("train-images-idx3-ubyte"), &[n_train as u32, 28, 28], &tr.images[..n_train * 784]);
-    write_idx(&d.join("train-labels-idx1-ubyte"), &[n_train as u32], &tr.labels[..n_train]);
-    write_idx(&d.join("t10k-images-idx3-ubyte"), &[n_test as u32, 28, 28], &te.images[..n_test * 784]);
-    write_idx(&d.join("t10k-labels-idx1-ubyte"), &[n_test as u32], &te.labels[..n_test]);
+    write_idx(
+        &d.join("train-images-idx3-ubyte"),
+        &[n_train as u32, 28, 28],
+        &tr.images[..n_train * 784],
+    );
+    write_idx(
+        &d.join("train-labels-idx1-ubyte"),
+        &[n_train as u32],
+        &tr.labels[..n_train],
+    );
+    write_idx(
+        &d.join("t10k-images-idx3-ubyte"),
+        &[n_test as u32, 28, 28],
+        &te.images[..n_test * 784],
+    );
+    write_idx(
+        &d.join("t10k-labels-idx1-ubyte"),
+        &[n_test as u32],
+        &te.labels[..n_test],
+    );
     d
 }
 
@@ -49,7 +65,11 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn weights(ckpt: &Path) -> Vec<Vec<f32>> {
@@ -65,24 +85,46 @@ fn s(p: &Path) -> &str {
 fn train_writes_checkpoint_history_plot_and_result() {
     let data = small_data(3000, 1000);
     let out = tmp("train");
-    let o = run(&["train", "--data", s(&data), "--out", s(&out), "--epochs", "2", "--lr", "0.01", "--quiet", "--validation-split", "0.1"]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--quiet",
+        "--validation-split",
+        "0.1",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert!(csv.starts_with("epoch,loss,accuracy,val_loss,val_accuracy"));
     let png = std::fs::read(out.join("curves.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
     assert!(result["test_accuracy"].as_f64().unwrap() > 0.6, "{result}");
     assert!(!out.join(".lock").exists(), "the lock is released");
     // The saved config reproduces the run; info reads the checkpoint.
     let cfg = qmomentum::config::TrainConfig::from_toml_file(&out.join("config.toml")).unwrap();
     assert_eq!((cfg.epochs, cfg.optimizer.lr, cfg.validation_split), (2, 0.01, 0.1));
     let o = run(&["info", s(&out.join("checkpoint.safetensors"))]);
-    assert!(o.status.success() && text(&o).contains("epochs done    2 of 2"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("epochs done    2 of 2"),
+        "{}",
+        text(&o)
+    );
     // Refuses to overwrite a finished run without --resume.
     let o = run(&["train", "--data", s(&data), "--out", s(&out), "--quiet"]);
-    assert!(!o.status.success() && text(&o).contains("already holds a checkpoint"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("already holds a checkpoint"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// SIGKILL at 20 pseudo-random points (during steps, checkpoint writes and history writes),
@@ -91,7 +133,19 @@ fn train_writes_checkpoint_history_plot_and_result() {
 #[test]
 fn sigkill_at_random_points_then_resume_is_bit_identical() {
     let data = small_data(2560, 500);
-    let common = ["--data", s(&data), "--epochs", "3", "--lr", "0.01", "--checkpoint-every", "3", "--quiet", "--quant", "w8a8"];
+    let common = [
+        "--data",
+        s(&data),
+        "--epochs",
+        "8",
+        "--lr",
+        "0.01",
+        "--checkpoint-every",
+        "1",
+        "--quiet",
+        "--quant",
+        "w8a8",
+    ];
     let reference = tmp("kill-ref");
     let o = run(&[&["train", "--out", s(&reference)][..], &common[..]].concat());
     assert!(o.status.success(), "{}", text(&o));
@@ -101,6 +155,7 @@ fn sigkill_at_random_points_then_resume_is_bit_identical() {
     let ckpt = out.join("checkpoint.safetensors");
     let mut rng = Rng::new(2024, 0);
     let mut kills = 0;
+    let mut during_write = 0;
     let mut attempts = 0;
     while kills < 20 && attempts < 200 {
         attempts += 1;
@@ -111,7 +166,12 @@ fn sigkill_at_random_points_then_resume_is_bit_identical() {
         } else {
             args.extend(common);
         }
-        let mut child = Command::new(bin()).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(bin())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let wait = Duration::from_micros(2_000 + rng.below(60_000));
         let t0 = Instant::now();
         let mut finished = false;
@@ -127,27 +187,53 @@ fn sigkill_at_random_points_then_resume_is_bit_identical() {
             kills += 1;
         }
         child.wait().unwrap();
+        // A temporary file left behind means the kill landed inside a checkpoint/history write.
+        if std::fs::read_dir(&out)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp."))
+        {
+            during_write += 1;
+        }
         if ckpt.exists() {
-            qmomentum::checkpoint::load(&ckpt).unwrap_or_else(|e| panic!("unreadable checkpoint after kill {kills}: {e}"));
+            qmomentum::checkpoint::load(&ckpt)
+                .unwrap_or_else(|e| panic!("unreadable checkpoint after kill {kills}: {e}"));
         }
         if finished && out.join("result.json").exists() {
             break;
         }
     }
-    assert!(kills >= 10, "only {kills} kills landed");
+    assert_eq!(kills, 20, "only {kills} kills landed before the run ended");
     // Finish the run.
     let o = run(&["train", "--out", s(&out), "--resume", "--data", s(&data), "--quiet"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(weights(&ckpt), want, "weights after {kills} kills differ from the uninterrupted run");
+    assert_eq!(
+        weights(&ckpt),
+        want,
+        "weights after {kills} kills differ from the uninterrupted run"
+    );
     let h = |p: &Path| std::fs::read_to_string(p.join("history.json")).unwrap();
-    let strip = |s: String| s.lines().filter(|l| !l.contains("seconds") && !l.contains("samples_per_sec")).collect::<Vec<_>>().join("\n");
+    let strip = |s: String| {
+        s.lines()
+            .filter(|l| !l.contains("seconds") && !l.contains("samples_per_sec"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert_eq!(strip(h(&out)), strip(h(&reference)), "history differs");
-    eprintln!("survived {kills} SIGKILLs");
+    eprintln!("survived {kills} SIGKILLs ({during_write} inside a file write)");
 }
 
 fn spawn_long(out: &Path, data: &Path) -> std::process::Child {
     Command::new(bin())
-        .args(["train", "--data", s(data), "--out", s(out), "--epochs", "200", "--quiet"])
+        .args([
+            "train",
+            "--data",
+            s(data),
+            "--out",
+            s(out),
+            "--epochs",
+            "200",
+            "--quiet",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -169,19 +255,45 @@ fn sigint_checkpoints_and_a_second_run_on_the_same_folder_is_refused() {
     wait_for(&out.join("config.toml"));
     std::thread::sleep(Duration::from_millis(300));
     // A second run on the same folder is refused while the first holds the lock.
-    let o = run(&["train", "--data", s(&data), "--out", s(&out), "--epochs", "1", "--quiet"]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("in use by another run (pid"), "{}", text(&o));
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", text(&o));
-    assert!(text(&o).contains("interrupted at epoch") && text(&o).contains("--resume"), "{}", text(&o));
+    assert!(
+        text(&o).contains("interrupted at epoch") && text(&o).contains("--resume"),
+        "{}",
+        text(&o)
+    );
     let t = qmomentum::checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
     assert!(t.global_step > 0);
     assert!(!out.join(".lock").exists());
     // Resume with fewer epochs than configured finishes at once.
-    let o = run(&["train", "--out", s(&out), "--resume", "--data", s(&data), "--epochs", &(t.epoch + 1).to_string(), "--quiet"]);
+    let o = run(&[
+        "train",
+        "--out",
+        s(&out),
+        "--resume",
+        "--data",
+        s(&data),
+        "--epochs",
+        &(t.epoch + 1).to_string(),
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -190,7 +302,16 @@ fn a_stale_lock_from_a_killed_run_is_taken_over() {
     let data = small_data(1280, 200);
     let out = tmp("stale");
     std::fs::write(out.join(".lock"), "999999999").unwrap(); // no such process
-    let o = run(&["train", "--data", s(&data), "--out", s(&out), "--epochs", "1", "--quiet"]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -200,32 +321,88 @@ fn a_stale_lock_from_a_killed_run_is_taken_over() {
 fn full_disk_reports_and_keeps_the_previous_checkpoint() {
     let data = small_data(1280, 200);
     let out = tmp("full");
-    let o = run(&["train", "--data", s(&data), "--out", s(&out), "--epochs", "1", "--quiet"]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let before = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
     // 100 KiB per file: the ~440 KB checkpoint cannot be written.
-    let cmd = format!("ulimit -f 100; exec {} train --out {} --resume --data {} --epochs 2 --quiet", bin(), s(&out), s(&data));
+    let cmd = format!(
+        "ulimit -f 100; exec {} train --out {} --resume --data {} --epochs 2 --quiet",
+        bin(),
+        s(&out),
+        s(&data)
+    );
     let o = Command::new("bash").args(["-c", &cmd]).output().unwrap();
     assert!(!o.status.success(), "{}", text(&o));
     let msg = text(&o);
-    assert!(msg.contains("checkpoint.safetensors") && msg.contains("previous file, if any, is intact"), "{msg}");
-    assert_eq!(std::fs::read(out.join("checkpoint.safetensors")).unwrap(), before, "the previous checkpoint changed");
-    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")), "temporary file left");
+    assert!(
+        msg.contains("checkpoint.safetensors") && msg.contains("previous file, if any, is intact"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("checkpoint.safetensors")).unwrap(),
+        before,
+        "the previous checkpoint changed"
+    );
+    assert!(
+        std::fs::read_dir(&out)
+            .unwrap()
+            .all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")),
+        "temporary file left"
+    );
 }
 
 #[test]
 fn divergence_stops_naming_the_step_or_skips_on_request() {
     let data = small_data(1280, 200);
     let out = tmp("nan");
-    let o = run(&["train", "--data", s(&data), "--out", s(&out), "--epochs", "2", "--lr", "100000", "--checkpoint-every", "1", "--quiet"]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--epochs",
+        "2",
+        "--lr",
+        "100000",
+        "--checkpoint-every",
+        "1",
+        "--quiet",
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let msg = text(&o);
-    assert!(msg.contains("training diverged at epoch 1, step") && msg.contains("lower learning rate"), "{msg}");
+    assert!(
+        msg.contains("training diverged at epoch 1, step") && msg.contains("lower learning rate"),
+        "{msg}"
+    );
     if out.join("checkpoint.safetensors").exists() {
-        qmomentum::checkpoint::load(&out.join("checkpoint.safetensors")).expect("the last good checkpoint loads (finite weights)");
+        qmomentum::checkpoint::load(&out.join("checkpoint.safetensors"))
+            .expect("the last good checkpoint loads (finite weights)");
     }
     let out2 = tmp("nan-skip");
-    let o = run(&["train", "--data", s(&data), "--out", s(&out2), "--epochs", "1", "--lr", "100000", "--on-nan", "skip", "--quiet"]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out2),
+        "--epochs",
+        "1",
+        "--lr",
+        "100000",
+        "--on-nan",
+        "skip",
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("steps skipped (NaN/inf)"), "{}", text(&o));
 }
@@ -235,12 +412,36 @@ fn bad_inputs_give_named_errors_and_exit_1() {
     let data = small_data(1280, 200);
     let bad = tmp("bad");
     std::fs::write(bad.join("c.toml"), "[optimizer]\nmomentum = 1.2\n").unwrap();
-    let o = run(&["train", "--data", s(&data), "--out", s(&bad.join("o")), "--config", s(&bad.join("c.toml"))]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&bad.join("o")),
+        "--config",
+        s(&bad.join("c.toml")),
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("c.toml") && text(&o).contains("optimizer.momentum = 1.2"), "{}", text(&o));
+    assert!(
+        text(&o).contains("c.toml") && text(&o).contains("optimizer.momentum = 1.2"),
+        "{}",
+        text(&o)
+    );
     let o = run(&["train", "--data", s(&bad), "--out", s(&bad.join("o2"))]);
-    assert!(text(&o).contains("train-images-idx3-ubyte") && text(&o).contains("not found"), "{}", text(&o));
-    let o = run(&["train", "--data", s(&data), "--out", s(&bad.join("o3")), "--momentum", "1"]);
+    assert!(
+        text(&o).contains("train-images-idx3-ubyte") && text(&o).contains("not found"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&bad.join("o3")),
+        "--momentum",
+        "1",
+    ]);
     assert!(text(&o).contains("momentum must be in [0, 1)"), "{}", text(&o));
     let o = run(&["evaluate", s(&bad.join("c.toml")), "--data", s(&data)]);
     assert_eq!(o.status.code(), Some(1));
@@ -253,24 +454,72 @@ fn quantize_export_infer() {
     let data = small_data(6000, 2000);
     let out = tmp("deploy");
     let fp = out.join("fp");
-    let o = run(&["train", "--data", s(&data), "--out", s(&fp), "--epochs", "2", "--lr", "0.01", "--quiet"]);
+    let o = run(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&fp),
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let ptq = out.join("ptq");
-    let o = run(&["quantize", s(&fp.join("checkpoint.safetensors")), "--data", s(&data), "--out", s(&ptq), "--calibration", "percentile:99.99"]);
+    let o = run(&[
+        "quantize",
+        s(&fp.join("checkpoint.safetensors")),
+        "--data",
+        s(&data),
+        "--out",
+        s(&ptq),
+        "--calibration",
+        "percentile:99.99",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("→ PTQ w8a8"), "{}", text(&o));
-    let o = run(&["quantize", s(&ptq.join("checkpoint.safetensors")), "--data", s(&data), "--out", s(&out.join("again"))]);
-    assert!(!o.status.success() && text(&o).contains("starts from a float (fp32) checkpoint"), "{}", text(&o));
+    let o = run(&[
+        "quantize",
+        s(&ptq.join("checkpoint.safetensors")),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out.join("again")),
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("starts from a float (fp32) checkpoint"),
+        "{}",
+        text(&o)
+    );
     let model = out.join("m.qmm");
     let o = run(&["export", s(&ptq.join("checkpoint.safetensors")), "-o", s(&model)]);
     assert!(o.status.success(), "{}", text(&o));
     let o = run(&["infer", s(&model), "--data", s(&data)]);
     assert!(o.status.success(), "{}", text(&o));
-    let acc: f64 = text(&o).split("accuracy ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let acc: f64 = text(&o)
+        .split("accuracy ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(acc > 0.7, "{}", text(&o));
     let o = run(&["info", s(&model)]);
     assert!(text(&o).contains("dense_i8 784→128 → relu_u8"), "{}", text(&o));
     // A float checkpoint cannot be exported.
-    let o = run(&["export", s(&fp.join("checkpoint.safetensors")), "-o", s(&out.join("x.qmm"))]);
-    assert!(!o.status.success() && text(&o).contains("export needs a quantized model"), "{}", text(&o));
+    let o = run(&[
+        "export",
+        s(&fp.join("checkpoint.safetensors")),
+        "-o",
+        s(&out.join("x.qmm")),
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("export needs a quantized model"),
+        "{}",
+        text(&o)
+    );
 }

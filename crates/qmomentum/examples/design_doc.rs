@@ -22,14 +22,36 @@ fn main() -> qmomentum::Result<()> {
     let model = ModelConfig {
         input: 784,
         layers: vec![
-            LayerConfig::Dense { units: 128, activation: Activation::Relu, quant: None },
-            LayerConfig::Dense { units: 64, activation: Activation::Relu, quant: None },
-            LayerConfig::Dense { units: 10, activation: Activation::Softmax, quant: None },
+            LayerConfig::Dense {
+                units: 128,
+                activation: Activation::Relu,
+                quant: None,
+            },
+            LayerConfig::Dense {
+                units: 64,
+                activation: Activation::Relu,
+                quant: None,
+            },
+            LayerConfig::Dense {
+                units: 10,
+                activation: Activation::Softmax,
+                quant: None,
+            },
         ],
     };
-    let optimizer = OptimizerConfig { lr: 0.001, momentum: 0.9, ..Default::default() };
+    let optimizer = OptimizerConfig {
+        lr: 0.001,
+        momentum: 0.9,
+        ..Default::default()
+    };
     // compile: the loss is sparse categorical cross-entropy (fused with the softmax), metric accuracy.
-    let config = TrainConfig { model, optimizer, epochs: 10, batch_size: 128, ..Default::default() };
+    let config = TrainConfig {
+        model,
+        optimizer,
+        epochs: 10,
+        batch_size: 128,
+        ..Default::default()
+    };
     let mut model = Trainer::new(config)?;
 
     model.fit(&x_train, None, |_, event| {

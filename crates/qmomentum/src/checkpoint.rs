@@ -74,11 +74,21 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for p in t.model.params() {
-        owned.push((format!("param.{}", p.name), Dtype::F32, p.shape.clone(), f32_bytes(&p.value)));
+        owned.push((
+            format!("param.{}", p.name),
+            Dtype::F32,
+            p.shape.clone(),
+            f32_bytes(&p.value),
+        ));
     }
     let params = t.model.params();
     for (st, p) in t.optimizer.state.iter().zip(&params) {
-        owned.push((format!("optim.{}", p.name), Dtype::F32, p.shape.clone(), f32_bytes(&st.buffer)));
+        owned.push((
+            format!("optim.{}", p.name),
+            Dtype::F32,
+            p.shape.clone(),
+            f32_bytes(&st.buffer),
+        ));
     }
     let mut observers = Vec::new();
     let mut model = t.model.clone();
@@ -107,8 +117,18 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
                 })
                 .collect();
             let _ = wq;
-            owned.push((format!("int.layers.{index}.weight"), Dtype::I8, vec![inputs, outputs], codes));
-            owned.push((format!("int.layers.{index}.weight_scale"), Dtype::F32, vec![outputs], f32_bytes(scales)));
+            owned.push((
+                format!("int.layers.{index}.weight"),
+                Dtype::I8,
+                vec![inputs, outputs],
+                codes,
+            ));
+            owned.push((
+                format!("int.layers.{index}.weight_scale"),
+                Dtype::F32,
+                vec![outputs],
+                f32_bytes(scales),
+            ));
         }
     }
     let meta = Meta {
@@ -123,7 +143,8 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         history: t.history.clone(),
         observers,
     };
-    let json = serde_json::to_string(&meta).map_err(|e| Error::Diverged(format!("cannot encode checkpoint metadata: {e}")))?;
+    let json =
+        serde_json::to_string(&meta).map_err(|e| Error::Diverged(format!("cannot encode checkpoint metadata: {e}")))?;
     let views: Vec<(String, TensorView)> = owned
         .iter()
         .map(|(n, dt, shape, data)| {
@@ -143,7 +164,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -160,7 +184,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::Io {
             path: path.to_path_buf(),
-            source: std::io::Error::new(e.kind(), format!("{e} (nothing was replaced; the previous file, if any, is intact)")),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("{e} (nothing was replaced; the previous file, if any, is intact)"),
+            ),
         });
     }
     Ok(())
@@ -174,16 +201,26 @@ pub fn save(t: &Trainer, path: &Path) -> Result<()> {
 /// Read the metadata of a checkpoint.
 pub fn read_meta(bytes: &[u8], path: &Path) -> Result<Meta> {
     if bytes.len() < 8 {
-        return Err(Error::checkpoint(path, format!("truncated: {} bytes, a safetensors file starts with an 8-byte header length", bytes.len())));
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "truncated: {} bytes, a safetensors file starts with an 8-byte header length",
+                bytes.len()
+            ),
+        ));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
     if n > bytes.len() as u64 - 8 {
         return Err(Error::checkpoint(
             path,
-            format!("truncated or not a safetensors file: the header claims {n} bytes, the file has {}", bytes.len()),
+            format!(
+                "truncated or not a safetensors file: the header claims {n} bytes, the file has {}",
+                bytes.len()
+            ),
         ));
     }
-    let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| Error::checkpoint(path, format!("truncated or corrupt safetensors file ({e})")))?;
+    let (_, md) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::checkpoint(path, format!("truncated or corrupt safetensors file ({e})")))?;
     let json = md
         .metadata()
         .as_ref()
@@ -193,26 +230,45 @@ pub fn read_meta(bytes: &[u8], path: &Path) -> Result<Meta> {
     if meta.format != FORMAT || meta.version != VERSION {
         return Err(Error::checkpoint(
             path,
-            format!("format {:?} version {} (expected {FORMAT:?} version {VERSION})", meta.format, meta.version),
+            format!(
+                "format {:?} version {} (expected {FORMAT:?} version {VERSION})",
+                meta.format, meta.version
+            ),
         ));
     }
     Ok(meta)
 }
 
 fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>> {
-    let v = st.tensor(name).map_err(|_| Error::checkpoint(path, format!("missing tensor '{name}'")))?;
+    let v = st
+        .tensor(name)
+        .map_err(|_| Error::checkpoint(path, format!("missing tensor '{name}'")))?;
     if v.dtype() != Dtype::F32 {
-        return Err(Error::checkpoint(path, format!("tensor '{name}' has dtype {:?}, expected F32", v.dtype())));
+        return Err(Error::checkpoint(
+            path,
+            format!("tensor '{name}' has dtype {:?}, expected F32", v.dtype()),
+        ));
     }
     if v.shape() != shape {
         return Err(Error::checkpoint(
             path,
-            format!("tensor '{name}' has shape {:?}, the model needs {:?} (a checkpoint of another model?)", v.shape(), shape),
+            format!(
+                "tensor '{name}' has shape {:?}, the model needs {:?} (a checkpoint of another model?)",
+                v.shape(),
+                shape
+            ),
         ));
     }
-    let out: Vec<f32> = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let out: Vec<f32> = v
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     if let Some(i) = out.iter().position(|x| !x.is_finite()) {
-        return Err(Error::checkpoint(path, format!("tensor '{name}' holds a non-finite value ({}) at index {i}", out[i])));
+        return Err(Error::checkpoint(
+            path,
+            format!("tensor '{name}' holds a non-finite value ({}) at index {i}", out[i]),
+        ));
     }
     Ok(out)
 }
@@ -220,9 +276,18 @@ fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Resul
 /// Rebuild a trainer from checkpoint bytes; `path` names the file in errors.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     let meta = read_meta(bytes, path)?;
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::checkpoint(path, format!("truncated or corrupt tensor data ({e}): the file has {} bytes", bytes.len())))?;
-    meta.config.validate().map_err(|e| Error::checkpoint(path, format!("config: {e}")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!(
+                "truncated or corrupt tensor data ({e}): the file has {} bytes",
+                bytes.len()
+            ),
+        )
+    })?;
+    meta.config
+        .validate()
+        .map_err(|e| Error::checkpoint(path, format!("config: {e}")))?;
     let mut t = Trainer::new(meta.config.clone()).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     let n_params = t.model.params().len();
     let mut values = Vec::with_capacity(n_params);
@@ -240,7 +305,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
         if meta.optimizer_steps.len() != n_params {
             return Err(Error::checkpoint(
                 path,
-                format!("optimizer_steps has {} entries for {n_params} parameters", meta.optimizer_steps.len()),
+                format!(
+                    "optimizer_steps has {} entries for {n_params} parameters",
+                    meta.optimizer_steps.len()
+                ),
             ));
         }
         t.optimizer.state = t
@@ -257,17 +325,23 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             .collect();
     }
     for o in &meta.observers {
-        let d = t
-            .model
-            .dense_mut()
-            .find(|d| d.index == o.layer)
-            .ok_or_else(|| Error::checkpoint(path, format!("observer for layer {} which is not a dense layer", o.layer)))?;
-        let obs = d
-            .observer
-            .as_mut()
-            .ok_or_else(|| Error::checkpoint(path, format!("observer for layer {} which has no activation quantizer", o.layer)))?;
+        let d = t.model.dense_mut().find(|d| d.index == o.layer).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("observer for layer {} which is not a dense layer", o.layer),
+            )
+        })?;
+        let obs = d.observer.as_mut().ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("observer for layer {} which has no activation quantizer", o.layer),
+            )
+        })?;
         if !(o.min.is_finite() && o.max.is_finite() && o.lsq_scale.is_finite()) {
-            return Err(Error::checkpoint(path, format!("observer of layer {} has a non-finite range", o.layer)));
+            return Err(Error::checkpoint(
+                path,
+                format!("observer of layer {} has a non-finite range", o.layer),
+            ));
         }
         obs.min = o.min;
         obs.max = o.max;
@@ -280,17 +354,26 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     }
     for d in t.model.dense() {
         if d.quant.weights.is_some() && st.tensor(&format!("int.layers.{}.weight", d.index)).is_err() {
-            return Err(Error::checkpoint(path, format!("missing tensor 'int.layers.{}.weight'", d.index)));
+            return Err(Error::checkpoint(
+                path,
+                format!("missing tensor 'int.layers.{}.weight'", d.index),
+            ));
         }
         if let Some(WeightQuant::Binary { .. }) = d.quant.weights {
             if d.bop && d.weight.value.iter().any(|&w| w != 1.0 && w != -1.0) {
-                return Err(Error::checkpoint(path, format!("tensor 'param.{}' must hold only ±1 (Bop weights)", d.weight.name)));
+                return Err(Error::checkpoint(
+                    path,
+                    format!("tensor 'param.{}' must hold only ±1 (Bop weights)", d.weight.name),
+                ));
             }
         }
     }
     let n_epochs = meta.config.epochs;
     if meta.epoch > n_epochs {
-        return Err(Error::checkpoint(path, format!("epoch {} is beyond the configured {n_epochs} epochs", meta.epoch)));
+        return Err(Error::checkpoint(
+            path,
+            format!("epoch {} is beyond the configured {n_epochs} epochs", meta.epoch),
+        ));
     }
     t.epoch = meta.epoch;
     t.step_in_epoch = meta.step_in_epoch;

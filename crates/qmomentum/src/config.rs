@@ -85,9 +85,17 @@ impl ModelConfig {
         let mut dense = 0;
         for (i, l) in self.layers.iter().enumerate() {
             match l {
-                LayerConfig::Dense { units, activation, quant } => {
+                LayerConfig::Dense {
+                    units,
+                    activation,
+                    quant,
+                } => {
                     if *units == 0 {
-                        return Err(Error::config(format!("model.layers[{i}].units"), 0, "must be at least 1"));
+                        return Err(Error::config(
+                            format!("model.layers[{i}].units"),
+                            0,
+                            "must be at least 1",
+                        ));
                     }
                     if *activation == Activation::Softmax && i + 1 != self.layers.len() {
                         return Err(Error::config(
@@ -103,7 +111,11 @@ impl ModelConfig {
                 }
                 LayerConfig::Dropout { rate } => {
                     if !(0.0..1.0).contains(rate) {
-                        return Err(Error::config(format!("model.layers[{i}].rate"), rate, "dropout rate must be in [0, 1)"));
+                        return Err(Error::config(
+                            format!("model.layers[{i}].rate"),
+                            rate,
+                            "dropout rate must be in [0, 1)",
+                        ));
                     }
                 }
                 LayerConfig::Activation { activation } => {
@@ -126,17 +138,11 @@ impl ModelConfig {
 }
 
 /// Checkpointing.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
     /// Also checkpoint every N optimizer steps (0 = only at the end of each epoch).
     pub every_steps: u64,
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        CheckpointConfig { every_steps: 0 }
-    }
 }
 
 /// What to do when the loss or a gradient is NaN/inf.
@@ -219,10 +225,18 @@ impl TrainConfig {
             return Err(Error::config("batch_size", self.batch_size, "must be in 1..=1048576"));
         }
         if !(1..=2).contains(&self.threads) {
-            return Err(Error::config("threads", self.threads, "a training step uses 1 or 2 threads"));
+            return Err(Error::config(
+                "threads",
+                self.threads,
+                "a training step uses 1 or 2 threads",
+            ));
         }
         if !(0.0..1.0).contains(&self.validation_split) {
-            return Err(Error::config("validation_split", self.validation_split, "must be in [0, 1)"));
+            return Err(Error::config(
+                "validation_split",
+                self.validation_split,
+                "must be in [0, 1)",
+            ));
         }
         self.model.validate()?;
         self.optimizer.validate()

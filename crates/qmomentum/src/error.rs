@@ -17,11 +17,7 @@ pub enum Error {
     Data { path: PathBuf, msg: String },
     /// A hyper-parameter or configuration value that cannot work.
     #[error("invalid {field} = {value}: {why}")]
-    Config {
-        field: String,
-        value: String,
-        why: String,
-    },
+    Config { field: String, value: String, why: String },
     /// Shapes that do not fit together.
     #[error("shape mismatch: {0}")]
     Shape(String),

@@ -77,12 +77,20 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
         let (w_hat, w_scale) = (w_hat.to_vec(), w_scale.to_vec());
         let next_grid;
         let q = match (wq, &grid) {
-            (WeightQuant::Int { .. } | WeightQuant::Ternary { .. }, Grid::U8 { scale: s_in, zero_point: z_in }) => {
+            (
+                WeightQuant::Int { .. } | WeightQuant::Ternary { .. },
+                Grid::U8 {
+                    scale: s_in,
+                    zero_point: z_in,
+                },
+            ) => {
                 let (s_in, z_in) = (*s_in, *z_in);
                 let mut weight = vec![0i8; inputs * outputs];
                 for k in 0..inputs {
                     for j in 0..outputs {
-                        let code = (w_hat[k * outputs + j] / w_scale[j]).round_ties_even().clamp(-127.0, 127.0);
+                        let code = (w_hat[k * outputs + j] / w_scale[j])
+                            .round_ties_even()
+                            .clamp(-127.0, 127.0);
                         weight[j * inputs + k] = code as i8;
                     }
                 }
@@ -90,7 +98,11 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                 let bias_q: Vec<i32> = bias
                     .iter()
                     .zip(&acc_scale)
-                    .map(|(&b, &s)| (b as f64 / s).round().clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0) as i32)
+                    .map(|(&b, &s)| {
+                        (b as f64 / s)
+                            .round()
+                            .clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0) as i32
+                    })
                     .collect();
                 let output = if last {
                     next_grid = None;
@@ -110,7 +122,11 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                         )
                     })?;
                     if qp.qmax > 255 || qp.qmin != 0 {
-                        return Err(Error::config(format!("layers[{idx}].activations"), qp.qmax, "the runtime takes unsigned grids of at most 8 bits"));
+                        return Err(Error::config(
+                            format!("layers[{idx}].activations"),
+                            qp.qmax,
+                            "the runtime takes unsigned grids of at most 8 bits",
+                        ));
                     }
                     let mut multiplier = Vec::with_capacity(outputs);
                     let mut shift = Vec::with_capacity(outputs);
@@ -126,8 +142,18 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     let zero_point = qp.zero_point as u8;
                     let qmax = qp.qmax as u8;
                     match activation {
-                        Activation::Relu => rt::Output::ReluU8 { multiplier, shift, zero_point, qmax },
-                        Activation::Linear => rt::Output::U8 { multiplier, shift, zero_point, qmax },
+                        Activation::Relu => rt::Output::ReluU8 {
+                            multiplier,
+                            shift,
+                            zero_point,
+                            qmax,
+                        },
+                        Activation::Linear => rt::Output::U8 {
+                            multiplier,
+                            shift,
+                            zero_point,
+                            qmax,
+                        },
                         other => {
                             return Err(Error::config(
                                 format!("layers[{idx}].activation"),
@@ -181,7 +207,9 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                             t.clamp(-(lim as f64), lim as f64) as i32
                         })
                         .collect();
-                    rt::Output::SignBits { threshold: Some(threshold) }
+                    rt::Output::SignBits {
+                        threshold: Some(threshold),
+                    }
                 } else {
                     return Err(Error::config(
                         format!("layers[{idx}].activations"),

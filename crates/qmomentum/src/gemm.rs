@@ -24,7 +24,8 @@ pub enum Op {
 
 fn threads_for(m: usize, n: usize, k: usize) -> Parallelism {
     // Inside a rayon task (a training replica) the other core is busy already.
-    if 2 * m * n * k >= PARALLEL_MIN_FLOP && rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none() {
+    if 2 * m * n * k >= PARALLEL_MIN_FLOP && rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none()
+    {
         Parallelism::Rayon(2)
     } else {
         Parallelism::None
@@ -36,17 +37,7 @@ fn threads_for(m: usize, n: usize, k: usize) -> Parallelism {
 /// `a` is stored row-major as `m×k` (`Op::N`) or `k×m` (`Op::T`), likewise `b`. With
 /// `accumulate = false` the old content of `c` is ignored (alpha is 0).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    op_a: Op,
-    b: &[f32],
-    op_b: Op,
-    c: &mut [f32],
-    accumulate: bool,
-) {
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b: Op, c: &mut [f32], accumulate: bool) {
     assert!(a.len() >= m * k, "matmul: A has {} < {}", a.len(), m * k);
     assert!(b.len() >= k * n, "matmul: B has {} < {}", b.len(), k * n);
     assert!(c.len() >= m * n, "matmul: C has {} < {}", c.len(), m * n);

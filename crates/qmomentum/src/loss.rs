@@ -8,7 +8,11 @@
 /// dataset loader).
 pub fn softmax_crossentropy_forward(logits: &[f32], labels: &[u32], classes: usize, probs: &mut [f32]) -> f32 {
     let mut total = 0.0f64;
-    for ((z, p), &y) in logits.chunks_exact(classes).zip(probs.chunks_exact_mut(classes)).zip(labels) {
+    for ((z, p), &y) in logits
+        .chunks_exact(classes)
+        .zip(probs.chunks_exact_mut(classes))
+        .zip(labels)
+    {
         let m = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut s = 0.0f32;
         for (pv, &zv) in p.iter_mut().zip(z) {
@@ -28,7 +32,11 @@ pub fn softmax_crossentropy_forward(logits: &[f32], labels: &[u32], classes: usi
 /// Backward: `dlogits = (probs − onehot) / batch`.
 pub fn softmax_crossentropy_backward(probs: &[f32], labels: &[u32], classes: usize, dlogits: &mut [f32]) {
     let inv = 1.0 / labels.len().max(1) as f32;
-    for ((p, d), &y) in probs.chunks_exact(classes).zip(dlogits.chunks_exact_mut(classes)).zip(labels) {
+    for ((p, d), &y) in probs
+        .chunks_exact(classes)
+        .zip(dlogits.chunks_exact_mut(classes))
+        .zip(labels)
+    {
         for (dv, &pv) in d.iter_mut().zip(p) {
             *dv = pv * inv;
         }
@@ -62,7 +70,9 @@ mod tests {
             let (mut a, mut b) = (z, z);
             a[i] += h;
             b[i] -= h;
-            let fd = (softmax_crossentropy_forward(&a, &y, 3, &mut p) - softmax_crossentropy_forward(&b, &y, 3, &mut p)) / (2.0 * h);
+            let fd = (softmax_crossentropy_forward(&a, &y, 3, &mut p)
+                - softmax_crossentropy_forward(&b, &y, 3, &mut p))
+                / (2.0 * h);
             assert!((fd - d[i]).abs() < 1e-3, "{i}: {fd} vs {}", d[i]);
         }
     }

@@ -62,19 +62,27 @@ impl Sequential {
         cfg.validate()?;
         let mut rng = Rng::new(seed, 0x1417);
         let mut m = Sequential::new(cfg.input);
-        let n_dense = cfg.layers.iter().filter(|l| matches!(l, LayerConfig::Dense { .. })).count();
+        let n_dense = cfg
+            .layers
+            .iter()
+            .filter(|l| matches!(l, LayerConfig::Dense { .. }))
+            .count();
         let preset = scheme.layers(n_dense);
         let mut d = 0;
         for (i, l) in cfg.layers.iter().enumerate() {
             let inputs = m.output_size();
             let layer = match l {
-                LayerConfig::Dense { units, activation, quant } => {
+                LayerConfig::Dense {
+                    units,
+                    activation,
+                    quant,
+                } => {
                     let mut dense = Dense::new(i, inputs, *units, *activation, &mut rng);
                     let q = quant.unwrap_or(preset[d]);
                     q.validate(i)?;
                     dense.set_quant(q, bop);
                     d += 1;
-                    Layer::Dense(dense)
+                    Layer::Dense(Box::new(dense))
                 }
                 LayerConfig::Dropout { rate } => Layer::Dropout(Dropout::new(*rate)),
                 LayerConfig::Activation { activation } => Layer::Activation(*activation),
@@ -126,7 +134,14 @@ impl Sequential {
                 Layer::Dropout(_) | Layer::Flatten => {}
             }
             let (a, b) = self.acts.split_at_mut(i + 1);
-            layer.forward(&a[i][..batch * size], &mut b[0][..batch * out], batch, training, logits, rng);
+            layer.forward(
+                &a[i][..batch * size],
+                &mut b[0][..batch * out],
+                batch,
+                training,
+                logits,
+                rng,
+            );
             size = out;
         }
         &self.acts[self.layers.len()][..batch * size]
@@ -153,8 +168,17 @@ impl Sequential {
         let sizes = &self.sizes;
         for i in (0..l).rev() {
             let (gl, gr) = self.grads.split_at_mut(i + 1);
-            let dx = if i > 0 { Some(&mut gl[i][..batch * sizes[i]]) } else { None };
-            self.layers[i].backward(&self.acts[i][..batch * sizes[i]], &gr[0][..batch * sizes[i + 1]], dx, batch);
+            let dx = if i > 0 {
+                Some(&mut gl[i][..batch * sizes[i]])
+            } else {
+                None
+            };
+            self.layers[i].backward(
+                &self.acts[i][..batch * sizes[i]],
+                &gr[0][..batch * sizes[i + 1]],
+                dx,
+                batch,
+            );
         }
         (loss as f64 * batch as f64, correct)
     }
@@ -220,7 +244,7 @@ impl Sequential {
     /// The dense layers in order.
     pub fn dense(&self) -> impl Iterator<Item = &Dense> {
         self.layers.iter().filter_map(|l| match l {
-            Layer::Dense(d) => Some(d),
+            Layer::Dense(d) => Some(&**d),
             _ => None,
         })
     }
@@ -228,7 +252,7 @@ impl Sequential {
     /// The dense layers in order, mutable.
     pub fn dense_mut(&mut self) -> impl Iterator<Item = &mut Dense> {
         self.layers.iter_mut().filter_map(|l| match l {
-            Layer::Dense(d) => Some(d),
+            Layer::Dense(d) => Some(&mut **d),
             _ => None,
         })
     }

@@ -20,7 +20,9 @@ impl Rng {
         let inc = ((stream as u128) << 1) | 1;
         let mut r = Rng { state: 0, inc };
         r.step();
-        r.state = r.state.wrapping_add(seed as u128 ^ 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834);
+        r.state = r
+            .state
+            .wrapping_add(seed as u128 ^ 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834);
         r.step();
         r
     }

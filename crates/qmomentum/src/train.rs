@@ -228,7 +228,9 @@ impl Trainer {
         let order = &self.order[start..end];
         self.labels.resize(half, 0);
         let (loss_sum, correct) = if split {
-            let rep = self.replica.get_or_insert_with(|| Box::new((self.model.clone(), Vec::new())));
+            let rep = self
+                .replica
+                .get_or_insert_with(|| Box::new((self.model.clone(), Vec::new())));
             rep.0.sync_from(&self.model);
             rep.1.resize(batch - half, 0);
             let (m0, l0) = (&mut self.model, &mut self.labels);

@@ -47,7 +47,10 @@ fn every_corrupt_file_gives_its_named_error() {
     for e in std::fs::read_dir(dir()).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
         if name != "expected.tsv" {
-            assert!(listed.contains(&name), "{name} is in the corpus but not in expected.tsv");
+            assert!(
+                listed.contains(&name),
+                "{name} is in the corpus but not in expected.tsv"
+            );
         }
     }
     assert!(listed.len() >= 25, "corpus has {} files", listed.len());
@@ -71,7 +74,10 @@ fn image_label_mismatches_name_the_labels_file() {
     write_idx(&im, &[2, 2, 2], &[0; 8]);
     write_idx(&lb, &[3], &[0, 1, 2]);
     let e = Dataset::from_idx_files(&im, &lb, 10).unwrap_err().to_string();
-    assert!(e.contains("labels") && e.contains("3 labels but") && e.contains("has 2 images"), "{e}");
+    assert!(
+        e.contains("labels") && e.contains("3 labels but") && e.contains("has 2 images"),
+        "{e}"
+    );
     write_idx(&lb, &[2], &[3, 10]);
     let e = Dataset::from_idx_files(&im, &lb, 10).unwrap_err().to_string();
     assert!(e.contains("label 10 at index 1 is out of range (classes = 10)"), "{e}");
@@ -82,20 +88,42 @@ fn image_label_mismatches_name_the_labels_file() {
 
 fn tiny() -> Trainer {
     let cfg = TrainConfig {
-        model: ModelConfig { input: 4, layers: vec![LayerConfig::Dense { units: 3, activation: Activation::Softmax, quant: None }] },
+        model: ModelConfig {
+            input: 4,
+            layers: vec![LayerConfig::Dense {
+                units: 3,
+                activation: Activation::Softmax,
+                quant: None,
+            }],
+        },
         ..Default::default()
     };
     Trainer::new(cfg).unwrap()
 }
 
 /// Rebuild a safetensors file with `edit` applied to its tensors and metadata.
-fn rebuild(bytes: &[u8], edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>, &mut String)) -> Vec<u8> {
+fn rebuild(
+    bytes: &[u8],
+    edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>, &mut String),
+) -> Vec<u8> {
     let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
     let (_, md) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
     let mut meta = md.metadata().as_ref().unwrap()["qmomentum"].clone();
-    let mut t: Vec<_> = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut t: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
     edit(&mut t, &mut meta);
-    let views: Vec<_> = t.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<_> = t
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
     safetensors::serialize(views, Some([("qmomentum".to_string(), meta)].into())).unwrap()
 }
 
@@ -109,7 +137,10 @@ fn regenerate() {
     let mut huge = good.clone();
     huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     w("ckpt_header_length_beyond_file.safetensors", &huge);
-    w("ckpt_not_safetensors.safetensors", b"this is a text file, not a checkpoint\n");
+    w(
+        "ckpt_not_safetensors.safetensors",
+        b"this is a text file, not a checkpoint\n",
+    );
     w(
         "ckpt_nan_weight.safetensors",
         &rebuild(&good, |t, _| {
@@ -124,7 +155,10 @@ fn regenerate() {
             p.1 = safetensors::Dtype::I32;
         }),
     );
-    w("ckpt_missing_tensor.safetensors", &rebuild(&good, |t, _| t.retain(|x| x.0 != "param.layers.0.bias")));
+    w(
+        "ckpt_missing_tensor.safetensors",
+        &rebuild(&good, |t, _| t.retain(|x| x.0 != "param.layers.0.bias")),
+    );
     w(
         "ckpt_wrong_shape.safetensors",
         &rebuild(&good, |t, _| {
@@ -132,7 +166,16 @@ fn regenerate() {
             p.2 = vec![3, 4];
         }),
     );
-    w("ckpt_other_format.safetensors", &rebuild(&good, |_, m| *m = m.replace("qmomentum-checkpoint", "keras-weights")));
-    w("ckpt_bad_metadata_json.safetensors", &rebuild(&good, |_, m| m.truncate(m.len() / 2)));
-    w("ckpt_impossible_config.safetensors", &rebuild(&good, |_, m| *m = m.replace("\"momentum\":0.9", "\"momentum\":3.0")));
+    w(
+        "ckpt_other_format.safetensors",
+        &rebuild(&good, |_, m| *m = m.replace("qmomentum-checkpoint", "keras-weights")),
+    );
+    w(
+        "ckpt_bad_metadata_json.safetensors",
+        &rebuild(&good, |_, m| m.truncate(m.len() / 2)),
+    );
+    w(
+        "ckpt_impossible_config.safetensors",
+        &rebuild(&good, |_, m| *m = m.replace("\"momentum\":0.9", "\"momentum\":3.0")),
+    );
 }

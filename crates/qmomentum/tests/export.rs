@@ -16,12 +16,22 @@ use std::sync::OnceLock;
 
 fn data() -> &'static (Dataset, Dataset) {
     static D: OnceLock<(Dataset, Dataset)> = OnceLock::new();
-    D.get_or_init(|| Dataset::load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist")).unwrap())
+    D.get_or_init(|| {
+        Dataset::load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist")).unwrap()
+    })
 }
 
 fn trained(scheme: Scheme, epochs: usize) -> Trainer {
     let (train, _) = data();
-    let cfg = TrainConfig { epochs, quant: scheme, optimizer: OptimizerConfig { lr: 0.01, ..Default::default() }, ..Default::default() };
+    let cfg = TrainConfig {
+        epochs,
+        quant: scheme,
+        optimizer: OptimizerConfig {
+            lr: 0.01,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     let mut t = Trainer::new(cfg).unwrap();
     t.fit(train, None, |_, _| {}).unwrap();
     t
@@ -54,8 +64,14 @@ fn agreement(model: &mut qmomentum::model::Sequential, label: &str) {
     let acc = |p: &[u32]| p.iter().zip(&test.labels).filter(|(a, &l)| **a == l as u32).count() as f64 / n as f64;
     let (a_rt, a_sim) = (acc(&got), acc(&sim));
     eprintln!("{label}: agreement {same}/{n}, accuracy runtime {a_rt:.4} simulation {a_sim:.4}");
-    assert!(same as f64 >= 0.999 * n as f64, "{label}: only {same}/{n} predictions agree");
-    assert!((a_rt - a_sim).abs() <= 0.001 + 1e-9, "{label}: accuracy {a_rt} vs {a_sim}");
+    assert!(
+        same as f64 >= 0.999 * n as f64,
+        "{label}: only {same}/{n} predictions agree"
+    );
+    assert!(
+        (a_rt - a_sim).abs() <= 0.001 + 1e-9,
+        "{label}: accuracy {a_rt} vs {a_sim}"
+    );
 }
 
 #[test]
@@ -77,6 +93,15 @@ fn binary_runtime_agrees_with_simulation() {
 fn w8a8_ptq_runtime_agrees_with_simulation() {
     let (train, _) = data();
     let fp = trained(Scheme::Fp32, 2);
-    let mut q = quantize_float_model(&fp.model, &fp.config.model, Scheme::W8a8, train, 10, 128, Calibration::MinMax).unwrap();
+    let mut q = quantize_float_model(
+        &fp.model,
+        &fp.config.model,
+        Scheme::W8a8,
+        train,
+        10,
+        128,
+        Calibration::MinMax,
+    )
+    .unwrap();
     agreement(&mut q, "w8a8 PTQ");
 }

@@ -40,7 +40,11 @@ fn dense_fd(act: Activation) {
         let lm = f(&mut d, &x);
         d.weight.value[i] = w0;
         let fd = (lp - lm) / (2.0 * h as f64);
-        assert!((fd - d.weight.grad[i] as f64).abs() < 2e-3, "{act:?} dW[{i}]: fd {fd} vs {}", d.weight.grad[i]);
+        assert!(
+            (fd - d.weight.grad[i] as f64).abs() < 2e-3,
+            "{act:?} dW[{i}]: fd {fd} vs {}",
+            d.weight.grad[i]
+        );
     }
     for j in 0..out {
         let b0 = d.bias.value[j];
@@ -50,14 +54,22 @@ fn dense_fd(act: Activation) {
         let lm = f(&mut d, &x);
         d.bias.value[j] = b0;
         let fd = (lp - lm) / (2.0 * h as f64);
-        assert!((fd - d.bias.grad[j] as f64).abs() < 2e-3, "{act:?} db[{j}]: fd {fd} vs {}", d.bias.grad[j]);
+        assert!(
+            (fd - d.bias.grad[j] as f64).abs() < 2e-3,
+            "{act:?} db[{j}]: fd {fd} vs {}",
+            d.bias.grad[j]
+        );
     }
     for i in 0..x.len() {
         let (mut xp, mut xm) = (x.clone(), x.clone());
         xp[i] += h;
         xm[i] -= h;
         let fd = (f(&mut d, &xp) - f(&mut d, &xm)) / (2.0 * h as f64);
-        assert!((fd - dx[i] as f64).abs() < 2e-3, "{act:?} dx[{i}]: fd {fd} vs {}", dx[i]);
+        assert!(
+            (fd - dx[i] as f64).abs() < 2e-3,
+            "{act:?} dx[{i}]: fd {fd} vs {}",
+            dx[i]
+        );
     }
 }
 
@@ -122,13 +134,26 @@ fn standalone_activation_and_dropout_match_finite_differences() {
 fn activation_fake_quant_uses_the_clipped_ste() {
     let mut rng = Rng::new(2, 0);
     let mut d = Dense::new(0, 4, 3, Activation::Linear, &mut rng);
-    d.set_quant(LayerQuant { weights: None, activations: Some(ActQuant { bits: 4, observer: Observer::MinMax }) }, false);
+    d.set_quant(
+        LayerQuant {
+            weights: None,
+            activations: Some(ActQuant {
+                bits: 4,
+                observer: Observer::MinMax,
+            }),
+        },
+        false,
+    );
     let x: Vec<f32> = (0..8).map(|_| rng.uniform_range(-1.0, 1.0)).collect();
     let mut y = vec![0.0; 6];
     // First batch: observe a narrow range so that a second, wider batch gets clipped.
     d.forward(&x, &mut y, 2, true, false);
     let stats = d.stats;
-    d.observe(qmomentum::layers::BatchStats { lo: stats.lo * 0.5, hi: stats.hi * 0.5, ..stats });
+    d.observe(qmomentum::layers::BatchStats {
+        lo: stats.lo * 0.5,
+        hi: stats.hi * 0.5,
+        ..stats
+    });
     d.forward(&x, &mut y, 2, true, false);
     let qp = d.output_qparams().unwrap();
     let (lo, hi) = qp.range();
@@ -159,7 +184,13 @@ fn activation_fake_quant_uses_the_clipped_ste() {
 fn binary_weight_ste_by_definition() {
     let mut rng = Rng::new(3, 0);
     let mut d = Dense::new(0, 3, 2, Activation::Linear, &mut rng);
-    d.set_quant(LayerQuant { weights: Some(WeightQuant::Binary { scaled: false }), activations: None }, false);
+    d.set_quant(
+        LayerQuant {
+            weights: Some(WeightQuant::Binary { scaled: false }),
+            activations: None,
+        },
+        false,
+    );
     d.weight.value = vec![0.5, -1.5, 2.0, -0.2, 0.0, 0.9];
     let x = [1.0f32, 2.0, 3.0];
     let mut y = [0.0f32; 2];
@@ -177,8 +208,19 @@ fn binary_weight_ste_by_definition() {
 fn bop_mode_scale_and_gradient() {
     let mut rng = Rng::new(4, 0);
     let mut d = Dense::new(0, 4, 2, Activation::Linear, &mut rng);
-    let signs: Vec<f32> = d.weight.value.iter().map(|&w| if w >= 0.0 { 1.0 } else { -1.0 }).collect();
-    d.set_quant(LayerQuant { weights: Some(WeightQuant::Binary { scaled: true }), activations: None }, true);
+    let signs: Vec<f32> = d
+        .weight
+        .value
+        .iter()
+        .map(|&w| if w >= 0.0 { 1.0 } else { -1.0 })
+        .collect();
+    d.set_quant(
+        LayerQuant {
+            weights: Some(WeightQuant::Binary { scaled: true }),
+            activations: None,
+        },
+        true,
+    );
     assert_eq!(d.weight.value, signs);
     let x = [1.0f32, -1.0, 1.0, 1.0];
     let mut y = [0.0f32; 2];
@@ -188,8 +230,8 @@ fn bop_mode_scale_and_gradient() {
         assert!((y[j] - dot / 2.0).abs() < 1e-6, "ŵ = w/√4");
     }
     d.backward(&x, &[1.0, -1.0], None, 1);
-    for k in 0..4 {
-        assert_eq!(d.weight.grad[k * 2], x[k] / 2.0);
-        assert_eq!(d.weight.grad[k * 2 + 1], -x[k] / 2.0);
+    for (k, &xk) in x.iter().enumerate() {
+        assert_eq!(d.weight.grad[k * 2], xk / 2.0);
+        assert_eq!(d.weight.grad[k * 2 + 1], -xk / 2.0);
     }
 }

@@ -21,11 +21,25 @@ fn data() -> &'static (Dataset, Dataset) {
 }
 
 fn subset(d: &Dataset, n: usize) -> Dataset {
-    Dataset { images: d.images[..n * d.features].to_vec(), labels: d.labels[..n].to_vec(), features: d.features, classes: d.classes }
+    Dataset {
+        images: d.images[..n * d.features].to_vec(),
+        labels: d.labels[..n].to_vec(),
+        features: d.features,
+        classes: d.classes,
+    }
 }
 
 fn cfg(quant: Scheme, epochs: usize, lr: f32) -> TrainConfig {
-    TrainConfig { epochs, quant, optimizer: OptimizerConfig { lr, momentum: 0.9, ..Default::default() }, ..Default::default() }
+    TrainConfig {
+        epochs,
+        quant,
+        optimizer: OptimizerConfig {
+            lr,
+            momentum: 0.9,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }
 
 fn weights(t: &Trainer) -> Vec<Vec<f32>> {
@@ -35,12 +49,18 @@ fn weights(t: &Trainer) -> Vec<Vec<f32>> {
 #[test]
 fn full_fashion_mnist_is_shipped_and_parsed() {
     let (train, test) = data();
-    assert_eq!((train.len(), test.len(), train.features, train.classes), (60_000, 10_000, 784, 10));
+    assert_eq!(
+        (train.len(), test.len(), train.features, train.classes),
+        (60_000, 10_000, 784, 10)
+    );
     let mut counts = [0usize; 10];
     for &l in &test.labels {
         counts[l as usize] += 1;
     }
-    assert_eq!(counts, [1000; 10], "the Fashion-MNIST test set has 1000 images per class");
+    assert_eq!(
+        counts, [1000; 10],
+        "the Fashion-MNIST test set has 1000 images per class"
+    );
 }
 
 #[test]
@@ -77,7 +97,10 @@ fn binary_bop_learns() {
     let (_, acc) = t.evaluate(test).unwrap();
     assert!(acc >= 0.70, "binary (Bop) test accuracy {acc} after 2 epochs");
     for d in t.model.dense().skip(1) {
-        assert!(d.weight.value.iter().all(|&w| w == 1.0 || w == -1.0), "Bop keeps weights at ±1");
+        assert!(
+            d.weight.value.iter().all(|&w| w == 1.0 || w == -1.0),
+            "Bop keeps weights at ±1"
+        );
     }
 }
 
@@ -106,7 +129,10 @@ fn resume_after_any_step_is_bit_identical() {
     for scheme in [Scheme::Fp32, Scheme::W4a4, Scheme::Binary] {
         let mut c = cfg(scheme, 2, 0.01);
         c.model.layers.insert(1, LayerConfig::Dropout { rate: 0.1 });
-        c.optimizer.schedule = qmomentum::optim::Schedule::Cosine { warmup_epochs: 0.5, min_lr: 0.0 };
+        c.optimizer.schedule = qmomentum::optim::Schedule::Cosine {
+            warmup_epochs: 0.5,
+            min_lr: 0.0,
+        };
         let mut full = Trainer::new(c.clone()).unwrap();
         full.fit(&small, Some(&subset(test, 500)), |_, _| {}).unwrap();
         for k in [1u64, 13, 20, 27] {
@@ -120,7 +146,10 @@ fn resume_after_any_step_is_bit_identical() {
             assert_eq!(weights(&r), weights(&full), "{scheme}: resumed after step {k}");
             assert_eq!(r.history.epochs.len(), 2);
             for (a, b) in r.history.epochs.iter().zip(&full.history.epochs) {
-                assert_eq!((a.loss, a.accuracy, a.val_accuracy), (b.loss, b.accuracy, b.val_accuracy));
+                assert_eq!(
+                    (a.loss, a.accuracy, a.val_accuracy),
+                    (b.loss, b.accuracy, b.val_accuracy)
+                );
             }
         }
     }
@@ -132,7 +161,11 @@ fn checkpoint_of_another_model_is_rejected_naming_the_tensor() {
     let t = Trainer::new(c.clone()).unwrap();
     let bytes = checkpoint::to_bytes(&t).unwrap();
     // Same file, but tell the loader the model has 100 hidden units: rebuild the metadata.
-    c.model.layers[0] = LayerConfig::Dense { units: 100, activation: Activation::Relu, quant: None };
+    c.model.layers[0] = LayerConfig::Dense {
+        units: 100,
+        activation: Activation::Relu,
+        quant: None,
+    };
     let other = Trainer::new(c).unwrap();
     let other_bytes = checkpoint::to_bytes(&other).unwrap();
     // Splice: tensors of `t`, metadata of `other` — a checkpoint whose weights do not fit.
@@ -140,6 +173,11 @@ fn checkpoint_of_another_model_is_rejected_naming_the_tensor() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
     let spliced = safetensors::serialize(tensors, meta_other.metadata().clone()).unwrap();
-    let e = checkpoint::from_bytes(&spliced, Path::new("other.safetensors")).unwrap_err().to_string();
-    assert!(e.contains("other.safetensors") && e.contains("param.layers.0.weight") && e.contains("[784, 100]"), "{e}");
+    let e = checkpoint::from_bytes(&spliced, Path::new("other.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("other.safetensors") && e.contains("param.layers.0.weight") && e.contains("[784, 100]"),
+        "{e}"
+    );
 }

@@ -154,7 +154,10 @@ mod tests {
     fn bad_magic_and_type() {
         let mut raw = idx(&[1], &[0]);
         raw[2] = 0x0D;
-        assert!(parse_idx(&raw, Path::new("f")).unwrap_err().to_string().contains("type 0x0d"));
+        assert!(parse_idx(&raw, Path::new("f"))
+            .unwrap_err()
+            .to_string()
+            .contains("type 0x0d"));
         let e = parse_idx(b"PK\x03\x04xx", Path::new("f")).unwrap_err().to_string();
         assert!(e.contains("wrong magic"), "{e}");
     }

@@ -79,12 +79,7 @@ impl Dataset {
         if lb.dims[0] != n {
             return Err(Error::data(
                 labels,
-                format!(
-                    "{} labels but {} has {} images",
-                    lb.dims[0],
-                    images.display(),
-                    n
-                ),
+                format!("{} labels but {} has {} images", lb.dims[0], images.display(), n),
             ));
         }
         let features: usize = im.dims[1..].iter().product();
@@ -140,11 +135,7 @@ impl Dataset {
     /// before shuffling).
     pub fn split_validation(&self, fraction: f32) -> Result<(Dataset, Dataset)> {
         if !(0.0..1.0).contains(&fraction) || !fraction.is_finite() {
-            return Err(Error::config(
-                "validation_split",
-                fraction,
-                "must be in [0, 1)",
-            ));
+            return Err(Error::config("validation_split", fraction, "must be in [0, 1)"));
         }
         let n_val = (self.len() as f64 * fraction as f64).floor() as usize;
         let n_tr = self.len() - n_val;

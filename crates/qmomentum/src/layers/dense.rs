@@ -43,14 +43,24 @@ pub struct BatchStats {
 
 impl Default for BatchStats {
     fn default() -> Self {
-        BatchStats { lo: f32::INFINITY, hi: f32::NEG_INFINITY, sum_abs: 0.0, count: 0 }
+        BatchStats {
+            lo: f32::INFINITY,
+            hi: f32::NEG_INFINITY,
+            sum_abs: 0.0,
+            count: 0,
+        }
     }
 }
 
 impl BatchStats {
     /// Statistics of the union of two parts (exact for min/max; sums added in a fixed order).
     pub fn merge(self, o: BatchStats) -> BatchStats {
-        BatchStats { lo: self.lo.min(o.lo), hi: self.hi.max(o.hi), sum_abs: self.sum_abs + o.sum_abs, count: self.count + o.count }
+        BatchStats {
+            lo: self.lo.min(o.lo),
+            hi: self.hi.max(o.hi),
+            sum_abs: self.sum_abs + o.sum_abs,
+            count: self.count + o.count,
+        }
     }
 }
 
@@ -108,8 +118,18 @@ impl Dense {
             inputs,
             outputs,
             activation,
-            weight: Param::new(format!("layers.{index}.weight"), ParamKind::Weight, vec![inputs, outputs], w),
-            bias: Param::new(format!("layers.{index}.bias"), ParamKind::Bias, vec![outputs], vec![0.0; outputs]),
+            weight: Param::new(
+                format!("layers.{index}.weight"),
+                ParamKind::Weight,
+                vec![inputs, outputs],
+                w,
+            ),
+            bias: Param::new(
+                format!("layers.{index}.bias"),
+                ParamKind::Bias,
+                vec![outputs],
+                vec![0.0; outputs],
+            ),
             bop: false,
             act_step: None,
             quant: LayerQuant::default(),
@@ -211,7 +231,11 @@ impl Dense {
         let w = &self.weight.value;
         let out = self.outputs;
         match wq {
-            WeightQuant::Int { bits, per_channel: true, narrow } => fake_quant_weights_per_channel(
+            WeightQuant::Int {
+                bits,
+                per_channel: true,
+                narrow,
+            } => fake_quant_weights_per_channel(
                 w,
                 out,
                 bits,
@@ -220,7 +244,11 @@ impl Dense {
                 &mut self.w_scale,
                 &mut self.w_tmp,
             ),
-            WeightQuant::Int { bits, per_channel: false, narrow } => {
+            WeightQuant::Int {
+                bits,
+                per_channel: false,
+                narrow,
+            } => {
                 let s = fake_quant_weights_per_tensor(w, bits, narrow, &mut self.w_hat);
                 self.w_scale.fill(s);
             }
@@ -268,10 +296,27 @@ impl Dense {
         self.ensure(batch);
         self.quantize_weights();
         let n = batch * self.outputs;
-        let w: &[f32] = if self.quant.weights.is_some() { &self.w_hat } else { &self.weight.value };
-        matmul(batch, self.outputs, self.inputs, x, Op::N, w, Op::N, &mut self.z[..n], false);
+        let w: &[f32] = if self.quant.weights.is_some() {
+            &self.w_hat
+        } else {
+            &self.weight.value
+        };
+        matmul(
+            batch,
+            self.outputs,
+            self.inputs,
+            x,
+            Op::N,
+            w,
+            Op::N,
+            &mut self.z[..n],
+            false,
+        );
         // The bias as the integer runtime adds it: round(b/(s_in·s_w))·s_in·s_w.
-        let int_weights = matches!(self.quant.weights, Some(WeightQuant::Int { .. } | WeightQuant::Ternary { .. }));
+        let int_weights = matches!(
+            self.quant.weights,
+            Some(WeightQuant::Int { .. } | WeightQuant::Ternary { .. })
+        );
         let bias: &[f32] = match (self.input_scale, int_weights) {
             (Some(s_in), true) => {
                 for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&self.bias.value).zip(&self.w_scale) {
@@ -286,7 +331,10 @@ impl Dense {
         let act = self.activation;
         let sign_out = self.sign_output();
         let (mut lo, mut hi, mut sum_abs) = (f32::INFINITY, f32::NEG_INFINITY, 0.0f64);
-        for (zr, yr) in self.z[..n].chunks_exact_mut(self.outputs).zip(y.chunks_exact_mut(self.outputs)) {
+        for (zr, yr) in self.z[..n]
+            .chunks_exact_mut(self.outputs)
+            .zip(y.chunks_exact_mut(self.outputs))
+        {
             for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
                 *z += b;
                 let a = if sign_out { sign(*z) } else { act.forward(*z) };
@@ -302,7 +350,12 @@ impl Dense {
         // Pass 2: fake quantization of the outputs.
         self.qp = None;
         if training {
-            self.stats = BatchStats { lo, hi, sum_abs, count: n as u64 };
+            self.stats = BatchStats {
+                lo,
+                hi,
+                sum_abs,
+                count: n as u64,
+            };
         }
         if let Some(obs) = self.observer.as_mut() {
             if let Some(p) = &self.act_step {
@@ -325,16 +378,21 @@ impl Dense {
         let act = self.activation;
         let sign_out = self.sign_output();
         let qp = self.qp;
-        let lsq = self.observer.as_ref().filter(|o| o.observer == Observer::Lsq).map(|o| (o.qn(), o.qp()));
+        let lsq = self
+            .observer
+            .as_ref()
+            .filter(|o| o.observer == Observer::Lsq)
+            .map(|o| (o.qn(), o.qp()));
         let mut ds = 0.0f32;
         self.bias.grad.fill(0.0);
         if !sign_out && qp.is_none() && matches!(act, Activation::Relu | Activation::Linear | Activation::Softmax) {
             // The common float path as a tight loop the compiler vectorises.
             let relu = act == Activation::Relu;
-            for (zr, (dzr, dyr)) in self.z[..n]
-                .chunks_exact(self.outputs)
-                .zip(self.dz[..n].chunks_exact_mut(self.outputs).zip(dy.chunks_exact(self.outputs)))
-            {
+            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
+                self.dz[..n]
+                    .chunks_exact_mut(self.outputs)
+                    .zip(dy.chunks_exact(self.outputs)),
+            ) {
                 for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
                     let v = if relu && z <= 0.0 { 0.0 } else { g };
                     *d = v;
@@ -342,47 +400,48 @@ impl Dense {
                 }
             }
         } else {
-        // One pass: STE mask of the output quantizer, activation derivative, bias gradient.
-        for (zr, (dzr, dyr)) in self.z[..n]
-            .chunks_exact(self.outputs)
-            .zip(self.dz[..n].chunks_exact_mut(self.outputs).zip(dy.chunks_exact(self.outputs)))
-        {
-            for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
-                let v = if sign_out {
-                    // Clipped STE of sign (Larq `ste_sign`, hard-tanh derivative).
-                    if z.abs() <= 1.0 {
-                        g
+            // One pass: STE mask of the output quantizer, activation derivative, bias gradient.
+            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
+                self.dz[..n]
+                    .chunks_exact_mut(self.outputs)
+                    .zip(dy.chunks_exact(self.outputs)),
+            ) {
+                for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
+                    let v = if sign_out {
+                        // Clipped STE of sign (Larq `ste_sign`, hard-tanh derivative).
+                        if z.abs() <= 1.0 {
+                            g
+                        } else {
+                            0.0
+                        }
                     } else {
-                        0.0
-                    }
-                } else {
-                    let a = act.forward(z);
-                    let g = match (qp, lsq) {
-                        (Some(q), Some((qn, qpos))) => {
-                            let (gs, inside) = lsq_grad(a, q.scale, qn, qpos);
-                            ds += g * gs;
-                            if inside {
-                                g
-                            } else {
-                                0.0
+                        let a = act.forward(z);
+                        let g = match (qp, lsq) {
+                            (Some(q), Some((qn, qpos))) => {
+                                let (gs, inside) = lsq_grad(a, q.scale, qn, qpos);
+                                ds += g * gs;
+                                if inside {
+                                    g
+                                } else {
+                                    0.0
+                                }
                             }
-                        }
-                        (Some(q), None) => {
-                            let (l, h) = q.range();
-                            if a >= l && a <= h {
-                                g
-                            } else {
-                                0.0
+                            (Some(q), None) => {
+                                let (l, h) = q.range();
+                                if a >= l && a <= h {
+                                    g
+                                } else {
+                                    0.0
+                                }
                             }
-                        }
-                        _ => g,
+                            _ => g,
+                        };
+                        g * act.derivative(z, a)
                     };
-                    g * act.derivative(z, a)
-                };
-                *d = v;
-                *db += v;
+                    *d = v;
+                    *db += v;
+                }
             }
-        }
         }
         if let (Some(p), Some((_, qpos))) = (self.act_step.as_mut(), lsq) {
             // LSQ gradient scale g = 1/√(N·Qp), N = features of the layer.
@@ -393,10 +452,30 @@ impl Dense {
         match self.quant.weights {
             None | Some(WeightQuant::Int { .. }) | Some(WeightQuant::Ternary { .. }) => {
                 // Plain STE: the symmetric max-scaled grid never clips its own weights.
-                matmul(self.inputs, self.outputs, batch, x, Op::T, &self.dz[..n], Op::N, &mut self.weight.grad, false);
+                matmul(
+                    self.inputs,
+                    self.outputs,
+                    batch,
+                    x,
+                    Op::T,
+                    &self.dz[..n],
+                    Op::N,
+                    &mut self.weight.grad,
+                    false,
+                );
             }
             Some(WeightQuant::Binary { .. }) => {
-                matmul(self.inputs, self.outputs, batch, x, Op::T, &self.dz[..n], Op::N, &mut self.dw_hat, false);
+                matmul(
+                    self.inputs,
+                    self.outputs,
+                    batch,
+                    x,
+                    Op::T,
+                    &self.dz[..n],
+                    Op::N,
+                    &mut self.dw_hat,
+                    false,
+                );
                 if self.bop {
                     // ŵ = w/√K: ∂L/∂w = ∂L/∂ŵ/√K.
                     let a = 1.0 / (self.inputs as f32).sqrt();
@@ -412,8 +491,22 @@ impl Dense {
             }
         }
         if let Some(dx) = dx {
-            w_for_dx = if self.quant.weights.is_some() { &self.w_hat } else { &self.weight.value };
-            matmul(batch, self.inputs, self.outputs, &self.dz[..n], Op::N, w_for_dx, Op::T, dx, false);
+            w_for_dx = if self.quant.weights.is_some() {
+                &self.w_hat
+            } else {
+                &self.weight.value
+            };
+            matmul(
+                batch,
+                self.inputs,
+                self.outputs,
+                &self.dz[..n],
+                Op::N,
+                w_for_dx,
+                Op::T,
+                dx,
+                false,
+            );
         }
     }
 

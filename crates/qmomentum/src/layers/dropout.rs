@@ -14,10 +14,7 @@ pub struct Dropout {
 impl Dropout {
     /// Dropout of `rate`.
     pub fn new(rate: f32) -> Self {
-        Dropout {
-            rate,
-            mask: Vec::new(),
-        }
+        Dropout { rate, mask: Vec::new() }
     }
     /// `y = x·mask` in training, `y = x` otherwise.
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], training: bool, rng: &mut Rng) {

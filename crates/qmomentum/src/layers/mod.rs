@@ -17,7 +17,7 @@ use crate::rng::Rng;
 #[derive(Clone, Debug)]
 pub enum Layer {
     /// Fully connected (with its own activation, as Keras `Dense(…, activation=…)`).
-    Dense(Dense),
+    Dense(Box<Dense>),
     /// Stand-alone element-wise activation (Keras `Activation`); softmax only as the last layer.
     Activation(Activation),
     /// Dropout.

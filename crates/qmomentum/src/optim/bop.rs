@@ -32,7 +32,10 @@ mod tests {
     use super::*;
     #[test]
     fn flips_when_the_gradient_agrees_with_the_weight() {
-        let bop = Bop { gamma: 0.5, threshold: 0.1 };
+        let bop = Bop {
+            gamma: 0.5,
+            threshold: 0.1,
+        };
         let mut w = [1.0f32, 1.0, -1.0];
         let mut m = [0.0f32; 3];
         // m = 0.5·g = (0.15, -0.3, 0.05): flip w0 (1·0.15 > 0.1), keep w1, keep w2 (-0.05 < 0.1).

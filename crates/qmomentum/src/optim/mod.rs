@@ -127,7 +127,12 @@ impl OptimizerConfig {
                 Err(Error::config(format!("optimizer.{name}"), v, why))
             }
         };
-        f("lr", self.lr, self.lr >= 0.0, "the learning rate must be a finite number ≥ 0")?;
+        f(
+            "lr",
+            self.lr,
+            self.lr >= 0.0,
+            "the learning rate must be a finite number ≥ 0",
+        )?;
         f(
             "momentum",
             self.momentum,
@@ -140,7 +145,12 @@ impl OptimizerConfig {
             (0.0..=1.0).contains(&self.dampening),
             "dampening must be in [0, 1]",
         )?;
-        f("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "must be ≥ 0")?;
+        f(
+            "weight_decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            "must be ≥ 0",
+        )?;
         if let Some(c) = self.clip_value {
             f("clip_value", c, c > 0.0, "must be > 0")?;
         }
@@ -148,11 +158,7 @@ impl OptimizerConfig {
             f("clip_norm", c, c > 0.0, "must be > 0")?;
         }
         if self.nesterov && self.momentum == 0.0 {
-            return Err(Error::config(
-                "optimizer.nesterov",
-                true,
-                "Nesterov needs momentum > 0",
-            ));
+            return Err(Error::config("optimizer.nesterov", true, "Nesterov needs momentum > 0"));
         }
         if self.nesterov && self.dampening != 0.0 {
             return Err(Error::config(
@@ -162,7 +168,12 @@ impl OptimizerConfig {
             ));
         }
         if let BinaryOptimizer::Bop { gamma, threshold } = self.binary {
-            f("binary.gamma", gamma, gamma > 0.0 && gamma <= 1.0, "Bop's γ must be in (0, 1]")?;
+            f(
+                "binary.gamma",
+                gamma,
+                gamma > 0.0 && gamma <= 1.0,
+                "Bop's γ must be in (0, 1]",
+            )?;
             f("binary.threshold", threshold, threshold >= 0.0, "Bop's τ must be ≥ 0")?;
         }
         self.schedule.validate()

@@ -70,7 +70,11 @@ impl Schedule {
                     ));
                 }
                 if boundaries.windows(2).any(|w| w[0] >= w[1]) {
-                    return Err(Error::config("schedule.boundaries", format!("{boundaries:?}"), "must increase"));
+                    return Err(Error::config(
+                        "schedule.boundaries",
+                        format!("{boundaries:?}"),
+                        "must increase",
+                    ));
                 }
                 if let Some(v) = values.iter().find(|v| !(**v >= 0.0 && v.is_finite())) {
                     return Err(Error::config("schedule.values", v, "learning rates must be ≥ 0"));
@@ -127,13 +131,24 @@ mod tests {
         assert_eq!(s.lr(1.0, 45, 10, 6), 0.25);
         let e = Schedule::Exponential { gamma: 0.9 };
         assert!((e.lr(1.0, 25, 10, 6) - 0.81).abs() < 1e-6);
-        let c = Schedule::Cosine { warmup_epochs: 1.0, min_lr: 0.0 };
+        let c = Schedule::Cosine {
+            warmup_epochs: 1.0,
+            min_lr: 0.0,
+        };
         assert!((c.lr(1.0, 4, 10, 3) - 0.5).abs() < 1e-6); // warm-up: (4+1)/10
         assert!((c.lr(1.0, 10, 10, 3) - 1.0).abs() < 1e-6); // peak
         assert!((c.lr(1.0, 20, 10, 3) - 0.5).abs() < 1e-6); // half way down
         assert!(c.lr(1.0, 30, 10, 3).abs() < 1e-6);
-        let p = Schedule::Piecewise { boundaries: vec![1], values: vec![0.1, 0.01] };
+        let p = Schedule::Piecewise {
+            boundaries: vec![1],
+            values: vec![0.1, 0.01],
+        };
         assert_eq!((p.lr(9.0, 0, 1, 1), p.lr(9.0, 1, 1, 1)), (0.1, 0.01));
-        assert!(Schedule::Piecewise { boundaries: vec![1], values: vec![0.1] }.validate().is_err());
+        assert!(Schedule::Piecewise {
+            boundaries: vec![1],
+            values: vec![0.1]
+        }
+        .validate()
+        .is_err());
     }
 }

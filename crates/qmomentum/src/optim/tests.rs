@@ -44,7 +44,10 @@ fn nesterov_both_conventions() {
     // Keras: v1 = .1, θ1 = 1 − (.09 + .1) = .81; v2 = .09 + .081 = .171, θ2 = .81 − (.1539 + .081) = .5751
     // PyTorch: b1 = 1, d = 1.9, θ1 = .81; b2 = .9 + .81 = 1.71, d = .81 + 1.539 = 2.349, θ2 = .5751
     for conv in [Convention::LrInside, Convention::LrOutside] {
-        let cfg = OptimizerConfig { nesterov: true, ..base(conv) };
+        let cfg = OptimizerConfig {
+            nesterov: true,
+            ..base(conv)
+        };
         close(&run(cfg, &[1.0], 2), &[0.81, 0.5751]);
     }
 }
@@ -52,17 +55,27 @@ fn nesterov_both_conventions() {
 #[test]
 fn dampening_first_step_rule() {
     // PyTorch skips dampening on step 1: b1 = 1, θ1 = .9; b2 = .9 + .5·.9 = 1.35, θ2 = .765
-    let cfg = OptimizerConfig { dampening: 0.5, ..base(Convention::LrOutside) };
+    let cfg = OptimizerConfig {
+        dampening: 0.5,
+        ..base(Convention::LrOutside)
+    };
     close(&run(cfg, &[1.0], 2), &[0.9, 0.765]);
     // lr inside, zero-initialised v: v1 = .5·.1·1 = .05, θ1 = .95; v2 = .045 + .0475 = .0925, θ2 = .8575
-    let cfg = OptimizerConfig { dampening: 0.5, ..base(Convention::LrInside) };
+    let cfg = OptimizerConfig {
+        dampening: 0.5,
+        ..base(Convention::LrInside)
+    };
     close(&run(cfg, &[1.0], 2), &[0.95, 0.8575]);
 }
 
 #[test]
+#[allow(clippy::approx_constant)] // 0.6931 is the hand-computed θ₂, not ln 2
 fn coupled_and_decoupled_weight_decay() {
     // Coupled λ = .1: g' = 1.1θ. b1 = 1.1, θ1 = .89; g' = .979, b2 = .99 + .979 = 1.969, θ2 = .6931
-    let cfg = OptimizerConfig { weight_decay: 0.1, ..base(Convention::LrOutside) };
+    let cfg = OptimizerConfig {
+        weight_decay: 0.1,
+        ..base(Convention::LrOutside)
+    };
     close(&run(cfg, &[1.0], 2), &[0.89, 0.6931]);
     // Decoupled λ = .1 (η·λ = .01): θ ← .99, v1 = .1, θ1 = .89; θ ← .8811, v2 = .09 + .089 = .179, θ2 = .7021
     let cfg = OptimizerConfig {
@@ -76,19 +89,31 @@ fn coupled_and_decoupled_weight_decay() {
 #[test]
 fn clipping_by_value_and_by_global_norm() {
     // clip 0.5: g = .5, v1 = .05, θ1 = .95; g = .5, v2 = .045 + .05 = .095, θ2 = .855
-    let cfg = OptimizerConfig { clip_value: Some(0.5), ..base(Convention::LrInside) };
+    let cfg = OptimizerConfig {
+        clip_value: Some(0.5),
+        ..base(Convention::LrInside)
+    };
     close(&run(cfg, &[1.0], 2), &[0.95, 0.855]);
     // θ = (3, 4), g = (3, 4), ‖g‖ = 5 → clipped to 1: g = (.6, .8); θ1 = (2.94, 3.92)
-    let cfg = OptimizerConfig { clip_norm: Some(1.0), ..base(Convention::LrInside) };
+    let cfg = OptimizerConfig {
+        clip_norm: Some(1.0),
+        ..base(Convention::LrInside)
+    };
     let t = run(cfg, &[3.0, 4.0], 1);
     assert!((t[0][0] - 2.94).abs() < 1e-6 && (t[0][1] - 3.92).abs() < 1e-6, "{t:?}");
 }
 
 #[test]
 fn plain_sgd_is_momentum_zero() {
-    let cfg = OptimizerConfig { momentum: 0.0, ..base(Convention::LrOutside) };
+    let cfg = OptimizerConfig {
+        momentum: 0.0,
+        ..base(Convention::LrOutside)
+    };
     close(&run(cfg, &[1.0], 2), &[0.9, 0.81]);
-    let cfg = OptimizerConfig { momentum: 0.0, ..base(Convention::LrInside) };
+    let cfg = OptimizerConfig {
+        momentum: 0.0,
+        ..base(Convention::LrInside)
+    };
     close(&run(cfg, &[1.0], 2), &[0.9, 0.81]);
 }
 
@@ -99,7 +124,10 @@ fn plain_sgd_is_momentum_zero() {
 fn conventions_differ_under_a_schedule_witness() {
     for (conv, want) in [(Convention::LrOutside, -0.119f32), (Convention::LrInside, -0.2)] {
         let cfg = OptimizerConfig {
-            schedule: Schedule::Piecewise { boundaries: vec![1], values: vec![0.1, 0.01] },
+            schedule: Schedule::Piecewise {
+                boundaries: vec![1],
+                values: vec![0.1, 0.01],
+            },
             ..base(conv)
         };
         let mut opt = Optimizer::new(cfg).unwrap();
@@ -115,16 +143,58 @@ fn conventions_differ_under_a_schedule_witness() {
 #[test]
 fn impossible_settings_are_rejected_with_the_field_named() {
     let bad = [
-        (OptimizerConfig { momentum: 1.0, ..Default::default() }, "optimizer.momentum"),
-        (OptimizerConfig { momentum: -0.1, ..Default::default() }, "optimizer.momentum"),
-        (OptimizerConfig { lr: -0.01, ..Default::default() }, "optimizer.lr"),
-        (OptimizerConfig { lr: f32::NAN, ..Default::default() }, "optimizer.lr"),
         (
-            OptimizerConfig { nesterov: true, dampening: 0.1, convention: Convention::LrOutside, ..Default::default() },
+            OptimizerConfig {
+                momentum: 1.0,
+                ..Default::default()
+            },
+            "optimizer.momentum",
+        ),
+        (
+            OptimizerConfig {
+                momentum: -0.1,
+                ..Default::default()
+            },
+            "optimizer.momentum",
+        ),
+        (
+            OptimizerConfig {
+                lr: -0.01,
+                ..Default::default()
+            },
+            "optimizer.lr",
+        ),
+        (
+            OptimizerConfig {
+                lr: f32::NAN,
+                ..Default::default()
+            },
+            "optimizer.lr",
+        ),
+        (
+            OptimizerConfig {
+                nesterov: true,
+                dampening: 0.1,
+                convention: Convention::LrOutside,
+                ..Default::default()
+            },
             "optimizer.dampening",
         ),
-        (OptimizerConfig { nesterov: true, momentum: 0.0, ..Default::default() }, "optimizer.nesterov"),
-        (OptimizerConfig { clip_norm: Some(0.0), ..Default::default() }, "optimizer.clip_norm"),
+        (
+            OptimizerConfig {
+                nesterov: true,
+                momentum: 0.0,
+                ..Default::default()
+            },
+            "optimizer.nesterov",
+        ),
+        (
+            OptimizerConfig {
+                clip_norm: Some(0.0),
+                ..Default::default()
+            },
+            "optimizer.clip_norm",
+        ),
     ];
     for (cfg, field) in bad {
         let e = Optimizer::new(cfg).unwrap_err().to_string();
@@ -136,7 +206,10 @@ fn impossible_settings_are_rejected_with_the_field_named() {
 fn bop_group_flips_binary_weights_and_momentum_trains_the_rest() {
     let cfg = OptimizerConfig {
         lr: 0.1,
-        binary: BinaryOptimizer::Bop { gamma: 1.0, threshold: 0.0 },
+        binary: BinaryOptimizer::Bop {
+            gamma: 1.0,
+            threshold: 0.0,
+        },
         ..Default::default()
     };
     let mut opt = Optimizer::new(cfg).unwrap();

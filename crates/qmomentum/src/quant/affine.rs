@@ -41,7 +41,7 @@ impl QParams {
         let lo = if lo.is_finite() { lo.min(0.0) } else { 0.0 };
         let hi = if hi.is_finite() { hi.max(0.0) } else { 0.0 };
         let range = hi - lo;
-        if !(range > 0.0) || !range.is_finite() {
+        if range.is_nan() || range <= 0.0 || !range.is_finite() {
             return QParams {
                 scale: 1.0,
                 zero_point: 0,
@@ -116,12 +116,7 @@ pub fn fake_quant_weights_per_channel(
 }
 
 /// Per-tensor symmetric fake quantization (one scale for the whole kernel).
-pub fn fake_quant_weights_per_tensor(
-    w: &[f32],
-    bits: u32,
-    narrow: bool,
-    w_hat: &mut [f32],
-) -> f32 {
+pub fn fake_quant_weights_per_tensor(w: &[f32], bits: u32, narrow: bool, w_hat: &mut [f32]) -> f32 {
     let m = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let qp = QParams::symmetric(m, bits, narrow);
     for (o, &v) in w_hat.iter_mut().zip(w) {

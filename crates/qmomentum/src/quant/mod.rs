@@ -216,9 +216,7 @@ impl Scheme {
                         if first || last {
                             w8
                         } else {
-                            WeightQuant::Ternary {
-                                rule: TernaryRule::Twn,
-                            }
+                            WeightQuant::Ternary { rule: TernaryRule::Twn }
                         },
                         act(8),
                     ),

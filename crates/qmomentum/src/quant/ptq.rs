@@ -41,13 +41,22 @@ impl std::str::FromStr for Calibration {
         }
         if let Some(p) = s.strip_prefix("percentile") {
             let p = p.trim_start_matches([':', '=']);
-            let p: f32 = if p.is_empty() { 99.99 } else { p.parse().map_err(|_| Error::config("calibration", s, "percentile needs a number, e.g. percentile:99.99"))? };
+            let p: f32 = if p.is_empty() {
+                99.99
+            } else {
+                p.parse()
+                    .map_err(|_| Error::config("calibration", s, "percentile needs a number, e.g. percentile:99.99"))?
+            };
             if !(p > 50.0 && p <= 100.0) {
                 return Err(Error::config("calibration", s, "the percentile must be in (50, 100]"));
             }
             return Ok(Calibration::Percentile { p });
         }
-        Err(Error::config("calibration", s, "expected minmax, percentile[:P] or mse"))
+        Err(Error::config(
+            "calibration",
+            s,
+            "expected minmax, percentile[:P] or mse",
+        ))
     }
 }
 
@@ -56,7 +65,9 @@ pub fn choose_range(values: &mut [f32], bits: u32, method: Calibration) -> (f32,
     if values.is_empty() {
         return (0.0, 0.0);
     }
-    let (lo, hi) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
     match method {
         Calibration::MinMax => (lo, hi),
         Calibration::Percentile { p } => {
@@ -83,7 +94,13 @@ pub fn choose_range(values: &mut [f32], bits: u32, method: Calibration) -> (f32,
 
 /// Calibrate every activation observer of `model` on the first `batches` batches of `data`
 /// (in order, no shuffling), then freeze the observers.
-pub fn calibrate(model: &mut Sequential, data: &Dataset, batches: usize, batch_size: usize, method: Calibration) -> Result<()> {
+pub fn calibrate(
+    model: &mut Sequential,
+    data: &Dataset,
+    batches: usize,
+    batch_size: usize,
+    method: Calibration,
+) -> Result<()> {
     if data.features != model.input_size {
         return Err(Error::Shape(format!(
             "calibration data have {} features per sample, the model reads {}",
@@ -91,13 +108,19 @@ pub fn calibrate(model: &mut Sequential, data: &Dataset, batches: usize, batch_s
         )));
     }
     if batches == 0 || batch_size == 0 {
-        return Err(Error::config("calibration batches", batches, "need at least one batch of at least one sample"));
+        return Err(Error::config(
+            "calibration batches",
+            batches,
+            "need at least one batch of at least one sample",
+        ));
     }
     let n = (batches * batch_size).min(data.len());
     let mut rng = Rng::new(0, 0);
     let mut labels = vec![0u32; batch_size];
     for li in 0..model.layers.len() {
-        let Layer::Dense(d) = &mut model.layers[li] else { continue };
+        let Layer::Dense(d) = &mut model.layers[li] else {
+            continue;
+        };
         let Some(obs) = d.observer.take() else { continue };
         let bits = obs.bits;
         let mut values = Vec::new();
@@ -110,7 +133,9 @@ pub fn calibrate(model: &mut Sequential, data: &Dataset, batches: usize, batch_s
             values.extend_from_slice(model.layer_output(li, b));
         }
         let (lo, hi) = choose_range(&mut values, bits, method);
-        let Layer::Dense(d) = &mut model.layers[li] else { continue };
+        let Layer::Dense(d) = &mut model.layers[li] else {
+            continue;
+        };
         let mut obs = obs;
         obs.min = lo;
         obs.max = hi;
@@ -122,6 +147,51 @@ pub fn calibrate(model: &mut Sequential, data: &Dataset, batches: usize, batch_s
         d.observer = Some(obs);
     }
     Ok(())
+}
+
+/// Post-training quantization of a float model: a model of the same architecture with the
+/// quantization of `scheme` (per-layer `quant` of the config wins), the float weights and biases
+/// copied, and the activation ranges calibrated on `batches` batches of `data`.
+pub fn quantize_float_model(
+    float: &Sequential,
+    cfg: &crate::config::ModelConfig,
+    scheme: super::Scheme,
+    data: &Dataset,
+    batches: usize,
+    batch_size: usize,
+    method: Calibration,
+) -> Result<Sequential> {
+    if let Some(d) = float
+        .dense()
+        .find(|d| d.quant.weights.is_some() || d.quant.activations.is_some())
+    {
+        return Err(Error::config(
+            "checkpoint",
+            format!("layer {} is quantized", d.index),
+            "post-training quantization starts from a float (fp32) checkpoint",
+        ));
+    }
+    let mut q = Sequential::from_config(cfg, scheme, false, 0)?;
+    let src: Vec<_> = float.dense().collect();
+    let n_dst = q.dense().count();
+    if src.len() != n_dst {
+        return Err(Error::Shape(format!(
+            "the checkpoint has {} dense layers, the config {n_dst}",
+            src.len()
+        )));
+    }
+    for (d, s) in q.dense_mut().zip(src) {
+        if (d.inputs, d.outputs) != (s.inputs, s.outputs) {
+            return Err(Error::Shape(format!(
+                "layer {}: the checkpoint is {}→{}, the config {}→{}",
+                d.index, s.inputs, s.outputs, d.inputs, d.outputs
+            )));
+        }
+        d.weight.value.copy_from_slice(&s.weight.value);
+        d.bias.value.copy_from_slice(&s.bias.value);
+    }
+    calibrate(&mut q, data, batches, batch_size, method)?;
+    Ok(q)
 }
 
 #[cfg(test)]
@@ -142,45 +212,9 @@ mod tests {
         let (_, hi) = choose_range(&mut w, 2, Calibration::Mse);
         assert!(hi < 2000.0, "MSE clips the outlier at 2 bits: {hi}");
         assert!("percentile:101".parse::<Calibration>().is_err());
-        assert_eq!("percentile".parse::<Calibration>().unwrap(), Calibration::Percentile { p: 99.99 });
+        assert_eq!(
+            "percentile".parse::<Calibration>().unwrap(),
+            Calibration::Percentile { p: 99.99 }
+        );
     }
-}
-
-/// Post-training quantization of a float model: a model of the same architecture with the
-/// quantization of `scheme` (per-layer `quant` of the config wins), the float weights and biases
-/// copied, and the activation ranges calibrated on `batches` batches of `data`.
-pub fn quantize_float_model(
-    float: &Sequential,
-    cfg: &crate::config::ModelConfig,
-    scheme: super::Scheme,
-    data: &Dataset,
-    batches: usize,
-    batch_size: usize,
-    method: Calibration,
-) -> Result<Sequential> {
-    if let Some(d) = float.dense().find(|d| d.quant.weights.is_some() || d.quant.activations.is_some()) {
-        return Err(Error::config(
-            "checkpoint",
-            format!("layer {} is quantized", d.index),
-            "post-training quantization starts from a float (fp32) checkpoint",
-        ));
-    }
-    let mut q = Sequential::from_config(cfg, scheme, false, 0)?;
-    let src: Vec<_> = float.dense().collect();
-    let n_dst = q.dense().count();
-    if src.len() != n_dst {
-        return Err(Error::Shape(format!("the checkpoint has {} dense layers, the config {n_dst}", src.len())));
-    }
-    for (d, s) in q.dense_mut().zip(src) {
-        if (d.inputs, d.outputs) != (s.inputs, s.outputs) {
-            return Err(Error::Shape(format!(
-                "layer {}: the checkpoint is {}→{}, the config {}→{}",
-                d.index, s.inputs, s.outputs, d.inputs, d.outputs
-            )));
-        }
-        d.weight.value.copy_from_slice(&s.weight.value);
-        d.bias.value.copy_from_slice(&s.bias.value);
-    }
-    calibrate(&mut q, data, batches, batch_size, method)?;
-    Ok(q)
 }
