@@ -38,6 +38,9 @@ struct TrainBench {
     /// Cores per step.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Rounds: the schemes run interleaved this many times; medians pool all rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Peak GFLOP/s the % column divides by (measured here: 2 cores × ~113 FMA GFLOP/s).
     #[arg(long, default_value_t = 227.0)]
     peak_gflops: f64,
@@ -61,39 +64,57 @@ pub fn train_flops(t: &Trainer, samples: usize) -> f64 {
 
 fn train(b: TrainBench) -> Result<()> {
     let (train, _) = Dataset::load_mnist_dir(&b.data.data)?;
-    println!("bench train: MLP 784-128-64-10, Fashion-MNIST {} samples, batch 128, momentum 0.9, {} threads, {} epochs each (median of epochs 2..)", train.len(), b.threads, b.epochs);
-    println!("| scheme | epoch 1 s | median epoch s | samples/s | GFLOP/s (matmul) | % of {:.0} GFLOP/s peak | epoch / fp32 |", b.peak_gflops);
-    println!("|---|---|---|---|---|---|---|");
-    let mut fp = None;
-    for s in &b.schemes {
-        let scheme: Scheme = s.parse()?;
-        let cfg = TrainConfig {
-            epochs: b.epochs,
-            quant: scheme,
-            threads: b.threads,
-            optimizer: qmomentum::optim::OptimizerConfig {
-                lr: 0.01,
+    println!(
+        "bench train: MLP 784-128-64-10, Fashion-MNIST {} samples, batch 128, momentum 0.9, {} threads; \
+         {} rounds of {:?} interleaved, {} epochs each; median over rounds of epochs 2..",
+        train.len(),
+        b.threads,
+        b.rounds,
+        b.schemes,
+        b.epochs
+    );
+    let schemes: Vec<Scheme> = b.schemes.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
+    let mut epochs: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
+    let mut first: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
+    let mut flops = 0.0;
+    for _ in 0..b.rounds.max(1) {
+        for (i, &scheme) in schemes.iter().enumerate() {
+            let cfg = TrainConfig {
+                epochs: b.epochs,
+                quant: scheme,
+                threads: b.threads,
+                optimizer: qmomentum::optim::OptimizerConfig {
+                    lr: 0.01,
+                    ..Default::default()
+                },
                 ..Default::default()
-            },
-            ..Default::default()
-        };
-        let mut t = Trainer::new(cfg)?;
-        t.fit(&train, None, |_, _| {})?;
-        let first = t.history.epochs[0].seconds;
-        let mut rest: Vec<f64> = t.history.epochs.iter().skip(1).map(|r| r.seconds).collect();
-        if rest.is_empty() {
-            rest.push(first);
+            };
+            let mut t = Trainer::new(cfg)?;
+            t.fit(&train, None, |_, _| {})?;
+            first[i].push(t.history.epochs[0].seconds);
+            epochs[i].extend(t.history.epochs.iter().skip(1).map(|r| r.seconds));
+            flops = train_flops(&t, train.len());
         }
-        rest.sort_by(|a, b| a.total_cmp(b));
-        let med = rest[rest.len() / 2];
-        let flops = train_flops(&t, train.len());
-        let gf = flops / med / 1e9;
-        let base = *fp.get_or_insert(med);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!(
+        "| scheme | epoch 1 s | median epoch s | samples/s | GFLOP/s (matmul) | % of {:.0} GFLOP/s peak | epoch / fp32 |",
+        b.peak_gflops
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let base = med(&mut epochs[0].clone());
+    for (i, s) in schemes.iter().enumerate() {
+        let m = med(&mut epochs[i]);
+        let f = med(&mut first[i]);
+        let gf = flops / m / 1e9;
         println!(
-            "| {s} | {first:.3} | {med:.3} | {:.0} | {gf:.1} | {:.0} % | {:.2}× |",
-            train.len() as f64 / med,
+            "| {s} | {f:.3} | {m:.3} | {:.0} | {gf:.1} | {:.0} % | {:.2}× |",
+            train.len() as f64 / m,
             100.0 * gf / b.peak_gflops,
-            med / base
+            m / base
         );
     }
     Ok(())

@@ -22,7 +22,7 @@
 use super::activation::{softmax_rows, Activation};
 use super::param::{Param, ParamKind};
 use crate::gemm::{matmul, Op};
-use crate::quant::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor, QParams};
+use crate::quant::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor, round_even_small, QParams};
 use crate::quant::binary::{binarize, sign, ternarize};
 use crate::quant::observer::{lsq_grad, ActObserver, Observer};
 use crate::quant::{LayerQuant, WeightQuant};
@@ -363,8 +363,11 @@ impl Dense {
             }
             if obs.initialized {
                 let qp = obs.qparams();
+                // x̂ = s·(clamp(round(x/s + z)) − z), with 1/s multiplied rather than divided.
+                let (inv, z) = (1.0 / qp.scale, qp.zero_point as f32);
+                let (qmin, qmax) = (qp.qmin as f32, qp.qmax as f32);
                 for v in y[..n].iter_mut() {
-                    *v = qp.fake_quant(*v);
+                    *v = (round_even_small((*v * inv + z).clamp(qmin, qmax)) - z) * qp.scale;
                 }
                 self.qp = Some(qp);
             }
@@ -395,6 +398,26 @@ impl Dense {
             ) {
                 for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
                     let v = if relu && z <= 0.0 { 0.0 } else { g };
+                    *d = v;
+                    *db += v;
+                }
+            }
+        } else if let (false, Some(q), None, true) =
+            (sign_out, qp, lsq, matches!(act, Activation::Relu | Activation::Linear))
+        {
+            // Quantized ReLU/linear outputs (min-max or EMA grid): clipped-STE mask and ReLU
+            // derivative in one vectorisable pass.
+            let (lo, hi) = q.range();
+            let relu = act == Activation::Relu;
+            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
+                self.dz[..n]
+                    .chunks_exact_mut(self.outputs)
+                    .zip(dy.chunks_exact(self.outputs)),
+            ) {
+                for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
+                    let a = if relu { z.max(0.0) } else { z };
+                    let pass = a >= lo && a <= hi && (!relu || z > 0.0);
+                    let v = if pass { g } else { 0.0 };
                     *d = v;
                     *db += v;
                 }

@@ -77,7 +77,7 @@ pub fn ternarize(w: &[f32], outputs: usize, rule: TernaryRule, w_hat: &mut [f32]
             }
             for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
                 for ((o, &v), &a) in out.iter_mut().zip(row).zip(alpha.iter()) {
-                    *o = a * (v / a).round_ties_even().clamp(-1.0, 1.0);
+                    *o = a * crate::quant::affine::round_even_small((v / a).clamp(-1.0, 1.0));
                 }
             }
         }

@@ -140,7 +140,7 @@ pub fn lsq_grad(v: f32, s: f32, qn: i32, qp: i32) -> (f32, bool) {
     } else if r >= qp as f32 {
         (qp as f32, false)
     } else {
-        (r.round_ties_even() - r, true)
+        (super::affine::round_even_small(r) - r, true)
     }
 }
 
