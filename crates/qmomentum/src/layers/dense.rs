@@ -422,6 +422,47 @@ impl Dense {
                     *db += v;
                 }
             }
+        } else if let (false, Some(q), Some((qn, qpos)), true) =
+            (sign_out, qp, lsq, matches!(act, Activation::Relu | Activation::Linear))
+        {
+            // LSQ on ReLU/linear outputs, in one branch-free pass: the STE mask for the input and
+            // ∂v̂/∂s = round(v/s) − v/s inside, −Qn / Qp outside (accumulated per channel lane).
+            let relu = act == Activation::Relu;
+            let inv = 1.0 / q.scale;
+            let (lo, hi) = (-(qn as f32), qpos as f32);
+            // Per-channel partial sums of ∂L/∂s in `w_tmp` (free during backward), so the loop
+            // zips like the bias gradient and vectorises.
+            let ds_col = &mut self.w_tmp[..self.outputs];
+            ds_col.fill(0.0);
+            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
+                self.dz[..n]
+                    .chunks_exact_mut(self.outputs)
+                    .zip(dy.chunks_exact(self.outputs)),
+            ) {
+                for ((((&z, d), &g), db), dsj) in zr
+                    .iter()
+                    .zip(dzr.iter_mut())
+                    .zip(dyr)
+                    .zip(self.bias.grad.iter_mut())
+                    .zip(ds_col.iter_mut())
+                {
+                    let a = if relu { z.max(0.0) } else { z };
+                    let r = a * inv;
+                    let inside = r > lo && r < hi;
+                    let gs = if inside {
+                        round_even_small(r.clamp(lo, hi)) - r
+                    } else if r <= lo {
+                        lo
+                    } else {
+                        hi
+                    };
+                    *dsj += g * gs;
+                    let v = if inside && (!relu || z > 0.0) { g } else { 0.0 };
+                    *d = v;
+                    *db += v;
+                }
+            }
+            ds = ds_col.iter().sum();
         } else {
             // One pass: STE mask of the output quantizer, activation derivative, bias gradient.
             for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
