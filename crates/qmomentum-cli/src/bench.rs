@@ -23,6 +23,9 @@ enum BenchWhat {
     Train(TrainBench),
     /// Batch-1 latency and batch-10000 throughput: our f32 path, the int8 and the binary runtime.
     Infer(crate::deploy::InferBench),
+    /// (internal) time one integer model in this fresh process; prints JSON.
+    #[command(hide = true)]
+    Runtime(crate::deploy::RuntimeTiming),
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +53,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Train(b) => train(b),
         BenchWhat::Infer(b) => crate::deploy::bench_infer(b),
+        BenchWhat::Runtime(r) => crate::deploy::runtime_timing(r),
     }
 }
 
