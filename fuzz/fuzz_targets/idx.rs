@@ -5,6 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(idx) = qmomentum::data::idx::parse_idx(data, std::path::Path::new("fuzz")) {
-        assert_eq!(idx.dims.iter().product::<usize>(), idx.data.len());
+        let total = idx.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        assert_eq!(total, Some(idx.data.len()));
     }
 });

@@ -99,12 +99,20 @@ fn parse_raw(mut buf: Vec<u8>, path: &Path) -> Result<Idx> {
         ));
     }
     let mut dims = Vec::with_capacity(nd);
-    let mut total: u64 = 1;
     for d in 0..nd {
         let o = 4 + 4 * d;
-        let v = u32::from_be_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]) as u64;
-        total = total.saturating_mul(v);
-        dims.push(v as usize);
+        dims.push(u32::from_be_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]) as usize);
+    }
+    // Every partial product must fit (a zero dimension must not hide an overflowing rest: code
+    // downstream multiplies the trailing dimensions to get the values per sample).
+    let mut total: u64 = 1;
+    for &v in &dims {
+        total = total.checked_mul(v as u64).filter(|t| *t <= MAX_IDX_BYTES).ok_or_else(|| {
+            Error::data(path, format!("header dimensions {dims:?} describe more than 1 GiB of data"))
+        })?;
+    }
+    if dims[1..].iter().try_fold(1u64, |a, &v| a.checked_mul(v as u64).filter(|t| *t <= MAX_IDX_BYTES)).is_none() {
+        return Err(Error::data(path, format!("header dimensions {dims:?} describe more than 1 GiB per sample")));
     }
     let have = (buf.len() - header) as u64;
     if total != have {
@@ -148,7 +156,7 @@ mod tests {
     fn huge_claimed_count_is_rejected_without_allocating() {
         let raw = idx(&[0xFFFF_FFFF, 28, 28], &[0; 10]);
         let e = parse_idx(&raw, Path::new("big")).unwrap_err().to_string();
-        assert!(e.contains("truncated") && e.contains("big"), "{e}");
+        assert!(e.contains("more than 1 GiB") && e.contains("big"), "{e}");
     }
     #[test]
     fn bad_magic_and_type() {
