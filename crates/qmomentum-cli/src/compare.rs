@@ -17,7 +17,11 @@ pub struct CompareArgs {
     #[command(flatten)]
     data: DataArgs,
     /// QAT schemes to train (fp32 is always trained: it is the reference and the PTQ source).
-    #[arg(long, value_delimiter = ',', default_value = "w8a8,w4a8,w4a4,w2a2,ternary,binary")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "w8a8,w4a8,w4a4,w2a2,ternary,binary,binary-all"
+    )]
     schemes: Vec<String>,
     /// PTQ schemes applied to each fp32 model.
     #[arg(long, value_delimiter = ',', default_value = "w8a8,w4a8")]

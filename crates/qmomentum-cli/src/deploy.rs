@@ -218,7 +218,8 @@ pub struct InferBench {
     /// An int8 model file (default: a model quantized here from a 1-epoch float run).
     #[arg(long)]
     int8: Option<PathBuf>,
-    /// A binary model file (default: a binary model trained here for 1 epoch).
+    /// A binary model file (default: a binary model trained here for 1 epoch; a `binary-all`
+    /// model is always trained here too).
     #[arg(long)]
     binary: Option<PathBuf>,
     /// Threads for the large batch.
@@ -295,6 +296,7 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
         Some(p) => qmomentum_runtime::Model::load(p)?,
         None => qmomentum::export::to_runtime(&quick_model(Scheme::Binary, &train)?.model)?,
     };
+    let binary_all = qmomentum::export::to_runtime(&quick_model(Scheme::BinaryAll, &train)?.model)?;
     println!(
         "| path | batch-1 latency µs | batch-{n} samples/s ({} threads) | vs f32 | accuracy |",
         b.threads
@@ -312,7 +314,11 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
     // training above woke — competes with the runtime's threads.
     let dir = std::env::temp_dir().join(format!("qmomentum-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    for (name, m) in [("int8 (runtime)", &int8), ("binary (runtime)", &binary)] {
+    for (name, m) in [
+        ("int8 (runtime)", &int8),
+        ("binary, int8 first layer (runtime)", &binary),
+        ("binary-all, binarized input (runtime)", &binary_all),
+    ] {
         let path = dir.join("model.qmm");
         m.save(&path)?;
         let out = std::process::Command::new(std::env::current_exe()?)

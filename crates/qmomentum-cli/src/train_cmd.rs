@@ -77,7 +77,7 @@ pub struct TrainArgs {
     /// Learning-rate schedule: constant | step:EVERY:GAMMA | exp:GAMMA | cosine[:WARMUP_EPOCHS[:MIN_LR]].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Quantization: fp32 | w8a8 | w4a8 | w4a4 | w2a2 | ternary | binary.
+    /// Quantization: fp32 | w8a8 | w4a8 | w4a4 | w2a2 | ternary | binary | binary-all.
     #[arg(long)]
     pub quant: Option<String>,
     /// Train binary weights with momentum on latent floats instead of Bop.

@@ -34,29 +34,29 @@ fn write_idx(path: &Path, dims: &[u32], data: &[u8]) {
 
 /// A small MNIST-layout folder: the first `n_train` / `n_test` images of the shipped set.
 fn small_data(n_train: usize, n_test: usize) -> PathBuf {
+    // Made once per process: the tests run in parallel and share these folders.
     static FULL: OnceLock<(Dataset, Dataset)> = OnceLock::new();
+    static MADE: std::sync::Mutex<Vec<(usize, usize, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap();
+    if let Some((_, _, p)) = made.iter().find(|(a, b, _)| (*a, *b) == (n_train, n_test)) {
+        return p.clone();
+    }
     let (tr, te) = FULL.get_or_init(|| Dataset::load_mnist_dir(&shipped()).unwrap());
     let d = tmp(&format!("data-{n_train}-{n_test}"));
+    let (nt, ns) = (n_train as u32, n_test as u32);
     write_idx(
         &d.join("train-images-idx3-ubyte"),
-        &[n_train as u32, 28, 28],
+        &[nt, 28, 28],
         &tr.images[..n_train * 784],
     );
-    write_idx(
-        &d.join("train-labels-idx1-ubyte"),
-        &[n_train as u32],
-        &tr.labels[..n_train],
-    );
+    write_idx(&d.join("train-labels-idx1-ubyte"), &[nt], &tr.labels[..n_train]);
     write_idx(
         &d.join("t10k-images-idx3-ubyte"),
-        &[n_test as u32, 28, 28],
+        &[ns, 28, 28],
         &te.images[..n_test * 784],
     );
-    write_idx(
-        &d.join("t10k-labels-idx1-ubyte"),
-        &[n_test as u32],
-        &te.labels[..n_test],
-    );
+    write_idx(&d.join("t10k-labels-idx1-ubyte"), &[ns], &te.labels[..n_test]);
+    made.push((n_train, n_test, d.clone()));
     d
 }
 

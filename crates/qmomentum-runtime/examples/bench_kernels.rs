@@ -134,6 +134,7 @@ fn main() {
         size: 784,
         scale: 1.0 / 255.0,
         zero_point: 0,
+        binarize_at: None,
     };
     let model = Model::new(input, layers).unwrap();
     let batch = 10_000;

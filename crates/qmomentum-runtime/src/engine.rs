@@ -118,6 +118,8 @@ pub struct Workspace {
     acts: Vec<Act>,
     /// `[max_batch, classes]`.
     logits: Vec<f32>,
+    /// The input block packed to bits, for a model with a binarized input.
+    input_bits: Aligned<u64>,
 }
 
 impl Workspace {
@@ -160,6 +162,11 @@ impl Model {
             acc: Aligned::zeroed(block.min(ACC_ROWS) * max_out.unwrap_or(0)),
             acts,
             logits: vec![0.0; max_batch * self.num_classes()],
+            input_bits: Aligned::zeroed(if self.input.binarize_at.is_some() {
+                block * self.input.size.div_ceil(64)
+            } else {
+                0
+            }),
         }
     }
 
@@ -200,12 +207,17 @@ impl Model {
             acc,
             acts,
             logits,
+            input_bits,
             ..
         } = ws;
+        let in_words = size.div_ceil(64);
         let mut start = 0;
         while start < batch {
             let rows = (*block).min(batch - start);
             let x = &input[start * size..(start + rows) * size];
+            if let Some(t) = self.input.binarize_at {
+                pack_bits(kernel, x, size, t, &mut input_bits[..rows * in_words]);
+            }
             for (l, layer) in self.compiled.iter().enumerate() {
                 let (done, rest) = acts.split_at_mut(l);
                 let stride = padded(layer.outputs);
@@ -219,6 +231,10 @@ impl Model {
                         (Dense::I8(p), None) => kernels::dense_i8(kernel, p, &x[r0 * size..], size, n, acc, stride)?,
                         (Dense::I8(p), Some(Act::U8 { buf, stride: xs })) => {
                             kernels::dense_i8(kernel, p, &buf[r0 * xs..], *xs, n, acc, stride)?
+                        }
+                        (Dense::Bin(p), None) => {
+                            let x = &input_bits[r0 * in_words..];
+                            kernels::dense_bin(kernel, p, x, in_words, n, acc, stride)?
                         }
                         (Dense::Bin(p), Some(Act::Bits { buf, words })) => {
                             let x = &buf[r0 * words..];
@@ -374,4 +390,81 @@ fn argmax(row: &[f32]) -> u32 {
         }
     }
     best.0 as u32
+}
+
+/// Bit `k` of a row = `x[k] ≥ threshold`; rows of `size` u8 into rows of `ceil(size/64)` words,
+/// padding bits 0 (as the weights' padding, so they never count in `in − 2·popcount(x ^ w)`).
+fn pack_bits(kernel: KernelKind, x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == KernelKind::Avx512Vnni {
+        // SAFETY: the AVX-512 tier is only selected when the CPU has AVX-512 F/BW (checked by
+        // `KernelKind::is_available` before `run_with` gets here).
+        unsafe { pack_bits_avx512(x, size, threshold, out) };
+        return;
+    }
+    let _ = kernel;
+    pack_bits_scalar(x, size, threshold, out);
+}
+
+fn pack_bits_scalar(x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
+    let words = size.div_ceil(64);
+    for (row, o) in x.chunks_exact(size).zip(out.chunks_exact_mut(words)) {
+        for (chunk, w) in row.chunks(64).zip(o.iter_mut()) {
+            let mut bits = 0u64;
+            for (b, &v) in chunk.iter().enumerate() {
+                bits |= ((v >= threshold) as u64) << b;
+            }
+            *w = bits;
+        }
+    }
+}
+
+/// One `vpcmpub` per 64 pixels: the compare mask is the bit word. The tail of a row is loaded
+/// with a mask and compared under it, so padding bits stay 0 whatever the threshold.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_bits_avx512(x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
+    use std::arch::x86_64::*;
+    let words = size.div_ceil(64);
+    let t = _mm512_set1_epi8(threshold as i8);
+    for (row, o) in x.chunks_exact(size).zip(out.chunks_exact_mut(words)) {
+        for (w, word) in o.iter_mut().enumerate() {
+            let start = w * 64;
+            let len = (size - start).min(64);
+            let lanes: u64 = if len == 64 { u64::MAX } else { (1u64 << len) - 1 };
+            // SAFETY: the masked load reads only the `len` bytes that exist in `row`.
+            let v = unsafe { _mm512_maskz_loadu_epi8(lanes, row.as_ptr().add(start) as *const i8) };
+            *word = _mm512_mask_cmpge_epu8_mask(lanes, v, t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_bit_packing_equals_scalar_for_every_threshold_and_odd_sizes() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for size in [1usize, 7, 63, 64, 65, 127, 784] {
+            let x: Vec<u8> = (0..3 * size)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            for t in [0u8, 1, 127, 128, 255] {
+                let words = size.div_ceil(64);
+                let mut a = vec![0u64; 3 * words];
+                let mut b = vec![0u64; 3 * words];
+                pack_bits_scalar(&x, size, t, &mut a);
+                for k in KernelKind::ALL.into_iter().filter(|k| k.is_available()) {
+                    pack_bits(k, &x, size, t, &mut b);
+                    assert_eq!(a, b, "size {size} threshold {t} kernel {k:?}");
+                }
+            }
+        }
+    }
 }

@@ -36,6 +36,9 @@ pub struct InputSpec {
     pub scale: f32,
     /// The u8 that represents real 0.
     pub zero_point: u8,
+    /// Binary input: the first layer reads one bit per value, `pixel ≥ binarize_at` (the
+    /// file's optional `input.binarize_at`), and must be a `dense_bin` layer.
+    pub binarize_at: Option<u8>,
 }
 
 /// What a layer does with its i32 accumulator (`acc` for `dense_i8`, `dot` for `dense_bin`).
@@ -326,7 +329,15 @@ fn validate(input: &InputSpec, layers: &[Layer]) -> Result<(), Error> {
     let last = layers.len() - 1;
     for (i, layer) in layers.iter().enumerate() {
         let (prev_out, prev_is_u8, prev_desc) = match i {
-            0 => (input.size, true, "input.size".to_string()),
+            0 => (
+                input.size,
+                input.binarize_at.is_none(),
+                if input.binarize_at.is_some() {
+                    "the binarized input".to_string()
+                } else {
+                    "input.size".to_string()
+                },
+            ),
             _ => {
                 let p = &layers[i - 1];
                 (
@@ -755,6 +766,7 @@ fn parse(bytes: &[u8]) -> Result<(InputSpec, Vec<Layer>), Error> {
         size: inp.size("size")?,
         scale: inp.f32("scale")?,
         zero_point: inp.uint("zero_point", 255)? as u8,
+        binarize_at: inp.opt_uint("binarize_at", 255)?.map(|t| t as u8),
     };
     inp.done()?;
     let layer_docs = top.get("layers")?;
@@ -965,14 +977,18 @@ fn serialize(input: &InputSpec, layers: &[Layer]) -> Result<Vec<u8>, Error> {
         }
         docs.push(Value::Object(doc));
     }
+    let mut input_doc = json!({
+        "size": input.size,
+        "scale": json_f32(input.scale),
+        "zero_point": input.zero_point,
+    });
+    if let (Some(t), Some(obj)) = (input.binarize_at, input_doc.as_object_mut()) {
+        obj.insert("binarize_at".into(), json!(t));
+    }
     let doc = json!({
         "format": FORMAT,
         "version": VERSION,
-        "input": {
-            "size": input.size,
-            "scale": json_f32(input.scale),
-            "zero_point": input.zero_point,
-        },
+        "input": input_doc,
         "layers": docs,
     });
     let metadata = HashMap::from([(METADATA_KEY.to_string(), doc.to_string())]);

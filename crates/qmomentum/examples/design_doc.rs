@@ -38,6 +38,7 @@ fn main() -> qmomentum::Result<()> {
                 quant: None,
             },
         ],
+        ..Default::default()
     };
     let optimizer = OptimizerConfig {
         lr: 0.001,

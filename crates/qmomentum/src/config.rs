@@ -53,6 +53,10 @@ pub enum LayerConfig {
 pub struct ModelConfig {
     /// Input features.
     pub input: usize,
+    /// Binarize the input (values in [0, 1]): `x ≥ t` → +1, else −1. The `binary-all` preset
+    /// sets 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binarize_input: Option<f32>,
     /// Layers in order.
     pub layers: Vec<LayerConfig>,
 }
@@ -67,6 +71,7 @@ impl Default for ModelConfig {
         };
         ModelConfig {
             input: 784,
+            binarize_input: None,
             layers: vec![
                 d(128, Activation::Relu),
                 d(64, Activation::Relu),
@@ -81,6 +86,15 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         if self.input == 0 {
             return Err(Error::config("model.input", 0, "must be at least 1"));
+        }
+        if let Some(t) = self.binarize_input {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(Error::config(
+                    "model.binarize_input",
+                    t,
+                    "the threshold must be in [0, 1]",
+                ));
+            }
         }
         let mut dense = 0;
         for (i, l) in self.layers.iter().enumerate() {

@@ -35,14 +35,28 @@ fn quantize_multiplier(m: f64, what: &str) -> Result<(i32, i32)> {
 pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
     let mut model = model.clone();
     let n_dense = model.dense().count();
-    let input = rt::InputSpec {
-        size: model.input_size,
-        scale: 1.0 / 255.0,
-        zero_point: 0,
-    };
-    let mut grid = Grid::U8 {
-        scale: 1.0 / 255.0,
-        zero_point: 0,
+    let input =
+        rt::InputSpec {
+            size: model.input_size,
+            scale: 1.0 / 255.0,
+            zero_point: 0,
+            // The smallest pixel p with p·(1/255) ≥ t, in the very f32 arithmetic of the data
+            // pipeline (`Dataset::gather_normalised`), so that the runtime's `p ≥ threshold` makes
+            // the same bits as the simulation.
+            binarize_at: match model.binarize_input {
+                None => None,
+                Some(t) => Some((0..=255u8).find(|&p| p as f32 * (1.0 / 255.0) >= t).ok_or_else(|| {
+                    Error::config("model.binarize_input", t, "no pixel value reaches this threshold")
+                })?),
+            },
+        };
+    let mut grid = if model.binarize_input.is_some() {
+        Grid::Bits
+    } else {
+        Grid::U8 {
+            scale: 1.0 / 255.0,
+            zero_point: 0,
+        }
     };
     let mut layers = Vec::new();
     let mut seen = 0;

@@ -25,6 +25,8 @@ pub struct Sequential {
     pub input_size: usize,
     /// Layers.
     pub layers: Vec<Layer>,
+    /// Binarize the input at this threshold (`x ≥ t` → +1, else −1) before the first layer.
+    pub binarize_input: Option<f32>,
     acts: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     probs: Vec<f32>,
@@ -38,6 +40,7 @@ impl Sequential {
         Sequential {
             input_size,
             layers: Vec::new(),
+            binarize_input: None,
             acts: Vec::new(),
             grads: Vec::new(),
             probs: Vec::new(),
@@ -62,6 +65,7 @@ impl Sequential {
         cfg.validate()?;
         let mut rng = Rng::new(seed, 0x1417);
         let mut m = Sequential::new(cfg.input);
+        m.binarize_input = cfg.binarize_input.or(scheme.input_binarization());
         let n_dense = cfg
             .layers
             .iter()
@@ -123,6 +127,12 @@ impl Sequential {
         // The grid of each layer's input: pixels/255 for the model input (the data pipeline),
         // then each quantized layer's output grid.
         let mut in_scale = Some(1.0f32 / 255.0);
+        if let Some(t) = self.binarize_input {
+            for v in self.acts[0][..batch * size].iter_mut() {
+                *v = if *v >= t { 1.0 } else { -1.0 };
+            }
+            in_scale = None;
+        }
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let out = layer.output_size(size);
             match layer {

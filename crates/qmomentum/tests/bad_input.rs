@@ -95,6 +95,7 @@ fn tiny() -> Trainer {
                 activation: Activation::Softmax,
                 quant: None,
             }],
+            ..Default::default()
         },
         ..Default::default()
     };

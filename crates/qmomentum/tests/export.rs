@@ -105,3 +105,12 @@ fn w8a8_ptq_runtime_agrees_with_simulation() {
     .unwrap();
     agreement(&mut q, "w8a8 PTQ");
 }
+
+#[test]
+fn binary_all_runtime_agrees_with_simulation() {
+    let mut t = trained(Scheme::BinaryAll, 2);
+    assert_eq!(t.model.binarize_input, Some(0.5));
+    let rt = to_runtime(&t.model).unwrap();
+    assert_eq!(rt.input().binarize_at, Some(128), "x = p/255 ≥ 0.5 ⇔ p ≥ 128");
+    agreement(&mut t.model, "binary-all (input binarized)");
+}

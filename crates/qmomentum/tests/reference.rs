@@ -31,6 +31,7 @@ fn setup(r: &Value) -> Sequential {
             d(4, Activation::Relu),
             d(3, Activation::Softmax),
         ],
+        ..Default::default()
     };
     let mut m = Sequential::from_config(&cfg, Scheme::Fp32, false, 0).unwrap();
     for (i, dense) in m.dense_mut().enumerate() {

@@ -136,6 +136,7 @@ pub fn random_model(rng: &mut Rng, input: usize, spec: &[(Kind, usize, &str)]) -
         size: input,
         scale: 1.0 / 255.0,
         zero_point: rng.range(0, 255) as u8,
+        binarize_at: None,
     };
     Model::new(input, layers).unwrap()
 }

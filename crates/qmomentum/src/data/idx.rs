@@ -107,12 +107,25 @@ fn parse_raw(mut buf: Vec<u8>, path: &Path) -> Result<Idx> {
     // downstream multiplies the trailing dimensions to get the values per sample).
     let mut total: u64 = 1;
     for &v in &dims {
-        total = total.checked_mul(v as u64).filter(|t| *t <= MAX_IDX_BYTES).ok_or_else(|| {
-            Error::data(path, format!("header dimensions {dims:?} describe more than 1 GiB of data"))
-        })?;
+        total = total
+            .checked_mul(v as u64)
+            .filter(|t| *t <= MAX_IDX_BYTES)
+            .ok_or_else(|| {
+                Error::data(
+                    path,
+                    format!("header dimensions {dims:?} describe more than 1 GiB of data"),
+                )
+            })?;
     }
-    if dims[1..].iter().try_fold(1u64, |a, &v| a.checked_mul(v as u64).filter(|t| *t <= MAX_IDX_BYTES)).is_none() {
-        return Err(Error::data(path, format!("header dimensions {dims:?} describe more than 1 GiB per sample")));
+    if dims[1..]
+        .iter()
+        .try_fold(1u64, |a, &v| a.checked_mul(v as u64).filter(|t| *t <= MAX_IDX_BYTES))
+        .is_none()
+    {
+        return Err(Error::data(
+            path,
+            format!("header dimensions {dims:?} describe more than 1 GiB per sample"),
+        ));
     }
     let have = (buf.len() - header) as u64;
     if total != have {

@@ -131,6 +131,8 @@ pub enum Scheme {
     Ternary,
     /// Binary weights and binary (sign) activations.
     Binary,
+    /// Every layer binary, the input too (pixels binarized at 0.5): XNOR-popcount end to end.
+    BinaryAll,
 }
 
 impl std::str::FromStr for Scheme {
@@ -144,11 +146,12 @@ impl std::str::FromStr for Scheme {
             "w2a2" => Scheme::W2a2,
             "ternary" => Scheme::Ternary,
             "binary" => Scheme::Binary,
+            "binary-all" | "binary_all" => Scheme::BinaryAll,
             _ => {
                 return Err(Error::config(
                     "quant",
                     s,
-                    "expected fp32, w8a8, w4a8, w4a4, w2a2, ternary or binary",
+                    "expected fp32, w8a8, w4a8, w4a4, w2a2, ternary, binary or binary-all",
                 ))
             }
         })
@@ -165,6 +168,7 @@ impl std::fmt::Display for Scheme {
             Scheme::W2a2 => "w2a2",
             Scheme::Ternary => "ternary",
             Scheme::Binary => "binary",
+            Scheme::BinaryAll => "binary-all",
         };
         f.write_str(s)
     }
@@ -172,7 +176,7 @@ impl std::fmt::Display for Scheme {
 
 impl Scheme {
     /// All presets, in order of decreasing precision.
-    pub const ALL: [Scheme; 7] = [
+    pub const ALL: [Scheme; 8] = [
         Scheme::Fp32,
         Scheme::W8a8,
         Scheme::W4a8,
@@ -180,7 +184,14 @@ impl Scheme {
         Scheme::W2a2,
         Scheme::Ternary,
         Scheme::Binary,
+        Scheme::BinaryAll,
     ];
+
+    /// The input binarization threshold of the preset (on inputs in [0, 1]): `binary-all` reads
+    /// `x ≥ 0.5` as +1 and the rest as −1.
+    pub fn input_binarization(&self) -> Option<f32> {
+        (*self == Scheme::BinaryAll).then_some(0.5)
+    }
 
     /// The per-layer quantization for a model of `n` dense layers. Low-bit presets keep the first
     /// and last layers' weights at 8 bits (the usual practice); the hidden activations take the
@@ -238,6 +249,7 @@ impl Scheme {
                         },
                         act(1),
                     ),
+                    Scheme::BinaryAll => (WeightQuant::Binary { scaled: true }, act(1)),
                 };
                 LayerQuant {
                     weights: Some(w),
