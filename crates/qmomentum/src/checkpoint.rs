@@ -104,7 +104,7 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
                 qparams: d.output_qparams().map(|q| (q.scale, q.zero_point)),
             });
         }
-        if let Some(wq) = d.quant.weights {
+        if d.quant.weights.is_some() {
             let (inputs, outputs, index) = (d.inputs, d.outputs, d.index);
             let (w_hat, scales) = d.effective_weights();
             let codes: Vec<u8> = w_hat
@@ -116,7 +116,6 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            let _ = wq;
             owned.push((
                 format!("int.layers.{index}.weight"),
                 Dtype::I8,

@@ -1,9 +1,10 @@
 //! Training: `fit`/`evaluate` with a per-epoch [`History`], resumable at any step.
 //!
 //! A [`Trainer`] owns the model, the optimizer and every bit of state a run needs to continue
-//! exactly: the epoch, the position in the epoch, the dropout generator and the running sums of
-//! the current epoch. The epoch's sample order is a pure function of `(seed, epoch)`, so a
-//! checkpoint written after any step resumes to the very same weights (`tests/resume.rs`).
+//! exactly: the epoch, the position in the epoch and the running sums of the current epoch. The
+//! epoch's sample order is a pure function of `(seed, epoch)` and the dropout draws of
+//! `(seed, step)`, so a checkpoint written after any step resumes to the very same weights
+//! (`tests/training.rs`, and the SIGKILL test of the CLI).
 //!
 //! ```no_run
 //! use qmomentum::{config::TrainConfig, data::Dataset, train::Trainer};

@@ -387,124 +387,84 @@ impl Dense {
             .filter(|o| o.observer == Observer::Lsq)
             .map(|o| (o.qn(), o.qp()));
         let mut ds = 0.0f32;
-        self.bias.grad.fill(0.0);
-        if !sign_out && qp.is_none() && matches!(act, Activation::Relu | Activation::Linear | Activation::Softmax) {
-            // The common float path as a tight loop the compiler vectorises.
-            let relu = act == Activation::Relu;
-            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
-                self.dz[..n]
-                    .chunks_exact_mut(self.outputs)
-                    .zip(dy.chunks_exact(self.outputs)),
-            ) {
-                for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
-                    let v = if relu && z <= 0.0 { 0.0 } else { g };
-                    *d = v;
-                    *db += v;
-                }
+        let (z, dz, db) = (&self.z[..n], &mut self.dz[..n], &mut self.bias.grad);
+        let relu = act == Activation::Relu;
+        let relu_or_linear = matches!(act, Activation::Relu | Activation::Linear);
+        // Each branch is one pass over the outputs (STE mask, activation derivative, bias
+        // gradient); the common cases are written so the compiler vectorises them.
+        match (sign_out, qp, lsq) {
+            (false, None, _) if relu_or_linear || act == Activation::Softmax => {
+                // Float outputs.
+                backward_pass(z, dy, dz, db, |_, z, g| if relu && z <= 0.0 { 0.0 } else { g });
             }
-        } else if let (false, Some(q), None, true) =
-            (sign_out, qp, lsq, matches!(act, Activation::Relu | Activation::Linear))
-        {
-            // Quantized ReLU/linear outputs (min-max or EMA grid): clipped-STE mask and ReLU
-            // derivative in one vectorisable pass.
-            let (lo, hi) = q.range();
-            let relu = act == Activation::Relu;
-            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
-                self.dz[..n]
-                    .chunks_exact_mut(self.outputs)
-                    .zip(dy.chunks_exact(self.outputs)),
-            ) {
-                for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
+            (false, Some(q), None) if relu_or_linear => {
+                // Min-max or EMA grid: clipped STE inside the grid's range.
+                let (lo, hi) = q.range();
+                backward_pass(z, dy, dz, db, |_, z, g| {
                     let a = if relu { z.max(0.0) } else { z };
-                    let pass = a >= lo && a <= hi && (!relu || z > 0.0);
-                    let v = if pass { g } else { 0.0 };
-                    *d = v;
-                    *db += v;
-                }
+                    if a >= lo && a <= hi && (!relu || z > 0.0) {
+                        g
+                    } else {
+                        0.0
+                    }
+                });
             }
-        } else if let (false, Some(q), Some((qn, qpos)), true) =
-            (sign_out, qp, lsq, matches!(act, Activation::Relu | Activation::Linear))
-        {
-            // LSQ on ReLU/linear outputs, in one branch-free pass: the STE mask for the input and
-            // ∂v̂/∂s = round(v/s) − v/s inside, −Qn / Qp outside (accumulated per channel lane).
-            let relu = act == Activation::Relu;
-            let inv = 1.0 / q.scale;
-            let (lo, hi) = (-(qn as f32), qpos as f32);
-            // Per-channel partial sums of ∂L/∂s in `w_tmp` (free during backward), so the loop
-            // zips like the bias gradient and vectorises.
-            let ds_col = &mut self.w_tmp[..self.outputs];
-            ds_col.fill(0.0);
-            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
-                self.dz[..n]
-                    .chunks_exact_mut(self.outputs)
-                    .zip(dy.chunks_exact(self.outputs)),
-            ) {
-                for ((((&z, d), &g), db), dsj) in zr
-                    .iter()
-                    .zip(dzr.iter_mut())
-                    .zip(dyr)
-                    .zip(self.bias.grad.iter_mut())
-                    .zip(ds_col.iter_mut())
-                {
+            (false, Some(q), Some((qn, qpos))) if relu_or_linear => {
+                // LSQ: also ∂v̂/∂s = round(v/s) − v/s inside, −Qn / Qp outside, summed per channel
+                // in `w_tmp` (free during backward) so the pass stays vectorisable.
+                let inv = 1.0 / q.scale;
+                let (lo, hi) = (-(qn as f32), qpos as f32);
+                let ds_col = &mut self.w_tmp[..self.outputs];
+                ds_col.fill(0.0);
+                backward_pass(z, dy, dz, db, |j, z, g| {
                     let a = if relu { z.max(0.0) } else { z };
                     let r = a * inv;
                     let inside = r > lo && r < hi;
-                    let gs = if inside {
+                    ds_col[j] += g * if inside {
                         round_even_small(r.clamp(lo, hi)) - r
                     } else if r <= lo {
                         lo
                     } else {
                         hi
                     };
-                    *dsj += g * gs;
-                    let v = if inside && (!relu || z > 0.0) { g } else { 0.0 };
-                    *d = v;
-                    *db += v;
-                }
-            }
-            ds = ds_col.iter().sum();
-        } else {
-            // One pass: STE mask of the output quantizer, activation derivative, bias gradient.
-            for (zr, (dzr, dyr)) in self.z[..n].chunks_exact(self.outputs).zip(
-                self.dz[..n]
-                    .chunks_exact_mut(self.outputs)
-                    .zip(dy.chunks_exact(self.outputs)),
-            ) {
-                for (((&z, d), &g), db) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(self.bias.grad.iter_mut()) {
-                    let v = if sign_out {
-                        // Clipped STE of sign (Larq `ste_sign`, hard-tanh derivative).
-                        if z.abs() <= 1.0 {
-                            g
-                        } else {
-                            0.0
-                        }
+                    if inside && (!relu || z > 0.0) {
+                        g
                     } else {
-                        let a = act.forward(z);
-                        let g = match (qp, lsq) {
-                            (Some(q), Some((qn, qpos))) => {
-                                let (gs, inside) = lsq_grad(a, q.scale, qn, qpos);
-                                ds += g * gs;
-                                if inside {
-                                    g
-                                } else {
-                                    0.0
-                                }
+                        0.0
+                    }
+                });
+                ds = ds_col.iter().sum();
+            }
+            _ => {
+                // Everything else: sign outputs (clipped STE of sign, the hard-tanh derivative),
+                // sigmoid/tanh, with or without a grid.
+                backward_pass(z, dy, dz, db, |_, z, g| {
+                    if sign_out {
+                        return if z.abs() <= 1.0 { g } else { 0.0 };
+                    }
+                    let a = act.forward(z);
+                    let g = match (qp, lsq) {
+                        (Some(q), Some((qn, qpos))) => {
+                            let (gs, inside) = lsq_grad(a, q.scale, qn, qpos);
+                            ds += g * gs;
+                            if inside {
+                                g
+                            } else {
+                                0.0
                             }
-                            (Some(q), None) => {
-                                let (l, h) = q.range();
-                                if a >= l && a <= h {
-                                    g
-                                } else {
-                                    0.0
-                                }
+                        }
+                        (Some(q), None) => {
+                            let (l, h) = q.range();
+                            if a >= l && a <= h {
+                                g
+                            } else {
+                                0.0
                             }
-                            _ => g,
-                        };
-                        g * act.derivative(z, a)
+                        }
+                        _ => g,
                     };
-                    *d = v;
-                    *db += v;
-                }
+                    g * act.derivative(z, a)
+                });
             }
         }
         if let (Some(p), Some((_, qpos))) = (self.act_step.as_mut(), lsq) {
@@ -585,5 +545,20 @@ impl Dense {
         let mut v = vec![&mut self.weight, &mut self.bias];
         v.extend(self.act_step.as_mut());
         v
+    }
+}
+
+/// `dz = f(channel, z, dy)` for every output, and the bias gradient `Σ_rows dz` per channel,
+/// in one pass (rows of `db.len()` channels). Inlined so each caller's `f` vectorises with it.
+#[inline(always)]
+fn backward_pass(z: &[f32], dy: &[f32], dz: &mut [f32], db: &mut [f32], mut f: impl FnMut(usize, f32, f32) -> f32) {
+    let c = db.len();
+    db.fill(0.0);
+    for (zr, (dzr, dyr)) in z.chunks_exact(c).zip(dz.chunks_exact_mut(c).zip(dy.chunks_exact(c))) {
+        for (j, (((&z, d), &g), b)) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(db.iter_mut()).enumerate() {
+            let v = f(j, z, g);
+            *d = v;
+            *b += v;
+        }
     }
 }
