@@ -124,6 +124,15 @@ fn predict(a: PredictArgs) -> Result<()> {
     use std::io::Write;
     let mut t = qmomentum::checkpoint::load(&a.checkpoint)?;
     let (_, test) = qmomentum::data::Dataset::load_mnist_dir(&a.data.data)?;
+    if test.features != t.model.input_size {
+        anyhow::bail!(
+            "{}: the model reads {} values per sample, the images in {} have {}",
+            a.checkpoint.display(),
+            t.model.input_size,
+            a.data.data.display(),
+            test.features
+        );
+    }
     let n = a.limit.unwrap_or(test.len()).min(test.len());
     let idx: Vec<usize> = (0..n).collect();
     let mut x = vec![0.0f32; n * test.features];

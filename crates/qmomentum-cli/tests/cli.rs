@@ -443,6 +443,40 @@ fn bad_inputs_give_named_errors_and_exit_1() {
         "1",
     ]);
     assert!(text(&o).contains("momentum must be in [0, 1)"), "{}", text(&o));
+    // 10×10 images for a model that reads 784 values: a named error from train, evaluate, predict.
+    let odd = bad.join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    for pre in ["train", "t10k"] {
+        write_idx(&odd.join(format!("{pre}-images-idx3-ubyte")), &[3, 10, 10], &[1; 300]);
+        write_idx(&odd.join(format!("{pre}-labels-idx1-ubyte")), &[3], &[1, 2, 3]);
+    }
+    let o = run(&[
+        "train",
+        "--data",
+        s(&odd),
+        "--out",
+        s(&bad.join("o4")),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    assert!(
+        text(&o).contains("the data have 100 features per sample, the model reads 784"),
+        "{}",
+        text(&o)
+    );
+    let fp = bad.join("fp");
+    let o = run(&["train", "--data", s(&data), "--out", s(&fp), "--epochs", "1", "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o));
+    for cmd in ["evaluate", "predict"] {
+        let o = run(&[cmd, s(&fp.join("checkpoint.safetensors")), "--data", s(&odd)]);
+        assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
+        assert!(
+            text(&o).contains("784") && text(&o).contains("100"),
+            "{cmd}: {}",
+            text(&o)
+        );
+    }
     let o = run(&["evaluate", s(&bad.join("c.toml")), "--data", s(&data)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("c.toml"), "{}", text(&o));

@@ -205,6 +205,10 @@ impl Sequential {
     }
 
     /// Outputs (probabilities for a softmax model) of `n` rows of `x`, in batches of 1024.
+    ///
+    /// # Panics
+    /// If `x` holds fewer than `n × input_size` values (callers with untrusted data check the
+    /// sizes first, as `train::evaluate` and the CLI do).
     pub fn predict(&mut self, x: &[f32], n: usize) -> Vec<f32> {
         let f = self.input_size;
         let c = self.classes();
