@@ -8,7 +8,7 @@ use qmomentum::config::{OnNonFinite, TrainConfig};
 use qmomentum::data::Dataset;
 use qmomentum::optim::{BinaryOptimizer, Convention, DecayMode, Schedule};
 use qmomentum::quant::Scheme;
-use qmomentum::train::{Event, Trainer};
+use qmomentum::train::Trainer;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -347,61 +347,52 @@ pub fn run(a: TrainArgs) -> Result<()> {
             b.set_position(t.step_in_epoch as u64);
             bar = Some(b);
         }
-        let events = t.step(&train, validation).map_err(|e| {
+        let Some(report) = t.step(&train, validation).map_err(|e| {
             if let Some(b) = bar.take() {
                 b.abandon();
             }
             anyhow::Error::from(e)
-        })?;
-        for e in &events {
-            match e {
-                Event::Step { loss, .. } => {
-                    run_loss += *loss as f64;
-                    run_n += 1;
-                    if let Some(b) = &bar {
-                        b.inc(1);
-                        if run_n % 10 == 0 {
-                            let p = &t.progress;
-                            b.set_message(format!(
-                                "loss {:.4} acc {:.4} {:.0} samples/s",
-                                run_loss / run_n as f64,
-                                p.correct as f64 / p.seen.max(1) as f64,
-                                p.seen as f64 / p.seconds.max(1e-9)
-                            ));
-                        }
-                    }
-                }
-                Event::Epoch(r) => {
-                    run_loss = 0.0;
-                    run_n = 0;
-                    if let Some(b) = bar.take() {
-                        b.finish_and_clear();
-                    }
-                    let val = match (r.val_loss, r.val_accuracy) {
-                        (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
-                        _ => String::new(),
-                    };
-                    println!(
-                        "epoch {}/{} - {:.2}s - {:.0} samples/s - loss {:.4} - accuracy {:.4}{val} - lr {:.3e}{}",
-                        r.epoch,
-                        t.config.epochs,
-                        r.seconds,
-                        r.samples_per_sec,
-                        r.loss,
-                        r.accuracy,
-                        r.lr,
-                        if r.skipped_steps > 0 {
-                            format!(" - {} steps skipped (NaN/inf)", r.skipped_steps)
-                        } else {
-                            String::new()
-                        }
-                    );
-                    qmomentum::checkpoint::save(&t, &files.checkpoint)?;
-                    write_history(&t, &files)?;
-                }
+        })?
+        else {
+            break;
+        };
+        run_loss += report.loss as f64;
+        run_n += 1;
+        if let Some(b) = &bar {
+            b.inc(1);
+            if run_n % 10 == 0 {
+                let p = &t.progress;
+                b.set_message(format!(
+                    "loss {:.4} acc {:.4} {:.0} samples/s",
+                    run_loss / run_n as f64,
+                    p.correct as f64 / p.seen.max(1) as f64,
+                    p.seen as f64 / p.seconds.max(1e-9)
+                ));
             }
         }
-        let epoch_ended = events.iter().any(|e| matches!(e, Event::Epoch(_)));
+        let epoch_ended = report.epoch.is_some();
+        if let Some(r) = &report.epoch {
+            run_loss = 0.0;
+            run_n = 0;
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            let val = match (r.val_loss, r.val_accuracy) {
+                (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
+                _ => String::new(),
+            };
+            let skipped = if r.skipped_steps > 0 {
+                format!(" - {} steps skipped (NaN/inf)", r.skipped_steps)
+            } else {
+                String::new()
+            };
+            println!(
+                "epoch {}/{} - {:.2}s - {:.0} samples/s - loss {:.4} - accuracy {:.4}{val} - lr {:.3e}{skipped}",
+                r.epoch, t.config.epochs, r.seconds, r.samples_per_sec, r.loss, r.accuracy, r.lr,
+            );
+            qmomentum::checkpoint::save(&t, &files.checkpoint)?;
+            write_history(&t, &files)?;
+        }
         if every > 0 && t.global_step % every == 0 && !epoch_ended {
             qmomentum::checkpoint::save(&t, &files.checkpoint)?;
         }

@@ -228,31 +228,29 @@ impl Sequential {
         &self.acts[i + 1][..batch * n]
     }
 
-    /// All parameters in a fixed order.
-    pub fn params(&self) -> Vec<&Param> {
-        self.layers
-            .iter()
-            .flat_map(|l| match l {
-                Layer::Dense(d) => d.params(),
-                _ => Vec::new(),
-            })
-            .collect()
+    /// All parameters in a fixed order (no allocation).
+    pub fn params_iter(&self) -> impl Iterator<Item = &Param> {
+        self.dense().flat_map(|d| d.params_iter())
     }
 
-    /// All parameters, mutable, in the order of [`Sequential::params`].
+    /// All parameters, mutable, in the order of [`Sequential::params_iter`].
+    pub fn params_iter_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        self.dense_mut().flat_map(|d| d.params_iter_mut())
+    }
+
+    /// All parameters as a `Vec`.
+    pub fn params(&self) -> Vec<&Param> {
+        self.params_iter().collect()
+    }
+
+    /// All parameters as a `Vec`, mutable.
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
-        self.layers
-            .iter_mut()
-            .flat_map(|l| match l {
-                Layer::Dense(d) => d.params_mut(),
-                _ => Vec::new(),
-            })
-            .collect()
+        self.params_iter_mut().collect()
     }
 
     /// Number of trainable values.
     pub fn param_count(&self) -> usize {
-        self.params().iter().map(|p| p.len()).sum()
+        self.params_iter().map(|p| p.len()).sum()
     }
 
     /// The dense layers in order.
@@ -273,7 +271,7 @@ impl Sequential {
 
     /// The first parameter whose gradient is NaN or infinite, as `(name, index)`.
     pub fn first_non_finite_grad(&self) -> Option<(String, usize)> {
-        for p in self.params() {
+        for p in self.params_iter() {
             // A value is NaN or infinite iff its exponent bits are all ones; the integer max is a
             // reduction the compiler vectorises (a float sum would be a serial chain). The slow
             // search runs only when something is wrong.
@@ -301,7 +299,7 @@ impl Sequential {
 
     /// Add the gradients of `other` (same architecture) to this model's.
     pub fn add_grads(&mut self, other: &Sequential) {
-        for (p, q) in self.params_mut().into_iter().zip(other.params()) {
+        for (p, q) in self.params_iter_mut().zip(other.params_iter()) {
             for (a, &b) in p.grad.iter_mut().zip(&q.grad) {
                 *a += b;
             }
@@ -310,14 +308,14 @@ impl Sequential {
 
     /// Feed every dense layer's observer the merged statistics of the last batch over `parts`.
     pub fn observe_batch(&mut self, parts: &[&Sequential]) {
-        let mut stats: Vec<crate::layers::BatchStats> = self.dense().map(|d| d.stats).collect();
-        for p in parts {
-            for (s, d) in stats.iter_mut().zip(p.dense()) {
-                *s = s.merge(d.stats);
+        for (k, d) in self.dense_mut().enumerate() {
+            let mut stats = d.stats;
+            for p in parts {
+                if let Some(o) = p.dense().nth(k) {
+                    stats = stats.merge(o.stats);
+                }
             }
-        }
-        for (d, s) in self.dense_mut().zip(stats) {
-            d.observe(s);
+            d.observe(stats);
         }
     }
 

@@ -91,7 +91,20 @@ pub struct EpochProgress {
     pub skipped: u64,
 }
 
-/// What happened in [`Trainer::step`].
+/// What one [`Trainer::step`] did (a struct, not a list: the step allocates nothing).
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// Batch loss.
+    pub loss: f32,
+    /// Steps done in this epoch.
+    pub step: usize,
+    /// Steps in the epoch.
+    pub of: usize,
+    /// The epoch's record when this step ended an epoch.
+    pub epoch: Option<EpochRecord>,
+}
+
+/// What [`Trainer::fit`] reports to its callback.
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A step ended (loss of the batch).
@@ -179,11 +192,11 @@ impl Trainer {
         self.order_epoch = Some(self.epoch);
     }
 
-    /// One optimizer step on the next batch of `train`; at the end of an epoch, evaluates
-    /// `validation` and returns the epoch's record too.
-    pub fn step(&mut self, train: &Dataset, validation: Option<&Dataset>) -> Result<Vec<Event>> {
+    /// One optimizer step on the next batch of `train` (`None` once every epoch is done); at
+    /// the end of an epoch, evaluates `validation` and returns the epoch's record too.
+    pub fn step(&mut self, train: &Dataset, validation: Option<&Dataset>) -> Result<Option<StepReport>> {
         if self.finished() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         if train.features != self.model.input_size {
             return Err(Error::Shape(format!(
@@ -280,8 +293,11 @@ impl Trainer {
                 self.progress.skipped += 1;
             }
             (None, _) => {
-                let mut params = self.model.params_mut();
-                self.optimizer.step(&mut params, step_no)?;
+                let sq = self
+                    .optimizer
+                    .needs_grad_norm()
+                    .then(|| self.optimizer.grad_sq_norm(self.model.params_iter()));
+                self.optimizer.step_iter(self.model.params_iter_mut(), sq, step_no)?;
                 self.progress.loss_sum += loss_sum;
                 self.progress.correct += correct as u64;
                 self.progress.seen += batch as u64;
@@ -290,11 +306,12 @@ impl Trainer {
         self.global_step = step_no;
         self.step_in_epoch += 1;
         self.progress.seconds += t0.elapsed().as_secs_f64();
-        let mut events = vec![Event::Step {
+        let mut report = StepReport {
             loss,
             step: self.step_in_epoch,
             of: spe,
-        }];
+            epoch: None,
+        };
         if self.step_in_epoch == spe {
             let p = std::mem::take(&mut self.progress);
             let (val_loss, val_accuracy) = match validation {
@@ -328,9 +345,9 @@ impl Trainer {
                     }
                 }
             }
-            events.push(Event::Epoch(rec));
+            report.epoch = Some(rec);
         }
-        Ok(events)
+        Ok(Some(report))
     }
 
     /// Train to the end; `on_event` sees every step and epoch.
@@ -340,9 +357,17 @@ impl Trainer {
         validation: Option<&Dataset>,
         mut on_event: impl FnMut(&Trainer, &Event),
     ) -> Result<History> {
-        while !self.finished() {
-            for e in self.step(train, validation)? {
-                on_event(self, &e);
+        while let Some(r) = self.step(train, validation)? {
+            on_event(
+                self,
+                &Event::Step {
+                    loss: r.loss,
+                    step: r.step,
+                    of: r.of,
+                },
+            );
+            if let Some(rec) = r.epoch {
+                on_event(self, &Event::Epoch(rec));
             }
         }
         Ok(self.history.clone())

@@ -534,17 +534,23 @@ impl Dense {
         }
     }
 
-    /// Parameters, in a fixed order.
-    pub fn params(&self) -> Vec<&Param> {
-        let mut v = vec![&self.weight, &self.bias];
-        v.extend(self.act_step.as_ref());
-        v
+    /// Parameters, in a fixed order (no allocation).
+    pub fn params_iter(&self) -> impl Iterator<Item = &Param> {
+        [&self.weight, &self.bias].into_iter().chain(self.act_step.as_ref())
     }
-    /// Parameters, mutable, in the order of [`Dense::params`].
+    /// Parameters, mutable, in the order of [`Dense::params_iter`].
+    pub fn params_iter_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        [&mut self.weight, &mut self.bias]
+            .into_iter()
+            .chain(self.act_step.as_mut())
+    }
+    /// Parameters as a `Vec`.
+    pub fn params(&self) -> Vec<&Param> {
+        self.params_iter().collect()
+    }
+    /// Parameters as a `Vec`, mutable.
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
-        let mut v = vec![&mut self.weight, &mut self.bias];
-        v.extend(self.act_step.as_mut());
-        v
+        self.params_iter_mut().collect()
     }
 }
 

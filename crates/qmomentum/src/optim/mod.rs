@@ -230,34 +230,51 @@ impl Optimizer {
 
     /// One update of every parameter from its `grad`; `t` is the 1-based global step.
     pub fn step(&mut self, params: &mut [&mut Param], t: u64) -> Result<()> {
-        if self.state.len() != params.len() {
-            self.state = params
-                .iter()
-                .map(|p| ParamState {
-                    name: p.name.clone(),
-                    buffer: vec![0.0; p.len()],
-                    steps: 0,
-                })
-                .collect();
-        }
+        let sq = self
+            .needs_grad_norm()
+            .then(|| self.grad_sq_norm(params.iter().map(|p| &**p)));
+        self.step_iter(params.iter_mut().map(|p| &mut **p), sq, t)
+    }
+
+    /// Whether [`Optimizer::step_iter`] needs the squared global gradient norm (clipping by norm).
+    pub fn needs_grad_norm(&self) -> bool {
+        self.config.clip_norm.is_some()
+    }
+
+    /// Σ g² over the parameters that clipping by norm covers (Bop's ±1 weights excluded).
+    pub fn grad_sq_norm<'a>(&self, params: impl Iterator<Item = &'a Param>) -> f64 {
+        let bop = matches!(self.config.binary, BinaryOptimizer::Bop { .. });
+        params
+            .filter(|p| p.kind != ParamKind::Binary || !bop)
+            .flat_map(|p| p.grad.iter())
+            .map(|&g| g as f64 * g as f64)
+            .sum()
+    }
+
+    /// [`Optimizer::step`] over an iterator of parameters (the allocation-free form the trainer
+    /// uses); `grad_sq_norm` is [`Optimizer::grad_sq_norm`] when [`Optimizer::needs_grad_norm`].
+    pub fn step_iter<'a>(
+        &mut self,
+        params: impl Iterator<Item = &'a mut Param>,
+        grad_sq_norm: Option<f64>,
+        t: u64,
+    ) -> Result<()> {
         let cfg = &self.config;
         let lr = self.lr_at(t.saturating_sub(1));
-        // Global norm over the float-trained parameters (Bop's ±1 weights excluded).
         let bop = match cfg.binary {
             BinaryOptimizer::Bop { gamma, threshold } => Some(Bop { gamma, threshold }),
             BinaryOptimizer::Latent => None,
         };
-        let norm_scale = match cfg.clip_norm {
-            Some(c) => {
-                let sq: f64 = params
-                    .iter()
-                    .filter(|p| p.kind != ParamKind::Binary || bop.is_none())
-                    .flat_map(|p| p.grad.iter())
-                    .map(|&g| g as f64 * g as f64)
-                    .sum();
-                clip::norm_factor(sq.sqrt(), c)
+        let norm_scale = match (cfg.clip_norm, grad_sq_norm) {
+            (Some(c), Some(sq)) => clip::norm_factor(sq.sqrt(), c),
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "optimizer.clip_norm",
+                    "set",
+                    "step_iter needs the gradient norm",
+                ));
             }
-            None => 1.0,
+            _ => 1.0,
         };
         let mom = Momentum {
             momentum: cfg.momentum,
@@ -266,7 +283,24 @@ impl Optimizer {
             convention: cfg.convention,
         };
         self.last_flips = 0;
-        for (p, st) in params.iter_mut().zip(self.state.iter_mut()) {
+        for (i, p) in params.enumerate() {
+            if i == self.state.len() {
+                // First step: state is created as the parameters are first seen.
+                self.state.push(ParamState {
+                    name: p.name.clone(),
+                    buffer: vec![0.0; p.len()],
+                    steps: 0,
+                });
+            }
+            let st = &mut self.state[i];
+            if st.buffer.len() != p.len() {
+                return Err(Error::Shape(format!(
+                    "optimizer state of {} has {} values, the parameter {}",
+                    st.name,
+                    st.buffer.len(),
+                    p.len()
+                )));
+            }
             if p.kind == ParamKind::Binary {
                 if let Some(b) = bop {
                     self.last_flips += b.apply(&mut p.value, &p.grad, &mut st.buffer);
