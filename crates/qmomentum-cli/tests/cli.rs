@@ -60,6 +60,13 @@ fn small_data(n_train: usize, n_test: usize) -> PathBuf {
     d
 }
 
+/// `qmomentum train --data DATA --out OUT --quiet EXTRA…`
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--data", s(data), "--out", s(out), "--quiet"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 fn run(args: &[&str]) -> Output {
     Command::new(bin()).args(args).stdin(Stdio::null()).output().unwrap()
 }
@@ -85,20 +92,11 @@ fn s(p: &Path) -> &str {
 fn train_writes_checkpoint_history_plot_and_result() {
     let data = small_data(3000, 1000);
     let out = tmp("train");
-    let o = run(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--epochs",
-        "2",
-        "--lr",
-        "0.01",
-        "--quiet",
-        "--validation-split",
-        "0.1",
-    ]);
+    let o = train(
+        &data,
+        &out,
+        &["--epochs", "2", "--lr", "0.01", "--validation-split", "0.1"],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
@@ -119,7 +117,7 @@ fn train_writes_checkpoint_history_plot_and_result() {
         text(&o)
     );
     // Refuses to overwrite a finished run without --resume.
-    let o = run(&["train", "--data", s(&data), "--out", s(&out), "--quiet"]);
+    let o = train(&data, &out, &[]);
     assert!(
         !o.status.success() && text(&o).contains("already holds a checkpoint"),
         "{}",
@@ -255,16 +253,7 @@ fn sigint_checkpoints_and_a_second_run_on_the_same_folder_is_refused() {
     wait_for(&out.join("config.toml"));
     std::thread::sleep(Duration::from_millis(300));
     // A second run on the same folder is refused while the first holds the lock.
-    let o = run(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--epochs",
-        "1",
-        "--quiet",
-    ]);
+    let o = train(&data, &out, &["--epochs", "1"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("in use by another run (pid"), "{}", text(&o));
     let status = Command::new("kill")
@@ -302,16 +291,7 @@ fn a_stale_lock_from_a_killed_run_is_taken_over() {
     let data = small_data(1280, 200);
     let out = tmp("stale");
     std::fs::write(out.join(".lock"), "999999999").unwrap(); // no such process
-    let o = run(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--epochs",
-        "1",
-        "--quiet",
-    ]);
+    let o = train(&data, &out, &["--epochs", "1"]);
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -321,16 +301,7 @@ fn a_stale_lock_from_a_killed_run_is_taken_over() {
 fn full_disk_reports_and_keeps_the_previous_checkpoint() {
     let data = small_data(1280, 200);
     let out = tmp("full");
-    let o = run(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--epochs",
-        "1",
-        "--quiet",
-    ]);
+    let o = train(&data, &out, &["--epochs", "1"]);
     assert!(o.status.success(), "{}", text(&o));
     let before = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
     // 100 KiB per file: the ~440 KB checkpoint cannot be written.
@@ -364,20 +335,11 @@ fn full_disk_reports_and_keeps_the_previous_checkpoint() {
 fn divergence_stops_naming_the_step_or_skips_on_request() {
     let data = small_data(1280, 200);
     let out = tmp("nan");
-    let o = run(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--epochs",
-        "2",
-        "--lr",
-        "100000",
-        "--checkpoint-every",
-        "1",
-        "--quiet",
-    ]);
+    let o = train(
+        &data,
+        &out,
+        &["--epochs", "2", "--lr", "100000", "--checkpoint-every", "1"],
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let msg = text(&o);
     assert!(
@@ -389,20 +351,7 @@ fn divergence_stops_naming_the_step_or_skips_on_request() {
             .expect("the last good checkpoint loads (finite weights)");
     }
     let out2 = tmp("nan-skip");
-    let o = run(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out2),
-        "--epochs",
-        "1",
-        "--lr",
-        "100000",
-        "--on-nan",
-        "skip",
-        "--quiet",
-    ]);
+    let o = train(&data, &out2, &["--epochs", "1", "--lr", "100000", "--on-nan", "skip"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("steps skipped (NaN/inf)"), "{}", text(&o));
 }
@@ -450,23 +399,14 @@ fn bad_inputs_give_named_errors_and_exit_1() {
         write_idx(&odd.join(format!("{pre}-images-idx3-ubyte")), &[3, 10, 10], &[1; 300]);
         write_idx(&odd.join(format!("{pre}-labels-idx1-ubyte")), &[3], &[1, 2, 3]);
     }
-    let o = run(&[
-        "train",
-        "--data",
-        s(&odd),
-        "--out",
-        s(&bad.join("o4")),
-        "--epochs",
-        "1",
-        "--quiet",
-    ]);
+    let o = train(&odd, &bad.join("o4"), &["--epochs", "1"]);
     assert!(
         text(&o).contains("the data have 100 features per sample, the model reads 784"),
         "{}",
         text(&o)
     );
     let fp = bad.join("fp");
-    let o = run(&["train", "--data", s(&data), "--out", s(&fp), "--epochs", "1", "--quiet"]);
+    let o = train(&data, &fp, &["--epochs", "1"]);
     assert!(o.status.success(), "{}", text(&o));
     for cmd in ["evaluate", "predict"] {
         let o = run(&[cmd, s(&fp.join("checkpoint.safetensors")), "--data", s(&odd)]);
@@ -488,18 +428,7 @@ fn quantize_export_infer() {
     let data = small_data(6000, 2000);
     let out = tmp("deploy");
     let fp = out.join("fp");
-    let o = run(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&fp),
-        "--epochs",
-        "2",
-        "--lr",
-        "0.01",
-        "--quiet",
-    ]);
+    let o = train(&data, &fp, &["--epochs", "2", "--lr", "0.01"]);
     assert!(o.status.success(), "{}", text(&o));
     let ptq = out.join("ptq");
     let o = run(&[
