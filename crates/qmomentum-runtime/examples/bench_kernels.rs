@@ -3,13 +3,14 @@
 //! `cargo run -p qmomentum-runtime --release --example bench_kernels`
 //!
 //! Prints GOP/s (1 multiply-add = 2 ops) of each int8 tier on a [128×784]·[784×128] product,
-//! the binary tiers on 128-bit rows, batch-10000 samples/s of a random 784-128-64-10 int8
-//! model on 1 and 2 threads, and batch-1 latency. Each figure is the median of several runs.
+//! the binary tiers on 128- and 1024-bit rows, the fused binary layer with sign output against
+//! the separate passes, samples/s of random 784-128-64-10 int8 and fully binary models on 1 and
+//! 2 threads, and batch-1 latency. Each figure is the median of several runs.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use qmomentum_runtime::kernels::{self, KernelKind, PackedDenseBin, PackedDenseI8};
+use qmomentum_runtime::kernels::{self, KernelKind, PackedDenseBin, PackedDenseI8, SignBits};
 use qmomentum_runtime::{quantize_multiplier, InputSpec, Layer, Model, Output};
 
 struct Rng(u64);
@@ -116,6 +117,42 @@ fn main() {
         }
     }
 
+    // The first layer of the fully binary MLP, 784 bits → 128 sign bits: fused or in two passes.
+    {
+        let (bits, outs) = (784usize, 128usize);
+        let words = bits.div_ceil(64);
+        let keep = (1u64 << (bits % 64)) - 1;
+        let mut wb: Vec<u64> = (0..outs * words).map(|_| rng.next()).collect();
+        let mut xb: Vec<u64> = (0..m * words).map(|_| rng.next()).collect();
+        for row in wb.chunks_mut(words).chain(xb.chunks_mut(words)) {
+            row[words - 1] &= keep;
+        }
+        let pb = PackedDenseBin::new(bits, outs, &wb);
+        let sign = SignBits::new(&vec![0; outs]);
+        let mut acc = vec![0i32; m * outs];
+        let mut out = vec![0u64; m * 2];
+        for kind in KernelKind::available() {
+            let two = median(9, || {
+                for _ in 0..100 {
+                    kernels::dense_bin(kind, &pb, black_box(&xb), words, m, &mut acc, outs).unwrap();
+                    kernels::sign_bits(kind, &sign, &acc, outs, m, &mut out, 2).unwrap();
+                }
+            }) / 100.0;
+            let fused = median(9, || {
+                for _ in 0..100 {
+                    kernels::dense_bin_sign(kind, &pb, &sign, black_box(&xb), words, m, &mut out, 2).unwrap();
+                }
+            }) / 100.0;
+            println!(
+                "dense_bin+sign [{m}x{bits}b]x[{bits}b x{outs}] {:>10}: two passes {:.2} µs, fused {:.2} µs ({:.2}×)",
+                kind.name(),
+                two * 1e6,
+                fused * 1e6,
+                two / fused
+            );
+        }
+    }
+
     // The MNIST-shaped int8 model.
     let layers = vec![
         dense(&mut rng, 784, 128, relu(128, 784)),
@@ -147,6 +184,58 @@ fn main() {
             "model 784-128-64-10 batch {batch}, {threads} thread(s): {:6.2} M samples/s",
             batch as f64 / t / 1e6
         );
+    }
+    // The fully binary MLP: binarized input, three XNOR-popcount layers.
+    let bin = |rng: &mut Rng, inputs: usize, outputs: usize, output: Output| {
+        let words = inputs.div_ceil(64);
+        let mut weight: Vec<u64> = (0..outputs * words).map(|_| rng.next()).collect();
+        if !inputs.is_multiple_of(64) {
+            for row in weight.chunks_mut(words) {
+                row[words - 1] &= (1u64 << (inputs % 64)) - 1;
+            }
+        }
+        Layer::DenseBin {
+            inputs,
+            outputs,
+            weight,
+            output,
+        }
+    };
+    let sign = |n: usize| Output::SignBits {
+        threshold: Some(vec![0; n]),
+    };
+    let binary_all = Model::new(
+        InputSpec {
+            size: 784,
+            scale: 1.0 / 255.0,
+            zero_point: 0,
+            binarize_at: Some(128),
+        },
+        vec![
+            bin(&mut rng, 784, 128, sign(128)),
+            bin(&mut rng, 128, 64, sign(64)),
+            bin(
+                &mut rng,
+                64,
+                10,
+                Output::Logits {
+                    scale: vec![0.1; 10],
+                    bias: Some(vec![0.0; 10]),
+                },
+            ),
+        ],
+    )
+    .unwrap();
+    for rows in [1000, batch] {
+        for threads in [1, 2] {
+            let t = median(31, || {
+                black_box(binary_all.predict(&x[..rows * 784], rows, threads).unwrap());
+            });
+            println!(
+                "binary model 784-128-64-10 batch {rows}, {threads} thread(s): {:6.2} M samples/s",
+                rows as f64 / t / 1e6
+            );
+        }
     }
     let mut ws = model.workspace(1);
     let one = &x[..784];

@@ -15,7 +15,9 @@ status=0
 for f in kernels::scalar::dense_i8 kernels::scalar::dense_bin_reference kernels::scalar::requant_u8 \
     kernels::scalar::sign_bits kernels::avx2::dense_i8 kernels::avx512::dense_i8 \
     kernels::avx512::requant_u8 kernels::avx512::sign_bits kernels::binary::popcnt_rows \
-    kernels::binary::avx512::dense_bin kernels::scalar::dequantize kernels::avx512::dequantize; do
+    kernels::binary::avx512::dense_bin kernels::binary::avx512::run kernels::binary::avx512::dense_bin_sign \
+    kernels::binary::popcnt_sign_rows kernels::scalar::dense_bin_sign engine::pack_bits_avx512 \
+    engine::pack_bits_scalar kernels::scalar::dequantize kernels::avx512::dequantize; do
     body=$(awk -v f="<qmomentum_runtime::$f>:" 'index($0, f) { p = 1; next } p && /^$/ { p = 0 } p' "$asm")
     if [ -z "$body" ]; then
         echo "$f: inlined or not found (skipped)"

@@ -8,6 +8,9 @@
 //! kernel (u8/i8 or u64 bits in, i32 out) followed by an integer epilogue (i32 → u8 or bits);
 //! only the last layer's epilogue, [`kernels::dequantize`], converts i32 to f32.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use crate::aligned::Aligned;
 use crate::error::Error;
 use crate::format::{Layer, Model, Output};
@@ -220,6 +223,19 @@ impl Model {
             }
             for (l, layer) in self.compiled.iter().enumerate() {
                 let (done, rest) = acts.split_at_mut(l);
+                // A binary layer with a bit output skips the accumulator: one fused pass.
+                if let (Dense::Bin(p), Epilogue::Sign(sign), Some(Act::Bits { buf: out, words: ow })) =
+                    (&layer.dense, &layer.epilogue, rest.first_mut())
+                {
+                    let (x, xs) = match l.checked_sub(1).map(|p| &done[p]) {
+                        None => (&input_bits[..], in_words),
+                        Some(Act::Bits { buf, words }) => (&buf[..], *words),
+                        // Excluded by validation (layer kinds chain) and by how `acts` is built.
+                        Some(Act::U8 { .. }) => return Err(Error::WorkspaceMismatch),
+                    };
+                    kernels::dense_bin_sign(kernel, p, sign, x, xs, rows, out, *ow)?;
+                    continue;
+                }
                 let stride = padded(layer.outputs);
                 // Dense kernel and epilogue alternate on small row groups so the i32
                 // accumulator tile stays in L1.
@@ -328,9 +344,14 @@ impl Model {
         Ok(())
     }
 
-    /// Runs the batch in [`CHUNK_ROWS`]-row pieces on up to `threads` threads (contiguous
-    /// ranges, one workspace each) and hands each piece's logits to `f` with the matching
-    /// `per_row`-wide slice of `out`.
+    /// Runs the batch in [`CHUNK_ROWS`]-row pieces on up to `threads` threads (one workspace
+    /// each) and hands each piece's logits to `f` with the matching `per_row`-wide slice of
+    /// `out`.
+    ///
+    /// The threads are the caller and the workers of a persistent pool ([`crate::pool`]), and
+    /// the pieces are handed out one at a time from a shared counter rather than as one
+    /// contiguous range per thread, so a worker that joins late costs nothing but its own
+    /// share. Which thread runs a piece does not change its result.
     fn par_rows<T: Send>(
         &self,
         input: &[u8],
@@ -344,40 +365,62 @@ impl Model {
         if batch == 0 {
             return Ok(());
         }
+        let pieces = batch.div_ceil(CHUNK_ROWS);
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let threads = threads.min(batch.div_ceil(CHUNK_ROWS)).max(1);
+        let threads = threads.min(pieces).max(1);
+        let threads = if threads > 1 {
+            threads.min(crate::pool::threads())
+        } else {
+            1
+        };
         let size = self.input.size;
-        let per_thread = batch.div_ceil(threads);
-        let work = |x: &[u8], out: &mut [T]| -> Result<(), Error> {
-            let rows = x.len() / size;
-            let mut ws = self.workspace(rows.min(CHUNK_ROWS));
-            for (xc, oc) in x.chunks(CHUNK_ROWS * size).zip(out.chunks_mut(CHUNK_ROWS * per_row)) {
-                let logits = self.run(&mut ws, xc, xc.len() / size)?;
-                f(logits, oc);
-            }
-            Ok(())
-        };
         if threads == 1 {
-            return work(input, out);
-        }
-        let mut parts = input
-            .chunks(per_thread * size)
-            .zip(out.chunks_mut(per_thread * per_row));
-        let Some((first_x, first_out)) = parts.next() else {
-            return Ok(());
-        };
-        std::thread::scope(|s| {
-            let handles: Vec<_> = parts.map(|(x, o)| s.spawn(move || work(x, o))).collect();
-            let mut result = work(first_x, first_out);
-            for h in handles {
-                let r = h.join().unwrap_or(Err(Error::WorkerPanicked));
-                result = result.and(r);
+            let mut ws = self.workspace(batch.min(CHUNK_ROWS));
+            for (xc, oc) in input
+                .chunks(CHUNK_ROWS * size)
+                .zip(out.chunks_mut(CHUNK_ROWS * per_row))
+            {
+                f(self.run(&mut ws, xc, xc.len() / size)?, oc);
             }
-            result
-        })
+            return Ok(());
+        }
+        // Each piece is taken by exactly one thread (the counter hands out every index once),
+        // so its lock is never contended; it only proves the exclusive borrow to the compiler.
+        let tasks: Vec<Mutex<(&[u8], &mut [T])>> = input
+            .chunks(CHUNK_ROWS * size)
+            .zip(out.chunks_mut(CHUNK_ROWS * per_row))
+            .map(Mutex::new)
+            .collect();
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let job = || {
+            let mut ws = self.workspace(CHUNK_ROWS.min(batch));
+            while let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let result = match task.lock() {
+                    Ok(mut guard) => {
+                        let (xc, oc) = &mut *guard;
+                        self.run(&mut ws, xc, xc.len() / size).map(|logits| f(logits, oc))
+                    }
+                    Err(_) => Err(Error::WorkerPanicked),
+                };
+                if let Err(e) = result {
+                    // Stop handing out pieces; keep the first error.
+                    next.store(tasks.len(), Ordering::Relaxed);
+                    let mut slot = failed.lock().unwrap_or_else(|p| p.into_inner());
+                    slot.get_or_insert(e);
+                }
+            }
+        };
+        if !crate::pool::run(threads, &job) {
+            return Err(Error::WorkerPanicked);
+        }
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -354,6 +354,12 @@ fn validate(input: &InputSpec, layers: &[Layer]) -> Result<(), Error> {
         if outputs == 0 {
             return Err(Error::field(format!("layers[{i}].out"), "must be at least 1"));
         }
+        if i32::try_from(inputs).is_err() {
+            return Err(Error::field(
+                format!("layers[{i}].in"),
+                format!("{inputs} is too large: the i32 accumulator holds dot products over at most 2147483647 inputs"),
+            ));
+        }
         if inputs != prev_out {
             return Err(Error::layer(
                 i,

@@ -56,6 +56,7 @@ pub mod engine;
 mod error;
 pub mod format;
 pub mod kernels;
+mod pool;
 pub mod requant;
 
 pub use engine::Workspace;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{binary_head_model, mixed_model, random_model, Kind, Rng};
+use common::{binary_all_model, binary_head_model, mixed_model, random_model, Kind, Rng};
 use qmomentum_runtime::{Error, KernelKind, Model};
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -35,6 +35,7 @@ fn models() -> Vec<(&'static str, Model)> {
         ),
         ("mixed", mixed_model(&mut rng)),
         ("binary head", binary_head_model(&mut rng)),
+        ("binary all", binary_all_model(&mut rng)),
     ]
 }
 
@@ -221,4 +222,31 @@ fn output_qmax_is_optional_and_round_trips() {
             );
         }
     }
+}
+
+#[test]
+fn layers_wider_than_the_i32_accumulator_are_rejected() {
+    use qmomentum_runtime::{InputSpec, Layer, Output};
+    let inputs = 1usize << 31;
+    let input = InputSpec {
+        size: inputs,
+        scale: 1.0,
+        zero_point: 0,
+        binarize_at: Some(1),
+    };
+    // The size check comes before the weight's, so no 256 MiB tensor is needed.
+    let layer = Layer::DenseBin {
+        inputs,
+        outputs: 1,
+        weight: Vec::new(),
+        output: Output::Logits {
+            scale: vec![1.0],
+            bias: Some(vec![0.0]),
+        },
+    };
+    let err = Model::new(input, vec![layer]).unwrap_err().to_string();
+    assert!(
+        err.contains("layers[0].in") && err.contains("2147483648 is too large"),
+        "{err}"
+    );
 }

@@ -145,6 +145,45 @@ proptest! {
     }
 
     #[test]
+    fn fused_dense_bin_sign_equals_dense_bin_then_sign_bits(
+        c in bin_case(),
+        seed in any::<u64>(),
+        out_pad in prop_oneof![Just(0u64), Just(u64::MAX)],
+    ) {
+        let words = c.inputs.div_ceil(64);
+        let x_stride = words + c.x_pad;
+        let mut acc = vec![0i32; c.rows * c.outputs];
+        scalar::dense_bin_reference(&c.x, x_stride, c.rows, c.inputs, &c.w, c.outputs, &mut acc, c.outputs);
+        // Thresholds around the dot products' range, so both outcomes and the equality case
+        // (`dot == threshold`) occur; a dot of the same parity as `in` can equal t.
+        let n = c.inputs as i64;
+        let mut state = seed | 1;
+        let t: Vec<i32> = (0..c.outputs)
+            .map(|j| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                match state % 4 {
+                    0 => acc[j],
+                    1 => acc[j] + 1,
+                    _ => ((state >> 8) as i64 % (2 * n + 5) - n - 2) as i32,
+                }
+            })
+            .collect();
+        let out_words = c.outputs.div_ceil(64);
+        let mut want = vec![0u64; c.rows * out_words];
+        let sign = SignBits::new(&t);
+        kernels::sign_bits(KernelKind::Scalar, &sign, &acc, c.outputs, c.rows, &mut want, out_words).unwrap();
+        let packed = PackedDenseBin::new(c.inputs, c.outputs, &c.w);
+        for kind in tiers() {
+            // Garbage (all ones) or zeros in the output beforehand: padding must come out 0.
+            let mut got = vec![out_pad; c.rows * out_words];
+            kernels::dense_bin_sign(kind, &packed, &sign, &c.x, x_stride, c.rows, &mut got, out_words).unwrap();
+            prop_assert_eq!(&got, &want, "{:?}", kind);
+        }
+    }
+
+    #[test]
     fn requant_tiers_match_reference(
         (n, rows, acc, m, r) in (1usize..70, 1usize..5).prop_flat_map(|(n, rows)| (
             Just(n), Just(rows),

@@ -18,7 +18,7 @@
 //! 256 channels ~350 vs ~2250. So even for short rows the vector path wins by 10×, and the
 //! `Avx512Vnni` tier always uses it when available.
 
-use super::{KernelKind, PackedDenseBin};
+use super::{KernelKind, PackedDenseBin, SignBits};
 use crate::aligned::Aligned;
 
 /// Channels per group: one zmm of u64.
@@ -65,6 +65,55 @@ pub(super) fn dense_bin(
     }
 }
 
+/// Dispatches the fused dense + sign layer (`kind` is available; sizes are checked).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dense_bin_sign(
+    kind: KernelKind,
+    w: &PackedDenseBin,
+    sign: &SignBits,
+    x: &[u64],
+    x_stride: usize,
+    rows: usize,
+    out: &mut [u64],
+    out_words: usize,
+) {
+    let t = &sign.threshold[..w.outputs];
+    match kind {
+        KernelKind::Scalar => super::scalar::dense_bin_sign(w, t, x, x_stride, rows, out, out_words),
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512Vnni if is_x86_feature_detected!("avx512vpopcntdq") => {
+            // SAFETY: as in `dense_bin`; `sign.threshold` is padded to a multiple of 16 channels,
+            // so the kernel's 8-channel threshold loads stay inside it.
+            unsafe { avx512::dense_bin_sign(w, &sign.threshold, x, x_stride, rows, out, out_words) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        _ => {
+            // SAFETY: both remaining SIMD tiers require POPCNT, checked with their availability.
+            unsafe { popcnt_sign_rows(w, t, x, x_stride, rows, out, out_words) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => super::scalar::dense_bin_sign(w, t, x, x_stride, rows, out, out_words),
+    }
+}
+
+/// The scalar fused loop compiled with the hardware `popcnt` instruction.
+///
+/// # Safety
+/// The CPU must support POPCNT; sizes as checked by [`super::dense_bin_sign`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+unsafe fn popcnt_sign_rows(
+    w: &PackedDenseBin,
+    t: &[i32],
+    x: &[u64],
+    x_stride: usize,
+    rows: usize,
+    out: &mut [u64],
+    out_words: usize,
+) {
+    super::scalar::dense_bin_sign(w, t, x, x_stride, rows, out, out_words)
+}
+
 /// The row-major loop with the hardware `popcnt` instruction.
 ///
 /// # Safety
@@ -93,7 +142,7 @@ mod avx512 {
     const ROWS: usize = 4;
     const GROUPS: usize = 4;
 
-    /// VPOPCNTDQ kernel over the grouped layout.
+    /// VPOPCNTDQ kernel over the grouped layout, i32 dot products out.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F/VL and VPOPCNTDQ; sizes as checked by
@@ -107,12 +156,66 @@ mod avx512 {
         acc: &mut [i32],
         acc_stride: usize,
     ) {
+        let out = Out::Acc {
+            ptr: acc.as_mut_ptr(),
+            stride: acc_stride,
+        };
+        run::<false>(w, x, x_stride, rows, out);
+    }
+
+    /// VPOPCNTDQ kernel over the grouped layout with the sign epilogue fused: each tile's
+    /// 8-channel compare mask is stored as one byte of the output bit row (channel `j` is bit
+    /// `j % 8` of byte `j / 8`, which on little-endian x86 is bit `j % 64` of word `j / 64`).
+    ///
+    /// # Safety
+    /// As [`dense_bin`]; `threshold` is padded to at least `ceil(outputs/8)·8` values and
+    /// `out` holds `rows` rows of `out_words = ceil(outputs/64)` words.
+    #[target_feature(enable = "avx512f,avx512vl,avx512vpopcntdq")]
+    pub(super) unsafe fn dense_bin_sign(
+        w: &PackedDenseBin,
+        threshold: &[i32],
+        x: &[u64],
+        x_stride: usize,
+        rows: usize,
+        out: &mut [u64],
+        out_words: usize,
+    ) {
+        // The tiles write the bytes of the channel groups that exist; the rest of each row
+        // (whole padding bytes) is cleared here.
+        let used = w.outputs.div_ceil(GROUP);
+        for row in out.chunks_exact_mut(out_words).take(rows) {
+            let last = row.len() - 1;
+            row[last] = 0;
+        }
+        debug_assert!(threshold.len() >= used * GROUP);
+        let o = Out::Bits {
+            ptr: out.as_mut_ptr().cast::<u8>(),
+            stride: out_words * 8,
+            threshold: threshold.as_ptr(),
+        };
+        run::<true>(w, x, x_stride, rows, o);
+    }
+
+    /// Where a tile's results go.
+    #[derive(Clone, Copy)]
+    enum Out {
+        /// i32 dot products, `[rows, stride]`.
+        Acc { ptr: *mut i32, stride: usize },
+        /// Bit rows of `stride` bytes, with the per-channel thresholds.
+        Bits {
+            ptr: *mut u8,
+            stride: usize,
+            threshold: *const i32,
+        },
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512vpopcntdq")]
+    unsafe fn run<const SIGN: bool>(w: &PackedDenseBin, x: &[u64], x_stride: usize, rows: usize, out: Out) {
         let groups = w.outputs.div_ceil(GROUP);
         let s = Shape {
             words: w.words,
             gstride: w.words * GROUP,
             x_stride,
-            acc_stride,
             inputs: w.inputs as i64,
         };
         let mut r0 = 0;
@@ -121,16 +224,27 @@ mod avx512 {
             let mut g0 = 0;
             while g0 < groups {
                 let ng = GROUPS.min(groups - g0);
+                let c0 = g0 * GROUP;
                 let t = Tile {
                     w: w.grouped.as_ptr().add(g0 * s.gstride),
                     x: x.as_ptr().add(r0 * x_stride),
-                    acc: acc.as_mut_ptr().add(r0 * acc_stride + g0 * GROUP),
-                    valid: w.outputs - g0 * GROUP,
+                    out: match out {
+                        Out::Acc { ptr, stride } => Out::Acc {
+                            ptr: ptr.add(r0 * stride + c0),
+                            stride,
+                        },
+                        Out::Bits { ptr, stride, threshold } => Out::Bits {
+                            ptr: ptr.add(r0 * stride + g0),
+                            stride,
+                            threshold: threshold.add(c0),
+                        },
+                    },
+                    valid: w.outputs - c0,
                 };
                 macro_rules! go {
                     ($($r:literal $g:literal),*) => {
                         match (nr, ng) {
-                            $(($r, $g) => tile::<$r, $g>(&s, &t),)*
+                            $(($r, $g) => tile::<$r, $g, SIGN>(&s, &t),)*
                             _ => unreachable!(),
                         }
                     };
@@ -146,19 +260,18 @@ mod avx512 {
         words: usize,
         gstride: usize,
         x_stride: usize,
-        acc_stride: usize,
         inputs: i64,
     }
 
     struct Tile {
         w: *const u64,
         x: *const u64,
-        acc: *mut i32,
+        out: Out,
         valid: usize,
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512vpopcntdq")]
-    unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
+    unsafe fn tile<const R: usize, const G: usize, const SIGN: bool>(s: &Shape, t: &Tile) {
         let mut c = [[_mm512_setzero_si512(); G]; R];
         for k in 0..s.words {
             let mut wv = [_mm512_setzero_si512(); G];
@@ -174,15 +287,35 @@ mod avx512 {
             }
         }
         let n = _mm512_set1_epi64(s.inputs);
-        for (r, row) in c.iter().enumerate() {
-            for (g, v) in row.iter().enumerate() {
-                // dot = in − 2·popcount, then narrow the i64 lanes to i32 (wrapping).
-                let dot = _mm512_sub_epi64(n, _mm512_slli_epi64(*v, 1));
-                let valid = t.valid.saturating_sub(g * GROUP).min(GROUP);
-                let mask = ((1u16 << valid) - 1) as __mmask8;
-                let dst = t.acc.add(r * s.acc_stride + g * GROUP);
-                _mm256_mask_storeu_epi32(dst, mask, _mm512_cvtepi64_epi32(dot));
+        let valid = |g: usize| {
+            let v = t.valid.saturating_sub(g * GROUP).min(GROUP);
+            ((1u16 << v) - 1) as __mmask8
+        };
+        match t.out {
+            Out::Acc { ptr, stride } if !SIGN => {
+                for (r, row) in c.iter().enumerate() {
+                    for (g, v) in row.iter().enumerate() {
+                        // dot = in − 2·popcount, then narrow the i64 lanes to i32 (wrapping).
+                        let dot = _mm512_sub_epi64(n, _mm512_slli_epi64(*v, 1));
+                        let dst = ptr.add(r * stride + g * GROUP);
+                        _mm256_mask_storeu_epi32(dst, valid(g), _mm512_cvtepi64_epi32(dot));
+                    }
+                }
             }
+            Out::Bits { ptr, stride, threshold } if SIGN => {
+                for g in 0..G {
+                    // in − 2·pc ≥ t  ⟺  pc ≤ ⌊(in − t)/2⌋, exactly in i64 (in ≤ i32::MAX, so
+                    // the i32 dot product of the reference never wraps). Channels past `out`
+                    // load padding thresholds and are masked off.
+                    let th = _mm512_cvtepi32_epi64(_mm256_loadu_si256(threshold.add(g * GROUP).cast()));
+                    let pc_max = _mm512_srai_epi64(_mm512_sub_epi64(n, th), 1);
+                    for (r, row) in c.iter().enumerate() {
+                        let bits = _mm512_mask_cmple_epi64_mask(valid(g), row[g], pc_max);
+                        *ptr.add(r * stride + g) = bits;
+                    }
+                }
+            }
+            _ => unreachable!("tile output kind matches SIGN"),
         }
     }
 }

@@ -63,6 +63,37 @@ pub fn dense_bin_reference(
     }
 }
 
+/// Scalar tier of the fused binary layer with sign output: exactly [`dense_bin_reference`]
+/// then [`sign_bits`], one output word (64 channels) at a time. Always inlined, so that the
+/// POPCNT tier's wrapper compiles it with the `popcnt` instruction.
+#[inline(always)]
+pub(super) fn dense_bin_sign(
+    w: &PackedDenseBin,
+    threshold: &[i32],
+    x: &[u64],
+    x_stride: usize,
+    rows: usize,
+    out: &mut [u64],
+    out_words: usize,
+) {
+    let words = w.words;
+    let inputs = w.inputs as i32;
+    let weight = &w.rowmajor[..w.outputs * words];
+    for b in 0..rows {
+        let xr = &x[b * x_stride..b * x_stride + words];
+        let o = &mut out[b * out_words..(b + 1) * out_words];
+        for (word, (wc, tc)) in o.iter_mut().zip(weight.chunks(64 * words).zip(threshold.chunks(64))) {
+            let mut bits = 0u64;
+            for (c, (wr, &t)) in wc.chunks_exact(words).zip(tc).enumerate() {
+                let diff: u32 = xr.iter().zip(wr).map(|(a, w)| (a ^ w).count_ones()).sum();
+                let dot = inputs.wrapping_sub((diff as i32).wrapping_mul(2));
+                bits |= u64::from(dot >= t) << c;
+            }
+            *word = bits;
+        }
+    }
+}
+
 /// Scalar tier of the int8 dense layer: `acc = folded_bias + Σ x·W` over the packed weights.
 pub(super) fn dense_i8(w: &PackedDenseI8, x: &[u8], x_stride: usize, rows: usize, acc: &mut [i32], acc_stride: usize) {
     let (n, k) = (w.outputs, w.inputs);

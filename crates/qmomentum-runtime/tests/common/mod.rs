@@ -161,6 +161,23 @@ pub fn binary_head_model(rng: &mut Rng) -> Model {
     random_model(rng, 37, &[(Kind::I8, 65, "sign_bits"), (Kind::Bin, 10, "logits")])
 }
 
+/// A fully binary model: the u8 input is binarized, then three XNOR-popcount layers (two with
+/// fused sign outputs, of odd widths).
+pub fn binary_all_model(rng: &mut Rng) -> Model {
+    let spec = [(300, 130, "sign_bits"), (130, 77, "sign_bits"), (77, 10, "logits")];
+    let layers = spec
+        .iter()
+        .map(|&(i, o, out)| random_layer(rng, Kind::Bin, i, o, out))
+        .collect();
+    let input = InputSpec {
+        size: 300,
+        scale: 1.0 / 255.0,
+        zero_point: 0,
+        binarize_at: Some(rng.range(1, 255) as u8),
+    };
+    Model::new(input, layers).unwrap()
+}
+
 /// A raw file: metadata document + named tensors, written with no validation at all.
 pub struct RawFile {
     pub doc: Value,

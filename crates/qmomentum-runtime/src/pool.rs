@@ -1,0 +1,263 @@
+//! A small persistent thread pool for splitting one batch over the cores.
+//!
+//! Why not `std::thread::scope` per call: starting a thread and waking an idle vCPU cost
+//! 40–55 µs per call on the 2-vCPU machines this is benchmarked on, as much as a whole
+//! 1000-row batch of the binary MLP takes on one core, so two threads were *slower* than one
+//! up to a few thousand rows. Why not rayon: a call from outside rayon's pool is injected into
+//! it and the calling thread sleeps, so both halves pay a wake-up, and the runtime is meant to
+//! stay free of heavy dependencies. Like OpenMP and onnxruntime's pool, the workers here spin
+//! for a short while ([`SPIN`]) after a job before parking on a condition variable, so the
+//! next call of a loop of calls starts at once, and an idle process uses no CPU.
+//!
+//! One job runs at a time; the caller always takes part, and a caller that finds the pool busy
+//! (another thread's job) simply runs its job alone. Jobs borrow the caller's stack: [`run`]
+//! returns only once no worker can touch the job any more (see the invariant on `Slot::job`).
+
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before parking.
+pub const SPIN: Duration = Duration::from_micros(200);
+
+/// A job with its lifetime erased; only dereferenced while [`run`] is still on the stack.
+#[derive(Clone, Copy)]
+struct JobPtr(*const (dyn Fn() + Sync + 'static));
+
+// SAFETY: the pointee is `Sync` and outlives every use (see `Slot::job`).
+unsafe impl Send for JobPtr {}
+
+struct Slot {
+    /// Incremented for every job published.
+    epoch: u64,
+    /// The current job. Invariant: a worker only copies it out while holding the lock and
+    /// increments `active` in the same critical section; `run` clears it under the lock and
+    /// then waits for `active` to reach 0, so no worker holds it after `run` returns.
+    job: Option<JobPtr>,
+    /// Workers that may still join the current job.
+    seats: usize,
+    /// Workers parked on the condition variable.
+    parked: usize,
+}
+
+struct Pool {
+    slot: Mutex<Slot>,
+    wake: Condvar,
+    /// Mirror of `Slot::epoch` for spinning without the lock.
+    epoch: AtomicU64,
+    /// Workers running the current job.
+    active: AtomicUsize,
+    /// A worker's share of the current job panicked.
+    panicked: AtomicBool,
+    /// Held by the caller whose job is running.
+    busy: Mutex<()>,
+    workers: usize,
+}
+
+/// The process-wide pool: one worker per available core but the caller's.
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<&'static Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool: &'static Pool = Box::leak(Box::new(Pool {
+            slot: Mutex::new(Slot {
+                epoch: 0,
+                job: None,
+                seats: 0,
+                parked: 0,
+            }),
+            wake: Condvar::new(),
+            epoch: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            busy: Mutex::new(()),
+            workers: cores - 1,
+        }));
+        let mut started = 0;
+        for i in 0..pool.workers {
+            let spawned = std::thread::Builder::new()
+                .name(format!("qmomentum-runtime-{i}"))
+                .spawn(move || worker(pool));
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        // Threads that could not start never take a seat; `threads()` reports what exists.
+        STARTED.store(started, Ordering::Relaxed);
+        pool
+    })
+}
+
+static STARTED: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads a job can run on: the caller plus the pool's workers.
+pub fn threads() -> usize {
+    pool();
+    STARTED.load(Ordering::Relaxed) + 1
+}
+
+fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    // No code panics while holding this lock, but do not let poisoning stop the pool.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn worker(pool: &'static Pool) {
+    let mut seen = 0u64;
+    loop {
+        // Wait for a new job: spin first, then park.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while pool.epoch.load(Ordering::Acquire) == seen {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
+                let mut slot = lock(&pool.slot);
+                slot.parked += 1;
+                while slot.epoch == seen {
+                    slot = pool.wake.wait(slot).unwrap_or_else(|e| e.into_inner());
+                }
+                slot.parked -= 1;
+                break;
+            }
+        }
+        let job = {
+            let mut slot = lock(&pool.slot);
+            seen = slot.epoch;
+            match slot.job {
+                Some(job) if slot.seats > 0 => {
+                    slot.seats -= 1;
+                    pool.active.fetch_add(1, Ordering::Relaxed);
+                    Some(job)
+                }
+                _ => None,
+            }
+        };
+        if let Some(job) = job {
+            // SAFETY: `run` keeps the job alive until `active` is back to 0 (`Slot::job`).
+            let f = unsafe { &*job.0 };
+            if catch_unwind(AssertUnwindSafe(f)).is_err() {
+                pool.panicked.store(true, Ordering::Relaxed);
+            }
+            pool.active.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+/// Runs `job` on the calling thread and on up to `threads − 1` pool workers at once, and
+/// returns when every call of it has returned. `job` must share its work out itself (the
+/// engine hands out row chunks from an atomic counter), so it is correct whatever number of
+/// workers join. Returns `false` if a worker's call panicked (the caller's own panic is
+/// resumed).
+pub fn run(threads: usize, job: &(dyn Fn() + Sync)) -> bool {
+    if threads <= 1 {
+        job();
+        return true;
+    }
+    let pool = pool();
+    let Ok(_busy) = pool.busy.try_lock() else {
+        // Another thread's batch holds the workers: run this one alone.
+        job();
+        return true;
+    };
+    // SAFETY: only the lifetime is erased; see `Slot::job` for why it is never outlived.
+    let ptr = JobPtr(unsafe {
+        std::mem::transmute::<*const (dyn Fn() + Sync + '_), *const (dyn Fn() + Sync + 'static)>(job)
+    });
+    pool.panicked.store(false, Ordering::Relaxed);
+    {
+        let mut slot = lock(&pool.slot);
+        slot.epoch += 1;
+        slot.job = Some(ptr);
+        slot.seats = threads - 1;
+        pool.epoch.store(slot.epoch, Ordering::Release);
+        if slot.parked > 0 {
+            pool.wake.notify_all();
+        }
+    }
+    let mine = catch_unwind(AssertUnwindSafe(job));
+    lock(&pool.slot).job = None;
+    let start = Instant::now();
+    let mut spins = 0u32;
+    while pool.active.load(Ordering::Acquire) != 0 {
+        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(256) && start.elapsed() > SPIN {
+            std::thread::yield_now();
+        }
+    }
+    if let Err(p) = mine {
+        resume_unwind(p);
+    }
+    !pool.panicked.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn every_piece_runs_exactly_once_and_the_caller_takes_part() {
+        for threads in [1, 2, 4] {
+            for round in 0..200 {
+                let next = AtomicUsize::new(0);
+                let hits: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+                let me = std::thread::current().id();
+                let caller_ran = AtomicBool::new(false);
+                let ok = run(threads, &|| {
+                    if std::thread::current().id() == me {
+                        caller_ran.store(true, Ordering::Relaxed);
+                    }
+                    while let Some(h) = hits.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        h.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                assert!(ok);
+                assert!(caller_ran.load(Ordering::Relaxed), "threads {threads} round {round}");
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_workers_panic_is_reported_and_the_pool_keeps_working() {
+        if threads() < 2 {
+            return;
+        }
+        let me = std::thread::current().id();
+        let ok = run(2, &|| {
+            if std::thread::current().id() != me {
+                panic!("worker panics on purpose");
+            }
+            // Give the worker time to join.
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        assert!(!ok);
+        let count = AtomicUsize::new(0);
+        assert!(run(2, &|| {
+            count.fetch_add(1, Ordering::Relaxed);
+        }));
+        assert!(count.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[test]
+    fn concurrent_callers_each_get_their_whole_job_done() {
+        let total = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        let next = AtomicUsize::new(0);
+                        run(2, &|| {
+                            while next.fetch_add(1, Ordering::Relaxed) < 10 {
+                                total.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 100 * 10);
+    }
+}
