@@ -22,7 +22,8 @@ pub const BLOCK_ROWS: usize = 64;
 /// Rows per dense-kernel call: the i32 accumulator tile (`ACC_ROWS × outputs`) stays in L1.
 pub const ACC_ROWS: usize = 32;
 
-/// Rows per [`Model::run`] call inside [`Model::predict`] / [`Model::logits`].
+/// Most rows per [`Model::run`] call inside [`Model::predict`] / [`Model::logits`]; smaller
+/// batches are cut in pieces of down to [`BLOCK_ROWS`] rows so that every thread gets several.
 pub const CHUNK_ROWS: usize = 256;
 
 /// A layer's dense part, packed.
@@ -344,9 +345,9 @@ impl Model {
         Ok(())
     }
 
-    /// Runs the batch in [`CHUNK_ROWS`]-row pieces on up to `threads` threads (one workspace
-    /// each) and hands each piece's logits to `f` with the matching `per_row`-wide slice of
-    /// `out`.
+    /// Runs the batch in pieces of [`BLOCK_ROWS`] to [`CHUNK_ROWS`] rows on up to `threads`
+    /// threads (one workspace each) and hands each piece's logits to `f` with the matching
+    /// `per_row`-wide slice of `out`.
     ///
     /// The threads are the caller and the workers of a persistent pool ([`crate::pool`]), and
     /// the pieces are handed out one at a time from a shared counter rather than as one
@@ -365,24 +366,28 @@ impl Model {
         if batch == 0 {
             return Ok(());
         }
-        let pieces = batch.div_ceil(CHUNK_ROWS);
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let threads = threads.min(pieces).max(1);
+        let threads = threads.min(batch.div_ceil(BLOCK_ROWS)).max(1);
         let threads = if threads > 1 {
             threads.min(crate::pool::threads())
         } else {
             1
         };
+        // About 4 pieces per thread, so a late start is absorbed (measured on the binary MLP,
+        // 2 threads: 64-row pieces took batch 256 from 17 to 25 M samples/s, while at batch
+        // 10 000 256-row pieces were 6 % faster than 64-row ones).
+        let chunk = if threads == 1 {
+            CHUNK_ROWS
+        } else {
+            (batch / (4 * threads) / BLOCK_ROWS * BLOCK_ROWS).clamp(BLOCK_ROWS, CHUNK_ROWS)
+        };
         let size = self.input.size;
         if threads == 1 {
-            let mut ws = self.workspace(batch.min(CHUNK_ROWS));
-            for (xc, oc) in input
-                .chunks(CHUNK_ROWS * size)
-                .zip(out.chunks_mut(CHUNK_ROWS * per_row))
-            {
+            let mut ws = self.workspace(batch.min(chunk));
+            for (xc, oc) in input.chunks(chunk * size).zip(out.chunks_mut(chunk * per_row)) {
                 f(self.run(&mut ws, xc, xc.len() / size)?, oc);
             }
             return Ok(());
@@ -390,14 +395,14 @@ impl Model {
         // Each piece is taken by exactly one thread (the counter hands out every index once),
         // so its lock is never contended; it only proves the exclusive borrow to the compiler.
         let tasks: Vec<Mutex<(&[u8], &mut [T])>> = input
-            .chunks(CHUNK_ROWS * size)
-            .zip(out.chunks_mut(CHUNK_ROWS * per_row))
+            .chunks(chunk * size)
+            .zip(out.chunks_mut(chunk * per_row))
             .map(Mutex::new)
             .collect();
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         let job = || {
-            let mut ws = self.workspace(CHUNK_ROWS.min(batch));
+            let mut ws = self.workspace(chunk.min(batch));
             while let Some(task) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
                 let result = match task.lock() {
                     Ok(mut guard) => {
@@ -462,22 +467,29 @@ fn pack_bits_scalar(x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
     }
 }
 
-/// One `vpcmpub` per 64 pixels: the compare mask is the bit word. The tail of a row is loaded
-/// with a mask and compared under it, so padding bits stay 0 whatever the threshold.
+/// One `vpcmpub` per 64 pixels: the compare mask is the bit word. Whole words use plain loads;
+/// the tail of a row is loaded with a mask and compared under it, so padding bits stay 0
+/// whatever the threshold.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_bits_avx512(x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
     use std::arch::x86_64::*;
     let words = size.div_ceil(64);
+    let full = size / 64;
+    let tail = size % 64;
+    let tail_lanes: u64 = (1u64 << tail).wrapping_sub(1);
     let t = _mm512_set1_epi8(threshold as i8);
     for (row, o) in x.chunks_exact(size).zip(out.chunks_exact_mut(words)) {
-        for (w, word) in o.iter_mut().enumerate() {
-            let start = w * 64;
-            let len = (size - start).min(64);
-            let lanes: u64 = if len == 64 { u64::MAX } else { (1u64 << len) - 1 };
-            // SAFETY: the masked load reads only the `len` bytes that exist in `row`.
-            let v = unsafe { _mm512_maskz_loadu_epi8(lanes, row.as_ptr().add(start) as *const i8) };
-            *word = _mm512_mask_cmpge_epu8_mask(lanes, v, t);
+        let p = row.as_ptr();
+        for (w, word) in o[..full].iter_mut().enumerate() {
+            // SAFETY: bytes 64w..64w+64 lie inside `row` (w < size / 64).
+            let v = unsafe { _mm512_loadu_si512(p.add(w * 64).cast()) };
+            *word = _mm512_cmpge_epu8_mask(v, t);
+        }
+        if tail > 0 {
+            // SAFETY: the masked load reads only the `tail` bytes that exist in `row`.
+            let v = unsafe { _mm512_maskz_loadu_epi8(tail_lanes, p.add(full * 64).cast()) };
+            o[full] = _mm512_mask_cmpge_epu8_mask(tail_lanes, v, t);
         }
     }
 }

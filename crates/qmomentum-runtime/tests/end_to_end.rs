@@ -106,8 +106,12 @@ fn save_and_load() {
 #[test]
 fn threads_and_chunks_agree_with_run() {
     let mut rng = Rng(77);
-    for (name, model) in models() {
-        let batch = 1000;
+    // 130 rows: 64-row pieces with a partial one; 1000 rows: 64-row pieces on 2 threads;
+    // 2600 rows: 256-row pieces.
+    for ((name, model), batch) in models()
+        .into_iter()
+        .flat_map(|m| [130, 1000, 2600].map(|b| (m.clone(), b)))
+    {
         let x = rng.bytes(batch * model.input().size);
         let mut ws = model.workspace(batch);
         let want = model.run(&mut ws, &x, batch).unwrap().to_vec();
