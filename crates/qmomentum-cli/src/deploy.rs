@@ -204,8 +204,8 @@ pub fn info_model(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn output_name(o: &qmomentum_runtime::Output) -> &'static str {
     match o {
-        qmomentum_runtime::Output::ReluU8 { .. } => "relu_u8",
-        qmomentum_runtime::Output::U8 { .. } => "u8",
+        qmomentum_runtime::Output::U8 { relu: true, .. } => "relu_u8",
+        qmomentum_runtime::Output::U8 { relu: false, .. } => "u8",
         qmomentum_runtime::Output::SignBits { .. } => "sign_bits",
         qmomentum_runtime::Output::Logits { .. } => "logits",
     }

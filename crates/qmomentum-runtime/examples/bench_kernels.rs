@@ -55,7 +55,8 @@ fn dense(rng: &mut Rng, inputs: usize, outputs: usize, output: Output) -> Layer 
 /// A `relu_u8` output whose scale spreads typical accumulators over 0..255.
 fn relu(outputs: usize, inputs: usize) -> Output {
     let (m, r) = quantize_multiplier(100.0 / (64.0 * 73.0 * (inputs as f64).sqrt())).unwrap();
-    Output::ReluU8 {
+    Output::U8 {
+        relu: true,
         multiplier: vec![m; outputs],
         shift: vec![r; outputs],
         zero_point: 0,

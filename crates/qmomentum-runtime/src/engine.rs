@@ -71,18 +71,13 @@ pub(crate) fn compile(layers: &[Layer]) -> Vec<CompiledLayer> {
                 } => Dense::Bin(PackedDenseBin::new(*inputs, *outputs, weight)),
             };
             let epilogue = match layer.output() {
-                Output::ReluU8 {
-                    multiplier,
-                    shift,
-                    zero_point,
-                    qmax,
-                } => Epilogue::Requant(Requant::new(multiplier, shift, *zero_point, *qmax, true)),
                 Output::U8 {
+                    relu,
                     multiplier,
                     shift,
                     zero_point,
                     qmax,
-                } => Epilogue::Requant(Requant::new(multiplier, shift, *zero_point, *qmax, false)),
+                } => Epilogue::Requant(Requant::new(multiplier, shift, *zero_point, *qmax, *relu)),
                 Output::SignBits { threshold } => Epilogue::Sign(match threshold {
                     Some(t) => SignBits::new(t),
                     None => SignBits::new(&vec![0; layer.outputs()]),
@@ -285,7 +280,12 @@ impl Model {
     }
 
     /// Predicted class (argmax of the logits; the lowest index wins ties) for each sample,
-    /// splitting the batch over `threads` threads (0 = one per available core).
+    /// splitting the batch over `threads` threads (0 = one per available core; never more than
+    /// the cores, nor than one per 64 rows).
+    ///
+    /// With more than one thread the calling thread works alongside the workers of a
+    /// process-wide pool, started at the first such call; they spin for 200 µs after each batch
+    /// and then sleep (see `doc/runtime.md`). The result does not depend on `threads`.
     pub fn predict(&self, input: &[u8], batch: usize, threads: usize) -> Result<Vec<u32>, Error> {
         let mut out = vec![0u32; batch];
         self.par_rows(input, batch, threads, 1, &mut out, |logits, out| {
@@ -296,8 +296,8 @@ impl Model {
         Ok(out)
     }
 
-    /// The logits, `[batch, classes]`, splitting the batch over `threads` threads
-    /// (0 = one per available core).
+    /// The logits, `[batch, classes]`, splitting the batch over `threads` threads as
+    /// [`Model::predict`] does.
     pub fn logits(&self, input: &[u8], batch: usize, threads: usize) -> Result<Vec<f32>, Error> {
         let classes = self.num_classes();
         let mut out = vec![0f32; batch * classes];

@@ -44,27 +44,19 @@ pub struct InputSpec {
 /// What a layer does with its i32 accumulator (`acc` for `dense_i8`, `dot` for `dense_bin`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
-    /// `y = clamp(requant(acc, m, r) + z_out, z_out, qmax)`.
-    ReluU8 {
+    /// `y = clamp(requant(acc, m, r) + z_out, lo, qmax)` with `lo = z_out` (ReLU: the file's
+    /// `relu_u8`) or `lo = 0` (the file's `u8`).
+    U8 {
+        /// ReLU fused into the clamp (`relu_u8` in the file).
+        relu: bool,
         /// Per-channel multiplier `m`: 0 or in [2^30, 2^31 − 1].
         multiplier: Vec<i32>,
         /// Per-channel shift `r` in [-30, 31].
         shift: Vec<i32>,
-        /// `z_out`, also the lower clamp.
+        /// `z_out` (with `relu`, also the lower clamp).
         zero_point: u8,
         /// Upper clamp, `zero_point ≤ qmax` (255 for 8-bit grids, 15 for 4-bit, 3 for 2-bit);
         /// the file's optional `output_qmax`.
-        qmax: u8,
-    },
-    /// `y = clamp(requant(acc, m, r) + z_out, 0, qmax)`.
-    U8 {
-        /// Per-channel multiplier `m`: 0 or in [2^30, 2^31 − 1].
-        multiplier: Vec<i32>,
-        /// Per-channel shift `r` in [-30, 31].
-        shift: Vec<i32>,
-        /// `z_out`.
-        zero_point: u8,
-        /// Upper clamp, `zero_point ≤ qmax`; the file's optional `output_qmax`.
         qmax: u8,
     },
     /// One bit per channel: `acc ≥ 0` after `dense_i8` (`threshold: None`),
@@ -86,8 +78,8 @@ impl Output {
     /// The name used in the file (`relu_u8`, `u8`, `sign_bits`, `logits`).
     pub fn kind_name(&self) -> &'static str {
         match self {
-            Output::ReluU8 { .. } => "relu_u8",
-            Output::U8 { .. } => "u8",
+            Output::U8 { relu: true, .. } => "relu_u8",
+            Output::U8 { relu: false, .. } => "u8",
             Output::SignBits { .. } => "sign_bits",
             Output::Logits { .. } => "logits",
         }
@@ -95,7 +87,7 @@ impl Output {
 
     /// Whether this output is u8 (what a `dense_i8` layer reads).
     pub fn is_u8(&self) -> bool {
-        matches!(self, Output::ReluU8 { .. } | Output::U8 { .. })
+        matches!(self, Output::U8 { .. })
     }
 }
 
@@ -441,17 +433,12 @@ fn validate(input: &InputSpec, layers: &[Layer]) -> Result<(), Error> {
 fn validate_output(i: usize, output: &Output, outputs: usize, binary: bool) -> Result<(), Error> {
     let after = if binary { "dense_bin" } else { "dense_i8" };
     match output {
-        Output::ReluU8 {
+        Output::U8 {
             multiplier,
             shift,
             zero_point,
             qmax,
-        }
-        | Output::U8 {
-            multiplier,
-            shift,
-            zero_point,
-            qmax,
+            ..
         } => {
             if zero_point > qmax {
                 return Err(Error::field(
@@ -820,20 +807,12 @@ fn parse_layer(i: usize, ld: &Value, t: &mut Tensors<'_>) -> Result<Layer, Error
             let qmax = f.opt_uint("output_qmax", 255)?.unwrap_or(255) as u8;
             let multiplier = t.i32s(&tname(i, "multiplier"), &out_shape)?;
             let shift = t.i32s(&tname(i, "shift"), &out_shape)?;
-            if out_kind == "relu_u8" {
-                Output::ReluU8 {
-                    multiplier,
-                    shift,
-                    zero_point,
-                    qmax,
-                }
-            } else {
-                Output::U8 {
-                    multiplier,
-                    shift,
-                    zero_point,
-                    qmax,
-                }
+            Output::U8 {
+                relu: out_kind == "relu_u8",
+                multiplier,
+                shift,
+                zero_point,
+                qmax,
             }
         }
         "sign_bits" => Output::SignBits {
@@ -929,17 +908,12 @@ fn serialize(input: &InputSpec, layers: &[Layer]) -> Result<Vec<u8>, Error> {
         let output = layer.output();
         doc.insert("output".into(), json!(output.kind_name()));
         match output {
-            Output::ReluU8 {
+            Output::U8 {
                 multiplier,
                 shift,
                 zero_point,
                 qmax,
-            }
-            | Output::U8 {
-                multiplier,
-                shift,
-                zero_point,
-                qmax,
+                ..
             } => {
                 doc.insert("output_zero_point".into(), json!(zero_point));
                 // Optional in the file, default 255: written only when it differs.

@@ -18,7 +18,8 @@
 //!     bias: vec![0, 100, -5],
 //!     input_zero_point: 0,
 //!     // requant(acc) = acc · 2^30 · 2^-(31+1) = acc / 4, rounded half up.
-//!     output: Output::ReluU8 {
+//!     output: Output::U8 {
+//!         relu: true,
 //!         multiplier: vec![1 << 30; 3],
 //!         shift: vec![1; 3],
 //!         zero_point: 0,

@@ -193,12 +193,12 @@ fn output_qmax_is_optional_and_round_trips() {
     let model = random_model(&mut rng, 20, &[(Kind::I8, 30, "relu_u8"), (Kind::I8, 4, "logits")]);
     let mut layers = model.layers().to_vec();
     let qmax_of = |l: &qmomentum_runtime::Layer| match l.output() {
-        Output::ReluU8 { qmax, .. } | Output::U8 { qmax, .. } => *qmax,
+        Output::U8 { qmax, .. } => *qmax,
         _ => unreachable!(),
     };
     for q in [255u8, 15, 3] {
         if let qmomentum_runtime::Layer::DenseI8 {
-            output: Output::ReluU8 { qmax, zero_point, .. },
+            output: Output::U8 { qmax, zero_point, .. },
             ..
         } = &mut layers[0]
         {

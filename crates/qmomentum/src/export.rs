@@ -155,19 +155,9 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     });
                     let zero_point = qp.zero_point as u8;
                     let qmax = qp.qmax as u8;
-                    match activation {
-                        Activation::Relu => rt::Output::ReluU8 {
-                            multiplier,
-                            shift,
-                            zero_point,
-                            qmax,
-                        },
-                        Activation::Linear => rt::Output::U8 {
-                            multiplier,
-                            shift,
-                            zero_point,
-                            qmax,
-                        },
+                    let relu = match activation {
+                        Activation::Relu => true,
+                        Activation::Linear => false,
                         other => {
                             return Err(Error::config(
                                 format!("layers[{idx}].activation"),
@@ -175,6 +165,13 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                                 "the integer runtime supports relu and linear hidden activations",
                             ))
                         }
+                    };
+                    rt::Output::U8 {
+                        relu,
+                        multiplier,
+                        shift,
+                        zero_point,
+                        qmax,
                     }
                 };
                 rt::Layer::DenseI8 {

@@ -65,20 +65,12 @@ pub fn random_layer(rng: &mut Rng, kind: Kind, inputs: usize, outputs: usize, ou
             } else {
                 (rng.range(0, 60) as u8, 255)
             };
-            if out == "relu_u8" {
-                Output::ReluU8 {
-                    multiplier,
-                    shift,
-                    zero_point,
-                    qmax,
-                }
-            } else {
-                Output::U8 {
-                    multiplier,
-                    shift,
-                    zero_point,
-                    qmax,
-                }
+            Output::U8 {
+                relu: out == "relu_u8",
+                multiplier,
+                shift,
+                zero_point,
+                qmax,
             }
         }
         "sign_bits" => Output::SignBits {
