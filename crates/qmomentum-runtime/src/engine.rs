@@ -376,22 +376,21 @@ impl Model {
         } else {
             1
         };
-        // About 4 pieces per thread, so a late start is absorbed (measured on the binary MLP,
-        // 2 threads: 64-row pieces took batch 256 from 17 to 25 M samples/s, while at batch
-        // 10 000 256-row pieces were 6 % faster than 64-row ones, in one probe).
-        let chunk = if threads == 1 {
-            CHUNK_ROWS
-        } else {
-            (batch / (4 * threads) / BLOCK_ROWS * BLOCK_ROWS).clamp(BLOCK_ROWS, CHUNK_ROWS)
-        };
         let size = self.input.size;
         if threads == 1 {
-            let mut ws = self.workspace(batch.min(chunk));
-            for (xc, oc) in input.chunks(chunk * size).zip(out.chunks_mut(chunk * per_row)) {
+            let mut ws = self.workspace(batch.min(CHUNK_ROWS));
+            for (xc, oc) in input
+                .chunks(CHUNK_ROWS * size)
+                .zip(out.chunks_mut(CHUNK_ROWS * per_row))
+            {
                 f(self.run(&mut ws, xc, xc.len() / size)?, oc);
             }
             return Ok(());
         }
+        // About 4 pieces per thread, so a late start is absorbed (measured on the binary MLP,
+        // 2 threads: 64-row pieces took batch 256 from 17 to 25 M samples/s, while at batch
+        // 10 000 256-row pieces were 6 % faster than 64-row ones, in one probe).
+        let chunk = (batch / (4 * threads) / BLOCK_ROWS * BLOCK_ROWS).clamp(BLOCK_ROWS, CHUNK_ROWS);
         // Each piece is taken by exactly one thread (the counter hands out every index once),
         // so its lock is never contended; it only proves the exclusive borrow to the compiler.
         let tasks: Vec<Mutex<(&[u8], &mut [T])>> = input

@@ -160,7 +160,7 @@ mod avx512 {
             ptr: acc.as_mut_ptr(),
             stride: acc_stride,
         };
-        run::<false>(w, x, x_stride, rows, out);
+        run(w, x, x_stride, rows, out);
     }
 
     /// VPOPCNTDQ kernel over the grouped layout with the sign epilogue fused: each tile's
@@ -193,7 +193,7 @@ mod avx512 {
             stride: out_words * 8,
             threshold: threshold.as_ptr(),
         };
-        run::<true>(w, x, x_stride, rows, o);
+        run(w, x, x_stride, rows, o);
     }
 
     /// Where a tile's results go.
@@ -210,7 +210,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512vpopcntdq")]
-    unsafe fn run<const SIGN: bool>(w: &PackedDenseBin, x: &[u64], x_stride: usize, rows: usize, out: Out) {
+    unsafe fn run(w: &PackedDenseBin, x: &[u64], x_stride: usize, rows: usize, out: Out) {
         let groups = w.outputs.div_ceil(GROUP);
         let s = Shape {
             words: w.words,
@@ -244,7 +244,7 @@ mod avx512 {
                 macro_rules! go {
                     ($($r:literal $g:literal),*) => {
                         match (nr, ng) {
-                            $(($r, $g) => tile::<$r, $g, SIGN>(&s, &t),)*
+                            $(($r, $g) => tile::<$r, $g>(&s, &t),)*
                             _ => unreachable!(),
                         }
                     };
@@ -271,7 +271,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512vpopcntdq")]
-    unsafe fn tile<const R: usize, const G: usize, const SIGN: bool>(s: &Shape, t: &Tile) {
+    unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
         let mut c = [[_mm512_setzero_si512(); G]; R];
         for k in 0..s.words {
             let mut wv = [_mm512_setzero_si512(); G];
@@ -292,7 +292,7 @@ mod avx512 {
             ((1u16 << v) - 1) as __mmask8
         };
         match t.out {
-            Out::Acc { ptr, stride } if !SIGN => {
+            Out::Acc { ptr, stride } => {
                 for (r, row) in c.iter().enumerate() {
                     for (g, v) in row.iter().enumerate() {
                         // dot = in − 2·popcount, then narrow the i64 lanes to i32 (wrapping).
@@ -302,7 +302,7 @@ mod avx512 {
                     }
                 }
             }
-            Out::Bits { ptr, stride, threshold } if SIGN => {
+            Out::Bits { ptr, stride, threshold } => {
                 for g in 0..G {
                     // in − 2·pc ≥ t  ⟺  pc ≤ ⌊(in − t)/2⌋, exactly in i64 (in ≤ i32::MAX, so
                     // the i32 dot product of the reference never wraps). Channels past `out`
@@ -315,7 +315,6 @@ mod avx512 {
                     }
                 }
             }
-            _ => unreachable!("tile output kind matches SIGN"),
         }
     }
 }
