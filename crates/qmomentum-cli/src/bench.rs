@@ -7,7 +7,6 @@ use crate::DataArgs;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use qmomentum::config::TrainConfig;
-use qmomentum::data::Dataset;
 use qmomentum::quant::Scheme;
 use qmomentum::train::Trainer;
 
@@ -32,21 +31,22 @@ enum BenchWhat {
 struct TrainBench {
     #[command(flatten)]
     data: DataArgs,
-    /// Epochs per configuration (the first is reported separately as warm-up).
-    #[arg(long, default_value_t = 4)]
-    epochs: usize,
+    /// Epochs per configuration, at least 2 (the first is reported separately as warm-up).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=1000))]
+    epochs: u16,
     /// Schemes to time (fp32 first: the reference of the ratios).
     #[arg(long, value_delimiter = ',', default_value = "fp32,w8a8,w4a4,binary")]
     schemes: Vec<String>,
-    /// Cores per step.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
+    /// Cores per step (1 or 2).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=2))]
+    threads: u16,
     /// Rounds: the schemes run interleaved this many times; medians pool all rounds.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Peak GFLOP/s the % column divides by (measured here: 2 cores × ~113 FMA GFLOP/s).
-    #[arg(long, default_value_t = 227.0)]
-    peak_gflops: f64,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
+    /// Peak GFLOP/s the % column divides by [default: measured here at start, with an FMA loop of
+    /// the widest width on --threads threads].
+    #[arg(long)]
+    peak_gflops: Option<f64>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -67,26 +67,38 @@ pub fn train_flops(t: &Trainer, samples: usize) -> f64 {
 }
 
 fn train(b: TrainBench) -> Result<()> {
-    let (train, _) = Dataset::load_mnist_dir(&b.data.data)?;
-    println!(
-        "bench train: MLP 784-128-64-10, Fashion-MNIST {} samples, batch 128, momentum 0.9, {} threads; \
-         {} rounds of {:?} interleaved, {} epochs each; median over rounds of epochs 2..",
+    let peak = match b.peak_gflops {
+        Some(p) if p.is_finite() && p > 0.0 => (p, "given with --peak-gflops".to_string()),
+        Some(p) => anyhow::bail!("--peak-gflops {p}: must be a positive number"),
+        None => {
+            let (p1, isa) = crate::peak::measure(1);
+            let (p, _) = crate::peak::measure(b.threads as usize);
+            (p, format!("{isa} measured here: {p1:.0} GFLOP/s on 1 thread, {p:.0} on {}", b.threads))
+        }
+    };
+    let (_, train, _) = b.data.load()?;
+    let schemes: Vec<Scheme> = b.schemes.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
+    let names: Vec<String> = schemes.iter().map(|s| s.to_string()).collect();
+    outln!(
+        "bench train: MLP 784-128-64-10, {} training samples, batch 128, momentum 0.9, {} threads; \
+         {} rounds of [{}] interleaved, {} epochs each; median over rounds of epochs 2..; peak {:.0} GFLOP/s ({})",
         train.len(),
         b.threads,
         b.rounds,
-        b.schemes,
-        b.epochs
-    );
-    let schemes: Vec<Scheme> = b.schemes.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
+        names.join(", "),
+        b.epochs,
+        peak.0,
+        peak.1
+    )?;
     let mut epochs: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
     let mut flops = 0.0;
-    for _ in 0..b.rounds.max(1) {
+    for _ in 0..b.rounds {
         for (i, &scheme) in schemes.iter().enumerate() {
             let cfg = TrainConfig {
-                epochs: b.epochs,
+                epochs: b.epochs as usize,
                 quant: scheme,
-                threads: b.threads,
+                threads: b.threads as usize,
                 optimizer: qmomentum::optim::OptimizerConfig {
                     lr: 0.01,
                     ..Default::default()
@@ -95,31 +107,28 @@ fn train(b: TrainBench) -> Result<()> {
             };
             let mut t = Trainer::new(cfg)?;
             t.fit(&train, None, |_, _| {})?;
-            first[i].push(t.history.epochs[0].seconds);
+            first[i].extend(t.history.epochs.first().map(|r| r.seconds));
             epochs[i].extend(t.history.epochs.iter().skip(1).map(|r| r.seconds));
             flops = train_flops(&t, train.len());
         }
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    println!(
+    let med = crate::deploy::median;
+    outln!(
         "| scheme | epoch 1 s | median epoch s | samples/s | GFLOP/s (matmul) | % of {:.0} GFLOP/s peak | epoch / fp32 |",
-        b.peak_gflops
-    );
-    println!("|---|---|---|---|---|---|---|");
-    let base = med(&mut epochs[0].clone());
+        peak.0
+    )?;
+    outln!("|---|---|---|---|---|---|---|")?;
+    let base = med(epochs[0].clone());
     for (i, s) in schemes.iter().enumerate() {
-        let m = med(&mut epochs[i]);
-        let f = med(&mut first[i]);
+        let m = med(epochs[i].clone());
+        let f = med(first[i].clone());
         let gf = flops / m / 1e9;
-        println!(
+        outln!(
             "| {s} | {f:.3} | {m:.3} | {:.0} | {gf:.1} | {:.0} % | {:.2}× |",
             train.len() as f64 / m,
-            100.0 * gf / b.peak_gflops,
+            100.0 * gf / peak.0,
             m / base
-        );
+        )?;
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `qmomentum quantize` (PTQ), `export`, `infer`, `bench infer`.
 
+use crate::inputs::ModelFile;
+use crate::output::{warn, write_output};
 use crate::train_cmd::RunFiles;
 use crate::DataArgs;
 use anyhow::{bail, Context, Result};
@@ -36,40 +38,61 @@ pub struct QuantizeArgs {
     out: PathBuf,
 }
 
+/// Refuse a file of the other kind with the command that fits it.
+fn checkpoint_only(path: &Path, what: &str) -> Result<qmomentum::train::Trainer> {
+    match ModelFile::load(path)? {
+        ModelFile::Checkpoint(t) => Ok(*t),
+        ModelFile::Integer(_) => bail!(
+            "{} is an integer model (.qmm), not a checkpoint: {what} takes a checkpoint (for an integer model use `qmomentum evaluate`, `predict` or `infer`)",
+            path.display()
+        ),
+    }
+}
+
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
-    let float = qmomentum::checkpoint::load(&a.checkpoint)?;
+    let float = checkpoint_only(&a.checkpoint, "quantize")?;
     let scheme: Scheme = a.quant.parse()?;
-    if scheme == Scheme::Binary || scheme == Scheme::Fp32 {
-        bail!("--quant {scheme}: post-training quantization supports w8a8, w4a8, w4a4, w2a2 and ternary (binary networks need training)");
+    if matches!(scheme, Scheme::Binary | Scheme::BinaryAll | Scheme::Fp32) {
+        bail!("--quant {scheme}: post-training quantization supports w8a8, w4a8, w4a4, w2a2 and ternary (binary networks need training: qmomentum train --quant {scheme})");
     }
     let method: Calibration = a.calibration.parse()?;
-    let (train, test) = Dataset::load_mnist_dir(&a.data.data)?;
+    let (_, train, test) = a.data.load()?;
+    if a.batches == 0 {
+        bail!("--batches 0: calibration needs at least one batch");
+    }
+    let available = train.len().div_ceil(128);
+    if train.is_empty() {
+        bail!("the training set is empty: there is nothing to calibrate on");
+    }
+    let batches = if a.batches > available {
+        warn(format!(
+            "--batches {}: the training set has only {available} batches of 128; calibrating on all of them",
+            a.batches
+        ));
+        available
+    } else {
+        a.batches
+    };
     let (_, fp_acc) = evaluate(&mut float.model.clone(), &test)?;
-    let q = quantize_float_model(
-        &float.model,
-        &float.config.model,
-        scheme,
-        &train,
-        a.batches,
-        128,
-        method,
-    )
-    .with_context(|| format!("post-training quantization of {}", a.checkpoint.display()))?;
+    let q = quantize_float_model(&float.model, &float.config.model, scheme, &train, batches, 128, method)
+        .with_context(|| format!("post-training quantization of {}", a.checkpoint.display()))?;
     let mut cfg = float.config.clone();
     cfg.quant = scheme;
     cfg.epochs = a.finetune_epochs.max(1);
+    cfg.schedule_epochs = None;
     if let Some(lr) = a.lr {
         cfg.optimizer.lr = lr;
     }
     cfg.freeze_observers_after = None;
     let mut t = Trainer::new(cfg)?;
     t.model = q;
+    t.data = float.data.clone();
+    t.class_names = float.class_names.clone();
     let (_, ptq_acc) = t.evaluate(&test)?;
-    println!(
-        "fp32 {fp_acc:.4} → PTQ {scheme} ({:?}, {} batches) {ptq_acc:.4}",
-        method, a.batches
-    );
-    std::fs::create_dir_all(&a.out)?;
+    outln!(
+        "fp32 {fp_acc:.4} → PTQ {scheme} ({method} calibration, {batches} batches of 128) {ptq_acc:.4}"
+    )?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
     let files = RunFiles::new(&a.out);
     if a.finetune_epochs > 0 {
         for d in t.model.dense_mut() {
@@ -77,21 +100,27 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                 o.frozen = false;
             }
         }
+        let mut printed = Ok(());
         t.fit(&train, None, |_, e| {
             if let qmomentum::train::Event::Epoch(r) = e {
-                println!(
-                    "QAT fine-tune epoch {} - loss {:.4} - accuracy {:.4}",
-                    r.epoch, r.loss, r.accuracy
-                );
+                if printed.is_ok() {
+                    printed = outln!(
+                        "QAT fine-tune epoch {} - loss {:.4} - accuracy {:.4}",
+                        r.epoch,
+                        r.loss,
+                        r.accuracy
+                    );
+                }
             }
         })?;
+        printed?;
         let (_, acc) = t.evaluate(&test)?;
-        println!("after {} epochs of QAT fine-tuning: {acc:.4}", a.finetune_epochs);
+        outln!("after {} epochs of QAT fine-tuning: {acc:.4}", a.finetune_epochs)?;
     } else {
         t.epoch = t.config.epochs;
     }
     qmomentum::checkpoint::save(&t, &files.checkpoint)?;
-    println!("wrote {}", files.checkpoint.display());
+    outln!("wrote {}", files.checkpoint.display())?;
     Ok(())
 }
 
@@ -99,25 +128,32 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
 pub struct ExportArgs {
     /// A quantized checkpoint (QAT or PTQ).
     checkpoint: PathBuf,
-    /// The integer model file to write.
+    /// The integer model file to write (`-` is stdout).
     #[arg(long, short, default_value = "model.qmm")]
     output: PathBuf,
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let t = qmomentum::checkpoint::load(&a.checkpoint)?;
-    let m =
-        qmomentum::export::to_runtime(&t.model).with_context(|| format!("cannot export {}", a.checkpoint.display()))?;
-    m.save(&a.output)?;
-    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
-    println!(
+    let t = checkpoint_only(&a.checkpoint, "export")?;
+    let m = qmomentum::export::to_runtime(&t.model)
+        .with_context(|| format!("cannot export {}", a.checkpoint.display()))?
+        .with_class_names(t.class_names.clone());
+    let bytes = m.to_bytes()?;
+    write_output(&a.output, &bytes)?;
+    let msg = format!(
         "wrote {} ({} bytes, {} layers, {} scheme)",
         a.output.display(),
-        size,
+        bytes.len(),
         m.layers().len(),
         t.config.quant
     );
-    Ok(())
+    // With `-o -` the model itself is on stdout: the summary goes to stderr.
+    if a.output.as_os_str() == "-" {
+        eprintln!("{msg}");
+        Ok(())
+    } else {
+        outln!("{msg}")
+    }
 }
 
 #[derive(Args, Debug)]
@@ -127,88 +163,55 @@ pub struct InferArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Threads.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
-    /// Write `index,label,predicted` CSV here.
-    #[arg(long)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Write `index,label,predicted` CSV here (`-` is stdout).
+    #[arg(long, short)]
     output: Option<PathBuf>,
 }
 
 pub fn infer(a: InferArgs) -> Result<()> {
-    let m = qmomentum_runtime::Model::load(&a.model)?;
-    let (_, test) = Dataset::load_mnist_dir(&a.data.data)?;
+    let m = match ModelFile::load(&a.model)? {
+        ModelFile::Integer(m) => *m,
+        ModelFile::Checkpoint(_) => bail!(
+            "{} is a training checkpoint, not an integer model: `infer` runs integer models. \
+             Use `qmomentum evaluate {}` for the checkpoint, or `qmomentum export {} -o model.qmm` first",
+            a.model.display(),
+            a.model.display(),
+            a.model.display()
+        ),
+    };
+    let (dir, test) = a.data.load_test()?;
     if test.features != m.input().size {
         bail!(
             "{}: the model reads {} values per sample, the images in {} have {}",
             a.model.display(),
             m.input().size,
-            a.data.data.display(),
+            dir.display(),
             test.features
         );
     }
+    let threads = a.threads as usize;
     let t0 = std::time::Instant::now();
-    let pred = m.predict(&test.images, test.len(), a.threads)?;
+    let pred = m.predict(&test.images, test.len(), threads)?;
     let secs = t0.elapsed().as_secs_f64();
     let correct = pred.iter().zip(&test.labels).filter(|(p, &l)| **p == l as u32).count();
-    println!(
-        "integer inference: accuracy {:.4} on {} samples in {:.1} ms ({:.0} samples/s, {} threads, kernel {:?})",
+    outln!(
+        "integer inference: accuracy {:.4} on {} samples in {:.1} ms ({:.0} samples/s, {threads} threads, {} kernels)",
         correct as f64 / test.len() as f64,
         test.len(),
         secs * 1e3,
         test.len() as f64 / secs,
-        a.threads,
         qmomentum_runtime::KernelKind::detect()
-    );
+    )?;
     if let Some(p) = a.output {
         let mut s = String::from("index,label,predicted\n");
         for (i, (p, l)) in pred.iter().zip(&test.labels).enumerate() {
             s.push_str(&format!("{i},{l},{p}\n"));
         }
-        qmomentum::checkpoint::write_atomic(&p, s.as_bytes())?;
+        write_output(&p, s.as_bytes())?;
     }
     Ok(())
-}
-
-pub fn info_model(path: &Path, bytes: &[u8]) -> Result<()> {
-    let m = qmomentum_runtime::Model::from_bytes(bytes).with_context(|| {
-        format!(
-            "{}: neither a qmomentum checkpoint nor an integer model",
-            path.display()
-        )
-    })?;
-    println!("integer model {} ({} bytes)", path.display(), bytes.len());
-    println!(
-        "  input {} values, scale {} zero point {}",
-        m.input().size,
-        m.input().scale,
-        m.input().zero_point
-    );
-    for (i, l) in m.layers().iter().enumerate() {
-        match l {
-            qmomentum_runtime::Layer::DenseI8 {
-                inputs,
-                outputs,
-                output,
-                ..
-            } => println!("  layer {i}: dense_i8 {inputs}→{outputs} → {}", output_name(output)),
-            qmomentum_runtime::Layer::DenseBin {
-                inputs,
-                outputs,
-                output,
-                ..
-            } => println!("  layer {i}: dense_bin {inputs}→{outputs} → {}", output_name(output)),
-        }
-    }
-    Ok(())
-}
-
-fn output_name(o: &qmomentum_runtime::Output) -> &'static str {
-    match o {
-        qmomentum_runtime::Output::U8 { relu: true, .. } => "relu_u8",
-        qmomentum_runtime::Output::U8 { relu: false, .. } => "u8",
-        qmomentum_runtime::Output::SignBits { .. } => "sign_bits",
-        qmomentum_runtime::Output::Logits { .. } => "logits",
-    }
 }
 
 #[derive(Args, Debug)]
@@ -223,14 +226,18 @@ pub struct InferBench {
     #[arg(long)]
     binary: Option<PathBuf>,
     /// Threads for the large batch.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
-    /// Rounds of the batch-10000 measurement (median reported).
-    #[arg(long, default_value_t = 7)]
-    rounds: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Rounds of the whole-test-set measurement (median reported).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median (NaN for no values: the flags' ranges make that unreachable, but never a panic).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -252,13 +259,14 @@ fn quick_model(scheme: Scheme, train: &Dataset) -> Result<Trainer> {
 
 pub fn bench_infer(b: InferBench) -> Result<()> {
     use std::time::Instant;
-    let (train, test) = Dataset::load_mnist_dir(&b.data.data)?;
+    let (data_dir, train, test) = b.data.load()?;
     let n = test.len();
-    println!("bench infer: MLP 784-128-64-10 on the {n} Fashion-MNIST test images; batch 1 = median of 20000 single-sample calls; batch {n} = median of {} rounds, {} threads", b.rounds, b.threads);
+    outln!("bench infer: MLP 784-128-64-10 on the {n} Fashion-MNIST test images; batch 1 = median of 20000 single-sample calls; batch {n} = median of {} rounds, {} threads", b.rounds, b.threads)?;
     // Our f32 path.
     let fp = quick_model(Scheme::Fp32, &train)?;
     let mut f32_model = fp.model.clone();
-    let x: Vec<f32> = test.images.iter().map(|&p| p as f32 / 255.0).collect();
+    let mut x = vec![0.0f32; test.images.len()];
+    qmomentum::data::normalise(&test.images, &mut x);
     let mut lat = Vec::new();
     for i in 0..20000 {
         let r = i % n;
@@ -297,18 +305,18 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
         None => qmomentum::export::to_runtime(&quick_model(Scheme::Binary, &train)?.model)?,
     };
     let binary_all = qmomentum::export::to_runtime(&quick_model(Scheme::BinaryAll, &train)?.model)?;
-    println!(
+    outln!(
         "| path | batch-1 latency µs | batch-{n} samples/s ({} threads) | vs f32 | accuracy |",
         b.threads
-    );
-    println!("|---|---|---|---|---|");
+    )?;
+    outln!("|---|---|---|---|---|")?;
     let f32_acc = evaluate(&mut f32_model, &test)?.1;
-    println!(
+    outln!(
         "| f32 (qmomentum, gemm) | {:.2} | {:.0} | 1.00× | {:.4} |",
         f32_lat * 1e6,
         f32_thr,
         f32_acc
-    );
+    )?;
     // Each integer model is timed in a fresh process of its own (as the peers were), so that
     // nothing of this process — rayon's worker pool in particular, which the f32 path and the
     // training above woke — competes with the runtime's threads.
@@ -325,7 +333,7 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
             .args(["bench", "runtime", "--model"])
             .arg(&path)
             .arg("--data")
-            .arg(&b.data.data)
+            .arg(&data_dir)
             .args(["--threads", &b.threads.to_string(), "--rounds", &b.rounds.to_string()])
             .output()?;
         if !out.status.success() {
@@ -334,16 +342,16 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let num = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         let (lat, thr, acc) = (num("latency_s"), num("samples_per_s"), num("accuracy"));
-        println!(
+        outln!(
             "| {name} | {:.2} | {:.0} | {:.2}× | {:.4} |",
             lat * 1e6,
             thr,
             thr / f32_thr,
             acc
-        );
+        )?;
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("(models trained here for 1 epoch at lr 0.01 unless given: the accuracy column is a sanity check, not the benchmark)");
+    outln!("(models trained here for 1 epoch at lr 0.01 unless given: the accuracy column is a sanity check, not the benchmark)")?;
     Ok(())
 }
 
@@ -353,17 +361,17 @@ pub struct RuntimeTiming {
     model: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
-    #[arg(long, default_value_t = 7)]
-    rounds: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
 }
 
 /// Batch-1 latency (median of 20000 calls) and whole-test-set throughput (median of `rounds`).
 pub fn runtime_timing(a: RuntimeTiming) -> Result<()> {
     use std::time::Instant;
     let m = qmomentum_runtime::Model::load(&a.model)?;
-    let (_, test) = Dataset::load_mnist_dir(&a.data.data)?;
+    let (_, test) = a.data.load_test()?;
     let n = test.len();
     let f = test.features;
     let mut ws = m.workspace(1);
@@ -378,13 +386,13 @@ pub fn runtime_timing(a: RuntimeTiming) -> Result<()> {
     let mut pred = Vec::new();
     for _ in 0..a.rounds {
         let t0 = Instant::now();
-        pred = m.predict(&test.images, n, a.threads)?;
+        pred = m.predict(&test.images, n, a.threads as usize)?;
         thr.push(n as f64 / t0.elapsed().as_secs_f64());
     }
     let acc = pred.iter().zip(&test.labels).filter(|(p, &l)| **p == l as u32).count() as f64 / n as f64;
-    println!(
+    outln!(
         "{}",
         serde_json::json!({"latency_s": median(lat), "samples_per_s": median(thr), "accuracy": acc})
-    );
+    )?;
     Ok(())
 }

@@ -1,6 +1,10 @@
 //! PNG plots with plotters and an embedded font (no system fonts needed).
+//!
+//! Each plot is drawn into memory and written with the same atomic, device-aware write as every
+//! other output, so a failure is one plain message naming the file (not a nested Rust error) and
+//! never leaves half a PNG behind.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use qmomentum::train::History;
@@ -19,121 +23,205 @@ fn init_font() {
     });
 }
 
-fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow!("{e:?}")
+fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("drawing failed: {e}")
 }
 
-/// Loss and accuracy per epoch (train and validation), two panels.
+/// Encode an RGB buffer as PNG and write it to `path`.
+fn save_png(path: &Path, rgb: Vec<u8>, (w, h): (u32, u32)) -> Result<()> {
+    let img = image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| anyhow!("internal: plot buffer size"))?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| anyhow!("{}: cannot encode the plot: {e}", path.display()))?;
+    crate::output::write_output(path, &png).with_context(|| format!("cannot write the plot {}", path.display()))
+}
+
+/// The y range of finite values, padded; a fixed range when there is nothing finite to show.
+fn y_range(values: &[f32]) -> (f32, f32) {
+    let (lo, hi) = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    let (a, b) = (lo - pad, hi + pad);
+    if a.is_finite() && b.is_finite() {
+        (a, b)
+    } else {
+        (lo, hi.max(lo + 1.0))
+    }
+}
+
+/// Loss and accuracy per epoch (train and validation), two panels. Points carry markers, so a
+/// one-epoch run still shows its values; epoch ticks are whole numbers.
 pub fn curves(h: &History, path: &Path, title: &str) -> Result<()> {
     init_font();
-    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
-    let (left, right) = root.split_horizontally(500);
-    let n = h.epochs.len().max(2) as f32;
-    let series = |f: &dyn Fn(&qmomentum::train::EpochRecord) -> Option<f32>| -> Vec<(f32, f32)> {
-        h.epochs
-            .iter()
-            .filter_map(|r| f(r).map(|v| (r.epoch as f32, v)))
-            .collect()
-    };
-    for (area, name, train, val) in [
-        (&left, "loss", series(&|r| Some(r.loss)), series(&|r| r.val_loss)),
-        (
-            &right,
-            "accuracy",
-            series(&|r| Some(r.accuracy)),
-            series(&|r| r.val_accuracy),
-        ),
-    ] {
-        let all: Vec<f32> = train.iter().chain(val.iter()).map(|p| p.1).collect();
-        let (lo, hi) = all
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
-        let pad = ((hi - lo) * 0.1).max(1e-3);
-        let mut chart = ChartBuilder::on(area)
+    let (w, hgt) = (1000u32, 420u32);
+    let mut buf = vec![255u8; (w * hgt * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, hgt)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
+        let (left, right) = root.split_horizontally(500);
+        let last = h.epochs.iter().map(|r| r.epoch).max().unwrap_or(1).max(1) as i32;
+        let series = |f: &dyn Fn(&qmomentum::train::EpochRecord) -> Option<f32>| -> Vec<(i32, f32)> {
+            h.epochs
+                .iter()
+                .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.epoch as i32, v)))
+                .collect()
+        };
+        for (area, name, train, val) in [
+            (&left, "loss", series(&|r| Some(r.loss)), series(&|r| r.val_loss)),
+            (
+                &right,
+                "accuracy",
+                series(&|r| Some(r.accuracy)),
+                series(&|r| r.val_accuracy),
+            ),
+        ] {
+            let all: Vec<f32> = train.iter().chain(val.iter()).map(|p| p.1).collect();
+            let (lo, hi) = y_range(&all);
+            // Whole-number epochs from 1 to the last (half an epoch of margin each side).
+            let mut chart = ChartBuilder::on(area)
+                .margin(12)
+                .x_label_area_size(35)
+                .y_label_area_size(55)
+                .build_cartesian_2d(0i32..last + 1, lo..hi)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("epoch")
+                .y_desc(name)
+                .x_labels((last as usize + 2).min(12))
+                .x_label_formatter(&|x| if *x >= 1 && *x <= last { x.to_string() } else { String::new() })
+                .draw()
+                .map_err(err)?;
+            for (points, colour, label) in [(train, BLUE, "train"), (val, RED, "validation")] {
+                if points.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
+                    .map_err(err)?
+                    .label(format!("{label} {name}"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                    .map_err(err)?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    save_png(path, buf, (w, hgt))
+}
+
+/// What a bar of the comparison is (its colour).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BarKind {
+    /// The float reference.
+    Float,
+    /// Post-training quantization.
+    Ptq,
+    /// Quantization-aware training.
+    Qat,
+}
+
+/// One bar: mean with a ± std whisker.
+pub struct Bar {
+    pub label: String,
+    pub kind: BarKind,
+    pub mean: f32,
+    pub std: f32,
+}
+
+/// A bar chart with error bars. The y axis starts at a round value below the lowest whisker
+/// (a tenth: 0.7, 0.8, …), stated on the axis, so gaps are not exaggerated by an arbitrary start.
+pub fn bars(rows: &[Bar], path: &Path, title: &str, y_desc: &str) -> Result<()> {
+    init_font();
+    let (w, hgt) = (1000u32, 480u32);
+    let mut buf = vec![255u8; (w * hgt * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, hgt)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let finite = |v: f32| if v.is_finite() { v } else { 0.0 };
+        let lo = rows.iter().map(|r| finite(r.mean - r.std)).fold(1.0f32, f32::min);
+        let y0 = ((lo * 10.0).floor() / 10.0).clamp(0.0, 0.9);
+        let n = rows.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
             .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(1f32..n, (lo - pad)..(hi + pad))
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f32..n as f32, y0..1.0f32)
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_desc("epoch")
-            .y_desc(name)
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc(format!("{y_desc} (axis from {y0:.1})"))
             .draw()
             .map_err(err)?;
-        chart
-            .draw_series(LineSeries::new(train, BLUE.stroke_width(2)))
-            .map_err(err)?
-            .label(format!("train {name}"))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
-        if !val.is_empty() {
+        let colour = |k: BarKind| match k {
+            BarKind::Float => RGBColor(90, 90, 90),
+            BarKind::Ptq => RGBColor(230, 140, 30),
+            BarKind::Qat => RGBColor(40, 100, 200),
+        };
+        for (i, r) in rows.iter().enumerate() {
+            let x = i as f32;
+            let top = finite(r.mean).max(y0);
+            let c = colour(r.kind);
             chart
-                .draw_series(LineSeries::new(val, RED.stroke_width(2)))
-                .map_err(err)?
-                .label(format!("validation {name}"))
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
+                .draw_series(std::iter::once(Rectangle::new([(x + 0.12, y0), (x + 0.88, top)], c.filled())))
+                .map_err(err)?;
+            let (a, b) = (finite(r.mean - r.std).max(y0), finite(r.mean + r.std).min(1.0));
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(x + 0.5, a), (x + 0.5, b)],
+                    BLACK.stroke_width(2),
+                )))
+                .map_err(err)?;
+            let kind = match r.kind {
+                BarKind::Float => "",
+                BarKind::Ptq => " PTQ",
+                BarKind::Qat => " QAT",
+            };
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{}{kind}", r.label),
+                    (x + 0.5, y0),
+                    ("sans-serif", 14).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Top,
+                    )),
+                )))
+                .map_err(err)?;
+        }
+        for (k, label) in [(BarKind::Float, "float"), (BarKind::Ptq, "PTQ"), (BarKind::Qat, "QAT")] {
+            if rows.iter().any(|r| r.kind == k) {
+                let c = colour(k);
+                chart
+                    .draw_series(std::iter::empty::<Circle<(f32, f32), i32>>())
+                    .map_err(err)?
+                    .label(label)
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+            }
         }
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
             .map_err(err)?;
+        root.present().map_err(err)?;
     }
-    root.present().map_err(err)?;
-    Ok(())
-}
-
-/// A bar chart of `(label, mean, std)` with error bars.
-pub fn bars(rows: &[(String, f32, f32)], path: &Path, title: &str, y_desc: &str) -> Result<()> {
-    init_font();
-    let root = BitMapBackend::new(path, (900, 450)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let lo = rows.iter().map(|r| r.1 - r.2).fold(f32::INFINITY, f32::min);
-    let hi = rows.iter().map(|r| r.1 + r.2).fold(f32::NEG_INFINITY, f32::max);
-    let pad = ((hi - lo) * 0.15).max(0.005);
-    let n = rows.len();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..n).into_segmented(), (lo - pad).max(0.0)..(hi + pad).min(1.0))
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => rows.get(*i).map(|r| r.0.clone()).unwrap_or_default(),
-            _ => String::new(),
-        })
-        .y_desc(y_desc)
-        .draw()
-        .map_err(err)?;
-    chart
-        .draw_series(rows.iter().enumerate().map(|(i, r)| {
-            let mut b = Rectangle::new(
-                [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), r.1)],
-                BLUE.mix(0.6).filled(),
-            );
-            b.set_margin(0, 0, 12, 12);
-            b
-        }))
-        .map_err(err)?;
-    chart
-        .draw_series(rows.iter().enumerate().map(|(i, r)| {
-            PathElement::new(
-                vec![
-                    (SegmentValue::CenterOf(i), r.1 - r.2),
-                    (SegmentValue::CenterOf(i), r.1 + r.2),
-                ],
-                BLACK.stroke_width(2),
-            )
-        }))
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
+    save_png(path, buf, (w, hgt))
 }

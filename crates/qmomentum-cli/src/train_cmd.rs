@@ -1,11 +1,12 @@
 //! `qmomentum train`.
 
+use crate::output::warn;
 use crate::{lock::RunLock, plot, DataArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qmomentum::config::{OnNonFinite, TrainConfig};
-use qmomentum::data::Dataset;
+use qmomentum::data::{DataIdentity, Dataset};
 use qmomentum::optim::{BinaryOptimizer, Convention, DecayMode, Schedule};
 use qmomentum::quant::Scheme;
 use qmomentum::train::Trainer;
@@ -25,7 +26,7 @@ impl std::fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 /// Flags mirror the Keras program; a flag overrides the `--config` file, which overrides the
-/// defaults (the design document's program).
+/// defaults (the design document's program). The defaults shown are those of the design document.
 #[derive(Args, Debug, Clone, Default)]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -37,32 +38,40 @@ pub struct TrainArgs {
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
     /// Continue the run in --out from its last checkpoint (to the same weights as without the
-    /// interruption). Only --epochs may change on resume.
+    /// interruption). Flags may repeat the run's settings; a flag that conflicts with the
+    /// checkpoint is refused, except --epochs, which extends (or finishes) the run.
     #[arg(long)]
     pub resume: bool,
-    /// Epochs.
+    /// With --resume --epochs: stretch the learning-rate schedule to the new length (by default
+    /// it keeps its original horizon, so the epochs already trained keep their rates).
+    #[arg(long, requires = "resume")]
+    pub reschedule: bool,
+    /// With --resume: accept data whose files differ from those the run was trained on.
+    #[arg(long, requires = "resume")]
+    pub force_data: bool,
+    /// Epochs [default: 10].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Batch size.
+    /// Batch size [default: 128].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Learning rate η.
+    /// Learning rate η [default: 0.001].
     #[arg(long, visible_alias = "learning-rate")]
     pub lr: Option<f32>,
-    /// Momentum μ in [0, 1) (0 = plain SGD).
+    /// Momentum μ in [0, 1) (0 = plain SGD) [default: 0.9].
     #[arg(long)]
     pub momentum: Option<f32>,
     /// Nesterov momentum.
     #[arg(long)]
     pub nesterov: bool,
-    /// Dampening τ.
+    /// Dampening τ [default: 0].
     #[arg(long)]
     pub dampening: Option<f32>,
     /// Where the learning rate enters: `keras` (v ← μv + ηg, θ ← θ − v; the design document)
-    /// or `pytorch` (b ← μb + g, θ ← θ − ηb).
+    /// or `pytorch` (b ← μb + g, θ ← θ − ηb) [default: keras].
     #[arg(long, value_parser = ["keras", "pytorch", "lr_inside", "lr_outside"])]
     pub convention: Option<String>,
-    /// Weight decay λ.
+    /// Weight decay λ, on weights only (see the config's decay_biases / decay_scales) [default: 0].
     #[arg(long)]
     pub weight_decay: Option<f32>,
     /// Decoupled weight decay (θ ← θ − ηλθ) instead of L2 in the gradient.
@@ -74,42 +83,48 @@ pub struct TrainArgs {
     /// Clip the global gradient norm.
     #[arg(long)]
     pub clip_norm: Option<f32>,
-    /// Learning-rate schedule: constant | step:EVERY:GAMMA | exp:GAMMA | cosine[:WARMUP_EPOCHS[:MIN_LR]].
+    /// Learning-rate schedule: constant | step:EVERY:GAMMA | exp:GAMMA |
+    /// cosine[:WARMUP_EPOCHS[:MIN_LR]] [default: constant].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Quantization: fp32 | w8a8 | w4a8 | w4a4 | w2a2 | ternary | binary | binary-all.
+    /// Quantization: fp32 | w8a8 | w4a8 | w4a4 | w2a2 | ternary | binary | binary-all
+    /// [default: fp32].
     #[arg(long)]
     pub quant: Option<String>,
     /// Train binary weights with momentum on latent floats instead of Bop.
     #[arg(long)]
     pub latent_binary: bool,
-    /// Bop's adaptivity rate γ.
+    /// Bop's adaptivity rate γ [default: 0.0001].
     #[arg(long)]
     pub bop_gamma: Option<f32>,
-    /// Bop's flip threshold τ.
+    /// Bop's flip threshold τ [default: 1e-8].
     #[arg(long)]
     pub bop_threshold: Option<f32>,
-    /// Freeze activation observers after this many epochs.
+    /// Freeze activation observers after this many epochs [default: never].
     #[arg(long)]
     pub freeze_observers_after: Option<usize>,
-    /// Seed of initialisation, shuffling and dropout.
+    /// Seed of initialisation, shuffling and dropout [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Hold out this fraction of the training set (its end) for validation.
+    /// Hold out this fraction of the training set (its end) for validation [default: 0].
     #[arg(long)]
     pub validation_split: Option<f32>,
     /// Evaluate on the test set after every epoch (as Keras `validation_data`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "validation_split")]
     pub validate_on_test: bool,
-    /// Cores per training step (1 or 2).
+    /// Cores per training step (1 or 2) [default: 2].
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Also write a checkpoint every N steps.
+    /// Also write a checkpoint every N steps [default: only at the end of each epoch].
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// On a NaN/inf loss or gradient: stop (default) or skip the step.
+    /// On a NaN/inf loss or gradient: stop or skip the step [default: stop].
     #[arg(long, value_parser = ["stop", "skip"])]
     pub on_nan: Option<String>,
+    /// Class names, one per line in label order [default: classes.txt in the data folder, or
+    /// Fashion-MNIST's names when the data are Fashion-MNIST].
+    #[arg(long)]
+    pub class_names: Option<PathBuf>,
     /// No progress bar: one line per epoch.
     #[arg(long, short)]
     pub quiet: bool,
@@ -127,31 +142,55 @@ fn parse_schedule(s: &str) -> Result<Schedule> {
             .parse::<f32>()
             .with_context(|| format!("--schedule {s}: {what} is not a number"))
     };
-    Ok(match parts[0] {
-        "constant" => Schedule::Constant,
-        "step" => Schedule::Step {
-            every: num(1, "EVERY")? as usize,
-            gamma: num(2, "GAMMA")?,
-        },
-        "exp" | "exponential" => Schedule::Exponential {
-            gamma: num(1, "GAMMA")?,
-        },
-        "cosine" => Schedule::Cosine {
-            warmup_epochs: if parts.len() > 1 { num(1, "WARMUP_EPOCHS")? } else { 0.0 },
-            min_lr: if parts.len() > 2 { num(2, "MIN_LR")? } else { 0.0 },
-        },
+    let (schedule, fields) = match parts[0] {
+        "constant" => (Schedule::Constant, 1),
+        "step" => {
+            let every = num(1, "EVERY")?;
+            if every.fract() != 0.0 || every < 1.0 {
+                bail!("--schedule {s}: EVERY must be a whole number of epochs ≥ 1");
+            }
+            (
+                Schedule::Step {
+                    every: every as usize,
+                    gamma: num(2, "GAMMA")?,
+                },
+                3,
+            )
+        }
+        "exp" | "exponential" => (Schedule::Exponential { gamma: num(1, "GAMMA")? }, 2),
+        "cosine" => (
+            Schedule::Cosine {
+                warmup_epochs: if parts.len() > 1 { num(1, "WARMUP_EPOCHS")? } else { 0.0 },
+                min_lr: if parts.len() > 2 { num(2, "MIN_LR")? } else { 0.0 },
+            },
+            3,
+        ),
         other => {
             bail!("--schedule {other}: expected constant, step:EVERY:GAMMA, exp:GAMMA or cosine[:WARMUP[:MIN_LR]]")
         }
-    })
+    };
+    if parts.len() > fields {
+        bail!(
+            "--schedule {s}: {} takes at most {} field(s) after its name, got {}",
+            parts[0],
+            fields - 1,
+            parts.len() - 1
+        );
+    }
+    Ok(schedule)
 }
 
 /// The effective configuration: defaults < file < flags.
 pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let mut c = match &a.config {
+    let base = match &a.config {
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
     };
+    apply_flags(base, a)
+}
+
+/// `base` with the flags of `a` applied on top, validated.
+fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
     macro_rules! set {
         ($flag:expr, $field:expr) => {
             if let Some(v) = $flag.clone() {
@@ -222,6 +261,39 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
+/// Settings that are accepted but do nothing, or that are probably a mistake: warnings.
+fn warnings(c: &TrainConfig, a: &TrainArgs, train_len: usize) {
+    let o = &c.optimizer;
+    if c.batch_size > train_len && train_len > 0 {
+        warn(format!(
+            "--batch-size {} is larger than the {train_len} training samples: every step sees the whole set",
+            c.batch_size
+        ));
+    }
+    if o.decay_mode == DecayMode::Decoupled && o.weight_decay == 0.0 {
+        warn("--decoupled without --weight-decay: there is no decay to decouple");
+    }
+    let binary_layers = c
+        .quant
+        .layers(c.model.dense_shapes().len())
+        .iter()
+        .any(|q| matches!(q.weights, Some(qmomentum::quant::WeightQuant::Binary { .. })));
+    if a.latent_binary && !binary_layers {
+        warn(format!(
+            "--latent-binary has no effect: quantization {} has no binary weights",
+            c.quant
+        ));
+    }
+    if let Schedule::Cosine { warmup_epochs, .. } = o.schedule {
+        let horizon = c.schedule_epochs.unwrap_or(c.epochs) as f32;
+        if warmup_epochs >= horizon {
+            warn(format!(
+                "the cosine warm-up ({warmup_epochs} epochs) is not shorter than the run ({horizon} epochs): the learning rate never decays"
+            ));
+        }
+    }
+}
+
 /// Paths of a run folder.
 pub struct RunFiles {
     pub checkpoint: PathBuf,
@@ -258,33 +330,134 @@ fn write_history(t: &Trainer, f: &RunFiles) -> Result<()> {
                 t.config.quant,
                 f.plot.parent().map(|p| p.display().to_string()).unwrap_or_default()
             ),
-        )
-        .with_context(|| format!("{}: cannot draw the plot", f.plot.display()))?;
+        )?;
     }
     Ok(())
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
-    let _lock = RunLock::acquire(&a.out)?;
-    remove_stale_temporaries(&a.out);
-    let files = RunFiles::new(&a.out);
-    let mut t = if a.resume {
-        if a.config.is_some()
-            || a.lr.is_some()
-            || a.quant.is_some()
-            || a.batch_size.is_some()
-            || a.seed.is_some()
-            || a.momentum.is_some()
-        {
-            bail!("--resume continues the run as configured in its checkpoint: only --epochs may change");
+/// Every field where `now` differs from the checkpoint's `was`, as `path: was → now`.
+fn config_conflicts(was: &TrainConfig, now: &TrainConfig) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} in the checkpoint, {b} now")),
+            _ => {}
         }
-        let mut t = qmomentum::checkpoint::load(&files.checkpoint)
-            .with_context(|| format!("cannot resume from {}", files.checkpoint.display()))?;
-        if let Some(e) = a.epochs {
+    }
+    let mut out = Vec::new();
+    let a = serde_json::to_value(was).unwrap_or_default();
+    let b = serde_json::to_value(now).unwrap_or_default();
+    walk("", &a, &b, &mut out);
+    out.retain(|c| !c.starts_with("epochs:") && !c.starts_with("schedule_epochs:"));
+    out
+}
+
+/// Load the run in `out` for `--resume`, check the flags against it and decide what happens.
+fn prepare_resume(a: &TrainArgs, files: &RunFiles, identity: &DataIdentity) -> Result<Option<Trainer>> {
+    let mut t = qmomentum::checkpoint::load(&files.checkpoint)
+        .with_context(|| format!("cannot resume from {}", files.checkpoint.display()))?;
+    let base = match &a.config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => t.config.clone(),
+    };
+    let wanted = apply_flags(base, a)?;
+    let conflicts = config_conflicts(&t.config, &wanted);
+    if !conflicts.is_empty() {
+        bail!(
+            "--resume continues the run as its checkpoint configures it; these settings conflict with it:\n  {}\n\
+             Drop those flags (or use another --out for a new run).",
+            conflicts.join("\n  ")
+        );
+    }
+    match &t.data {
+        Some(d) if !d.same_data(identity) => {
+            if a.force_data {
+                warn(format!(
+                    "resuming on {} although the run was trained on other files ({}): --force-data",
+                    identity.path, d.path
+                ));
+            } else {
+                bail!(
+                    "the run in {} was trained on {} and the files of {} differ (SHA-256); pass the same --data, or --force-data to continue on these",
+                    a.out.display(),
+                    d.path,
+                    identity.path
+                );
+            }
+        }
+        Some(_) => {}
+        None => warn("the checkpoint does not record its data set (written by an older version): not checked"),
+    }
+    let done = t.epoch;
+    let old = t.config.epochs;
+    if let Some(e) = a.epochs {
+        if e < done || (e == done && t.step_in_epoch > 0) {
+            bail!(
+                "--epochs {e}: the run has already trained {done} epoch(s){}; it cannot be shortened",
+                if t.step_in_epoch > 0 { " and part of the next" } else { "" }
+            );
+        }
+        if e != old {
             t.config.epochs = e;
+            t.config.validate()?;
+            if a.reschedule {
+                t.config.schedule_epochs = None;
+                outln!("extending the run from {old} to {e} epochs; the learning-rate schedule is stretched to {e} epochs (--reschedule)")?;
+            } else {
+                let horizon = t.config.schedule_epochs.unwrap_or(old);
+                if t.config.optimizer.schedule != Schedule::Constant {
+                    t.config.schedule_epochs = Some(horizon);
+                }
+                outln!(
+                    "{} the run from {old} to {e} epochs; the learning-rate schedule ({}) keeps its horizon of {horizon} epochs (--reschedule stretches it)",
+                    if e > old { "extending" } else { "changing" },
+                    t.config.optimizer.schedule
+                )?;
+            }
         }
-        t
+    }
+    if t.finished() {
+        outln!(
+            "the run in {} is finished ({done} of {} epochs): nothing to do, nothing rewritten. Pass --epochs N (N > {done}) to extend it.",
+            a.out.display(),
+            t.config.epochs
+        )?;
+        return Ok(None);
+    }
+    Ok(Some(t))
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    // Everything is read and checked before the output folder is touched, so a mistaken command
+    // leaves nothing behind.
+    let data_dir = a.data.resolve()?;
+    let (full_train, test) = Dataset::load_mnist_dir(&data_dir)?;
+    let identity = DataIdentity::of_dir(&data_dir)?;
+    let class_names = match &a.class_names {
+        Some(p) => Some(qmomentum::data::read_class_names(p)?),
+        None => qmomentum::data::class_names_for(&data_dir, Some(&identity))?,
+    };
+    let files = RunFiles::new(&a.out);
+    let fresh = !a.resume;
+    let mut t = if a.resume {
+        if !files.checkpoint.exists() {
+            bail!(
+                "--resume: {} holds no checkpoint ({} not found)",
+                a.out.display(),
+                files.checkpoint.display()
+            );
+        }
+        match prepare_resume(&a, &files, &identity)? {
+            Some(t) => t,
+            None => return Ok(()),
+        }
     } else {
         if files.checkpoint.exists() {
             bail!(
@@ -292,18 +465,69 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 a.out.display()
             );
         }
-        let cfg = build_config(&a)?;
-        Trainer::new(cfg)?
+        let mut t = Trainer::new(build_config(&a)?)?;
+        t.data = Some(identity.clone());
+        t.class_names = class_names;
+        t
     };
-    qmomentum::checkpoint::write_atomic(&files.config, toml::to_string(&t.config)?.as_bytes())?;
-    let (full_train, test) = Dataset::load_mnist_dir(&a.data.data)?;
+    if let Some(n) = &t.class_names {
+        if n.len() != t.model.classes() {
+            warn(format!(
+                "{} class names for a model of {} outputs: names are not stored",
+                n.len(),
+                t.model.classes()
+            ));
+            t.class_names = None;
+        }
+    }
     let (train, val) = if t.config.validation_split > 0.0 {
         let (tr, v) = full_train.split_validation(t.config.validation_split)?;
         (tr, Some(v))
     } else {
         (full_train, None)
     };
+    qmomentum::train::check_fits(&t.model, &train)?;
+    if fresh {
+        warnings(&t.config, &a, train.len());
+    }
     let validation = if a.validate_on_test { Some(&test) } else { val.as_ref() };
+
+    let created = !a.out.exists();
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
+    let res = train_in(&a, &data_dir, &files, &mut t, &train, validation, &test);
+    // A fresh run that failed before its first checkpoint leaves no folder behind (only when
+    // this command created it: an existing folder is never removed).
+    if res.is_err() && fresh && created && !files.checkpoint.exists() {
+        let _ = std::fs::remove_dir_all(&a.out);
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_in(
+    a: &TrainArgs,
+    data_dir: &Path,
+    files: &RunFiles,
+    t: &mut Trainer,
+    train: &Dataset,
+    validation: Option<&Dataset>,
+    test: &Dataset,
+) -> Result<()> {
+    let _lock = RunLock::acquire(&a.out)?;
+    remove_stale_temporaries(&a.out);
+    // Timings are not in the checkpoint (it stays byte-identical across identical runs); a
+    // resumed run takes those of the epochs already done from the history it wrote.
+    if let Ok(text) = std::fs::read_to_string(&files.history_json) {
+        if let Ok(h) = serde_json::from_str::<qmomentum::train::History>(&text) {
+            for (r, old) in t.history.epochs.iter_mut().zip(&h.epochs) {
+                if r.epoch == old.epoch {
+                    r.seconds = old.seconds;
+                    r.samples_per_sec = old.samples_per_sec;
+                }
+            }
+        }
+    }
+    qmomentum::checkpoint::write_atomic(&files.config, toml::to_string(&t.config)?.as_bytes())?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -315,23 +539,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let spe = t.steps_per_epoch(train.len());
     let mut bar: Option<ProgressBar> = None;
     if t.epoch == 0 && t.step_in_epoch == 0 {
-        println!(
-            "training {} on {} ({} samples, {} steps/epoch), {} params, quant {}, {}",
+        outln!(
+            "training {} on {} ({} samples, {} steps/epoch), {} params, quant {}, {}, batch {}, {} epochs, seed {}",
             a.out.display(),
-            a.data.data.display(),
+            data_dir.display(),
             train.len(),
             spe,
             t.model.param_count(),
             t.config.quant,
-            describe_opt(&t.config)
-        );
+            t.config.optimizer,
+            t.config.batch_size,
+            t.config.epochs,
+            t.config.seed
+        )?;
     } else {
-        println!(
-            "resuming {} at epoch {}, step {} of {spe}",
+        outln!(
+            "resuming {} at epoch {} of {}, step {} of {spe}",
             a.out.display(),
             t.epoch + 1,
+            t.config.epochs,
             t.step_in_epoch
-        );
+        )?;
     }
     let every = t.config.checkpoint.every_steps;
     let (mut run_loss, mut run_n) = (0.0f64, 0u64);
@@ -347,7 +575,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             b.set_position(t.step_in_epoch as u64);
             bar = Some(b);
         }
-        let Some(report) = t.step(&train, validation).map_err(|e| {
+        let Some(report) = t.step(train, validation).map_err(|e| {
             if let Some(b) = bar.take() {
                 b.abandon();
             }
@@ -377,6 +605,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             if let Some(b) = bar.take() {
                 b.finish_and_clear();
             }
+            // Saved first, printed after: a reader that goes away cannot cost the epoch.
+            qmomentum::checkpoint::save(t, &files.checkpoint)?;
+            write_history(t, files)?;
             let val = match (r.val_loss, r.val_accuracy) {
                 (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
                 _ => String::new(),
@@ -386,15 +617,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
             } else {
                 String::new()
             };
-            println!(
+            outln!(
                 "epoch {}/{} - {:.2}s - {:.0} samples/s - loss {:.4} - accuracy {:.4}{val} - lr {:.3e}{skipped}",
-                r.epoch, t.config.epochs, r.seconds, r.samples_per_sec, r.loss, r.accuracy, r.lr,
-            );
-            qmomentum::checkpoint::save(&t, &files.checkpoint)?;
-            write_history(&t, &files)?;
+                r.epoch,
+                t.config.epochs,
+                r.seconds,
+                r.samples_per_sec,
+                r.loss,
+                r.accuracy,
+                r.lr,
+            )?;
         }
         if every > 0 && t.global_step % every == 0 && !epoch_ended {
-            qmomentum::checkpoint::save(&t, &files.checkpoint)?;
+            qmomentum::checkpoint::save(t, &files.checkpoint)?;
         }
         let halt = a.stop_after_steps.is_some_and(|n| t.global_step >= n);
         if stop.load(Ordering::SeqCst) || halt {
@@ -402,10 +637,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 b.abandon();
             }
             if !epoch_ended {
-                qmomentum::checkpoint::save(&t, &files.checkpoint)?;
+                qmomentum::checkpoint::save(t, &files.checkpoint)?;
             }
+            let data_flag = a
+                .data
+                .data
+                .as_ref()
+                .map(|d| format!(" --data {}", d.display()))
+                .unwrap_or_default();
             let msg = format!(
-                "interrupted at epoch {}, step {} (global step {}); checkpoint written to {}. Continue with: qmomentum train --out {} --resume",
+                "interrupted at epoch {}, step {} (global step {}); checkpoint written to {}. Continue with: qmomentum train --out {}{data_flag} --resume",
                 t.epoch + 1,
                 t.step_in_epoch,
                 t.global_step,
@@ -413,32 +654,33 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 a.out.display()
             );
             if halt && !stop.load(Ordering::SeqCst) {
-                println!("{msg}");
+                outln!("{msg}")?;
                 return Ok(());
             }
             return Err(Interrupted(msg).into());
         }
     }
-    let (test_loss, test_acc) = t.evaluate(&test)?;
-    println!("test loss {test_loss:.4} - test accuracy {test_acc:.4}");
+    let (test_loss, test_acc) = t.evaluate(test)?;
     let total: f64 = t.history.epochs.iter().map(|r| r.seconds).sum();
     let result = serde_json::json!({
-        "test_loss": test_loss,
-        "test_accuracy": test_acc,
+        "test_loss": crate::predict::json_f32(test_loss),
+        "test_accuracy": crate::predict::json_f32(test_acc),
         "epochs": t.config.epochs,
-        "train_seconds": total,
+        "train_seconds": (total * 1e3).round() / 1e3,
         "quant": t.config.quant.to_string(),
         "seed": t.config.seed,
-        "lr": t.config.optimizer.lr,
+        "lr": crate::predict::json_f32(t.config.optimizer.lr),
+        "data": data_dir.display().to_string(),
     });
     qmomentum::checkpoint::write_atomic(&files.result, serde_json::to_string_pretty(&result)?.as_bytes())?;
-    println!(
+    outln!("test loss {test_loss:.4} - test accuracy {test_acc:.4}")?;
+    outln!(
         "wrote {}, {}, {}, {}",
         files.checkpoint.display(),
         files.history_csv.display(),
         files.plot.display(),
         files.result.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -453,22 +695,4 @@ fn remove_stale_temporaries(dir: &Path) {
             }
         }
     }
-}
-
-fn describe_opt(c: &TrainConfig) -> String {
-    let o = &c.optimizer;
-    format!(
-        "momentum {} ({}{}), lr {} {:?}, batch {}, {} epochs, seed {}",
-        o.momentum,
-        match o.convention {
-            Convention::LrInside => "lr inside v",
-            Convention::LrOutside => "lr outside b",
-        },
-        if o.nesterov { ", nesterov" } else { "" },
-        o.lr,
-        o.schedule,
-        c.batch_size,
-        c.epochs,
-        c.seed
-    )
 }

@@ -428,8 +428,10 @@ impl Model {
     }
 }
 
-/// Index of the largest value; the first one wins ties.
-fn argmax(row: &[f32]) -> u32 {
+/// Index of the largest value; the first one wins ties (and NaN never wins). The one argmax of
+/// the project: the trainer's metrics use it too, so float and integer predictions break ties
+/// alike.
+pub fn argmax(row: &[f32]) -> u32 {
     let mut best = (0, f32::NEG_INFINITY);
     for (j, &v) in row.iter().enumerate() {
         if v > best.1 || j == 0 {
@@ -441,11 +443,14 @@ fn argmax(row: &[f32]) -> u32 {
 
 /// Bit `k` of a row = `x[k] ≥ threshold`; rows of `size` u8 into rows of `ceil(size/64)` words,
 /// padding bits 0 (as the weights' padding, so they never count in `in − 2·popcount(x ^ w)`).
+///
+/// Takes whole rows: `x.len() / size` of them, or as many as `out` has room for.
 fn pack_bits(kernel: KernelKind, x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
     #[cfg(target_arch = "x86_64")]
-    if kernel == KernelKind::Avx512Vnni {
-        // SAFETY: the AVX-512 tier is only selected when the CPU has AVX-512 F/BW (checked by
-        // `KernelKind::is_available` before `run_with` gets here).
+    if kernel == KernelKind::Avx512Vnni && kernel.is_available() {
+        // SAFETY: `kernel.is_available()` was just checked (cached by `std`, so cheap; `run_with`
+        // has checked it too): the CPU has AVX-512 F/BW/VL/VNNI, which covers the F/BW that
+        // `pack_bits_avx512` is compiled for. It has no other precondition.
         unsafe { pack_bits_avx512(x, size, threshold, out) };
         return;
     }
@@ -453,6 +458,9 @@ fn pack_bits(kernel: KernelKind, x: &[u8], size: usize, threshold: u8, out: &mut
     pack_bits_scalar(x, size, threshold, out);
 }
 
+/// The scalar (and AVX2) tier of [`pack_bits`]. Never inlined, so that it is a symbol of its
+/// own for `scripts/check-integer-kernels.sh` (one call per block of rows: no measurable cost).
+#[inline(never)]
 fn pack_bits_scalar(x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
     let words = size.div_ceil(64);
     for (row, o) in x.chunks_exact(size).zip(out.chunks_exact_mut(words)) {
@@ -469,6 +477,10 @@ fn pack_bits_scalar(x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
 /// One `vpcmpub` per 64 pixels: the compare mask is the bit word. Whole words use plain loads;
 /// the tail of a row is loaded with a mask and compared under it, so padding bits stay 0
 /// whatever the threshold.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW. (That is all: rows are taken with `chunks_exact`, so
+/// every pointer below stays inside a row of `size` bytes whatever the slice lengths.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_bits_avx512(x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
@@ -481,12 +493,15 @@ unsafe fn pack_bits_avx512(x: &[u8], size: usize, threshold: u8, out: &mut [u64]
     for (row, o) in x.chunks_exact(size).zip(out.chunks_exact_mut(words)) {
         let p = row.as_ptr();
         for (w, word) in o[..full].iter_mut().enumerate() {
-            // SAFETY: bytes 64w..64w+64 lie inside `row` (w < size / 64).
+            // SAFETY: `row` has exactly `size` bytes (`chunks_exact`) and `w < full = size/64`,
+            // so bytes `64w..64w + 64` lie inside it; `loadu` has no alignment requirement.
             let v = unsafe { _mm512_loadu_si512(p.add(w * 64).cast()) };
             *word = _mm512_cmpge_epu8_mask(v, t);
         }
         if tail > 0 {
-            // SAFETY: the masked load reads only the `tail` bytes that exist in `row`.
+            // SAFETY: `64·full < size`, so `p + 64·full` is inside `row`; the masked load reads
+            // only its low `tail = size − 64·full` bytes, which exist, and AVX-512 masked loads
+            // neither access nor fault on masked-off bytes.
             let v = unsafe { _mm512_maskz_loadu_epi8(tail_lanes, p.add(full * 64).cast()) };
             o[full] = _mm512_mask_cmpge_epu8_mask(tail_lanes, v, t);
         }

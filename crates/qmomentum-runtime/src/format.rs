@@ -6,8 +6,7 @@
 //! built in memory and a model loaded from disk obey the same rules.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Metadata, TensorView};
@@ -100,7 +99,8 @@ pub enum Layer {
         inputs: usize,
         /// Output channels.
         outputs: usize,
-        /// `[outputs, inputs]` row-major, values in [-127, 127].
+        /// `[outputs, inputs]` row-major, any i8 (narrow-range grids use [-127, 127], full-range
+        /// 8-bit grids −128 too; every kernel tier is exact on the whole i8 range).
         weight: Vec<i8>,
         /// `[outputs]`, in units of `s_in·s_w[j]`.
         bias: Vec<i32>,
@@ -166,6 +166,8 @@ pub struct Model {
     pub(crate) kernel: KernelKind,
     /// Identifies the model's shape for [`crate::Workspace`] checks (clones share it).
     pub(crate) id: u64,
+    /// Names of the output classes (the file's optional `classes`).
+    pub(crate) class_names: Option<Vec<String>>,
 }
 
 /// Shapes only: the weights would print hundreds of thousands of numbers.
@@ -208,6 +210,7 @@ impl Model {
             compiled,
             kernel: KernelKind::detect(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            class_names: None,
         })
     }
 
@@ -234,8 +237,20 @@ impl Model {
     /// Parses and validates a model file held in memory. Never panics, whatever the bytes;
     /// every allocation is bounded by a small multiple of `bytes.len()`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, Error> {
-        let (input, layers) = parse(bytes)?;
-        Model::new(input, layers)
+        let (input, layers, classes) = parse(bytes)?;
+        Ok(Model::new(input, layers)?.with_class_names(classes))
+    }
+
+    /// The same model with class names (label order; shown by `predict`). Names that do not
+    /// match the number of outputs are dropped.
+    pub fn with_class_names(mut self, names: Option<Vec<String>>) -> Model {
+        self.class_names = names.filter(|n| n.len() == self.num_classes());
+        self
+    }
+
+    /// The class names stored in the file, if any.
+    pub fn class_names(&self) -> Option<&[String]> {
+        self.class_names.as_deref()
     }
 
     /// Reads and validates a model file; errors name the file.
@@ -252,36 +267,19 @@ impl Model {
 
     /// Serialises the model to the file format.
     pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
-        serialize(&self.input, &self.layers)
+        serialize(&self.input, &self.layers, self.class_names.as_deref())
     }
 
-    /// Writes the model atomically: to `<path>.tmp`, fsync, then rename over `path`.
+    /// Writes the model file with [`crate::io::write_file`]: atomically (a temporary file in
+    /// the same folder, synced, then renamed over `path`) when `path` is a regular file or
+    /// does not exist, through it when it is a device or FIFO; a failure leaves `path` and its
+    /// folder as they were.
     pub fn save(&self, path: &Path) -> Result<(), Error> {
         let bytes = self.to_bytes()?;
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| Error::Io { path: p, source }
-        };
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        // Persist the rename itself; not every platform can open a directory, so best effort.
-        if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        crate::io::write_file(path, &bytes).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -370,13 +368,6 @@ fn validate(input: &InputSpec, layers: &[Layer]) -> Result<(), Error> {
                     return Err(Error::tensor(
                         &name,
                         format!("has {} values, expected out × in = {outputs} × {inputs}", weight.len()),
-                    ));
-                }
-                if let Some(at) = weight.iter().position(|&w| w == i8::MIN) {
-                    return Err(Error::value(
-                        &name,
-                        format!("row {} column {}", at / inputs, at % inputs),
-                        "weight -128 outside [-127, 127]",
                     ));
                 }
                 check_len(&tname(i, "bias"), bias, outputs, "out")?;
@@ -605,6 +596,18 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| Error::field(self.name(key), format!("expected a number, got {v}")))
     }
 
+    /// An optional array of at most `max` strings: `None` when absent.
+    fn opt_strings(&mut self, key: &'static str, max: usize) -> Result<Option<Vec<String>>, Error> {
+        self.used.insert(key);
+        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let bad = || Error::field(self.name(key), format!("expected an array of at most {max} strings"));
+        let arr = v.as_array().filter(|a| a.len() <= max).ok_or_else(bad)?;
+        arr.iter()
+            .map(|s| s.as_str().map(str::to_string).ok_or_else(bad))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     /// Rejects keys that were never asked for (a typo must not silently become a default).
     fn done(self) -> Result<(), Error> {
         match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
@@ -725,7 +728,9 @@ fn precheck(bytes: &[u8]) -> Result<(), Error> {
 }
 
 /// Parses the container and metadata into the in-memory form (not yet value-validated).
-fn parse(bytes: &[u8]) -> Result<(InputSpec, Vec<Layer>), Error> {
+type Parsed = (InputSpec, Vec<Layer>, Option<Vec<String>>);
+
+fn parse(bytes: &[u8]) -> Result<Parsed, Error> {
     precheck(bytes)?;
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Container(e.to_string()))?;
     let doc_text = meta
@@ -762,6 +767,7 @@ fn parse(bytes: &[u8]) -> Result<(InputSpec, Vec<Layer>), Error> {
         binarize_at: inp.opt_uint("binarize_at", 255)?.map(|t| t as u8),
     };
     inp.done()?;
+    let classes = top.opt_strings("classes", 1 << 16)?;
     let layer_docs = top.get("layers")?;
     let layer_docs = layer_docs
         .as_array()
@@ -776,7 +782,15 @@ fn parse(bytes: &[u8]) -> Result<(InputSpec, Vec<Layer>), Error> {
     if let Some(extra) = names.iter().find(|n| !tensors.used.contains(*n)) {
         return Err(Error::tensor(extra.as_str(), "unexpected tensor"));
     }
-    Ok((input, layers))
+    if let (Some(c), Some(last)) = (&classes, layers.last()) {
+        if c.len() != last.outputs() {
+            return Err(Error::field(
+                "classes",
+                format!("{} names for {} outputs", c.len(), last.outputs()),
+            ));
+        }
+    }
+    Ok((input, layers, classes))
 }
 
 fn parse_layer(i: usize, ld: &Value, t: &mut Tensors<'_>) -> Result<Layer, Error> {
@@ -873,7 +887,7 @@ fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u
     v.iter().flat_map(|&x| f(x)).collect()
 }
 
-fn serialize(input: &InputSpec, layers: &[Layer]) -> Result<Vec<u8>, Error> {
+fn serialize(input: &InputSpec, layers: &[Layer], classes: Option<&[String]>) -> Result<Vec<u8>, Error> {
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut docs = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
@@ -965,12 +979,15 @@ fn serialize(input: &InputSpec, layers: &[Layer]) -> Result<Vec<u8>, Error> {
     if let (Some(t), Some(obj)) = (input.binarize_at, input_doc.as_object_mut()) {
         obj.insert("binarize_at".into(), json!(t));
     }
-    let doc = json!({
+    let mut doc = json!({
         "format": FORMAT,
         "version": VERSION,
         "input": input_doc,
         "layers": docs,
     });
+    if let (Some(c), Some(obj)) = (classes, doc.as_object_mut()) {
+        obj.insert("classes".into(), json!(c));
+    }
     let metadata = HashMap::from([(METADATA_KEY.to_string(), doc.to_string())]);
     let views = tensors
         .iter()

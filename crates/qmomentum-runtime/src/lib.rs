@@ -51,16 +51,21 @@
 //! ```
 
 #![warn(missing_docs)]
+// Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:` comment, also
+// inside `unsafe fn`s (whose preconditions are listed in their `# Safety` section).
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 mod aligned;
 pub mod engine;
 mod error;
 pub mod format;
+pub mod io;
 pub mod kernels;
 mod pool;
 pub mod requant;
 
-pub use engine::Workspace;
+pub use engine::{argmax, Workspace};
 pub use error::Error;
 pub use format::{InputSpec, Layer, Model, Output};
 pub use kernels::KernelKind;

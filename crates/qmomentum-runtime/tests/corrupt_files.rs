@@ -211,9 +211,14 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "tensor 'layers.1.bias' channel 2: value -inf is not finite",
         ),
         (
-            "weight_minus_128.qmm",
-            with(base_int8, |r| r.tensor_mut("layers.1.weight").3[2 * 16 + 5] = 0x80),
-            "tensor 'layers.1.weight' row 2 column 5: weight -128 outside [-127, 127]",
+            "classes_count.qmm",
+            with(base_int8, |r| r.doc["classes"] = json!(["a", "b"])),
+            "metadata field 'classes': 2 names for",
+        ),
+        (
+            "classes_not_strings.qmm",
+            with(base_int8, |r| r.doc["classes"] = json!([1, 2])),
+            "metadata field 'classes': expected an array of at most 65536 strings",
         ),
         (
             "padding_bits_set.qmm",

@@ -95,12 +95,43 @@ fn save_and_load() {
     let path = dir.join("model.qmm");
     let (_, model) = models().remove(2);
     model.save(&path).unwrap();
-    assert!(!dir.join("model.qmm.tmp").exists());
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(), ["model.qmm"]);
     let again = Model::load(&path).unwrap();
     assert_eq!(again.layers(), model.layers());
     // Overwriting works too.
     model.save(&path).unwrap();
+    assert_eq!(names(), ["model.qmm"]);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn save_onto_a_directory_fails_and_leaves_nothing_behind() {
+    let parent = std::env::temp_dir().join(format!("qmomentum-runtime-test-savedir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    let dir = parent.join("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, model) = models().remove(0);
+    let err = model.save(&dir).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(&err, Error::Io { path, .. } if path == &dir), "{err:?}");
+    assert!(msg.contains(&dir.display().to_string()), "{msg}");
+    assert!(msg.contains("is a directory"), "{msg}");
+    // Neither the parent nor the directory holds a temporary file (or anything else).
+    let names = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&parent), ["out"]);
+    assert!(names(&dir).is_empty());
+    std::fs::remove_dir_all(&parent).unwrap();
 }
 
 #[test]

@@ -64,6 +64,12 @@ pub struct Meta {
     pub history: History,
     /// Observers.
     pub observers: Vec<ObserverState>,
+    /// The data the run trained on (folder and SHA-256 sums), checked on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::data::DataIdentity>,
+    /// Names of the classes, in label order (shown by `predict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -138,22 +144,40 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         step_in_epoch: t.step_in_epoch,
         global_step: t.global_step,
         optimizer_steps: t.optimizer.state.iter().map(|s| s.steps).collect(),
-        progress: t.progress.clone(),
-        history: t.history.clone(),
+        // Wall-clock timings stay out of the checkpoint (they live in history.csv/json), so two
+        // runs of the same command write byte-identical checkpoints.
+        progress: EpochProgress {
+            seconds: 0.0,
+            ..t.progress.clone()
+        },
+        history: History {
+            epochs: t
+                .history
+                .epochs
+                .iter()
+                .map(|r| crate::train::EpochRecord {
+                    seconds: 0.0,
+                    samples_per_sec: 0.0,
+                    ..r.clone()
+                })
+                .collect(),
+        },
         observers,
+        data: t.data.clone(),
+        class_names: t.class_names.clone(),
     };
     let json =
-        serde_json::to_string(&meta).map_err(|e| Error::Diverged(format!("cannot encode checkpoint metadata: {e}")))?;
+        serde_json::to_string(&meta).map_err(|e| Error::encode("checkpoint metadata", e))?;
     let views: Vec<(String, TensorView)> = owned
         .iter()
         .map(|(n, dt, shape, data)| {
             TensorView::new(*dt, shape.clone(), data)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Shape(format!("tensor {n}: {e}")))
+                .map_err(|e| Error::encode(format!("checkpoint tensor {n}"), e))
         })
         .collect::<Result<_>>()?;
     let info = HashMap::from([("qmomentum".to_string(), json)]);
-    safetensors::serialize(views, Some(info)).map_err(|e| Error::Shape(format!("cannot serialise checkpoint: {e}")))
+    safetensors::serialize(views, Some(info)).map_err(|e| Error::encode("checkpoint", e))
 }
 
 /// Write `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the
@@ -287,6 +311,37 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     meta.config
         .validate()
         .map_err(|e| Error::checkpoint(path, format!("config: {e}")))?;
+    // The weights the config asks for must be in the file before anything is allocated for them:
+    // a small file whose config claims a huge layer is refused here, not by an allocation abort.
+    for (i, inputs, units) in meta.config.model.dense_shapes() {
+        for (name, shape) in [
+            (format!("param.layers.{i}.weight"), vec![inputs, units]),
+            (format!("param.layers.{i}.bias"), vec![units]),
+        ] {
+            match st.tensor(&name) {
+                Ok(v) if v.shape() == shape.as_slice() => {}
+                Ok(v) => {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!(
+                            "tensor '{name}' has shape {:?}, the config's layer {i} needs {shape:?} (a checkpoint of another model?)",
+                            v.shape()
+                        ),
+                    ))
+                }
+                Err(_) => return Err(Error::checkpoint(path, format!("missing tensor '{name}'"))),
+            }
+        }
+    }
+    if let Some(names) = &meta.class_names {
+        let classes = meta.config.model.dense_shapes().last().map(|l| l.2).unwrap_or(0);
+        if names.len() != classes {
+            return Err(Error::checkpoint(
+                path,
+                format!("class_names has {} names for a model of {classes} outputs", names.len()),
+            ));
+        }
+    }
     let mut t = Trainer::new(meta.config.clone()).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     let n_params = t.model.params().len();
     let mut values = Vec::with_capacity(n_params);
@@ -374,11 +429,40 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             format!("epoch {} is beyond the configured {n_epochs} epochs", meta.epoch),
         ));
     }
+    // Counters are bounded by what a run can reach, so nothing downstream overflows.
+    let bs = meta.config.batch_size as u64;
+    let p = &meta.progress;
+    let bad = if (meta.step_in_epoch as u64).saturating_mul(bs) > 1 << 40 {
+        Some(format!("step_in_epoch {} is beyond any data set", meta.step_in_epoch))
+    } else if meta.global_step > 1 << 48 {
+        Some(format!("global_step {} is beyond any run", meta.global_step))
+    } else if let Some(s) = meta.optimizer_steps.iter().find(|&&s| s > meta.global_step) {
+        Some(format!("optimizer_steps holds {s}, more than global_step {}", meta.global_step))
+    } else if p.correct > p.seen || p.seen > (meta.step_in_epoch as u64).saturating_mul(bs) || p.skipped > meta.step_in_epoch as u64 {
+        Some(format!(
+            "progress (correct {}, seen {}, skipped {}) does not fit step {} of batch {bs}",
+            p.correct, p.seen, p.skipped, meta.step_in_epoch
+        ))
+    } else {
+        meta.history
+            .epochs
+            .iter()
+            .find(|r| {
+                ![r.loss, r.accuracy, r.lr].iter().all(|v| v.is_finite() && v.abs() < 1e30)
+                    || [r.val_loss, r.val_accuracy].iter().flatten().any(|v| !v.is_finite() || v.abs() >= 1e30)
+            })
+            .map(|r| format!("history epoch {} holds a non-finite or absurd value", r.epoch))
+    };
+    if let Some(why) = bad {
+        return Err(Error::checkpoint(path, why));
+    }
     t.epoch = meta.epoch;
     t.step_in_epoch = meta.step_in_epoch;
     t.global_step = meta.global_step;
     t.progress = meta.progress;
     t.history = meta.history;
+    t.data = meta.data;
+    t.class_names = meta.class_names;
     Ok(t)
 }
 

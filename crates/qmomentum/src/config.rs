@@ -81,11 +81,39 @@ impl Default for ModelConfig {
     }
 }
 
+/// Largest layer width (inputs or units) a config may ask for.
+pub const MAX_UNITS: usize = 1 << 20;
+/// Largest number of weights in a model (×4 bytes for values, gradients and optimizer state:
+/// about 1.5 GiB at this bound). Checked before anything is allocated, so a config or a
+/// checkpoint header asking for `units = 10^12` is an error, not an allocation abort.
+pub const MAX_PARAMS: usize = 1 << 27;
+
 impl ModelConfig {
+    /// `(layer index, inputs, units)` of every dense layer, from the config alone (no allocation
+    /// of weights): what `validate` bounds and what a checkpoint's tensors are checked against.
+    pub fn dense_shapes(&self) -> Vec<(usize, usize, usize)> {
+        let mut width = self.input;
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if let LayerConfig::Dense { units, .. } = l {
+                out.push((i, width, *units));
+                width = *units;
+            }
+        }
+        out
+    }
+
     /// Check sizes and values.
     pub fn validate(&self) -> Result<()> {
         if self.input == 0 {
             return Err(Error::config("model.input", 0, "must be at least 1"));
+        }
+        if self.input > MAX_UNITS {
+            return Err(Error::config(
+                "model.input",
+                self.input,
+                format!("at most {MAX_UNITS} input features"),
+            ));
         }
         if let Some(t) = self.binarize_input {
             if !(0.0..=1.0).contains(&t) {
@@ -104,11 +132,11 @@ impl ModelConfig {
                     activation,
                     quant,
                 } => {
-                    if *units == 0 {
+                    if *units == 0 || *units > MAX_UNITS {
                         return Err(Error::config(
                             format!("model.layers[{i}].units"),
-                            0,
-                            "must be at least 1",
+                            units,
+                            format!("must be in 1..={MAX_UNITS}"),
                         ));
                     }
                     if *activation == Activation::Softmax && i + 1 != self.layers.len() {
@@ -146,6 +174,14 @@ impl ModelConfig {
         }
         if dense == 0 {
             return Err(Error::config("model.layers", "[]", "needs at least one dense layer"));
+        }
+        let weights: usize = self.dense_shapes().iter().map(|&(_, i, o)| i * o).sum();
+        if weights > MAX_PARAMS {
+            return Err(Error::config(
+                "model.layers",
+                format!("{weights} weights"),
+                format!("the model may hold at most {MAX_PARAMS} weights"),
+            ));
         }
         Ok(())
     }
@@ -191,6 +227,11 @@ pub struct TrainConfig {
     pub quant: Scheme,
     /// Freeze activation observers after this many epochs.
     pub freeze_observers_after: Option<usize>,
+    /// Length of the learning-rate schedule in epochs (the cosine's horizon); `None` = `epochs`.
+    /// A run extended with `--resume --epochs N` keeps its original horizon here, so the
+    /// schedule does not change under the epochs already trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_epochs: Option<usize>,
     /// The architecture.
     pub model: ModelConfig,
     /// The optimizer.
@@ -213,6 +254,7 @@ impl Default for TrainConfig {
             validation_split: 0.0,
             quant: Scheme::Fp32,
             freeze_observers_after: None,
+            schedule_epochs: None,
             model: ModelConfig::default(),
             optimizer: OptimizerConfig::default(),
             checkpoint: CheckpointConfig::default(),
@@ -232,8 +274,13 @@ impl TrainConfig {
 
     /// Check every value.
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 {
-            return Err(Error::config("epochs", 0, "must be at least 1"));
+        if self.epochs == 0 || self.epochs > 1_000_000 {
+            return Err(Error::config("epochs", self.epochs, "must be in 1..=1000000"));
+        }
+        if let Some(e) = self.schedule_epochs {
+            if e == 0 || e > 1_000_000 {
+                return Err(Error::config("schedule_epochs", e, "must be in 1..=1000000"));
+            }
         }
         if self.batch_size == 0 || self.batch_size > 1 << 20 {
             return Err(Error::config("batch_size", self.batch_size, "must be in 1..=1048576"));

@@ -27,9 +27,16 @@ pub enum Error {
     /// The loss or a gradient became NaN or infinite.
     #[error("{0}")]
     Diverged(String),
-    /// A model-file problem reported by the integer runtime.
-    #[error("{0}")]
-    Runtime(String),
+    /// The integer runtime refused what the exporter built (`context` says which layer/channel).
+    #[error("{context}: {source}")]
+    Runtime {
+        context: String,
+        #[source]
+        source: qmomentum_runtime::Error,
+    },
+    /// A checkpoint or other output could not be encoded (serialisation failed).
+    #[error("cannot encode {what}: {why}")]
+    Encode { what: String, why: String },
 }
 
 /// Short for `std::result::Result<T, Error>`.
@@ -56,6 +63,13 @@ impl Error {
         Error::Data {
             path: path.into(),
             msg: msg.into(),
+        }
+    }
+    /// An encoding failure of `what`.
+    pub fn encode(what: impl Into<String>, why: impl ToString) -> Self {
+        Error::Encode {
+            what: what.into(),
+            why: why.to_string(),
         }
     }
     /// A checkpoint error on `path`.

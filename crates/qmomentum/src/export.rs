@@ -15,9 +15,11 @@
 //! round-half-up in the requantization versus half-to-even); `tests/export.rs` checks that the
 //! runtime and the simulation agree on ≥ 99.9 % of the Fashion-MNIST test set.
 
+use crate::data::PIXEL_SCALE;
 use crate::error::{Error, Result};
 use crate::layers::{Activation, Layer};
 use crate::model::Sequential;
+use crate::quant::affine::bias_on_grid;
 use crate::quant::WeightQuant;
 use qmomentum_runtime as rt;
 
@@ -27,7 +29,10 @@ enum Grid {
 }
 
 fn quantize_multiplier(m: f64, what: &str) -> Result<(i32, i32)> {
-    rt::requant::quantize_multiplier(m).map_err(|e| Error::Runtime(format!("{what}: {e}")))
+    rt::requant::quantize_multiplier(m).map_err(|source| Error::Runtime {
+        context: what.to_string(),
+        source,
+    })
 }
 
 /// Build the integer model of a quantized `model` (every dense layer quantized, hidden
@@ -38,14 +43,14 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
     let input =
         rt::InputSpec {
             size: model.input_size,
-            scale: 1.0 / 255.0,
+            scale: PIXEL_SCALE,
             zero_point: 0,
             // The smallest pixel p with p·(1/255) ≥ t, in the very f32 arithmetic of the data
             // pipeline (`Dataset::gather_normalised`), so that the runtime's `p ≥ threshold` makes
             // the same bits as the simulation.
             binarize_at: match model.binarize_input {
                 None => None,
-                Some(t) => Some((0..=255u8).find(|&p| p as f32 * (1.0 / 255.0) >= t).ok_or_else(|| {
+                Some(t) => Some((0..=255u8).find(|&p| p as f32 * PIXEL_SCALE >= t).ok_or_else(|| {
                     Error::config("model.binarize_input", t, "no pixel value reaches this threshold")
                 })?),
             },
@@ -54,7 +59,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
         Grid::Bits
     } else {
         Grid::U8 {
-            scale: 1.0 / 255.0,
+            scale: PIXEL_SCALE,
             zero_point: 0,
         }
     };
@@ -67,7 +72,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
             Layer::Activation(a) => {
                 return Err(Error::config(
                     "export",
-                    format!("{a:?}"),
+                    a,
                     "stand-alone activation layers are not exported; use Dense(…, activation=…)",
                 ))
             }
@@ -104,19 +109,15 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     for j in 0..outputs {
                         let code = (w_hat[k * outputs + j] / w_scale[j])
                             .round_ties_even()
-                            .clamp(-127.0, 127.0);
+                            .clamp(-128.0, 127.0);
                         weight[j * inputs + k] = code as i8;
                     }
                 }
                 let acc_scale: Vec<f64> = w_scale.iter().map(|&s| s_in as f64 * s as f64).collect();
                 let bias_q: Vec<i32> = bias
                     .iter()
-                    .zip(&acc_scale)
-                    .map(|(&b, &s)| {
-                        (b as f64 / s)
-                            .round()
-                            .clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0) as i32
-                    })
+                    .zip(&w_scale)
+                    .map(|(&b, &s_w)| bias_on_grid(b, s_in, s_w).0)
                     .collect();
                 let output = if last {
                     next_grid = None;
@@ -161,7 +162,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                         other => {
                             return Err(Error::config(
                                 format!("layers[{idx}].activation"),
-                                format!("{other:?}").to_lowercase(),
+                                other,
                                 "the integer runtime supports relu and linear hidden activations",
                             ))
                         }
@@ -245,7 +246,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
             (_, Grid::Bits) => {
                 return Err(Error::config(
                     format!("layers[{idx}].quant.weights"),
-                    format!("{wq:?}"),
+                    wq,
                     "a layer reading binary (sign) inputs must have binary weights",
                 ))
             }
@@ -255,5 +256,8 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
             grid = g;
         }
     }
-    rt::Model::new(input, layers).map_err(|e| Error::Runtime(e.to_string()))
+    rt::Model::new(input, layers).map_err(|source| Error::Runtime {
+        context: "the exported integer model".into(),
+        source,
+    })
 }

@@ -36,6 +36,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod display;
 pub mod error;
 pub mod export;
 pub mod gemm;

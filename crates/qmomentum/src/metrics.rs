@@ -1,17 +1,13 @@
 //! Metrics.
 
-/// Index of the largest value of each row (ties: the first).
+/// Index of the largest value of a row (ties: the lowest index), shared with the integer
+/// runtime so float and integer predictions break ties alike.
+pub use qmomentum_runtime::argmax;
+
+/// [`argmax`] of each row of `cols` values.
 pub fn argmax_rows(x: &[f32], cols: usize, out: &mut Vec<u32>) {
     out.clear();
-    for row in x.chunks_exact(cols) {
-        let mut best = 0;
-        for (j, &v) in row.iter().enumerate() {
-            if v > row[best] {
-                best = j;
-            }
-        }
-        out.push(best as u32);
-    }
+    out.extend(x.chunks_exact(cols).map(argmax));
 }
 
 /// Number of rows whose argmax equals the label.
@@ -19,15 +15,7 @@ pub fn correct(scores: &[f32], labels: &[u32], cols: usize) -> usize {
     scores
         .chunks_exact(cols)
         .zip(labels)
-        .filter(|(row, &y)| {
-            let mut best = 0;
-            for (j, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = j;
-                }
-            }
-            best as u32 == y
-        })
+        .filter(|(row, &y)| argmax(row) == y)
         .count()
 }
 

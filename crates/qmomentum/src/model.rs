@@ -126,7 +126,7 @@ impl Sequential {
         let mut size = self.input_size;
         // The grid of each layer's input: pixels/255 for the model input (the data pipeline),
         // then each quantized layer's output grid.
-        let mut in_scale = Some(1.0f32 / 255.0);
+        let mut in_scale = Some(crate::data::PIXEL_SCALE);
         if let Some(t) = self.binarize_input {
             for v in self.acts[0][..batch * size].iter_mut() {
                 *v = if *v >= t { 1.0 } else { -1.0 };
@@ -330,7 +330,7 @@ impl Sequential {
             Some(Activation::Softmax) | Some(Activation::Linear) => Ok(()),
             other => Err(Error::config(
                 "model.layers[last].activation",
-                format!("{other:?}").to_lowercase(),
+                other.map(|a| a.to_string()).unwrap_or_else(|| "none".into()),
                 "sparse categorical cross-entropy needs a softmax (or linear, from logits) output",
             )),
         }

@@ -139,10 +139,16 @@ pub struct Trainer {
     pub progress: EpochProgress,
     /// Finished epochs.
     pub history: History,
+    /// The data set this run trains on (stored in checkpoints; a resume onto other data is
+    /// refused by the CLI unless forced).
+    pub data: Option<crate::data::DataIdentity>,
+    /// Class names in label order, if known.
+    pub class_names: Option<Vec<String>>,
     order: Vec<usize>,
     order_epoch: Option<usize>,
     labels: Vec<u32>,
     replica: Option<Box<(Sequential, Vec<u32>)>>,
+    fits_checked: Option<(usize, usize, usize)>,
 }
 
 impl Trainer {
@@ -162,10 +168,13 @@ impl Trainer {
             global_step: 0,
             progress: EpochProgress::default(),
             history: History::default(),
+            data: None,
+            class_names: None,
             order: Vec::new(),
             order_epoch: None,
             labels: Vec::new(),
             replica: None,
+            fits_checked: None,
         })
     }
 
@@ -187,7 +196,7 @@ impl Trainer {
         self.order.clear();
         self.order.extend(0..n);
         if self.config.shuffle {
-            Rng::new(self.config.seed, 0x5EED_0000 + self.epoch as u64).shuffle(&mut self.order);
+            Rng::new(self.config.seed, 0x5EED_0000u64.wrapping_add(self.epoch as u64)).shuffle(&mut self.order);
         }
         self.order_epoch = Some(self.epoch);
     }
@@ -198,18 +207,12 @@ impl Trainer {
         if self.finished() {
             return Ok(None);
         }
-        if train.features != self.model.input_size {
-            return Err(Error::Shape(format!(
-                "the data have {} features per sample, the model reads {}",
-                train.features, self.model.input_size
-            )));
-        }
-        if train.classes > self.model.classes() {
-            return Err(Error::Shape(format!(
-                "the data have {} classes, the model outputs {}",
-                train.classes,
-                self.model.classes()
-            )));
+        // The data must fit the model; checked once per data set (a resumed run may be handed
+        // other data than it started with), not at every step.
+        let key = (train.images.as_ptr() as usize, train.len(), train.features);
+        if self.fits_checked != Some(key) {
+            check_fits(&self.model, train)?;
+            self.fits_checked = Some(key);
         }
         if train.is_empty() {
             return Err(Error::config("training set", 0, "has no samples"));
@@ -217,20 +220,20 @@ impl Trainer {
         let n = train.len();
         let spe = self.steps_per_epoch(n);
         self.optimizer.steps_per_epoch = spe as u64;
-        self.optimizer.total_epochs = self.config.epochs;
+        self.optimizer.total_epochs = self.config.schedule_epochs.unwrap_or(self.config.epochs);
         self.prepare_order(n);
         let bs = self.config.batch_size;
-        let start = self.step_in_epoch * bs;
-        let end = (start + bs).min(n);
-        let batch = end - start;
+        let start = self.step_in_epoch.saturating_mul(bs);
         if start >= n {
             return Err(Error::Shape(format!(
                 "the run is at step {} of an epoch of {spe} steps: the training set changed since the checkpoint",
                 self.step_in_epoch
             )));
         }
+        let end = (start + bs).min(n);
+        let batch = end - start;
         let t0 = Instant::now();
-        let step_no = self.global_step + 1;
+        let step_no = self.global_step.saturating_add(1);
         let seed = self.config.seed;
         // Dropout draws are a pure function of (seed, step, replica): nothing to checkpoint.
         let rng_for = |r: u64| Rng::new(seed ^ step_no.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0xD0 + r);
@@ -260,14 +263,11 @@ impl Trainer {
                 },
             );
             self.model.add_grads(&rep.0);
-            self.model.observe_batch(&[&rep.0]);
             (s0 + s1, c0 + c1)
         } else {
             let x = self.model.input_mut(batch);
             train.gather_normalised(order, x, &mut self.labels);
-            let r = self.model.forward_backward(&self.labels, batch, &mut rng_for(0));
-            self.model.observe_batch(&[]);
-            r
+            self.model.forward_backward(&self.labels, batch, &mut rng_for(0))
         };
         let loss = (loss_sum / batch as f64) as f32;
         let bad = if !loss.is_finite() {
@@ -293,6 +293,11 @@ impl Trainer {
                 self.progress.skipped += 1;
             }
             (None, _) => {
+                // Only a step that is taken feeds the observers: a skipped batch changes nothing.
+                match self.replica.as_deref() {
+                    Some((r, _)) if split => self.model.observe_batch(&[r]),
+                    _ => self.model.observe_batch(&[]),
+                }
                 let sq = self
                     .optimizer
                     .needs_grad_norm()
@@ -378,11 +383,6 @@ impl Trainer {
         evaluate(&mut self.model, data)
     }
 
-    /// Number of ±1 weights flipped by Bop in the last step.
-    pub fn last_flips(&self) -> usize {
-        self.optimizer.last_flips
-    }
-
     /// Whether any parameter is trained by Bop.
     pub fn uses_bop(&self) -> bool {
         self.model.params().iter().any(|p| p.kind == ParamKind::Binary)
@@ -391,12 +391,7 @@ impl Trainer {
 
 /// `(mean loss, accuracy)` of `model` on `data`, in batches of 1000.
 pub fn evaluate(model: &mut Sequential, data: &Dataset) -> Result<(f32, f32)> {
-    if data.features != model.input_size {
-        return Err(Error::Shape(format!(
-            "the data have {} features per sample, the model reads {}",
-            data.features, model.input_size
-        )));
-    }
+    check_fits(model, data)?;
     let n = data.len();
     let mut rng = Rng::new(0, 0);
     let (mut loss, mut correct) = (0.0f64, 0usize);
@@ -411,4 +406,24 @@ pub fn evaluate(model: &mut Sequential, data: &Dataset) -> Result<(f32, f32)> {
         correct += c;
     }
     Ok(((loss / n.max(1) as f64) as f32, correct as f32 / n.max(1) as f32))
+}
+
+/// The data fit the model: as many features per sample as it reads, and every label below its
+/// number of outputs (a label past the head would index out of the loss's row).
+pub fn check_fits(model: &Sequential, data: &Dataset) -> Result<()> {
+    if data.features != model.input_size {
+        return Err(Error::Shape(format!(
+            "the data have {} features per sample, the model reads {}",
+            data.features, model.input_size
+        )));
+    }
+    let classes = model.classes();
+    if let Some(&max) = data.labels.iter().max() {
+        if max as usize >= classes {
+            return Err(Error::Shape(format!(
+                "the data have labels up to {max}, the model has {classes} outputs (classes 0..{classes})"
+            )));
+        }
+    }
+    Ok(())
 }

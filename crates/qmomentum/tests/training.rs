@@ -26,6 +26,7 @@ fn subset(d: &Dataset, n: usize) -> Dataset {
         labels: d.labels[..n].to_vec(),
         features: d.features,
         classes: d.classes,
+        shape: d.shape.clone(),
     }
 }
 

@@ -42,9 +42,17 @@ pub(super) fn pack(inputs: usize, outputs: usize, weight: &[i8]) -> Aligned<i16>
 /// The AVX2 int8 dense kernel (see [`super::dense_i8`]).
 ///
 /// # Safety
-/// The CPU must support AVX2; `packed` must come from [`pack`] for `w`'s shape; `x` must hold
-/// `rows` rows of `w.inputs` bytes at stride `x_stride` and `acc` `rows` rows of `w.outputs`
-/// values at stride `acc_stride`.
+/// - The CPU must support AVX2 (`KernelKind::Avx2.is_available()`).
+/// - `packed` must be the whole slice of the [`Aligned`] buffer that [`pack`] returned for
+///   `w.inputs` × `w.outputs` (what `PackedDenseI8::new` stores in `w.avx2`): `groups·steps·32`
+///   i16 with `groups = ⌈outputs/8⌉`, `steps = ⌈inputs/4⌉`, starting on a 64-byte boundary.
+///   The kernel reads it with aligned 32-byte loads and does not check its length in release.
+/// - `x` must hold `rows` rows of `w.inputs` bytes at stride `x_stride`, and `acc` `rows` rows
+///   of `w.outputs` values at stride `acc_stride` (`(rows − 1)·stride + width ≤ len`, what
+///   `check_2d` asserts in [`super::dense_i8`]).
+///
+/// `w.bias` holds `padded(outputs) ≥ 8·groups` values on a 64-byte boundary by construction
+/// (`PackedDenseI8::new`), so it needs nothing from the caller.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dense_i8(
     w: &PackedDenseI8,
@@ -57,6 +65,11 @@ pub(super) unsafe fn dense_i8(
 ) {
     let groups = w.outputs.div_ceil(GROUP);
     let steps = w.inputs.div_ceil(4);
+    debug_assert_eq!(packed.len(), groups * steps * 32);
+    debug_assert_eq!(packed.as_ptr() as usize % 32, 0);
+    debug_assert!(w.bias.len() >= groups * GROUP);
+    debug_assert!(rows == 0 || x.len() >= (rows - 1) * x_stride + w.inputs);
+    debug_assert!(rows == 0 || acc.len() >= (rows - 1) * acc_stride + w.outputs);
     let s = Shape {
         gstride: steps * 32,
         x_stride,
@@ -70,22 +83,39 @@ pub(super) unsafe fn dense_i8(
         let mut g0 = 0;
         while g0 < groups {
             let ng = GROUPS.min(groups - g0);
-            let t = Tile {
-                w: packed.as_ptr().add(g0 * s.gstride),
-                x: x.as_ptr().add(r0 * x_stride),
-                bias: w.bias.as_ptr().add(g0 * GROUP),
-                acc: acc.as_mut_ptr().add(r0 * acc_stride + g0 * GROUP),
-                valid: w.outputs - g0 * GROUP,
+            // SAFETY: every offset is inside its buffer (so `add` stays in bounds):
+            // - `g0 < groups`, so `g0·gstride < groups·steps·32 = packed.len()` (precondition);
+            // - `g0·8 < 8·groups ≤ w.bias.len()` (the bias is padded to 16 channels);
+            // - `r0 < rows` and `inputs ≥ 1`: `r0·x_stride < (rows − 1)·x_stride + inputs ≤ x.len()`;
+            // - `g0·8 < outputs`: `r0·acc_stride + 8·g0 < (rows − 1)·acc_stride + outputs ≤ acc.len()`.
+            let t = unsafe {
+                Tile {
+                    w: packed.as_ptr().add(g0 * s.gstride),
+                    x: x.as_ptr().add(r0 * x_stride),
+                    bias: w.bias.as_ptr().add(g0 * GROUP),
+                    acc: acc.as_mut_ptr().add(r0 * acc_stride + g0 * GROUP),
+                    valid: w.outputs - g0 * GROUP,
+                }
             };
-            match (nr, ng) {
-                (1, 1) => tile::<1, 1>(&s, &t),
-                (1, _) => tile::<1, 2>(&s, &t),
-                (2, 1) => tile::<2, 1>(&s, &t),
-                (2, _) => tile::<2, 2>(&s, &t),
-                (3, 1) => tile::<3, 1>(&s, &t),
-                (3, _) => tile::<3, 2>(&s, &t),
-                (_, 1) => tile::<4, 1>(&s, &t),
-                (_, _) => tile::<4, 2>(&s, &t),
+            // SAFETY: AVX2 is a precondition of this function. `t` describes `nr` rows and
+            // `ng` groups that exist, as `tile` requires: rows `r0..r0 + nr ≤ rows` of `x` and
+            // `acc` (sizes are a precondition), groups `g0..g0 + ng ≤ groups` of `packed` and
+            // of the bias, and `t.valid = outputs − 8·g0 > 8·(ng − 1)` because group `g0 + ng − 1`
+            // exists. Alignment: `packed` starts on a 64-byte boundary (precondition) and
+            // `t.w` is `g0·steps·64` bytes into it; `w.bias` is an `Aligned` buffer (64 bytes)
+            // and `t.bias` is `32·g0` bytes into it. Each arm passes `R = nr` and `G = ng`
+            // (`nr ≤ ROWS = 4`, `ng ≤ GROUPS = 2`).
+            unsafe {
+                match (nr, ng) {
+                    (1, 1) => tile::<1, 1>(&s, &t),
+                    (1, _) => tile::<1, 2>(&s, &t),
+                    (2, 1) => tile::<2, 1>(&s, &t),
+                    (2, _) => tile::<2, 2>(&s, &t),
+                    (3, 1) => tile::<3, 1>(&s, &t),
+                    (3, _) => tile::<3, 2>(&s, &t),
+                    (_, 1) => tile::<4, 1>(&s, &t),
+                    (_, _) => tile::<4, 2>(&s, &t),
+                }
             }
             g0 += ng;
         }
@@ -93,23 +123,35 @@ pub(super) unsafe fn dense_i8(
     }
 }
 
+/// Loop bounds shared by all tiles of one call.
 struct Shape {
+    /// i16 between consecutive channel groups in the packed weights (`steps·32`).
     gstride: usize,
     x_stride: usize,
+    /// Complete 4-byte input steps.
     full: usize,
+    /// Inputs in the last, partial step (0..4).
     tail: usize,
     acc_stride: usize,
 }
 
+/// One tile's base pointers.
 struct Tile {
     w: *const i16,
     x: *const u8,
     bias: *const i32,
     acc: *mut i32,
+    /// Valid channels from the tile's first channel on (may exceed the tile's width).
     valid: usize,
 }
 
 /// Adds one step's products for all `R × G` accumulators.
+///
+/// # Safety
+/// AVX2 must be available, and `wp + g·gstride + i` must be readable for `g < G`, `i < 32`,
+/// with `wp + g·gstride` on a 32-byte boundary: `wp` points at one step of a group in a
+/// [`pack`]ed buffer (steps are 32 i16 = 64 bytes, groups `gstride = steps·32` i16 apart, the
+/// buffer 64-byte aligned) and `G` groups exist from there.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn step<const R: usize, const G: usize>(
@@ -122,8 +164,12 @@ unsafe fn step<const R: usize, const G: usize>(
     let mut we = [_mm256_setzero_si256(); G];
     let mut wo = [_mm256_setzero_si256(); G];
     for g in 0..G {
-        we[g] = _mm256_load_si256(wp.add(g * gstride).cast());
-        wo[g] = _mm256_load_si256(wp.add(g * gstride + 16).cast());
+        // SAFETY: the even (i16 0..16) and odd (16..32) halves of group `g`'s step are
+        // readable and 32-byte aligned (precondition), as `_mm256_load_si256` requires.
+        unsafe {
+            we[g] = _mm256_load_si256(wp.add(g * gstride).cast());
+            wo[g] = _mm256_load_si256(wp.add(g * gstride + 16).cast());
+        }
     }
     for (row, &f) in c.iter_mut().zip(four.iter()) {
         let xb = _mm256_set1_epi32(f);
@@ -137,11 +183,22 @@ unsafe fn step<const R: usize, const G: usize>(
 }
 
 /// Computes an `R`-row × `G`-group tile; accumulators start at the folded bias.
+///
+/// # Safety
+/// AVX2 must be available, and `t` must describe `R` rows and `G` channel groups that exist:
+/// - `t.w` points at the first step of a group in a [`pack`]ed buffer (64-byte aligned) of
+///   `s.full + (s.tail > 0)` steps per group, `s.gstride` i16 apart, with `G` groups from there;
+/// - `t.bias` points at a 32-byte aligned run of at least `8·G` i32;
+/// - `t.x + r·s.x_stride` has `4·s.full + s.tail` readable bytes for every `r < R`;
+/// - `t.valid > 8·(G − 1)` (every group has a valid channel) and `t.acc + r·s.acc_stride` has
+///   `min(t.valid, 8·G)` writable i32 for every `r < R`.
 #[target_feature(enable = "avx2")]
 unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
     let mut c = [[_mm256_setzero_si256(); G]; R];
     for g in 0..G {
-        let b = _mm256_load_si256(t.bias.add(g * GROUP).cast());
+        // SAFETY: `8·g + 8 ≤ 8·G` values are readable from `t.bias`; the offset is a multiple
+        // of 8 i32 = 32 bytes from a 32-byte aligned pointer, as `_mm256_load_si256` requires.
+        let b = unsafe { _mm256_load_si256(t.bias.add(g * GROUP).cast()) };
         for row in c.iter_mut() {
             row[g] = b;
         }
@@ -150,10 +207,15 @@ unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
     for k in 0..s.full {
         let mut four = [0i32; R];
         for (r, f) in four.iter_mut().enumerate() {
-            *f = t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned();
+            // SAFETY: bytes `4k..4k + 4` of row `r` are readable since `k < s.full` (4·full ≤
+            // the row's readable bytes); `read_unaligned` has no alignment requirement.
+            *f = unsafe { t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned() };
         }
-        step(&mut c, four, wp, s.gstride);
-        wp = wp.add(32);
+        // SAFETY: AVX2 is available (precondition); `wp` is step `k` of the tile's first group,
+        // `k < steps`, so step `k` of each of the `G` groups is readable and 64-byte aligned.
+        unsafe { step(&mut c, four, wp, s.gstride) };
+        // SAFETY: step `k + 1 ≤ steps` of the first group: inside the buffer or one past it.
+        wp = unsafe { wp.add(32) };
     }
     if s.tail > 0 {
         let mut four = [0i32; R];
@@ -161,22 +223,30 @@ unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
             // Only the row's remaining bytes are read; the missing ones meet zero weights.
             let mut bytes = [0u8; 4];
             for (i, b) in bytes.iter_mut().enumerate().take(s.tail) {
-                *b = *t.x.add(r * s.x_stride + 4 * s.full + i);
+                // SAFETY: `4·full + i < 4·full + tail`, the row's readable length.
+                *b = unsafe { *t.x.add(r * s.x_stride + 4 * s.full + i) };
             }
             *f = i32::from_le_bytes(bytes);
         }
-        step(&mut c, four, wp, s.gstride);
+        // SAFETY: as above; with a tail there are `full + 1` steps and `wp` is the last one.
+        unsafe { step(&mut c, four, wp, s.gstride) };
     }
     for (r, row) in c.iter().enumerate() {
         for (g, v) in row.iter().enumerate() {
-            let dst = t.acc.add(r * s.acc_stride + g * GROUP);
             let n = t.valid.saturating_sub(g * GROUP).min(GROUP);
+            // SAFETY: `g·8 < t.valid` (every group has a valid channel), so `dst` is inside
+            // row `r`'s writable run of `min(t.valid, 8·G)` i32.
+            let dst = unsafe { t.acc.add(r * s.acc_stride + g * GROUP) };
             if n == GROUP {
-                _mm256_storeu_si256(dst.cast(), *v);
+                // SAFETY: channels `8g..8g + 8` are all valid, so all 8 i32 at `dst` are
+                // writable; `storeu` has no alignment requirement.
+                unsafe { _mm256_storeu_si256(dst.cast(), *v) };
             } else {
                 let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
-                _mm256_maskstore_epi32(dst, mask, *v);
+                // SAFETY: only the first `n` lanes (the valid channels) are selected, and
+                // `vpmaskmovd` does not access, nor fault on, the masked-off ones.
+                unsafe { _mm256_maskstore_epi32(dst, mask, *v) };
             }
         }
     }

@@ -41,9 +41,17 @@ pub(super) fn pack(inputs: usize, outputs: usize, weight: &[i8]) -> Aligned<i8> 
 /// The VNNI int8 dense kernel (see [`super::dense_i8`]).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VL/VNNI; `packed` must come from [`pack`] for `w`'s
-/// shape; `x` must hold `rows` rows of `w.inputs` bytes at stride `x_stride` and `acc` `rows`
-/// rows of `w.outputs` values at stride `acc_stride`.
+/// - The CPU must support AVX-512 F/BW/VL/VNNI (`KernelKind::Avx512Vnni.is_available()`).
+/// - `packed` must be the whole slice of the [`Aligned`] buffer that [`pack`] returned for
+///   `w.inputs` × `w.outputs` (what `PackedDenseI8::new` stores in `w.vnni`): `groups·steps·64`
+///   bytes with `groups = ⌈outputs/16⌉`, `steps = ⌈inputs/4⌉`, starting on a 64-byte boundary.
+///   The kernel reads it with aligned 64-byte loads and does not check its length in release.
+/// - `x` must hold `rows` rows of `w.inputs` bytes at stride `x_stride`, and `acc` `rows` rows
+///   of `w.outputs` values at stride `acc_stride` (`(rows − 1)·stride + width ≤ len`, what
+///   `check_2d` asserts in [`super::dense_i8`]).
+///
+/// `w.bias` holds `padded(outputs) = 16·groups` values on a 64-byte boundary by construction
+/// (`PackedDenseI8::new`), so it needs nothing from the caller.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn dense_i8(
     w: &PackedDenseI8,
@@ -56,6 +64,11 @@ pub(super) unsafe fn dense_i8(
 ) {
     let groups = w.outputs.div_ceil(LANES);
     let steps = w.inputs.div_ceil(4);
+    debug_assert_eq!(packed.len(), groups * steps * 64);
+    debug_assert_eq!(packed.as_ptr() as usize % 64, 0);
+    debug_assert!(w.bias.len() >= groups * LANES);
+    debug_assert!(rows == 0 || x.len() >= (rows - 1) * x_stride + w.inputs);
+    debug_assert!(rows == 0 || acc.len() >= (rows - 1) * acc_stride + w.outputs);
     let shape = Shape {
         gstride: steps * 64,
         x_stride,
@@ -69,22 +82,39 @@ pub(super) unsafe fn dense_i8(
         let mut g0 = 0;
         while g0 < groups {
             let ng = GROUPS.min(groups - g0);
-            let t = Tile {
-                w: packed.as_ptr().add(g0 * shape.gstride),
-                x: x.as_ptr().add(r0 * x_stride),
-                bias: w.bias.as_ptr().add(g0 * LANES),
-                acc: acc.as_mut_ptr().add(r0 * acc_stride + g0 * LANES),
-                valid: w.outputs - g0 * LANES,
+            // SAFETY: every offset is inside its buffer (so `add` stays in bounds):
+            // - `g0 < groups`, so `g0·gstride < groups·steps·64 = packed.len()` (precondition);
+            // - `16·g0 < 16·groups = w.bias.len()`;
+            // - `r0 < rows` and `inputs ≥ 1`: `r0·x_stride < (rows − 1)·x_stride + inputs ≤ x.len()`;
+            // - `16·g0 < outputs`: `r0·acc_stride + 16·g0 < (rows − 1)·acc_stride + outputs ≤ acc.len()`.
+            let t = unsafe {
+                Tile {
+                    w: packed.as_ptr().add(g0 * shape.gstride),
+                    x: x.as_ptr().add(r0 * x_stride),
+                    bias: w.bias.as_ptr().add(g0 * LANES),
+                    acc: acc.as_mut_ptr().add(r0 * acc_stride + g0 * LANES),
+                    valid: w.outputs - g0 * LANES,
+                }
             };
-            macro_rules! go {
-                ($($r:literal $g:literal),*) => {
-                    match (nr, ng) {
-                        $(($r, $g) => tile::<$r, $g>(&shape, &t),)*
-                        _ => unreachable!(),
-                    }
-                };
+            // SAFETY: AVX-512 F/BW/VL/VNNI are a precondition of this function. `t` describes
+            // `nr` rows and `ng` groups that exist, as `tile` requires: rows `r0..r0 + nr ≤
+            // rows` of `x` and `acc` (sizes are a precondition), groups `g0..g0 + ng ≤ groups`
+            // of `packed` and of the bias, and `t.valid = outputs − 16·g0 > 16·(ng − 1)`
+            // because group `g0 + ng − 1` exists. Alignment: `packed` starts on a 64-byte
+            // boundary (precondition) and `t.w` is `g0·steps·64` bytes into it; `w.bias` is an
+            // `Aligned` buffer and `t.bias` is `64·g0` bytes into it. The match covers every
+            // `(nr, ng)` in `1..=ROWS × 1..=GROUPS` and passes `R = nr`, `G = ng`.
+            unsafe {
+                macro_rules! go {
+                    ($($r:literal $g:literal),*) => {
+                        match (nr, ng) {
+                            $(($r, $g) => tile::<$r, $g>(&shape, &t),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
             }
-            go!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
             g0 += ng;
         }
         r0 += nr;
@@ -114,11 +144,24 @@ struct Tile {
 }
 
 /// Computes an `R`-row × `G`-group tile; accumulators start at the folded bias.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI must be available, and `t` must describe `R` rows and `G` channel
+/// groups that exist:
+/// - `t.w` points at the first step of a group in a [`pack`]ed buffer (64-byte aligned) of
+///   `s.full + (s.tail > 0)` steps of 64 bytes per group, `s.gstride` bytes apart, with `G`
+///   groups from there;
+/// - `t.bias` points at a 64-byte aligned run of at least `16·G` i32;
+/// - `t.x + r·s.x_stride` has `4·s.full + s.tail` readable bytes for every `r < R`;
+/// - `t.valid > 16·(G − 1)` (every group has a valid channel) and `t.acc + r·s.acc_stride` has
+///   `min(t.valid, 16·G)` writable i32 for every `r < R`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
     let mut c = [[_mm512_setzero_si512(); G]; R];
     for g in 0..G {
-        let b = _mm512_load_si512(t.bias.add(g * LANES).cast());
+        // SAFETY: `16·g + 16 ≤ 16·G` values are readable from `t.bias`; the offset is a
+        // multiple of 64 bytes from a 64-byte aligned pointer, as `_mm512_load_si512` requires.
+        let b = unsafe { _mm512_load_si512(t.bias.add(g * LANES).cast()) };
         for row in c.iter_mut() {
             row[g] = b;
         }
@@ -127,27 +170,35 @@ unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
     for k in 0..s.full {
         let mut wv = [_mm512_setzero_si512(); G];
         for (g, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_load_si512(wp.add(g * s.gstride).cast());
+            // SAFETY: `wp` is step `k < steps` of the first group, so `wp + g·gstride` is step
+            // `k` of group `g < G`: 64 readable bytes on a 64-byte boundary (steps are 64 bytes
+            // and the buffer is 64-byte aligned).
+            *v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
         }
         for (r, row) in c.iter_mut().enumerate() {
-            let four = t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned();
+            // SAFETY: bytes `4k..4k + 4` of row `r` are readable since `k < s.full` (4·full ≤
+            // the row's readable bytes); `read_unaligned` has no alignment requirement.
+            let four = unsafe { t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned() };
             let xv = _mm512_set1_epi32(four);
             for g in 0..G {
                 row[g] = _mm512_dpbusd_epi32(row[g], xv, wv[g]);
             }
         }
-        wp = wp.add(64);
+        // SAFETY: step `k + 1 ≤ steps` of the first group: inside the buffer or one past it.
+        wp = unsafe { wp.add(64) };
     }
     if s.tail > 0 {
         let mut wv = [_mm512_setzero_si512(); G];
         for (g, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_load_si512(wp.add(g * s.gstride).cast());
+            // SAFETY: as above; with a tail there are `full + 1` steps and `wp` is the last one.
+            *v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
         }
         for (r, row) in c.iter_mut().enumerate() {
             // Only the row's remaining bytes are read; the missing ones meet zero weights.
             let mut four = [0u8; 4];
             for (i, b) in four.iter_mut().enumerate().take(s.tail) {
-                *b = *t.x.add(r * s.x_stride + 4 * s.full + i);
+                // SAFETY: `4·full + i < 4·full + tail`, the row's readable length.
+                *b = unsafe { *t.x.add(r * s.x_stride + 4 * s.full + i) };
             }
             let xv = _mm512_set1_epi32(i32::from_le_bytes(four));
             for g in 0..G {
@@ -157,9 +208,15 @@ unsafe fn tile<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
     }
     for (r, row) in c.iter().enumerate() {
         for (g, v) in row.iter().enumerate() {
-            let dst = t.acc.add(r * s.acc_stride + g * LANES);
             let n = t.valid.saturating_sub(g * LANES).min(LANES);
-            _mm512_mask_storeu_epi32(dst, lane_mask(n), *v);
+            // SAFETY: `16·g < t.valid` (every group has a valid channel), so `dst` is inside
+            // row `r`'s writable run of `min(t.valid, 16·G)` i32; the masked store writes only
+            // the first `n` lanes (the valid channels) and AVX-512 masked stores neither access
+            // nor fault on masked-off lanes; `storeu` has no alignment requirement.
+            unsafe {
+                let dst = t.acc.add(r * s.acc_stride + g * LANES);
+                _mm512_mask_storeu_epi32(dst, lane_mask(n), *v);
+            }
         }
     }
 }
@@ -182,7 +239,13 @@ fn lane_mask(n: usize) -> __mmask16 {
 /// into i64; the odd lanes are shifted down and done the same way.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available; sizes as checked by [`super::requant_u8`].
+/// - The CPU must support AVX-512 F/BW/VL (part of `KernelKind::Avx512Vnni.is_available()`).
+/// - `acc` must hold `rows` rows of `p.outputs` values at stride `acc_stride` and `out` `rows`
+///   rows of `p.outputs` bytes at stride `out_stride`, as `check_2d` asserts in
+///   [`super::requant_u8`].
+///
+/// `p.m` and `p.s1` hold `padded(outputs)` values on a 64-byte boundary by construction
+/// (`Requant::new`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn requant_u8(
     p: &Requant,
@@ -193,19 +256,33 @@ pub(super) unsafe fn requant_u8(
     out_stride: usize,
 ) {
     let n = p.outputs;
+    debug_assert!(p.m.len() >= n.next_multiple_of(LANES) && p.s1.len() >= n.next_multiple_of(LANES));
+    debug_assert!(rows == 0 || acc.len() >= (rows - 1) * acc_stride + n);
+    debug_assert!(rows == 0 || out.len() >= (rows - 1) * out_stride + n);
     let one = _mm512_set1_epi64(1);
     let low32 = _mm512_set1_epi64(0xffff_ffff);
     let z = _mm512_set1_epi64(i64::from(p.z_out));
     let lo = _mm512_set1_epi64(i64::from(p.lo));
     let hi = _mm512_set1_epi64(i64::from(p.hi));
     for b in 0..rows {
-        let a = acc.as_ptr().add(b * acc_stride);
-        let o = out.as_mut_ptr().add(b * out_stride);
+        // SAFETY: `b < rows`, so `b·stride ≤ (rows − 1)·stride ≤ len − outputs`: in bounds (or
+        // one past the end when `outputs = 0`, which `add` allows).
+        let (a, o) = unsafe { (acc.as_ptr().add(b * acc_stride), out.as_mut_ptr().add(b * out_stride)) };
         for j in (0..n).step_by(LANES) {
             let mask = lane_mask(n - j);
-            let v = _mm512_maskz_loadu_epi32(mask, a.add(j));
-            let m = _mm512_load_si512(p.m.as_ptr().add(j).cast());
-            let s1 = _mm512_load_si512(p.s1.as_ptr().add(j).cast());
+            // SAFETY: the masked load reads only lanes `j..min(j + 16, n)` of row `b`, which
+            // exist; masked-off lanes are neither accessed nor faulted on; `loadu` needs no
+            // alignment.
+            let v = unsafe { _mm512_maskz_loadu_epi32(mask, a.add(j)) };
+            // SAFETY: `j` is a multiple of 16 below `n`, so `j + 16 ≤ padded(n) = p.m.len() =
+            // p.s1.len()`, and `4·j` bytes from a 64-byte aligned base is 64-byte aligned, as
+            // `_mm512_load_si512` requires.
+            let (m, s1) = unsafe {
+                (
+                    _mm512_load_si512(p.m.as_ptr().add(j).cast()),
+                    _mm512_load_si512(p.s1.as_ptr().add(j).cast()),
+                )
+            };
             let pe = _mm512_mul_epi32(v, m);
             let po = _mm512_mul_epi32(_mm512_srli_epi64(v, 32), _mm512_srli_epi64(m, 32));
             let se = _mm512_and_si512(s1, low32);
@@ -215,7 +292,9 @@ pub(super) unsafe fn requant_u8(
             let ye = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(qe, z), lo), hi);
             let yo = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(qo, z), lo), hi);
             let y = _mm512_mask_blend_epi32(0xaaaa, ye, _mm512_slli_epi64(yo, 32));
-            _mm_mask_storeu_epi8(o.add(j).cast(), mask, _mm512_cvtepi32_epi8(y));
+            // SAFETY: the masked store writes only bytes `j..min(j + 16, n)` of output row `b`,
+            // which exist; masked-off lanes are neither accessed nor faulted on.
+            unsafe { _mm_mask_storeu_epi8(o.add(j).cast(), mask, _mm512_cvtepi32_epi8(y)) };
         }
     }
 }
@@ -223,7 +302,13 @@ pub(super) unsafe fn requant_u8(
 /// Vectorised [`super::scalar::sign_bits`]: one compare-to-mask per 16 channels.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available; sizes as checked by [`super::sign_bits`].
+/// - The CPU must support AVX-512 F/BW/VL (part of `KernelKind::Avx512Vnni.is_available()`).
+/// - `acc` must hold `rows` rows of `p.outputs` values at stride `acc_stride`, and `out` at
+///   least `rows·out_words` words, as `check_2d` asserts in [`super::sign_bits`];
+///   `out_words ≤ ⌈outputs/64⌉` would do, and that function asserts equality.
+///
+/// `p.threshold` holds `padded(outputs)` values on a 64-byte boundary by construction
+/// (`SignBits::new`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn sign_bits(
     p: &SignBits,
@@ -234,8 +319,12 @@ pub(super) unsafe fn sign_bits(
     out_words: usize,
 ) {
     let n = p.outputs;
+    debug_assert!(p.threshold.len() >= n.next_multiple_of(LANES));
+    debug_assert!(rows == 0 || acc.len() >= (rows - 1) * acc_stride + n);
+    debug_assert!(out.len() >= rows * out_words);
     for b in 0..rows {
-        let a = acc.as_ptr().add(b * acc_stride);
+        // SAFETY: `b < rows`, so `b·acc_stride ≤ len − outputs`: in bounds (or one past the end).
+        let a = unsafe { acc.as_ptr().add(b * acc_stride) };
         for w in 0..out_words {
             let mut word = 0u64;
             for q in 0..4 {
@@ -244,12 +333,22 @@ pub(super) unsafe fn sign_bits(
                     break;
                 }
                 let mask = lane_mask(n - j);
-                let v = _mm512_maskz_loadu_epi32(mask, a.add(j));
-                let t = _mm512_load_si512(p.threshold.as_ptr().add(j).cast());
+                // SAFETY: the masked load reads only lanes `j..min(j + 16, n)` of row `b`,
+                // which exist; masked-off lanes are neither accessed nor faulted on. `j` is a
+                // multiple of 16 below `n`, so `j + 16 ≤ padded(n) = p.threshold.len()` and the
+                // threshold load is 64-byte aligned, as `_mm512_load_si512` requires.
+                let (v, t) = unsafe {
+                    (
+                        _mm512_maskz_loadu_epi32(mask, a.add(j)),
+                        _mm512_load_si512(p.threshold.as_ptr().add(j).cast()),
+                    )
+                };
                 let bits = _mm512_mask_cmpge_epi32_mask(mask, v, t);
                 word |= u64::from(bits) << (q * LANES);
             }
-            *out.get_unchecked_mut(b * out_words + w) = word;
+            // SAFETY: `b < rows` and `w < out_words`, so `b·out_words + w < rows·out_words ≤
+            // out.len()` (precondition).
+            unsafe { *out.get_unchecked_mut(b * out_words + w) = word };
         }
     }
 }
@@ -258,7 +357,13 @@ pub(super) unsafe fn sign_bits(
 /// rounding matches the scalar tier.
 ///
 /// # Safety
-/// AVX-512 F must be available; sizes as checked by [`super::dequantize`].
+/// - The CPU must support AVX-512 F/BW/VL (part of `KernelKind::Avx512Vnni.is_available()`).
+/// - `acc` must hold `rows` rows of `p.outputs` values at stride `acc_stride` and `out` `rows`
+///   rows of `p.outputs` values at stride `out_stride`, as `check_2d` asserts in
+///   [`super::dequantize`].
+///
+/// `p.scale` and `p.bias` hold `padded(outputs)` values on a 64-byte boundary by construction
+/// (`Dequant::new`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn dequantize(
     p: &Dequant,
@@ -269,17 +374,31 @@ pub(super) unsafe fn dequantize(
     out_stride: usize,
 ) {
     let n = p.outputs;
+    debug_assert!(p.scale.len() >= n.next_multiple_of(LANES));
+    debug_assert!(p.bias.as_ref().is_none_or(|b| b.len() >= n.next_multiple_of(LANES)));
+    debug_assert!(rows == 0 || acc.len() >= (rows - 1) * acc_stride + n);
+    debug_assert!(rows == 0 || out.len() >= (rows - 1) * out_stride + n);
     for b in 0..rows {
-        let a = acc.as_ptr().add(b * acc_stride);
-        let o = out.as_mut_ptr().add(b * out_stride);
+        // SAFETY: `b < rows`, so `b·stride ≤ (rows − 1)·stride ≤ len − outputs`: in bounds (or
+        // one past the end when `outputs = 0`).
+        let (a, o) = unsafe { (acc.as_ptr().add(b * acc_stride), out.as_mut_ptr().add(b * out_stride)) };
         for j in (0..n).step_by(LANES) {
             let mask = lane_mask(n - j);
-            let v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, a.add(j)));
-            let mut y = _mm512_mul_ps(v, _mm512_load_ps(p.scale.as_ptr().add(j)));
+            // SAFETY: the masked load reads only lanes `j..min(j + 16, n)` of row `b`, which
+            // exist; masked-off lanes are neither accessed nor faulted on. `j` is a multiple of
+            // 16 below `n`, so `j + 16 ≤ padded(n)`, the length of `p.scale` and `p.bias`, and
+            // their loads at `4·j` bytes from a 64-byte aligned base are 64-byte aligned, as
+            // `_mm512_load_ps` requires.
+            let v = _mm512_cvtepi32_ps(unsafe { _mm512_maskz_loadu_epi32(mask, a.add(j)) });
+            // SAFETY: see above.
+            let mut y = _mm512_mul_ps(v, unsafe { _mm512_load_ps(p.scale.as_ptr().add(j)) });
             if let Some(bias) = &p.bias {
-                y = _mm512_add_ps(y, _mm512_load_ps(bias.as_ptr().add(j)));
+                // SAFETY: see above.
+                y = _mm512_add_ps(y, unsafe { _mm512_load_ps(bias.as_ptr().add(j)) });
             }
-            _mm512_mask_storeu_ps(o.add(j), mask, y);
+            // SAFETY: the masked store writes only lanes `j..min(j + 16, n)` of output row `b`,
+            // which exist; masked-off lanes are neither accessed nor faulted on.
+            unsafe { _mm512_mask_storeu_ps(o.add(j), mask, y) };
         }
     }
 }

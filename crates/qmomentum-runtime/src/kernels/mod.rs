@@ -42,6 +42,16 @@ pub enum KernelKind {
     Avx512Vnni,
 }
 
+impl std::fmt::Display for KernelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelKind::Scalar => "scalar",
+            KernelKind::Avx2 => "AVX2",
+            KernelKind::Avx512Vnni => "AVX-512 VNNI",
+        })
+    }
+}
+
 impl KernelKind {
     /// All tiers, slowest first.
     pub const ALL: [KernelKind; 3] = [KernelKind::Scalar, KernelKind::Avx2, KernelKind::Avx512Vnni];
@@ -204,14 +214,22 @@ pub fn dense_i8(
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx2 => {
             let packed = w.avx2.as_ref().ok_or(Error::KernelUnavailable(kind))?;
-            // SAFETY: the tier's CPU features were checked above; buffer sizes were checked
-            // by `check_2d` and `packed` was built by `avx2::pack` for this layer's shape.
+            // SAFETY: `kind.check()?` above returned Ok, so `KernelKind::Avx2.is_available()`:
+            // `is_x86_feature_detected!` found AVX2 (and POPCNT). The two `check_2d` calls above
+            // asserted `(rows − 1)·stride + width ≤ len` for `x` (width `w.inputs`) and `acc`
+            // (width `w.outputs`). `packed` is `w.avx2`, which `PackedDenseI8::new` built with
+            // `avx2::pack(inputs, outputs, ..)` for this very layer: an `Aligned` buffer, so
+            // 64-byte aligned and of the length the kernel reads.
             unsafe { avx2::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
         }
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
             let packed = w.vnni.as_ref().ok_or(Error::KernelUnavailable(kind))?;
-            // SAFETY: as above, for `avx512::pack`.
+            // SAFETY: `kind.check()?` above returned Ok, so `KernelKind::Avx512Vnni.is_available()`:
+            // `is_x86_feature_detected!` found AVX-512 F/BW/VL/VNNI. Sizes of `x` and `acc` were
+            // asserted by `check_2d` above. `packed` is `w.vnni`, built by `avx512::pack` for
+            // this layer in `PackedDenseI8::new`: an `Aligned` (64-byte) buffer of the length
+            // the kernel reads.
             unsafe { avx512::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -284,7 +302,10 @@ pub fn dense_bin(
     kind.check()?;
     check_2d("dense_bin input", x.len(), rows, x_stride, w.words);
     check_2d("dense_bin acc", acc.len(), rows, acc_stride, w.outputs);
-    binary::dense_bin(kind, w, x, x_stride, rows, acc, acc_stride);
+    // SAFETY: `kind.check()?` above returned Ok, so `kind.is_available()` on this CPU; the two
+    // `check_2d` calls above asserted the sizes of `x` (`w.words` per row) and `acc`
+    // (`w.outputs` per row). These are `binary::dense_bin`'s preconditions.
+    unsafe { binary::dense_bin(kind, w, x, x_stride, rows, acc, acc_stride) };
     Ok(())
 }
 
@@ -312,7 +333,11 @@ pub fn dense_bin_sign(
     assert_eq!(out_words, w.outputs.div_ceil(64), "dense_bin_sign row words");
     check_2d("dense_bin_sign input", x.len(), rows, x_stride, w.words);
     check_2d("dense_bin_sign out", out.len(), rows, out_words, out_words);
-    binary::dense_bin_sign(kind, w, sign, x, x_stride, rows, out, out_words);
+    // SAFETY: `kind.check()?` above returned Ok, so `kind.is_available()` on this CPU; the
+    // asserts above established `sign.outputs = w.outputs`, `out_words = ⌈outputs/64⌉`, and
+    // (`check_2d`) the sizes of `x` (`w.words` per row) and `out` (`rows·out_words` words).
+    // These are `binary::dense_bin_sign`'s preconditions.
+    unsafe { binary::dense_bin_sign(kind, w, sign, x, x_stride, rows, out, out_words) };
     Ok(())
 }
 
@@ -385,7 +410,10 @@ pub fn requant_u8(
     match kind {
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
-            // SAFETY: AVX-512 availability checked above, sizes checked by `check_2d`.
+            // SAFETY: `kind.check()?` above returned Ok, so `is_x86_feature_detected!` found
+            // AVX-512 F/BW/VL/VNNI (`KernelKind::Avx512Vnni.is_available()`), which covers the
+            // F/BW/VL the kernel needs; the two `check_2d` calls above asserted the sizes of
+            // `acc` and `out` (`p.outputs` per row).
             unsafe { avx512::requant_u8(p, acc, acc_stride, rows, out, out_stride) }
         }
         _ => scalar::requant_u8(p, acc, acc_stride, rows, out, out_stride),
@@ -436,7 +464,9 @@ pub fn sign_bits(
     match kind {
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
-            // SAFETY: AVX-512 availability checked above, sizes checked by `check_2d`.
+            // SAFETY: `kind.check()?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
+            // (`KernelKind::Avx512Vnni.is_available()`); `check_2d` above asserted the sizes of
+            // `acc` (`p.outputs` per row) and `out` (`rows·out_words` words).
             unsafe { avx512::sign_bits(p, acc, acc_stride, rows, out, out_words) }
         }
         _ => scalar::sign_bits(t, acc, acc_stride, rows, out, out_words),
@@ -497,7 +527,9 @@ pub fn dequantize(
     match kind {
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
-            // SAFETY: AVX-512 availability checked above, sizes checked by `check_2d`.
+            // SAFETY: `kind.check()?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
+            // (`KernelKind::Avx512Vnni.is_available()`); the two `check_2d` calls above asserted
+            // the sizes of `acc` and `out` (`p.outputs` per row).
             unsafe { avx512::dequantize(p, acc, acc_stride, rows, out, out_stride) }
         }
         _ => scalar::dequantize(

@@ -4,6 +4,12 @@
 //! All i32 arithmetic wraps (two's complement), like the SIMD instructions do. For any layer
 //! whose exact accumulator fits in i32 (always, for `in` below ~66 000 at full range) this is
 //! the exact integer result; beyond that every tier still agrees bit for bit.
+//!
+//! The tier's kernels are `#[inline(never)]`: each stays a function of its own, which
+//! `scripts/check-integer-kernels.sh` finds in the disassembly and checks for floating-point
+//! instructions (inlined, a kernel's code would go unchecked, or the check would fail, depending
+//! on how the compiler happened to split the crate into codegen units). Each is called once per
+//! layer and block of rows, so the call costs nothing measurable.
 
 use super::{PackedDenseBin, PackedDenseI8, Requant};
 
@@ -42,6 +48,7 @@ pub fn dense_i8_reference(
 /// The `dense_bin` dot product exactly as the spec writes it:
 /// `dot[b][j] = in − 2·popcount(x[b] XOR W[j])`, with `W` row-major `[out, words]`.
 #[allow(clippy::too_many_arguments)]
+#[inline(never)]
 pub fn dense_bin_reference(
     x: &[u64],
     x_stride: usize,
@@ -64,10 +71,27 @@ pub fn dense_bin_reference(
 }
 
 /// Scalar tier of the fused binary layer with sign output: exactly [`dense_bin_reference`]
-/// then [`sign_bits`], one output word (64 channels) at a time. Always inlined, so that the
-/// POPCNT tier's wrapper compiles it with the `popcnt` instruction.
-#[inline(always)]
+/// then [`sign_bits`], one output word (64 channels) at a time.
+///
+/// Never inlined (see the module doc); the body is [`dense_bin_sign_inline`], which the POPCNT
+/// tier inlines instead.
+#[inline(never)]
 pub(super) fn dense_bin_sign(
+    w: &PackedDenseBin,
+    threshold: &[i32],
+    x: &[u64],
+    x_stride: usize,
+    rows: usize,
+    out: &mut [u64],
+    out_words: usize,
+) {
+    dense_bin_sign_inline(w, threshold, x, x_stride, rows, out, out_words)
+}
+
+/// The body of [`dense_bin_sign`]. Always inlined, so that the POPCNT tier's wrapper
+/// (`binary::popcnt_sign_rows`) compiles it with the `popcnt` instruction.
+#[inline(always)]
+pub(super) fn dense_bin_sign_inline(
     w: &PackedDenseBin,
     threshold: &[i32],
     x: &[u64],
@@ -95,6 +119,7 @@ pub(super) fn dense_bin_sign(
 }
 
 /// Scalar tier of the int8 dense layer: `acc = folded_bias + Σ x·W` over the packed weights.
+#[inline(never)]
 pub(super) fn dense_i8(w: &PackedDenseI8, x: &[u8], x_stride: usize, rows: usize, acc: &mut [i32], acc_stride: usize) {
     let (n, k) = (w.outputs, w.inputs);
     for b in 0..rows {
@@ -124,6 +149,7 @@ pub(super) fn dense_bin(
 }
 
 /// `u8` / `relu_u8` output: `clamp(requant(acc, m, r) + z_out, lo, qmax)` per channel.
+#[inline(never)]
 pub(super) fn requant_u8(p: &Requant, acc: &[i32], acc_stride: usize, rows: usize, out: &mut [u8], out_stride: usize) {
     let n = p.outputs;
     for b in 0..rows {
@@ -136,6 +162,7 @@ pub(super) fn requant_u8(p: &Requant, acc: &[i32], acc_stride: usize, rows: usiz
 }
 
 /// `sign_bits` output: bit j of the row is `acc[j] ≥ threshold[j]`; padding bits are cleared.
+#[inline(never)]
 pub(super) fn sign_bits(
     threshold: &[i32],
     acc: &[i32],
@@ -162,6 +189,7 @@ pub(super) fn sign_bits(
 /// This is the only place an integer becomes a float. Multiplication and addition are separate
 /// f32 operations (never fused), so every tier rounds identically.
 #[allow(clippy::too_many_arguments)]
+#[inline(never)]
 pub(super) fn dequantize(
     scale: &[f32],
     bias: Option<&[f32]>,

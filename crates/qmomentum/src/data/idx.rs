@@ -25,43 +25,36 @@ const MAX_IDX_BYTES: u64 = 1 << 30;
 /// Read an IDX file (gzip is recognised by its magic bytes, not by the name). A gzip file is
 /// decompressed as a stream from the file, so only the decompressed bytes are ever held.
 pub fn read_idx(path: &Path) -> Result<Idx> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut magic = [0u8; 2];
-    let got = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
-    if got == 2 && magic == [0x1f, 0x8b] {
-        let mut out = Vec::new();
-        GzDecoder::new(std::io::BufReader::new(f))
-            .take(MAX_IDX_BYTES + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::data(path, format!("corrupt gzip stream: {e}")))?;
-        if out.len() as u64 > MAX_IDX_BYTES {
-            return Err(Error::data(path, "decompressed size exceeds 1 GiB"));
-        }
-        parse_raw(out, path)
-    } else {
-        let mut out = Vec::new();
-        f.read_to_end(&mut out).map_err(|e| Error::io(path, e))?;
-        parse_raw(out, path)
-    }
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    read_from(std::io::BufReader::new(f), path)
 }
 
 /// Parse IDX bytes (raw or gzip); `path` is only used in error messages.
 pub fn parse_idx(raw: &[u8], path: &Path) -> Result<Idx> {
-    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
-        let mut out = Vec::new();
-        GzDecoder::new(raw)
-            .take(MAX_IDX_BYTES + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::data(path, format!("corrupt gzip stream: {e}")))?;
-        if out.len() as u64 > MAX_IDX_BYTES {
-            return Err(Error::data(path, "decompressed size exceeds 1 GiB"));
-        }
-        parse_raw(out, path)
+    read_from(raw, path)
+}
+
+/// The one reading path of [`read_idx`] and [`parse_idx`]: peek at the first two bytes, stream
+/// through gzip when they are its magic, and bound what is read to 1 GiB (+1 byte to detect more).
+fn read_from(mut r: impl std::io::BufRead, path: &Path) -> Result<Idx> {
+    let gz = r.fill_buf().map_err(|e| Error::io(path, e))?.starts_with(&[0x1f, 0x8b]);
+    let mut out = Vec::new();
+    let res = if gz {
+        GzDecoder::new(r).take(MAX_IDX_BYTES + 1).read_to_end(&mut out)
     } else {
-        parse_raw(raw.to_vec(), path)
+        r.take(MAX_IDX_BYTES + 1).read_to_end(&mut out)
+    };
+    res.map_err(|e| {
+        if gz {
+            Error::data(path, format!("corrupt gzip stream: {e}"))
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    if out.len() as u64 > MAX_IDX_BYTES {
+        return Err(Error::data(path, "larger than 1 GiB (decompressed): not an MNIST-family file"));
     }
+    parse_raw(out, path)
 }
 
 /// Parse uncompressed IDX bytes, keeping the buffer (the header is removed in place).

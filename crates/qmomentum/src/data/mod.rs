@@ -6,10 +6,31 @@
 //! assert_eq!((train.len(), test.len()), (60_000, 10_000));
 //! ```
 
+pub mod files;
 pub mod idx;
 
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// The scale of the pixels: a model input is `pixel · PIXEL_SCALE` in `[0, 1]`. The training
+/// pipeline, the f32 inference path and the exporter (the integer model's input grid) all use
+/// this one constant, so their inputs are the same floats bit for bit.
+pub const PIXEL_SCALE: f32 = 1.0 / 255.0;
+
+/// The names of the ten Fashion-MNIST classes, in label order (Xiao et al. 2017).
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
 
 /// Images as u8 (one row of `features` bytes per sample) and labels in `0..classes`.
 ///
@@ -25,6 +46,9 @@ pub struct Dataset {
     pub features: usize,
     /// Number of classes (labels are checked to be below it).
     pub classes: usize,
+    /// Per-sample dimensions as the file states them (`[28, 28]` for the MNIST family);
+    /// their product is `features`.
+    pub shape: Vec<usize>,
 }
 
 /// File names of the canonical MNIST-family layout (`.gz` or uncompressed).
@@ -94,13 +118,14 @@ impl Dataset {
             labels: lb.data,
             features,
             classes,
+            shape: im.dims[1..].to_vec(),
         })
     }
 
     /// Load `(train, test)` from a folder in the canonical MNIST layout.
     pub fn load_mnist_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
         let train = Self::from_idx_files(&find(dir, TRAIN_IMAGES)?, &find(dir, TRAIN_LABELS)?, 10)?;
-        let test = Self::from_idx_files(&find(dir, TEST_IMAGES)?, &find(dir, TEST_LABELS)?, 10)?;
+        let test = Self::load_mnist_test(dir)?;
         if train.features != test.features {
             return Err(Error::data(
                 dir,
@@ -113,22 +138,25 @@ impl Dataset {
         Ok((train, test))
     }
 
-    /// Samples `idx` as f32 in `[0, 1]` (`pixel / 255`) into `x`, labels into `y`.
-    pub fn gather_normalised(&self, idx: &[usize], x: &mut [f32], y: &mut [u32]) {
-        let f = self.features;
-        const INV: f32 = 1.0 / 255.0;
-        for (r, &i) in idx.iter().enumerate() {
-            let src = &self.images[i * f..(i + 1) * f];
-            for (d, &s) in x[r * f..(r + 1) * f].iter_mut().zip(src) {
-                *d = s as f32 * INV;
-            }
-            y[r] = self.labels[i] as u32;
+    /// Load only the test set of a folder in the canonical MNIST layout (what `evaluate`,
+    /// `predict` and `infer` need: the training files may be absent).
+    pub fn load_mnist_test(dir: &Path) -> Result<Dataset> {
+        let images = find(dir, TEST_IMAGES)?;
+        let test = Self::from_idx_files(&images, &find(dir, TEST_LABELS)?, 10)?;
+        if test.is_empty() {
+            return Err(Error::data(images, "holds no images: there is nothing to test on"));
         }
+        Ok(test)
     }
 
-    /// The raw u8 rows of `range` (for integer inference).
-    pub fn rows(&self, range: std::ops::Range<usize>) -> &[u8] {
-        &self.images[range.start * self.features..range.end * self.features]
+    /// Samples `idx` as f32 in `[0, 1]` (`pixel · PIXEL_SCALE`) into `x`, labels into `y`.
+    pub fn gather_normalised(&self, idx: &[usize], x: &mut [f32], y: &mut [u32]) {
+        let f = self.features;
+        for (r, &i) in idx.iter().enumerate() {
+            let src = &self.images[i * f..(i + 1) * f];
+            normalise(src, &mut x[r * f..(r + 1) * f]);
+            y[r] = self.labels[i] as u32;
+        }
     }
 
     /// Split off the last `fraction` of samples (Keras `validation_split`: taken from the end,
@@ -145,7 +173,91 @@ impl Dataset {
             labels: self.labels[a..b].to_vec(),
             features: f,
             classes: self.classes,
+            shape: self.shape.clone(),
         };
         Ok((part(0, n_tr), part(n_tr, self.len())))
     }
+}
+
+/// Pixels to model inputs: `x = p · PIXEL_SCALE`.
+pub fn normalise(pixels: &[u8], x: &mut [f32]) {
+    for (d, &p) in x.iter_mut().zip(pixels) {
+        *d = p as f32 * PIXEL_SCALE;
+    }
+}
+
+/// One file of a data set and the SHA-256 of its bytes (as stored, compressed or not).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    /// File name inside the folder.
+    pub name: String,
+    /// Lower-case hex SHA-256.
+    pub sha256: String,
+}
+
+/// What a run was trained on: the folder as given and the sums of its four IDX files. Stored in
+/// checkpoints so that a resume onto other data is refused (the path may differ, the bytes not).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// The folder as the user named it.
+    pub path: String,
+    /// The files, in the order train images, train labels, test images, test labels.
+    pub files: Vec<FileSum>,
+}
+
+impl DataIdentity {
+    /// Hash the IDX files of an MNIST-layout folder.
+    pub fn of_dir(dir: &Path) -> Result<Self> {
+        use sha2::{Digest, Sha256};
+        let mut files = Vec::new();
+        for stem in [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS] {
+            let p = find(dir, stem)?;
+            let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+            let mut h = Sha256::new();
+            std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&p, e))?;
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            files.push(FileSum { name, sha256 });
+        }
+        Ok(DataIdentity {
+            path: dir.display().to_string(),
+            files,
+        })
+    }
+
+    /// The same bytes (whatever the folder is called now).
+    pub fn same_data(&self, other: &DataIdentity) -> bool {
+        let sums = |d: &DataIdentity| d.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>();
+        sums(self) == sums(other)
+    }
+}
+
+/// Class names for a data folder: `classes.txt` in the folder (one name per line) if present,
+/// Fashion-MNIST's names if the folder holds Fashion-MNIST as Debian and this repository ship it
+/// (recognised by the SHA-256 of its gzip training images), none otherwise.
+pub fn class_names_for(dir: &Path, identity: Option<&DataIdentity>) -> Result<Option<Vec<String>>> {
+    let file = dir.join("classes.txt");
+    if file.is_file() {
+        return read_class_names(&file).map(Some);
+    }
+    const FASHION_TRAIN_IMAGES_GZ: &str = "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7";
+    let is_fashion = identity.is_some_and(|d| d.files.first().is_some_and(|f| f.sha256 == FASHION_TRAIN_IMAGES_GZ));
+    Ok(is_fashion.then(|| FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect()))
+}
+
+/// A class-names file: one name per line, blank lines ignored.
+pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let names: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Err(Error::data(path, "no class names (expected one name per line)"));
+    }
+    Ok(names)
 }

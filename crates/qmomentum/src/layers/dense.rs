@@ -22,7 +22,7 @@
 use super::activation::{softmax_rows, Activation};
 use super::param::{Param, ParamKind};
 use crate::gemm::{matmul, Op};
-use crate::quant::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor, round_even_small, QParams};
+use crate::quant::affine::{bias_on_grid, fake_quant_weights_per_channel, fake_quant_weights_per_tensor, round_even_small, QParams};
 use crate::quant::binary::{binarize, sign, ternarize};
 use crate::quant::observer::{lsq_grad, ActObserver, Observer};
 use crate::quant::{LayerQuant, WeightQuant};
@@ -320,8 +320,7 @@ impl Dense {
         let bias: &[f32] = match (self.input_scale, int_weights) {
             (Some(s_in), true) => {
                 for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&self.bias.value).zip(&self.w_scale) {
-                    let unit = s_in * sw;
-                    *bh = if unit > 0.0 { (b / unit).round() * unit } else { b };
+                    *bh = bias_on_grid(b, s_in, sw).1;
                 }
                 &self.b_hat
             }
@@ -543,14 +542,6 @@ impl Dense {
         [&mut self.weight, &mut self.bias]
             .into_iter()
             .chain(self.act_step.as_mut())
-    }
-    /// Parameters as a `Vec`.
-    pub fn params(&self) -> Vec<&Param> {
-        self.params_iter().collect()
-    }
-    /// Parameters as a `Vec`, mutable.
-    pub fn params_mut(&mut self) -> Vec<&mut Param> {
-        self.params_iter_mut().collect()
     }
 }
 

@@ -88,6 +88,12 @@ pub struct OptimizerConfig {
     pub weight_decay: f32,
     /// Coupled (L2) or decoupled.
     pub decay_mode: DecayMode,
+    /// Also decay biases (off by default: decay applies to weights only, as Keras's
+    /// `kernel_regularizer` and the usual PyTorch parameter groups).
+    pub decay_biases: bool,
+    /// Also decay learned scales such as LSQ steps (off by default: decay would shrink the
+    /// quantization grid, not regularise the model).
+    pub decay_scales: bool,
     /// Clip each gradient value into [−c, c].
     pub clip_value: Option<f32>,
     /// Clip the global gradient norm to this.
@@ -109,6 +115,8 @@ impl Default for OptimizerConfig {
             convention: Convention::LrInside,
             weight_decay: 0.0,
             decay_mode: DecayMode::Coupled,
+            decay_biases: false,
+            decay_scales: false,
             clip_value: None,
             clip_norm: None,
             schedule: Schedule::Constant,
@@ -261,6 +269,12 @@ impl Optimizer {
     ) -> Result<()> {
         let cfg = &self.config;
         let lr = self.lr_at(t.saturating_sub(1));
+        if !lr.is_finite() {
+            return Err(Error::Diverged(format!(
+                "the learning rate of step {t} is {lr} (schedule {}): no update was made",
+                cfg.schedule
+            )));
+        }
         let bop = match cfg.binary {
             BinaryOptimizer::Bop { gamma, threshold } => Some(Bop { gamma, threshold }),
             BinaryOptimizer::Latent => None,
@@ -304,15 +318,21 @@ impl Optimizer {
             if p.kind == ParamKind::Binary {
                 if let Some(b) = bop {
                     self.last_flips += b.apply(&mut p.value, &p.grad, &mut st.buffer);
-                    st.steps += 1;
+                    st.steps = st.steps.saturating_add(1);
                     continue;
                 }
             }
-            let plain = norm_scale == 1.0 && cfg.clip_value.is_none() && cfg.weight_decay == 0.0;
+            let decays = cfg.weight_decay > 0.0
+                && match p.kind {
+                    ParamKind::Weight | ParamKind::Binary => true,
+                    ParamKind::Bias => cfg.decay_biases,
+                    ParamKind::Scale => cfg.decay_scales,
+                };
+            let plain = norm_scale == 1.0 && cfg.clip_value.is_none() && !decays;
             if plain {
                 // Nothing to transform: update straight from the gradient (no copy).
                 mom.apply(&mut p.value, &p.grad, &mut st.buffer, lr, st.steps == 0);
-                st.steps += 1;
+                st.steps = st.steps.saturating_add(1);
                 continue;
             }
             let g = &mut self.scratch;
@@ -324,14 +344,14 @@ impl Optimizer {
             if let Some(c) = cfg.clip_value {
                 clip::clip_value(g, c);
             }
-            if cfg.weight_decay > 0.0 {
+            if decays {
                 match cfg.decay_mode {
                     DecayMode::Coupled => decay::couple(g, &p.value, cfg.weight_decay),
                     DecayMode::Decoupled => decay::decouple(&mut p.value, lr, cfg.weight_decay),
                 }
             }
             mom.apply(&mut p.value, g, &mut st.buffer, lr, st.steps == 0);
-            st.steps += 1;
+            st.steps = st.steps.saturating_add(1);
         }
         Ok(())
     }

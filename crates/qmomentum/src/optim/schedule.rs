@@ -32,7 +32,9 @@ pub enum Schedule {
         #[serde(default)]
         min_lr: f32,
     },
-    /// Keras `PiecewiseConstantDecay`: `values[i]` until step `boundaries[i]`.
+    /// Keras `PiecewiseConstantDecay`: `values[0]` while `step ≤ boundaries[0]`, `values[i]` while
+    /// `boundaries[i−1] < step ≤ boundaries[i]`, the last value after the last boundary (`step` is
+    /// the 0-based optimizer step, Keras's `optimizer.iterations` when the update is applied).
     Piecewise {
         /// Step boundaries (increasing).
         boundaries: Vec<u64>,
@@ -91,11 +93,11 @@ impl Schedule {
         let epoch = step / spe;
         match self {
             Schedule::Constant => base,
-            Schedule::Step { every, gamma } => base * gamma.powi((epoch / *every as u64) as i32),
-            Schedule::Exponential { gamma } => base * gamma.powi(epoch as i32),
+            Schedule::Step { every, gamma } => base * gamma.powi(exponent(epoch / (*every).max(1) as u64)),
+            Schedule::Exponential { gamma } => base * gamma.powi(exponent(epoch)),
             Schedule::Cosine { warmup_epochs, min_lr } => {
                 let warm = (*warmup_epochs as f64 * spe as f64) as u64;
-                let total = (total_epochs as u64 * spe).max(1);
+                let total = (total_epochs as u64).saturating_mul(spe).max(1);
                 if step < warm {
                     base * (step + 1) as f32 / warm as f32
                 } else {
@@ -104,11 +106,16 @@ impl Schedule {
                 }
             }
             Schedule::Piecewise { boundaries, values } => {
-                let i = boundaries.iter().take_while(|&&b| step >= b).count();
+                let i = boundaries.iter().take_while(|&&b| step > b).count();
                 values[i]
             }
         }
     }
+}
+
+/// An epoch count as a `powi` exponent, saturated rather than wrapped.
+fn exponent(e: u64) -> i32 {
+    e.min(i32::MAX as u64) as i32
 }
 
 fn check_gamma(g: f32) -> Result<()> {
@@ -138,12 +145,18 @@ mod tests {
         assert!((c.lr(1.0, 4, 10, 3) - 0.5).abs() < 1e-6); // warm-up: (4+1)/10
         assert!((c.lr(1.0, 10, 10, 3) - 1.0).abs() < 1e-6); // peak
         assert!((c.lr(1.0, 20, 10, 3) - 0.5).abs() < 1e-6); // half way down
-        assert!(c.lr(1.0, 30, 10, 3).abs() < 1e-6);
+        // The last step that runs is step 29 of 30 (0-based): t = 19/20 of the cosine.
+        let last = 0.5 * (1.0 + (std::f64::consts::PI * 19.0 / 20.0).cos());
+        assert!((c.lr(1.0, 29, 10, 3) as f64 - last).abs() < 1e-6);
+        assert!(c.lr(1.0, 29, 10, 3) > 0.0 && c.lr(1.0, 29, 10, 3) < 0.01);
+        // Keras `PiecewiseConstantDecay(boundaries=[1, 3], values=[0.1, 0.01, 0.001])`, written
+        // out from its definition: x ≤ 1 → 0.1; 1 < x ≤ 3 → 0.01; x > 3 → 0.001.
         let p = Schedule::Piecewise {
-            boundaries: vec![1],
-            values: vec![0.1, 0.01],
+            boundaries: vec![1, 3],
+            values: vec![0.1, 0.01, 0.001],
         };
-        assert_eq!((p.lr(9.0, 0, 1, 1), p.lr(9.0, 1, 1, 1)), (0.1, 0.01));
+        let got: Vec<f32> = (0..6).map(|x| p.lr(9.0, x, 1, 1)).collect();
+        assert_eq!(got, vec![0.1, 0.1, 0.01, 0.01, 0.001, 0.001]);
         assert!(Schedule::Piecewise {
             boundaries: vec![1],
             values: vec![0.1]

@@ -86,6 +86,32 @@ fn coupled_and_decoupled_weight_decay() {
     close(&run(cfg, &[1.0], 2), &[0.89, 0.7021]);
 }
 
+/// Decay reaches weights only unless biases/scales are asked for (an LSQ step must not shrink).
+#[test]
+fn weight_decay_is_per_group() {
+    let step = |cfg: OptimizerConfig| {
+        let mut opt = Optimizer::new(cfg).unwrap();
+        let mut w = Param::new("w", ParamKind::Weight, vec![1], vec![1.0]);
+        let mut b = Param::new("b", ParamKind::Bias, vec![1], vec![1.0]);
+        let mut s = Param::new("s", ParamKind::Scale, vec![1], vec![1.0]);
+        // Zero gradients: only decay can move a value. Decoupled, η·λ = 0.1·0.5 = 0.05.
+        opt.step(&mut [&mut w, &mut b, &mut s], 1).unwrap();
+        (w.value[0], b.value[0], s.value[0])
+    };
+    let cfg = OptimizerConfig {
+        weight_decay: 0.5,
+        decay_mode: DecayMode::Decoupled,
+        ..base(Convention::LrInside)
+    };
+    assert_eq!(step(cfg.clone()), (0.95, 1.0, 1.0));
+    let all = OptimizerConfig {
+        decay_biases: true,
+        decay_scales: true,
+        ..cfg
+    };
+    assert_eq!(step(all), (0.95, 0.95, 0.95));
+}
+
 #[test]
 fn clipping_by_value_and_by_global_norm() {
     // clip 0.5: g = .5, v1 = .05, θ1 = .95; g = .5, v2 = .045 + .05 = .095, θ2 = .855

@@ -16,6 +16,30 @@ pub fn round_even_small(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
+/// A bias on the accumulator grid of its layer, the one function both the training simulation
+/// and the exporter use: the code `round(b / (s_in·s_w))` (half away from zero, in f64, clamped
+/// to ±2^30 so that adding it to an accumulator cannot overflow) and its real value
+/// `code·s_in·s_w`. This is the int32 bias of TFLite and the ONNX QLinear operators.
+pub fn bias_on_grid(b: f32, s_in: f32, s_w: f32) -> (i32, f32) {
+    let unit = s_in as f64 * s_w as f64;
+    if !(unit > 0.0 && unit.is_finite()) {
+        return (0, b);
+    }
+    let code = (b as f64 / unit).round().clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0);
+    (code as i32, (code * unit) as f32)
+}
+
+/// `s` if it is a usable step (positive, finite, with a finite reciprocal: below ~3e-39 the
+/// reciprocal overflows and `0·(1/s)` is NaN), else 1 — the degenerate-range rule.
+#[inline]
+pub fn usable_scale(s: f32) -> f32 {
+    if s > 0.0 && s.is_finite() && (1.0 / s).is_finite() {
+        s
+    } else {
+        1.0
+    }
+}
+
 /// Scale, zero point and integer range of one quantized tensor (or one channel).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct QParams {
@@ -38,7 +62,7 @@ impl QParams {
         let m = if max_abs.is_finite() { max_abs.abs() } else { 0.0 };
         let scale = if m > 0.0 { m / qmax as f32 } else { 1.0 };
         QParams {
-            scale: if scale > 0.0 && scale.is_finite() { scale } else { 1.0 },
+            scale: usable_scale(scale),
             zero_point: 0,
             qmin,
             qmax,
@@ -61,6 +85,14 @@ impl QParams {
             };
         }
         let scale = range / (qmax - qmin) as f32;
+        if usable_scale(scale) != scale {
+            return QParams {
+                scale: 1.0,
+                zero_point: 0,
+                qmin,
+                qmax,
+            };
+        }
         let zp = (qmin as f32 - lo / scale).round_ties_even() as i32;
         QParams {
             scale,

@@ -95,6 +95,21 @@ impl ActObserver {
         }
     }
 
+    /// Set the range from calibration (PTQ) and mark the observer initialised. An LSQ quantizer
+    /// takes its step from that range too (`s = max(hi/Qp, −lo/Qn)`), so the calibrated grid covers
+    /// the calibrated range whatever the rule.
+    pub fn set_range(&mut self, lo: f32, hi: f32) {
+        self.min = lo;
+        self.max = hi;
+        if self.observer == Observer::Lsq {
+            let up = if hi > 0.0 { hi / self.qp() as f32 } else { 0.0 };
+            let down = if lo < 0.0 && self.qn() > 0 { -lo / self.qn() as f32 } else { 0.0 };
+            let s = up.max(down);
+            self.lsq_scale = if s > 0.0 && s.is_finite() { s } else { 1.0 };
+        }
+        self.initialized = true;
+    }
+
     /// `Qp` of the LSQ grid.
     pub fn qp(&self) -> i32 {
         if self.signed {
@@ -165,6 +180,19 @@ mod tests {
         let mut z = ActObserver::new(8, Observer::Ema { decay: 0.99 }, false);
         z.observe(0.0, 0.0, 0.0);
         assert_eq!(z.qparams().scale, 1.0);
+    }
+
+    /// PTQ of an LSQ layer: the calibrated range, not the untrained step 1.0, sets the grid.
+    #[test]
+    fn calibrated_range_sets_the_lsq_step() {
+        let mut o = ActObserver::new(4, Observer::Lsq, false);
+        o.set_range(0.0, 30.0);
+        let q = o.qparams();
+        assert!((q.scale - 2.0).abs() < 1e-6, "30/15 = 2, got {}", q.scale);
+        assert_eq!(q.range(), (0.0, 30.0));
+        let mut s = ActObserver::new(4, Observer::Lsq, true);
+        s.set_range(-0.004, 0.0035); // Qn = 8, Qp = 7: s = max(0.0035/7, 0.004/8) = 0.0005
+        assert!((s.qparams().scale - 0.0005).abs() < 1e-9);
     }
 
     #[test]

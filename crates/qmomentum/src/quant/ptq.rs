@@ -114,7 +114,14 @@ pub fn calibrate(
             "need at least one batch of at least one sample",
         ));
     }
-    let n = (batches * batch_size).min(data.len());
+    let n = batches.saturating_mul(batch_size).min(data.len());
+    if n == 0 {
+        return Err(Error::config(
+            "calibration data",
+            0,
+            "no samples to calibrate on (the training set is empty)",
+        ));
+    }
     let mut rng = Rng::new(0, 0);
     let mut labels = vec![0u32; batch_size];
     for li in 0..model.layers.len() {
@@ -137,9 +144,7 @@ pub fn calibrate(
             continue;
         };
         let mut obs = obs;
-        obs.min = lo;
-        obs.max = hi;
-        obs.initialized = true;
+        obs.set_range(lo, hi);
         obs.frozen = true;
         if let Some(p) = d.act_step.as_mut() {
             p.value[0] = obs.qparams().scale;

@@ -1,0 +1,64 @@
+//! Where the command line writes: stdout (a closed pipe ends the program quietly, as `ls | head`
+//! does; a full device is an error naming stdout, never a panic) and `-o/--output` files
+//! (`-` is stdout; a regular file is replaced atomically; a FIFO, a device or a symlink's target
+//! is written through or replaced without destroying the link: `qmomentum_runtime::io`).
+
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// Stdout was closed by the reader (EPIPE): `main` ends the program with status 141 and no
+/// message, as a Unix tool killed by SIGPIPE would, after destructors ran (the run lock is
+/// released, a checkpoint is never cut short: it is written before anything is printed).
+#[derive(Debug)]
+pub struct ClosedStdout;
+
+impl std::fmt::Display for ClosedStdout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+impl std::error::Error for ClosedStdout {}
+
+/// Write `bytes` to stdout and flush.
+pub fn stdout_bytes(bytes: &[u8]) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(bytes).and_then(|_| o.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ClosedStdout.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    }
+}
+
+/// `println!` that returns an error instead of panicking (use through [`outln!`]).
+pub fn stdout_line(args: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut s = args.to_string();
+    s.push('\n');
+    stdout_bytes(s.as_bytes())
+}
+
+/// `println!` for the command line: `outln!(…)?`.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::stdout_line(format_args!(""))
+    };
+    ($($t:tt)*) => {
+        $crate::output::stdout_line(format_args!($($t)*))
+    };
+}
+
+/// Write a result file named by `-o/--output`: `-` is stdout, anything else goes through
+/// [`qmomentum_runtime::io::write_file`] (atomic for regular files, written through for devices
+/// and FIFOs, no temporary left behind on failure).
+pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.as_os_str() == "-" {
+        return stdout_bytes(bytes);
+    }
+    qmomentum_runtime::io::write_file(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A warning on stderr (the run goes on).
+pub fn warn(msg: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr(), "warning: {msg}");
+}
