@@ -445,6 +445,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         None => qmomentum::data::class_names_for(&data_dir, Some(&identity))?,
     };
     let files = RunFiles::new(&a.out);
+    // A folder in use by another run is reported as such before anything else about it.
+    let lock = if a.out.is_dir() { Some(RunLock::acquire(&a.out)?) } else { None };
     let fresh = !a.resume;
     let mut t = if a.resume {
         if !files.checkpoint.exists() {
@@ -494,7 +496,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let created = !a.out.exists();
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
+    let lock = match lock {
+        Some(l) => l,
+        None => RunLock::acquire(&a.out)?,
+    };
     let res = train_in(&a, &data_dir, &files, &mut t, &train, validation, &test);
+    drop(lock);
     // A fresh run that failed before its first checkpoint leaves no folder behind (only when
     // this command created it: an existing folder is never removed).
     if res.is_err() && fresh && created && !files.checkpoint.exists() {
@@ -513,7 +520,6 @@ fn train_in(
     validation: Option<&Dataset>,
     test: &Dataset,
 ) -> Result<()> {
-    let _lock = RunLock::acquire(&a.out)?;
     remove_stale_temporaries(&a.out);
     // Timings are not in the checkpoint (it stays byte-identical across identical runs); a
     // resumed run takes those of the epochs already done from the history it wrote.

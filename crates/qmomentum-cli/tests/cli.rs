@@ -112,7 +112,7 @@ fn train_writes_checkpoint_history_plot_and_result() {
     assert_eq!((cfg.epochs, cfg.optimizer.lr, cfg.validation_split), (2, 0.01, 0.1));
     let o = run(&["info", s(&out.join("checkpoint.safetensors"))]);
     assert!(
-        o.status.success() && text(&o).contains("epochs done    2 of 2"),
+        o.status.success() && text(&o).contains("2 of 2 epochs done"),
         "{}",
         text(&o)
     );
@@ -472,7 +472,7 @@ fn quantize_export_infer() {
         .unwrap();
     assert!(acc > 0.7, "{}", text(&o));
     let o = run(&["info", s(&model)]);
-    assert!(text(&o).contains("dense_i8 784→128 → relu_u8"), "{}", text(&o));
+    assert!(text(&o).contains("dense_i8 784→128, int8 codes within ±127 (8-bit) → relu, u8 on 256 levels") && text(&o).contains("scheme         w8a8"), "{}", text(&o));
     // A float checkpoint cannot be exported.
     let o = run(&[
         "export",

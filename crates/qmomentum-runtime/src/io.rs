@@ -55,6 +55,10 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         }
     };
     match Kind::of(&target_meta) {
+        // `/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`: a descriptor the caller already holds
+        // (the shell's `> out.csv`). Replacing its file by name would leave that descriptor on
+        // the deleted copy, so the bytes go through it, as to a device.
+        Kind::File if is_descriptor_link(path) => write_through(path, &target_meta, bytes),
         Kind::File => {
             let target = fs::canonicalize(path).map_err(|e| {
                 let what = format!("cannot resolve the symbolic link '{}'", path.display());
@@ -66,6 +70,12 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         // Opening the link opens its target: no need to resolve it by name.
         Kind::Special => write_through(path, &target_meta, bytes),
     }
+}
+
+/// A path that names an open file descriptor rather than a file (`/dev/stdout`, `/dev/fd/1`,
+/// `/proc/self/fd/1`, …).
+fn is_descriptor_link(path: &Path) -> bool {
+    path.starts_with("/dev") || path.starts_with("/proc")
 }
 
 /// How [`write_file`] treats a file, from its metadata (links already followed).

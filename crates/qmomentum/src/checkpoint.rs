@@ -15,8 +15,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const FORMAT: &str = "qmomentum-checkpoint";
 const VERSION: u32 = 1;
@@ -181,39 +180,11 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
 }
 
 /// Write `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync of the
-/// folder. On any failure the temporary file is removed and `path` is untouched.
+/// folder; on any failure the temporary file is removed and `path` is untouched. One function
+/// for the whole project: [`qmomentum_runtime::io::write_file`] (which also writes through
+/// devices and FIFOs instead of replacing them).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(
-                e.kind(),
-                format!("{e} (nothing was replaced; the previous file, if any, is intact)"),
-            ),
-        });
-    }
-    Ok(())
+    qmomentum_runtime::io::write_file(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Save a checkpoint atomically.

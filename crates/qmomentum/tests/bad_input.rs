@@ -179,4 +179,19 @@ fn regenerate() {
         "ckpt_impossible_config.safetensors",
         &rebuild(&good, |_, m| *m = m.replace("\"momentum\":0.9", "\"momentum\":3.0")),
     );
+    // A small file whose config asks for a layer of 10^12 units: refused before allocating.
+    w(
+        "ckpt_huge_units.safetensors",
+        &rebuild(&good, |_, m| *m = m.replace("\"units\":3", "\"units\":1000000000000")),
+    );
+    w(
+        "ckpt_huge_step.safetensors",
+        &rebuild(&good, |_, m| {
+            *m = m.replace("\"step_in_epoch\":0", "\"step_in_epoch\":144115188075855872")
+        }),
+    );
+    w(
+        "ckpt_class_names_count.safetensors",
+        &rebuild(&good, |_, m| *m = m.replace("\"observers\":[]", "\"observers\":[],\"class_names\":[\"a\"]")),
+    );
 }

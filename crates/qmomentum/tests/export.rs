@@ -40,7 +40,8 @@ fn trained(scheme: Scheme, epochs: usize) -> Trainer {
 fn agreement(model: &mut qmomentum::model::Sequential, label: &str) {
     let (_, test) = data();
     let n = test.len();
-    let x: Vec<f32> = test.images.iter().map(|&p| p as f32 / 255.0).collect();
+    let mut x = vec![0.0f32; test.images.len()];
+    qmomentum::data::normalise(&test.images, &mut x);
     let probs = model.predict(&x, n);
     let mut sim = Vec::new();
     argmax_rows(&probs, 10, &mut sim);
@@ -77,6 +78,38 @@ fn agreement(model: &mut qmomentum::model::Sequential, label: &str) {
 #[test]
 fn w8a8_qat_runtime_agrees_with_simulation() {
     agreement(&mut trained(Scheme::W8a8, 2).model, "w8a8 QAT");
+}
+
+/// Full-range 8-bit weights (`narrow = false`: codes −128..127): training, export and runtime
+/// use the same grid, so the integer model is the simulated one (it was clamped to −127 before).
+#[test]
+fn full_range_w8a8_qat_runtime_agrees_with_simulation() {
+    let (train, _) = data();
+    let mut cfg: TrainConfig = toml::from_str(
+        r#"
+        epochs = 2
+        [optimizer]
+        lr = 0.01
+        [model]
+        input = 784
+        layers = [
+          { type = "dense", units = 128, activation = "relu", quant = { weights = { kind = "int", bits = 8, narrow = false }, activations = { bits = 8 } } },
+          { type = "dense", units = 64, activation = "relu", quant = { weights = { kind = "int", bits = 8, narrow = false }, activations = { bits = 8 } } },
+          { type = "dense", units = 10, activation = "softmax", quant = { weights = { kind = "int", bits = 8, narrow = false } } },
+        ]
+        "#,
+    )
+    .unwrap();
+    cfg.quant = Scheme::W8a8;
+    let mut t = Trainer::new(cfg).unwrap();
+    t.fit(train, None, |_, _| {}).unwrap();
+    let rt = to_runtime(&t.model).unwrap();
+    let uses_min = rt.layers().iter().any(|l| match l {
+        qmomentum_runtime::Layer::DenseI8 { weight, .. } => weight.contains(&i8::MIN),
+        _ => false,
+    });
+    assert!(uses_min, "a full-range model uses code −128 somewhere (the case under test)");
+    agreement(&mut t.model, "w8a8 QAT, full-range weights");
 }
 
 #[test]

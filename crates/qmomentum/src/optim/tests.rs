@@ -149,9 +149,10 @@ fn plain_sgd_is_momentum_zero() {
 #[test]
 fn conventions_differ_under_a_schedule_witness() {
     for (conv, want) in [(Convention::LrOutside, -0.119f32), (Convention::LrInside, -0.2)] {
+        // Keras semantics: step 0 ≤ boundary 0 takes 0.1, step 1 > 0 takes 0.01.
         let cfg = OptimizerConfig {
             schedule: Schedule::Piecewise {
-                boundaries: vec![1],
+                boundaries: vec![0],
                 values: vec![0.1, 0.01],
             },
             ..base(conv)

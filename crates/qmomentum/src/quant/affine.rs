@@ -54,13 +54,17 @@ pub struct QParams {
 }
 
 impl QParams {
-    /// Symmetric signed grid for `bits` with `|x| ≤ max_abs`; `narrow` drops the most negative
-    /// code (`[-(2^(b-1)-1), 2^(b-1)-1]`, the TFLite/PyTorch weight convention).
+    /// Symmetric signed grid for `bits` with `|x| ≤ max_abs`. `narrow` drops the most negative
+    /// code (`[-(2^(b-1)-1), 2^(b-1)-1]`, scale `max_abs/(2^(b-1)-1)`: the TFLite weight
+    /// convention). Full range uses every code `[-2^(b-1), 2^(b-1)-1]` with PyTorch's symmetric
+    /// rule, scale `max_abs/((qmax − qmin)/2)` (127.5 at 8 bits): the most negative weight lands
+    /// on −128, the most positive is clipped by half a step to 127.
     pub fn symmetric(max_abs: f32, bits: u32, narrow: bool) -> Self {
         let qmax = (1i32 << (bits - 1)) - 1;
         let qmin = if narrow { -qmax } else { -qmax - 1 };
         let m = if max_abs.is_finite() { max_abs.abs() } else { 0.0 };
-        let scale = if m > 0.0 { m / qmax as f32 } else { 1.0 };
+        let levels = if narrow { qmax as f32 } else { (qmax - qmin) as f32 / 2.0 };
+        let scale = if m > 0.0 { m / levels } else { 1.0 };
         QParams {
             scale: usable_scale(scale),
             zero_point: 0,
@@ -236,6 +240,15 @@ mod tests {
         assert_eq!(qp.quantize(2.5), 2);
         assert_eq!(qp.quantize(3.5), 4);
         assert_eq!(qp.quantize(-9.0), -7);
+        // 8-bit full range, max 127.5 (PyTorch's symmetric rule): s = 127.5/127.5 = 1; the most
+        // negative weight uses −128, the most positive is clipped to 127.
+        let qp = QParams::symmetric(127.5, 8, false);
+        assert_eq!((qp.qmin, qp.qmax, qp.scale), (-128, 127, 1.0));
+        assert_eq!((qp.quantize(-127.5), qp.quantize(127.5)), (-128, 127));
+        // The bias on the accumulator grid: half away from zero, value = code·s_in·s_w.
+        assert_eq!(bias_on_grid(0.3125, 0.5, 0.25), (3, 0.375)); // 2.5 units → 3
+        assert_eq!(bias_on_grid(-0.3125, 0.5, 0.25), (-3, -0.375));
+        assert_eq!(bias_on_grid(1.0, 0.0, 0.25), (0, 1.0)); // no grid: the float bias
     }
 
     #[test]
