@@ -73,7 +73,13 @@ fn train(b: TrainBench) -> Result<()> {
         None => {
             let (p1, isa) = crate::peak::measure(1);
             let (p, _) = crate::peak::measure(b.threads as usize);
-            (p, format!("{isa} measured here: {p1:.0} GFLOP/s on 1 thread, {p:.0} on {}", b.threads))
+            (
+                p,
+                format!(
+                    "{isa} measured here: {p1:.0} GFLOP/s on 1 thread, {p:.0} on {}",
+                    b.threads
+                ),
+            )
         }
     };
     let (_, train, _) = b.data.load()?;

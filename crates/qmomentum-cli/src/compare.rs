@@ -236,7 +236,9 @@ pub fn run(a: CompareArgs) -> Result<()> {
         &png,
         &format!(
             "test accuracy by scheme, {} (bars: mean; whiskers: ± std over {} seeds)",
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             seeds.len()
         ),
         "test accuracy",

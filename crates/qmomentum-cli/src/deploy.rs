@@ -89,9 +89,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     t.data = float.data.clone();
     t.class_names = float.class_names.clone();
     let (_, ptq_acc) = t.evaluate(&test)?;
-    outln!(
-        "fp32 {fp_acc:.4} → PTQ {scheme} ({method} calibration, {batches} batches of 128) {ptq_acc:.4}"
-    )?;
+    outln!("fp32 {fp_acc:.4} → PTQ {scheme} ({method} calibration, {batches} batches of 128) {ptq_acc:.4}")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
     let files = RunFiles::new(&a.out);
     if a.finetune_epochs > 0 {

@@ -36,7 +36,11 @@ fn checkpoint(path: &std::path::Path, t: &qmomentum::train::Trainer) -> Result<(
         t.global_step
     )?;
     if let Some(d) = &t.data {
-        let sum = d.files.first().map(|f| &f.sha256[..12.min(f.sha256.len())]).unwrap_or("");
+        let sum = d
+            .files
+            .first()
+            .map(|f| &f.sha256[..12.min(f.sha256.len())])
+            .unwrap_or("");
         outln!("  data           {} (train images sha256 {sum}…)", d.path)?;
     }
     if let Some(n) = &t.class_names {
@@ -121,13 +125,20 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
             RtLayer::DenseI8 { weight, .. } => {
                 let b = code_bits(weight);
                 let ternary = weight.iter().all(|&v| (-1..=1).contains(&v));
-                wbits.push(if ternary { "ternary".to_string() } else { format!("{b}-bit") });
+                wbits.push(if ternary {
+                    "ternary".to_string()
+                } else {
+                    format!("{b}-bit")
+                });
                 (
                     "dense_i8",
                     if ternary {
                         "ternary codes {-1, 0, 1} in int8".to_string()
                     } else {
-                        format!("int8 codes within ±{} ({b}-bit)", weight.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0))
+                        format!(
+                            "int8 codes within ±{} ({b}-bit)",
+                            weight.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0)
+                        )
                     },
                 )
             }
@@ -137,7 +148,9 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
             }
         };
         let out = match l.output() {
-            Output::U8 { relu, qmax, zero_point, .. } => {
+            Output::U8 {
+                relu, qmax, zero_point, ..
+            } => {
                 let bits = 32 - (*qmax as u32).leading_zeros();
                 abits.push(bits);
                 format!(
@@ -158,7 +171,11 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
         outln!("  classes        {}", n.join(", "))?;
     }
     let a = abits.iter().copied().min().unwrap_or(8);
-    let hidden_w: Vec<&String> = if wbits.len() > 2 { wbits[1..wbits.len() - 1].iter().collect() } else { wbits.iter().collect() };
+    let hidden_w: Vec<&String> = if wbits.len() > 2 {
+        wbits[1..wbits.len() - 1].iter().collect()
+    } else {
+        wbits.iter().collect()
+    };
     let scheme = if wbits.iter().all(|w| w == "binary") {
         "binary-all".to_string()
     } else if wbits.iter().skip(1).all(|w| w == "binary") {

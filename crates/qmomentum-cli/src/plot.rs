@@ -95,7 +95,13 @@ pub fn curves(h: &History, path: &Path, title: &str) -> Result<()> {
                 .x_desc("epoch")
                 .y_desc(name)
                 .x_labels((last as usize + 2).min(12))
-                .x_label_formatter(&|x| if *x >= 1 && *x <= last { x.to_string() } else { String::new() })
+                .x_label_formatter(&|x| {
+                    if *x >= 1 && *x <= last {
+                        x.to_string()
+                    } else {
+                        String::new()
+                    }
+                })
                 .draw()
                 .map_err(err)?;
             for (points, colour, label) in [(train, BLUE, "train"), (val, RED, "validation")] {
@@ -179,7 +185,10 @@ pub fn bars(rows: &[Bar], path: &Path, title: &str, y_desc: &str) -> Result<()> 
             let top = finite(r.mean).max(y0);
             let c = colour(r.kind);
             chart
-                .draw_series(std::iter::once(Rectangle::new([(x + 0.12, y0), (x + 0.88, top)], c.filled())))
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(x + 0.12, y0), (x + 0.88, top)],
+                    c.filled(),
+                )))
                 .map_err(err)?;
             let (a, b) = (finite(r.mean - r.std).max(y0), finite(r.mean + r.std).min(1.0));
             chart
@@ -197,10 +206,13 @@ pub fn bars(rows: &[Bar], path: &Path, title: &str, y_desc: &str) -> Result<()> 
                 .draw_series(std::iter::once(Text::new(
                     format!("{}{kind}", r.label),
                     (x + 0.5, y0),
-                    ("sans-serif", 14).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
-                        plotters::style::text_anchor::HPos::Center,
-                        plotters::style::text_anchor::VPos::Top,
-                    )),
+                    ("sans-serif", 14)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(plotters::style::text_anchor::Pos::new(
+                            plotters::style::text_anchor::HPos::Center,
+                            plotters::style::text_anchor::VPos::Top,
+                        )),
                 )))
                 .map_err(err)?;
         }

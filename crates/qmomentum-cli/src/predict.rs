@@ -196,7 +196,10 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             eprintln!("{note}");
         }
         if inp.features != f {
-            bail!("the inputs have {} values per sample, the model reads {f}", inp.features);
+            bail!(
+                "the inputs have {} values per sample, the model reads {f}",
+                inp.features
+            );
         }
         let n = a.limit.unwrap_or(inp.len()).min(inp.len());
         (inp.rows[..n * f].to_vec(), inp.names[..n].to_vec(), None)
@@ -244,7 +247,12 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         });
         for &(i, k, p) in &rows {
             let label = labels.as_ref().map(|l| format!("{},", l[i])).unwrap_or_default();
-            writeln!(out, "{i},{},{label}{k},{},{p:.5}", csv_field(&sources[i]), csv_field(&class(k)))?;
+            writeln!(
+                out,
+                "{i},{},{label}{k},{},{p:.5}",
+                csv_field(&sources[i]),
+                csv_field(&class(k))
+            )?;
         }
     }
     match &a.output {

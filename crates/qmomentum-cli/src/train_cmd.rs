@@ -157,7 +157,12 @@ fn parse_schedule(s: &str) -> Result<Schedule> {
                 3,
             )
         }
-        "exp" | "exponential" => (Schedule::Exponential { gamma: num(1, "GAMMA")? }, 2),
+        "exp" | "exponential" => (
+            Schedule::Exponential {
+                gamma: num(1, "GAMMA")?,
+            },
+            2,
+        ),
         "cosine" => (
             Schedule::Cosine {
                 warmup_epochs: if parts.len() > 1 { num(1, "WARMUP_EPOCHS")? } else { 0.0 },
@@ -335,6 +340,15 @@ fn write_history(t: &Trainer, f: &RunFiles) -> Result<()> {
     Ok(())
 }
 
+/// A config value for a message: f32 fields in their shortest form (`0.01`, not the f64
+/// widening `0.009999999776482582`).
+fn show(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(x) if v.is_f64() && (x as f32) as f64 == x => (x as f32).to_string(),
+        _ => v.to_string(),
+    }
+}
+
 /// Every field where `now` differs from the checkpoint's `was`, as `path: was → now`.
 fn config_conflicts(was: &TrainConfig, now: &TrainConfig) -> Vec<String> {
     fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
@@ -343,11 +357,15 @@ fn config_conflicts(was: &TrainConfig, now: &TrainConfig) -> Vec<String> {
                 let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
                 for k in keys {
                     let null = serde_json::Value::Null;
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
                 }
             }
-            _ if a != b => out.push(format!("{path}: {a} in the checkpoint, {b} now")),
+            _ if a != b => out.push(format!("{path}: {} in the checkpoint, {} now", show(a), show(b))),
             _ => {}
         }
     }
@@ -401,7 +419,11 @@ fn prepare_resume(a: &TrainArgs, files: &RunFiles, identity: &DataIdentity) -> R
         if e < done || (e == done && t.step_in_epoch > 0) {
             bail!(
                 "--epochs {e}: the run has already trained {done} epoch(s){}; it cannot be shortened",
-                if t.step_in_epoch > 0 { " and part of the next" } else { "" }
+                if t.step_in_epoch > 0 {
+                    " and part of the next"
+                } else {
+                    ""
+                }
             );
         }
         if e != old {
@@ -446,7 +468,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let files = RunFiles::new(&a.out);
     // A folder in use by another run is reported as such before anything else about it.
-    let lock = if a.out.is_dir() { Some(RunLock::acquire(&a.out)?) } else { None };
+    let lock = if a.out.is_dir() {
+        Some(RunLock::acquire(&a.out)?)
+    } else {
+        None
+    };
     let fresh = !a.resume;
     let mut t = if a.resume {
         if !files.checkpoint.exists() {

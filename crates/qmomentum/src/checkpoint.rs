@@ -165,8 +165,7 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         data: t.data.clone(),
         class_names: t.class_names.clone(),
     };
-    let json =
-        serde_json::to_string(&meta).map_err(|e| Error::encode("checkpoint metadata", e))?;
+    let json = serde_json::to_string(&meta).map_err(|e| Error::encode("checkpoint metadata", e))?;
     let views: Vec<(String, TensorView)> = owned
         .iter()
         .map(|(n, dt, shape, data)| {
@@ -408,8 +407,14 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     } else if meta.global_step > 1 << 48 {
         Some(format!("global_step {} is beyond any run", meta.global_step))
     } else if let Some(s) = meta.optimizer_steps.iter().find(|&&s| s > meta.global_step) {
-        Some(format!("optimizer_steps holds {s}, more than global_step {}", meta.global_step))
-    } else if p.correct > p.seen || p.seen > (meta.step_in_epoch as u64).saturating_mul(bs) || p.skipped > meta.step_in_epoch as u64 {
+        Some(format!(
+            "optimizer_steps holds {s}, more than global_step {}",
+            meta.global_step
+        ))
+    } else if p.correct > p.seen
+        || p.seen > (meta.step_in_epoch as u64).saturating_mul(bs)
+        || p.skipped > meta.step_in_epoch as u64
+    {
         Some(format!(
             "progress (correct {}, seen {}, skipped {}) does not fit step {} of batch {bs}",
             p.correct, p.seen, p.skipped, meta.step_in_epoch
@@ -419,8 +424,13 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             .epochs
             .iter()
             .find(|r| {
-                ![r.loss, r.accuracy, r.lr].iter().all(|v| v.is_finite() && v.abs() < 1e30)
-                    || [r.val_loss, r.val_accuracy].iter().flatten().any(|v| !v.is_finite() || v.abs() >= 1e30)
+                ![r.loss, r.accuracy, r.lr]
+                    .iter()
+                    .all(|v| v.is_finite() && v.abs() < 1e30)
+                    || [r.val_loss, r.val_accuracy]
+                        .iter()
+                        .flatten()
+                        .any(|v| !v.is_finite() || v.abs() >= 1e30)
             })
             .map(|r| format!("history epoch {} holds a non-finite or absurd value", r.epoch))
     };

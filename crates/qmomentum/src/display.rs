@@ -89,7 +89,12 @@ impl Display for OptimizerConfig {
             if self.decay_scales {
                 on.push("scales");
             }
-            write!(f, ", weight decay {} ({mode}, on {})", self.weight_decay, on.join(" and "))?;
+            write!(
+                f,
+                ", weight decay {} ({mode}, on {})",
+                self.weight_decay,
+                on.join(" and ")
+            )?;
         }
         if let Some(c) = self.clip_value {
             write!(f, ", gradients clipped to ±{c}")?;
@@ -200,10 +205,7 @@ mod tests {
             o,
             "momentum 0.9 (lr inside the velocity (design document, Keras)), lr 0.001 constant"
         );
-        assert_eq!(
-            BinaryOptimizer::default().to_string(),
-            "Bop(γ 0.0001, τ 0.00000001)"
-        );
+        assert_eq!(BinaryOptimizer::default().to_string(), "Bop(γ 0.0001, τ 0.00000001)");
         assert_eq!(Calibration::Percentile { p: 99.9 }.to_string(), "percentile 99.9");
         for text in [o, s.to_string(), w.to_string()] {
             assert!(!text.contains('{') && !text.contains("Some("), "{text}");

@@ -192,6 +192,8 @@ fn regenerate() {
     );
     w(
         "ckpt_class_names_count.safetensors",
-        &rebuild(&good, |_, m| *m = m.replace("\"observers\":[]", "\"observers\":[],\"class_names\":[\"a\"]")),
+        &rebuild(&good, |_, m| {
+            *m = m.replace("\"observers\":[]", "\"observers\":[],\"class_names\":[\"a\"]")
+        }),
     );
 }

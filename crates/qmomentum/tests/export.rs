@@ -108,7 +108,10 @@ fn full_range_w8a8_qat_runtime_agrees_with_simulation() {
         qmomentum_runtime::Layer::DenseI8 { weight, .. } => weight.contains(&i8::MIN),
         _ => false,
     });
-    assert!(uses_min, "a full-range model uses code −128 somewhere (the case under test)");
+    assert!(
+        uses_min,
+        "a full-range model uses code −128 somewhere (the case under test)"
+    );
     agreement(&mut t.model, "w8a8 QAT, full-range weights");
 }
 

@@ -63,7 +63,10 @@ fn ptq_below_8_bits_uses_the_calibrated_range() {
     .unwrap();
     // The float model's layer-0 outputs over the same 512 calibration samples.
     let mut f = fp.model.clone();
-    let x: Vec<f32> = train.images[..512 * 784].iter().map(|&p| p as f32 * qmomentum::data::PIXEL_SCALE).collect();
+    let x: Vec<f32> = train.images[..512 * 784]
+        .iter()
+        .map(|&p| p as f32 * qmomentum::data::PIXEL_SCALE)
+        .collect();
     f.input_mut(512).copy_from_slice(&x);
     f.forward(512, false, false, &mut qmomentum::rng::Rng::new(0, 0));
     let hi = f.layer_output(0, 512).iter().fold(0.0f32, |m, &v| m.max(v));

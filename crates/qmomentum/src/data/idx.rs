@@ -52,7 +52,10 @@ fn read_from(mut r: impl std::io::BufRead, path: &Path) -> Result<Idx> {
         }
     })?;
     if out.len() as u64 > MAX_IDX_BYTES {
-        return Err(Error::data(path, "larger than 1 GiB (decompressed): not an MNIST-family file"));
+        return Err(Error::data(
+            path,
+            "larger than 1 GiB (decompressed): not an MNIST-family file",
+        ));
     }
     parse_raw(out, path)
 }

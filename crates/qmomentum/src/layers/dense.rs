@@ -22,7 +22,9 @@
 use super::activation::{softmax_rows, Activation};
 use super::param::{Param, ParamKind};
 use crate::gemm::{matmul, Op};
-use crate::quant::affine::{bias_on_grid, fake_quant_weights_per_channel, fake_quant_weights_per_tensor, round_even_small, QParams};
+use crate::quant::affine::{
+    bias_on_grid, fake_quant_weights_per_channel, fake_quant_weights_per_tensor, round_even_small, QParams,
+};
 use crate::quant::binary::{binarize, sign, ternarize};
 use crate::quant::observer::{lsq_grad, ActObserver, Observer};
 use crate::quant::{LayerQuant, WeightQuant};

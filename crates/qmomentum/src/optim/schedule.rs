@@ -145,7 +145,7 @@ mod tests {
         assert!((c.lr(1.0, 4, 10, 3) - 0.5).abs() < 1e-6); // warm-up: (4+1)/10
         assert!((c.lr(1.0, 10, 10, 3) - 1.0).abs() < 1e-6); // peak
         assert!((c.lr(1.0, 20, 10, 3) - 0.5).abs() < 1e-6); // half way down
-        // The last step that runs is step 29 of 30 (0-based): t = 19/20 of the cosine.
+                                                            // The last step that runs is step 29 of 30 (0-based): t = 19/20 of the cosine.
         let last = 0.5 * (1.0 + (std::f64::consts::PI * 19.0 / 20.0).cos());
         assert!((c.lr(1.0, 29, 10, 3) as f64 - last).abs() < 1e-6);
         assert!(c.lr(1.0, 29, 10, 3) > 0.0 && c.lr(1.0, 29, 10, 3) < 0.01);

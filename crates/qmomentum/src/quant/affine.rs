@@ -25,7 +25,9 @@ pub fn bias_on_grid(b: f32, s_in: f32, s_w: f32) -> (i32, f32) {
     if !(unit > 0.0 && unit.is_finite()) {
         return (0, b);
     }
-    let code = (b as f64 / unit).round().clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0);
+    let code = (b as f64 / unit)
+        .round()
+        .clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0);
     (code as i32, (code * unit) as f32)
 }
 
@@ -63,7 +65,11 @@ impl QParams {
         let qmax = (1i32 << (bits - 1)) - 1;
         let qmin = if narrow { -qmax } else { -qmax - 1 };
         let m = if max_abs.is_finite() { max_abs.abs() } else { 0.0 };
-        let levels = if narrow { qmax as f32 } else { (qmax - qmin) as f32 / 2.0 };
+        let levels = if narrow {
+            qmax as f32
+        } else {
+            (qmax - qmin) as f32 / 2.0
+        };
         let scale = if m > 0.0 { m / levels } else { 1.0 };
         QParams {
             scale: usable_scale(scale),

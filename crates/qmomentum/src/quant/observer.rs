@@ -103,7 +103,11 @@ impl ActObserver {
         self.max = hi;
         if self.observer == Observer::Lsq {
             let up = if hi > 0.0 { hi / self.qp() as f32 } else { 0.0 };
-            let down = if lo < 0.0 && self.qn() > 0 { -lo / self.qn() as f32 } else { 0.0 };
+            let down = if lo < 0.0 && self.qn() > 0 {
+                -lo / self.qn() as f32
+            } else {
+                0.0
+            };
             let s = up.max(down);
             self.lsq_scale = if s > 0.0 && s.is_finite() { s } else { 1.0 };
         }
