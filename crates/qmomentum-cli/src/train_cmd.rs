@@ -660,7 +660,7 @@ fn train_in(
                 r.lr,
             )?;
         }
-        if every > 0 && t.global_step % every == 0 && !epoch_ended {
+        if every > 0 && t.global_step.is_multiple_of(every) && !epoch_ended {
             qmomentum::checkpoint::save(t, &files.checkpoint)?;
         }
         let halt = a.stop_after_steps.is_some_and(|n| t.global_step >= n);

@@ -355,7 +355,7 @@ fn predict_on_images_and_npy() {
     // .npy v1.0, uint8, shape (2, 28, 28): the first two test images.
     let npy = d.join("two.npy");
     let mut header = "{'descr': '|u1', 'fortran_order': False, 'shape': (2, 28, 28), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

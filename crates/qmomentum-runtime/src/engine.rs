@@ -227,7 +227,7 @@ impl Model {
                         None => (&input_bits[..], in_words),
                         Some(Act::Bits { buf, words }) => (&buf[..], *words),
                         // Excluded by validation (layer kinds chain) and by how `acts` is built.
-                        Some(Act::U8 { .. }) => return Err(Error::WorkspaceMismatch),
+                        Some(Act::U8 { .. }) => return Err(Error::Internal("a binary layer reads u8 activations")),
                     };
                     kernels::dense_bin_sign(kernel, p, sign, x, xs, rows, out, *ow)?;
                     continue;
@@ -253,7 +253,7 @@ impl Model {
                             kernels::dense_bin(kernel, p, x, *words, n, acc, stride)?
                         }
                         // Excluded by validation (layer kinds chain) and by how `acts` is built.
-                        _ => return Err(Error::WorkspaceMismatch),
+                        _ => return Err(Error::Internal("a layer's input kind does not match its weights")),
                     }
                     match (&layer.epilogue, rest.first_mut()) {
                         (Epilogue::Requant(p), Some(Act::U8 { buf, stride: os })) => {
@@ -269,7 +269,7 @@ impl Model {
                             let out = &mut logits[first..first + n * classes];
                             kernels::dequantize(kernel, p, acc, stride, n, out, classes)?
                         }
-                        _ => return Err(Error::WorkspaceMismatch),
+                        _ => return Err(Error::Internal("a layer's output buffer does not match its epilogue")),
                     }
                     r0 += n;
                 }

@@ -111,6 +111,10 @@ pub enum Error {
     /// The workspace was created by a different model.
     #[error("workspace was created for a different model")]
     WorkspaceMismatch,
+    /// An invariant the loader guarantees did not hold: a bug in this crate, never the caller's
+    /// input (validated models cannot reach it).
+    #[error("internal error (a bug in qmomentum-runtime, please report it): {0}")]
+    Internal(&'static str),
     /// The requested kernel tier is not supported by this CPU.
     #[error("kernel {0:?} is not available on this CPU")]
     KernelUnavailable(KernelKind),
