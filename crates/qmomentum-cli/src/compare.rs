@@ -161,17 +161,14 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let fp_epoch = median(&mut rows[0].epoch_s.clone());
     let mut md = String::new();
     let o = &base.optimizer;
-    let widths: Vec<String> = std::iter::once(base.model.input.to_string())
-        .chain(base.model.dense_shapes().iter().map(|l| l.2.to_string()))
-        .collect();
     writeln!(
         md,
-        "Test accuracy on {} ({} training / {} test samples), MLP {}, {}, batch {}, {} epochs, seeds {}. \
+        "Test accuracy on {} ({} training / {} test samples), {}, {}, batch {}, {} epochs, seeds {}. \
          Low-bit presets keep the first and last layers' weights at 8 bits; `binary` trains the ±1 weights of every layer but the first with {} and sign activations, layer 1 int8.\n",
         dir.display(),
         train.len(),
         test.len(),
-        widths.join("-"),
+        base.model.summary(),
         o,
         base.batch_size,
         base.epochs,

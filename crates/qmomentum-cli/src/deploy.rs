@@ -93,8 +93,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
     let files = RunFiles::new(&a.out);
     if a.finetune_epochs > 0 {
-        for d in t.model.dense_mut() {
-            if let Some(o) = d.observer.as_mut() {
+        for a in t.model.layers.iter_mut().filter_map(|l| l.act_quant_mut()) {
+            if let Some(o) = a.observer.as_mut() {
                 o.frozen = false;
             }
         }

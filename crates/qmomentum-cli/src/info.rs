@@ -57,30 +57,55 @@ fn checkpoint(path: &std::path::Path, t: &qmomentum::train::Trainer) -> Result<(
             .map(|e| format!(", schedule over {e} epochs"))
             .unwrap_or_default()
     )?;
-    outln!("  layers (input {} values):", t.model.input_size)?;
-    let mut width = t.model.input_size;
-    for (i, l) in t.model.layers.iter().enumerate() {
-        match l {
+    outln!("  model          {}", c.model.summary())?;
+    let plan = c.model.plan()?;
+    outln!(
+        "  {:<5} {:<16} {:<14} {:>10} {:>12}  quantization",
+        "layer",
+        "kind",
+        "output shape",
+        "params",
+        "MACs/sample"
+    )?;
+    for (l, p) in t.model.layers.iter().zip(&plan) {
+        let params: usize = p.params.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        let kind = match l {
+            Layer::Dense(d) => format!("dense {}", d.activation),
+            Layer::Conv2d(c) => format!("conv2d {}", c.out.activation),
+            Layer::Activation(a) => a.to_string(),
+            Layer::Dropout(d) => format!("dropout {}", d.rate),
+            other => other.kind().to_string(),
+        };
+        let q = match l {
             Layer::Dense(d) => {
                 let grid = d
                     .output_qparams()
-                    .map(|q| format!(", output grid scale {:.5} zero point {}", q.scale, q.zero_point))
+                    .map(|q| format!(", grid scale {:.5} zero point {}", q.scale, q.zero_point))
                     .unwrap_or_default();
-                outln!(
-                    "    {i}: dense {}→{} {}, {} parameters; {}{grid}",
-                    d.inputs,
-                    d.outputs,
-                    d.activation,
-                    d.params_iter().map(|p| p.len()).sum::<usize>(),
-                    d.quant
-                )?;
-                width = d.outputs;
+                format!("{}{grid}", d.quant)
             }
-            Layer::Dropout(d) => outln!("    {i}: dropout {}", d.rate)?,
-            Layer::Activation(a) => outln!("    {i}: activation {a}")?,
-            Layer::Flatten => outln!("    {i}: flatten ({width} values)")?,
-        }
+            Layer::Conv2d(c) => {
+                let grid = c
+                    .output_qparams()
+                    .map(|q| format!(", grid scale {:.5} zero point {}", q.scale, q.zero_point))
+                    .unwrap_or_default();
+                format!("{}{grid}", c.quant)
+            }
+            _ => String::new(),
+        };
+        outln!(
+            "  {:<5} {:<16} {:<14} {:>10} {:>12}  {q}",
+            p.index,
+            kind,
+            p.output.to_string(),
+            params,
+            p.macs
+        )?;
     }
+    outln!(
+        "  MACs/sample    {} (inference)",
+        plan.iter().map(|p| p.macs).sum::<usize>()
+    )?;
     outln!("  parameters     {}", t.model.param_count())?;
     if let Some(last) = t.history.epochs.last() {
         let val = match (last.val_loss, last.val_accuracy) {

@@ -5,7 +5,7 @@ use crate::{lock::RunLock, plot, DataArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use qmomentum::config::{OnNonFinite, TrainConfig};
+use qmomentum::config::{LayerConfig, OnNonFinite, TrainConfig};
 use qmomentum::data::{DataIdentity, Dataset};
 use qmomentum::optim::{BinaryOptimizer, Convention, DecayMode, Schedule};
 use qmomentum::quant::Scheme;
@@ -280,7 +280,13 @@ fn warnings(c: &TrainConfig, a: &TrainArgs, train_len: usize) {
     }
     let binary_layers = c
         .quant
-        .layers(c.model.dense_shapes().len())
+        .layers(
+            c.model
+                .layers
+                .iter()
+                .filter(|l| matches!(l, LayerConfig::Dense { .. } | LayerConfig::Conv2d { .. }))
+                .count(),
+        )
         .iter()
         .any(|q| matches!(q.weights, Some(qmomentum::quant::WeightQuant::Binary { .. })));
     if a.latent_binary && !binary_layers {

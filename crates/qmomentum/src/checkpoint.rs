@@ -95,44 +95,51 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
             f32_bytes(&st.buffer),
         ));
     }
+    for b in t.model.buffers_iter() {
+        owned.push((
+            format!("buffer.{}", b.name),
+            Dtype::F32,
+            b.shape.clone(),
+            f32_bytes(&b.value),
+        ));
+    }
     let mut observers = Vec::new();
     let mut model = t.model.clone();
-    for d in model.dense_mut() {
-        if let Some(o) = &d.observer {
-            observers.push(ObserverState {
-                layer: d.index,
-                min: o.min,
-                max: o.max,
-                lsq_scale: d.act_step.as_ref().map(|p| p.value[0]).unwrap_or(o.lsq_scale),
-                initialized: o.initialized,
-                frozen: o.frozen,
-                qparams: d.output_qparams().map(|q| (q.scale, q.zero_point)),
-            });
+    for (index, l) in model.layers.iter_mut().enumerate() {
+        if let Some(a) = l.act_quant() {
+            if let Some(o) = &a.observer {
+                observers.push(ObserverState {
+                    layer: index,
+                    min: o.min,
+                    max: o.max,
+                    lsq_scale: a.step.as_ref().map(|p| p.value[0]).unwrap_or(o.lsq_scale),
+                    initialized: o.initialized,
+                    frozen: o.frozen,
+                    qparams: a.output_qparams().map(|q| (q.scale, q.zero_point)),
+                });
+            }
         }
-        if d.quant.weights.is_some() {
-            let (inputs, outputs, index) = (d.inputs, d.outputs, d.index);
-            let (w_hat, scales) = d.effective_weights();
-            let codes: Vec<u8> = w_hat
-                .chunks_exact(outputs)
-                .flat_map(|row| {
-                    row.iter()
-                        .zip(scales)
-                        .map(|(&w, &s)| (w / s).round_ties_even().clamp(-128.0, 127.0) as i8 as u8)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            owned.push((
-                format!("int.layers.{index}.weight"),
-                Dtype::I8,
-                vec![inputs, outputs],
-                codes,
-            ));
-            owned.push((
-                format!("int.layers.{index}.weight_scale"),
-                Dtype::F32,
-                vec![outputs],
-                f32_bytes(scales),
-            ));
+        if let Some((w, wq)) = l.weight_quant_mut() {
+            if wq.quant.is_some() {
+                wq.quantize(&w.value);
+                let outputs = w.shape[1];
+                let (w_hat, scales) = (wq.weights(&w.value), wq.scales());
+                let codes: Vec<u8> = w_hat
+                    .chunks_exact(outputs)
+                    .flat_map(|row| {
+                        row.iter()
+                            .zip(scales)
+                            .map(|(&w, &s)| (w / s).round_ties_even().clamp(-128.0, 127.0) as i8 as u8)
+                    })
+                    .collect();
+                owned.push((format!("int.layers.{index}.weight"), Dtype::I8, w.shape.clone(), codes));
+                owned.push((
+                    format!("int.layers.{index}.weight_scale"),
+                    Dtype::F32,
+                    vec![outputs],
+                    f32_bytes(scales),
+                ));
+            }
         }
     }
     let meta = Meta {
@@ -283,19 +290,23 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
         .map_err(|e| Error::checkpoint(path, format!("config: {e}")))?;
     // The weights the config asks for must be in the file before anything is allocated for them:
     // a small file whose config claims a huge layer is refused here, not by an allocation abort.
-    for (i, inputs, units) in meta.config.model.dense_shapes() {
-        for (name, shape) in [
-            (format!("param.layers.{i}.weight"), vec![inputs, units]),
-            (format!("param.layers.{i}.bias"), vec![units]),
-        ] {
+    let plan = meta
+        .config
+        .model
+        .plan()
+        .map_err(|e| Error::checkpoint(path, format!("config: {e}")))?;
+    for l in &plan {
+        for (name, shape) in &l.params {
+            let name = format!("param.{name}");
             match st.tensor(&name) {
                 Ok(v) if v.shape() == shape.as_slice() => {}
                 Ok(v) => {
                     return Err(Error::checkpoint(
                         path,
                         format!(
-                            "tensor '{name}' has shape {:?}, the config's layer {i} needs {shape:?} (a checkpoint of another model?)",
-                            v.shape()
+                            "tensor '{name}' has shape {:?}, the config's layer {} needs {shape:?} (a checkpoint of another model?)",
+                            v.shape(),
+                            l.index
                         ),
                     ))
                 }
@@ -304,7 +315,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
         }
     }
     if let Some(names) = &meta.class_names {
-        let classes = meta.config.model.dense_shapes().last().map(|l| l.2).unwrap_or(0);
+        let classes = plan.last().map(|l| l.output.len()).unwrap_or(0);
         if names.len() != classes {
             return Err(Error::checkpoint(
                 path,
@@ -348,14 +359,26 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             })
             .collect();
     }
+    let mut buffer_values = Vec::new();
+    for b in t.model.buffers_iter() {
+        buffer_values.push(read_f32(&st, &format!("buffer.{}", b.name), &b.shape, path)?);
+    }
+    for (b, v) in t.model.buffers_iter_mut().zip(buffer_values) {
+        b.value = v;
+    }
     for o in &meta.observers {
-        let d = t.model.dense_mut().find(|d| d.index == o.layer).ok_or_else(|| {
-            Error::checkpoint(
-                path,
-                format!("observer for layer {} which is not a dense layer", o.layer),
-            )
-        })?;
-        let obs = d.observer.as_mut().ok_or_else(|| {
+        let a = t
+            .model
+            .layers
+            .get_mut(o.layer)
+            .and_then(|l| l.act_quant_mut())
+            .ok_or_else(|| {
+                Error::checkpoint(
+                    path,
+                    format!("observer for layer {} which has no output quantizer", o.layer),
+                )
+            })?;
+        let obs = a.observer.as_mut().ok_or_else(|| {
             Error::checkpoint(
                 path,
                 format!("observer for layer {} which has no activation quantizer", o.layer),
@@ -372,22 +395,23 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
         obs.lsq_scale = o.lsq_scale;
         obs.initialized = o.initialized;
         obs.frozen = o.frozen;
-        if let Some(p) = d.act_step.as_mut() {
+        if let Some(p) = a.step.as_mut() {
             p.value[0] = o.lsq_scale;
         }
     }
-    for d in t.model.dense() {
-        if d.quant.weights.is_some() && st.tensor(&format!("int.layers.{}.weight", d.index)).is_err() {
+    for (index, l) in t.model.layers.iter_mut().enumerate() {
+        let Some((w, wq)) = l.weight_quant_mut() else { continue };
+        if wq.quant.is_some() && st.tensor(&format!("int.layers.{index}.weight")).is_err() {
             return Err(Error::checkpoint(
                 path,
-                format!("missing tensor 'int.layers.{}.weight'", d.index),
+                format!("missing tensor 'int.layers.{index}.weight'"),
             ));
         }
-        if let Some(WeightQuant::Binary { .. }) = d.quant.weights {
-            if d.bop && d.weight.value.iter().any(|&w| w != 1.0 && w != -1.0) {
+        if let Some(WeightQuant::Binary { .. }) = wq.quant {
+            if wq.bop && w.value.iter().any(|&v| v != 1.0 && v != -1.0) {
                 return Err(Error::checkpoint(
                     path,
-                    format!("tensor 'param.{}' must hold only ±1 (Bop weights)", d.weight.name),
+                    format!("tensor 'param.{}' must hold only ±1 (Bop weights)", w.name),
                 ));
             }
         }

@@ -13,7 +13,8 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::layers::Activation;
+use crate::layers::conv2d::{Geometry, Padding};
+use crate::layers::{Activation, Shape};
 use crate::optim::OptimizerConfig;
 use crate::quant::{LayerQuant, Scheme};
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,72 @@ pub enum LayerConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         quant: Option<LayerQuant>,
     },
+    /// `Conv2D(filters, kernel_size, strides, padding, dilation_rate, groups, activation)` over
+    /// NHWC activations (Keras's names), optionally with its own quantization.
+    Conv2d {
+        /// Output channels.
+        filters: usize,
+        /// `3` or `[3, 3]`.
+        kernel_size: Pair,
+        /// Default 1.
+        #[serde(default = "pair1")]
+        strides: Pair,
+        /// `"valid"` (default), `"same"` or `{ explicit = [top, left, bottom, right] }`.
+        #[serde(default)]
+        padding: Padding,
+        /// Default 1.
+        #[serde(default = "pair1")]
+        dilation_rate: Pair,
+        /// Default 1 (`groups = channels`: depthwise).
+        #[serde(default = "one")]
+        groups: usize,
+        /// Activation.
+        #[serde(default)]
+        activation: Activation,
+        /// Per-layer quantization override.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quant: Option<LayerQuant>,
+    },
+    /// `MaxPooling2D(pool_size, strides, padding)`.
+    MaxPool2d {
+        /// Default 2.
+        #[serde(default = "pair2")]
+        pool_size: Pair,
+        /// Default: the pool size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        strides: Option<Pair>,
+        /// Default valid.
+        #[serde(default)]
+        padding: Padding,
+    },
+    /// `AveragePooling2D(pool_size, strides, padding)`; padded positions are not counted.
+    AvgPool2d {
+        /// Default 2.
+        #[serde(default = "pair2")]
+        pool_size: Pair,
+        /// Default: the pool size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        strides: Option<Pair>,
+        /// Default valid.
+        #[serde(default)]
+        padding: Padding,
+    },
+    /// `GlobalAveragePooling2D`.
+    GlobalAvgPool,
+    /// `BatchNormalization`. The running statistics' momentum in ONE of the two conventions:
+    /// `momentum` = Keras's (weight of the old value, default 0.99, biased batch variance) or
+    /// `torch_momentum` = PyTorch's (weight of the new batch, e.g. 0.1, unbiased variance).
+    BatchNorm {
+        /// Keras convention.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        momentum: Option<f32>,
+        /// PyTorch convention.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        torch_momentum: Option<f32>,
+        /// ε (Keras's default 1e-3; PyTorch's is 1e-5).
+        #[serde(default = "bn_epsilon")]
+        epsilon: f32,
+    },
     /// Dropout.
     Dropout {
         /// Fraction dropped.
@@ -47,12 +114,65 @@ pub enum LayerConfig {
     Flatten,
 }
 
+/// `3` or `[3, 3]`: a window size, stride or dilation (Keras accepts both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Pair {
+    /// The same value for height and width.
+    One(usize),
+    /// `[height, width]`.
+    Two([usize; 2]),
+}
+
+impl Pair {
+    /// `[height, width]`.
+    pub fn get(self) -> [usize; 2] {
+        match self {
+            Pair::One(v) => [v, v],
+            Pair::Two(v) => v,
+        }
+    }
+}
+
+fn pair1() -> Pair {
+    Pair::One(1)
+}
+fn pair2() -> Pair {
+    Pair::One(2)
+}
+fn one() -> usize {
+    1
+}
+fn bn_epsilon() -> f32 {
+    1e-3
+}
+
+/// One layer of a config with the shapes it reads and writes and the parameters it will hold,
+/// worked out from the config alone (no weight is allocated).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedLayer {
+    /// Index in `layers`.
+    pub index: usize,
+    /// Input shape of one sample.
+    pub input: Shape,
+    /// Output shape of one sample.
+    pub output: Shape,
+    /// `(name, shape)` of each parameter (`layers.i.weight`, …).
+    pub params: Vec<(String, Vec<usize>)>,
+    /// Multiply-accumulates per sample.
+    pub macs: usize,
+}
+
 /// A `Sequential` architecture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Input features.
     pub input: usize,
+    /// Shape of one input sample `[h, w, c]` (NHWC; needed by convolution and pooling layers;
+    /// its product must equal `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_shape: Option<[usize; 3]>,
     /// Binarize the input (values in [0, 1]): `x ≥ t` → +1, else −1. The `binary-all` preset
     /// sets 0.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -71,6 +191,7 @@ impl Default for ModelConfig {
         };
         ModelConfig {
             input: 784,
+            input_shape: None,
             binarize_input: None,
             layers: vec![
                 d(128, Activation::Relu),
@@ -89,18 +210,138 @@ pub const MAX_UNITS: usize = 1 << 20;
 pub const MAX_PARAMS: usize = 1 << 27;
 
 impl ModelConfig {
-    /// `(layer index, inputs, units)` of every dense layer, from the config alone (no allocation
-    /// of weights): what `validate` bounds and what a checkpoint's tensors are checked against.
-    pub fn dense_shapes(&self) -> Vec<(usize, usize, usize)> {
-        let mut width = self.input;
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            if let LayerConfig::Dense { units, .. } = l {
-                out.push((i, width, *units));
-                width = *units;
+    /// The input shape (`input_shape`, or a flat vector of `input` values).
+    pub fn input_shape(&self) -> Result<Shape> {
+        match self.input_shape {
+            None => Ok(Shape::flat(self.input)),
+            Some([h, w, c]) => {
+                let s = Shape::new(h, w, c);
+                if h.checked_mul(w).and_then(|v| v.checked_mul(c)) != Some(self.input) {
+                    return Err(Error::config(
+                        "model.input_shape",
+                        format!("[{h}, {w}, {c}]"),
+                        format!("its product must equal model.input = {}", self.input),
+                    ));
+                }
+                Ok(s)
             }
         }
-        out
+    }
+
+    /// Shapes and parameter shapes of every layer, from the config alone; errors name the layer
+    /// and both shapes where they do not fit.
+    pub fn plan(&self) -> Result<Vec<PlannedLayer>> {
+        let mut shape = self.input_shape()?;
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let field = |f: &str| format!("model.layers[{i}].{f}");
+            let spatial = |what: &str| -> Result<()> {
+                if shape.h == 1 && shape.w == 1 && self.input_shape.is_none() {
+                    return Err(Error::config(
+                        "model.input_shape",
+                        "unset",
+                        format!("layer {i} ({what}) needs the input's [height, width, channels]"),
+                    ));
+                }
+                Ok(())
+            };
+            let (output, params, macs) = match l {
+                LayerConfig::Dense { units, .. } => {
+                    let n = shape.len();
+                    (
+                        Shape::flat(*units),
+                        vec![
+                            (format!("layers.{i}.weight"), vec![n, *units]),
+                            (format!("layers.{i}.bias"), vec![*units]),
+                        ],
+                        n.saturating_mul(*units),
+                    )
+                }
+                LayerConfig::Conv2d {
+                    filters,
+                    kernel_size,
+                    strides,
+                    padding,
+                    dilation_rate,
+                    groups,
+                    ..
+                } => {
+                    spatial("conv2d")?;
+                    if *groups == 0 || shape.c % groups != 0 || filters % groups != 0 {
+                        return Err(Error::config(
+                            field("groups"),
+                            groups,
+                            format!(
+                                "must divide the input channels ({}) and the filters ({filters})",
+                                shape.c
+                            ),
+                        ));
+                    }
+                    let k = kernel_size.get();
+                    let g = Geometry::new(i, shape, *filters, k, strides.get(), dilation_rate.get(), *padding)?;
+                    let kg = k[0] * k[1] * (shape.c / groups);
+                    (
+                        g.output,
+                        vec![
+                            (format!("layers.{i}.weight"), vec![kg, *filters]),
+                            (format!("layers.{i}.bias"), vec![*filters]),
+                        ],
+                        g.output.len().saturating_mul(kg),
+                    )
+                }
+                LayerConfig::MaxPool2d {
+                    pool_size,
+                    strides,
+                    padding,
+                }
+                | LayerConfig::AvgPool2d {
+                    pool_size,
+                    strides,
+                    padding,
+                } => {
+                    spatial("pooling")?;
+                    let k = pool_size.get();
+                    let g = Geometry::new(
+                        i,
+                        shape,
+                        shape.c,
+                        k,
+                        strides.unwrap_or(*pool_size).get(),
+                        [1, 1],
+                        *padding,
+                    )?;
+                    (g.output, vec![], 0)
+                }
+                LayerConfig::GlobalAvgPool => {
+                    spatial("global_avg_pool")?;
+                    (Shape::flat(shape.c), vec![], 0)
+                }
+                LayerConfig::BatchNorm { .. } => (
+                    shape,
+                    vec![
+                        (format!("layers.{i}.gamma"), vec![shape.c]),
+                        (format!("layers.{i}.beta"), vec![shape.c]),
+                    ],
+                    0,
+                ),
+                LayerConfig::Flatten => (Shape::flat(shape.len()), vec![], 0),
+                LayerConfig::Dropout { .. } | LayerConfig::Activation { .. } => (shape, vec![], 0),
+            };
+            out.push(PlannedLayer {
+                index: i,
+                input: shape,
+                output,
+                params,
+                macs,
+            });
+            shape = output;
+        }
+        Ok(out)
+    }
+
+    /// Output classes (the last layer's values per sample).
+    pub fn classes(&self) -> Result<usize> {
+        Ok(self.plan()?.last().map(|l| l.output.len()).unwrap_or(self.input))
     }
 
     /// Check sizes and values.
@@ -169,13 +410,80 @@ impl ModelConfig {
                         ));
                     }
                 }
+                LayerConfig::Conv2d {
+                    filters,
+                    activation,
+                    quant,
+                    ..
+                } => {
+                    if *filters == 0 || *filters > MAX_UNITS {
+                        return Err(Error::config(
+                            format!("model.layers[{i}].filters"),
+                            filters,
+                            format!("must be in 1..={MAX_UNITS}"),
+                        ));
+                    }
+                    if *activation == Activation::Softmax {
+                        return Err(Error::config(
+                            format!("model.layers[{i}].activation"),
+                            "softmax",
+                            "softmax is only supported on the last dense layer",
+                        ));
+                    }
+                    if let Some(q) = quant {
+                        q.validate(i)?;
+                    }
+                }
+                LayerConfig::BatchNorm {
+                    momentum,
+                    torch_momentum,
+                    epsilon,
+                } => {
+                    match (momentum, torch_momentum) {
+                        (Some(_), Some(_)) => {
+                            return Err(Error::config(
+                                format!("model.layers[{i}].torch_momentum"),
+                                "set with momentum",
+                                "give the running-statistics momentum in one convention: momentum (Keras, weight of the old value) or torch_momentum (PyTorch, weight of the new batch)",
+                            ))
+                        }
+                        (Some(m), None) if !(0.0..1.0).contains(m) => {
+                            return Err(Error::config(
+                                format!("model.layers[{i}].momentum"),
+                                m,
+                                "Keras's momentum (weight of the old value) must be in [0, 1)",
+                            ))
+                        }
+                        (None, Some(p)) if !(*p > 0.0 && *p <= 1.0) => {
+                            return Err(Error::config(
+                                format!("model.layers[{i}].torch_momentum"),
+                                p,
+                                "PyTorch's momentum (weight of the new batch) must be in (0, 1]",
+                            ))
+                        }
+                        _ => {}
+                    }
+                    if !(*epsilon > 0.0 && epsilon.is_finite()) {
+                        return Err(Error::config(
+                            format!("model.layers[{i}].epsilon"),
+                            epsilon,
+                            "must be > 0",
+                        ));
+                    }
+                }
+                LayerConfig::MaxPool2d { .. } | LayerConfig::AvgPool2d { .. } | LayerConfig::GlobalAvgPool => {}
                 LayerConfig::Flatten => {}
             }
         }
         if dense == 0 {
             return Err(Error::config("model.layers", "[]", "needs at least one dense layer"));
         }
-        let weights: usize = self.dense_shapes().iter().map(|&(_, i, o)| i * o).sum();
+        let plan = self.plan()?;
+        let weights: usize = plan
+            .iter()
+            .flat_map(|l| l.params.iter())
+            .map(|(_, s)| s.iter().product::<usize>())
+            .fold(0usize, |a, b| a.saturating_add(b));
         if weights > MAX_PARAMS {
             return Err(Error::config(
                 "model.layers",

@@ -183,6 +183,68 @@ impl Display for Calibration {
     }
 }
 
+impl crate::config::ModelConfig {
+    /// A one-line description: `MLP 784-128-64-10` for a stack of dense layers, otherwise the
+    /// layers in order (`28×28×1 → conv 32 3×3 same → batch_norm → relu → max_pool 2 → … → dense 10`).
+    pub fn summary(&self) -> String {
+        use crate::config::LayerConfig as L;
+        let dense_only = self.layers.iter().all(|l| {
+            matches!(
+                l,
+                L::Dense { .. } | L::Dropout { .. } | L::Flatten | L::Activation { .. }
+            )
+        });
+        if dense_only {
+            let mut parts = vec![self.input.to_string()];
+            parts.extend(self.layers.iter().filter_map(|l| match l {
+                L::Dense { units, .. } => Some(units.to_string()),
+                _ => None,
+            }));
+            return format!("MLP {}", parts.join("-"));
+        }
+        let input = self
+            .input_shape()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| self.input.to_string());
+        let mut parts = vec![input];
+        for l in &self.layers {
+            parts.push(match l {
+                L::Dense { units, .. } => format!("dense {units}"),
+                L::Conv2d {
+                    filters,
+                    kernel_size,
+                    strides,
+                    padding,
+                    activation,
+                    ..
+                } => {
+                    let k = kernel_size.get();
+                    let s = strides.get();
+                    let mut t = format!("conv {filters} {}×{}", k[0], k[1]);
+                    if s != [1, 1] {
+                        t += &format!(" stride {}", s[0]);
+                    }
+                    if *padding == crate::layers::conv2d::Padding::Same {
+                        t += " same";
+                    }
+                    if *activation != Activation::Linear {
+                        t += &format!(" {activation}");
+                    }
+                    t
+                }
+                L::MaxPool2d { pool_size, .. } => format!("max_pool {}", pool_size.get()[0]),
+                L::AvgPool2d { pool_size, .. } => format!("avg_pool {}", pool_size.get()[0]),
+                L::GlobalAvgPool => "global_avg_pool".into(),
+                L::BatchNorm { .. } => "batch_norm".into(),
+                L::Dropout { rate } => format!("dropout {rate}"),
+                L::Activation { activation } => activation.to_string(),
+                L::Flatten => "flatten".into(),
+            });
+        }
+        parts.join(" → ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,13 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
         let d = match layer {
             Layer::Dense(d) => d,
             Layer::Dropout(_) | Layer::Flatten => continue,
+            other @ (Layer::Conv2d(_) | Layer::BatchNorm(_) | Layer::Pool2d(_) | Layer::GlobalAvgPool(_)) => {
+                return Err(Error::config(
+                    "export",
+                    other.kind(),
+                    "the integer runtime does not run this layer kind yet (convolutional models are exported once its conv op lands)",
+                ))
+            }
             Layer::Activation(a) => {
                 return Err(Error::config(
                     "export",

@@ -32,33 +32,80 @@ fn threads_for(m: usize, n: usize, k: usize) -> Parallelism {
     }
 }
 
-/// `C[m×n] = alpha·C + op(A)·op(B)` where `op(A)` is `m×k` and `op(B)` is `k×n`.
-///
-/// `a` is stored row-major as `m×k` (`Op::N`) or `k×m` (`Op::T`), likewise `b`. With
-/// `accumulate = false` the old content of `c` is ignored (alpha is 0).
+/// How a matrix is laid out in its slice: element `(i, j)` is at `i·rs + j·cs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strides {
+    /// Row stride, in elements.
+    pub rs: usize,
+    /// Column stride, in elements.
+    pub cs: usize,
+}
+
+impl Strides {
+    /// A row-major matrix whose rows are `ld` elements apart.
+    pub fn row_major(ld: usize) -> Self {
+        Strides { rs: ld, cs: 1 }
+    }
+    /// The transpose of a row-major matrix whose rows are `ld` elements apart.
+    pub fn transposed(ld: usize) -> Self {
+        Strides { rs: 1, cs: ld }
+    }
+    /// One past the largest offset of an `r × c` matrix (0 when empty).
+    fn extent(self, r: usize, c: usize) -> usize {
+        if r == 0 || c == 0 {
+            0
+        } else {
+            (r - 1) * self.rs + (c - 1) * self.cs + 1
+        }
+    }
+}
+
+/// `C[m×n] = (accumulate ? C : 0) + A[m×k]·B[k×n]` for matrices at any strides (a group of a
+/// convolution: a column block of a wider matrix). Panics if a stride reaches past a slice.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b: Op, c: &mut [f32], accumulate: bool) {
-    assert!(a.len() >= m * k, "matmul: A has {} < {}", a.len(), m * k);
-    assert!(b.len() >= k * n, "matmul: B has {} < {}", b.len(), k * n);
-    assert!(c.len() >= m * n, "matmul: C has {} < {}", c.len(), m * n);
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    sa: Strides,
+    b: &[f32],
+    sb: Strides,
+    c: &mut [f32],
+    sc: Strides,
+    accumulate: bool,
+) {
+    assert!(
+        a.len() >= sa.extent(m, k),
+        "matmul: A has {} < {}",
+        a.len(),
+        sa.extent(m, k)
+    );
+    assert!(
+        b.len() >= sb.extent(k, n),
+        "matmul: B has {} < {}",
+        b.len(),
+        sb.extent(k, n)
+    );
+    assert!(
+        c.len() >= sc.extent(m, n),
+        "matmul: C has {} < {}",
+        c.len(),
+        sc.extent(m, n)
+    );
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * sc.rs + j * sc.cs] = 0.0;
+                }
+            }
         }
         return;
     }
-    // (row stride, column stride) of op(A) and op(B) in elements.
-    let (a_rs, a_cs) = match op_a {
-        Op::N => (k as isize, 1),
-        Op::T => (1, m as isize),
-    };
-    let (b_rs, b_cs) = match op_b {
-        Op::N => (n as isize, 1),
-        Op::T => (1, k as isize),
-    };
     // SAFETY: the asserts above guarantee every index the strides reach is inside the slices;
     // `c` is exclusively borrowed and does not alias `a` or `b` (Rust borrow rules).
     unsafe {
@@ -67,15 +114,15 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            sc.cs as isize,
+            sc.rs as isize,
             accumulate,
             a.as_ptr(),
-            a_cs,
-            a_rs,
+            sa.cs as isize,
+            sa.rs as isize,
             b.as_ptr(),
-            b_cs,
-            b_rs,
+            sb.cs as isize,
+            sb.rs as isize,
             if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
@@ -84,6 +131,23 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b
             threads_for(m, n, k),
         );
     }
+}
+
+/// `C[m×n] = alpha·C + op(A)·op(B)` where `op(A)` is `m×k` and `op(B)` is `k×n`.
+///
+/// `a` is stored row-major as `m×k` (`Op::N`) or `k×m` (`Op::T`), likewise `b`. With
+/// `accumulate = false` the old content of `c` is ignored (alpha is 0).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b: Op, c: &mut [f32], accumulate: bool) {
+    let sa = match op_a {
+        Op::N => Strides::row_major(k),
+        Op::T => Strides::transposed(m),
+    };
+    let sb = match op_b {
+        Op::N => Strides::row_major(n),
+        Op::T => Strides::transposed(k),
+    };
+    matmul_strided(m, n, k, a, sa, b, sb, c, Strides::row_major(n), accumulate);
 }
 
 #[cfg(test)]

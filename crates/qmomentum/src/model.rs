@@ -13,7 +13,11 @@
 
 use crate::config::{LayerConfig, ModelConfig};
 use crate::error::{Error, Result};
-use crate::layers::{Activation, Dense, Dropout, Layer, Param};
+use crate::layers::conv2d::Conv2dConfig;
+use crate::layers::{
+    Activation, BatchNorm, BnMomentum, Buffer, Conv2d, Dense, Dropout, GlobalAvgPool, Layer, Param, Pool2d, PoolKind,
+    Shape,
+};
 use crate::loss;
 use crate::quant::Scheme;
 use crate::rng::Rng;
@@ -23,6 +27,8 @@ use crate::rng::Rng;
 pub struct Sequential {
     /// Input features.
     pub input_size: usize,
+    /// Shape of one input sample (NHWC).
+    pub input_shape: Shape,
     /// Layers.
     pub layers: Vec<Layer>,
     /// Binarize the input at this threshold (`x ≥ t` → +1, else −1) before the first layer.
@@ -39,6 +45,7 @@ impl Sequential {
     pub fn new(input_size: usize) -> Self {
         Sequential {
             input_size,
+            input_shape: Shape::flat(input_size),
             layers: Vec::new(),
             binarize_input: None,
             acts: Vec::new(),
@@ -49,9 +56,17 @@ impl Sequential {
         }
     }
 
+    /// Output shape of every layer boundary (input first).
+    fn shapes(&self) -> impl Iterator<Item = Shape> + '_ {
+        std::iter::once(self.input_shape).chain(self.layers.iter().scan(self.input_shape, |s, l| {
+            *s = l.output_shape(*s);
+            Some(*s)
+        }))
+    }
+
     /// Output features of the whole model.
     pub fn output_size(&self) -> usize {
-        self.layers.iter().fold(self.input_size, |n, l| l.output_size(n))
+        self.shapes().last().map(|s| s.len()).unwrap_or(self.input_size)
     }
 
     /// Number of classes (output features).
@@ -63,30 +78,102 @@ impl Sequential {
     /// `quant` overrides win); `bop` makes binary weights ±1 parameters for Bop.
     pub fn from_config(cfg: &ModelConfig, scheme: Scheme, bop: bool, seed: u64) -> Result<Self> {
         cfg.validate()?;
+        let plan = cfg.plan()?;
         let mut rng = Rng::new(seed, 0x1417);
         let mut m = Sequential::new(cfg.input);
+        m.input_shape = cfg.input_shape()?;
         m.binarize_input = cfg.binarize_input.or(scheme.input_binarization());
-        let n_dense = cfg
+        let weighted = cfg
             .layers
             .iter()
-            .filter(|l| matches!(l, LayerConfig::Dense { .. }))
+            .filter(|l| matches!(l, LayerConfig::Dense { .. } | LayerConfig::Conv2d { .. }))
             .count();
-        let preset = scheme.layers(n_dense);
+        let has_bn = cfg.layers.iter().any(|l| matches!(l, LayerConfig::BatchNorm { .. }));
+        if has_bn && scheme != Scheme::Fp32 {
+            return Err(Error::config(
+                "quant",
+                scheme,
+                "quantization-aware training of a model with batch normalisation needs BN folding, which is not built yet: train it in fp32 (then PTQ is not available for it either)",
+            ));
+        }
+        let preset = scheme.layers(weighted);
         let mut d = 0;
-        for (i, l) in cfg.layers.iter().enumerate() {
-            let inputs = m.output_size();
+        for (i, (l, p)) in cfg.layers.iter().zip(&plan).enumerate() {
             let layer = match l {
                 LayerConfig::Dense {
                     units,
                     activation,
                     quant,
                 } => {
-                    let mut dense = Dense::new(i, inputs, *units, *activation, &mut rng);
+                    let mut dense = Dense::new(i, p.input.len(), *units, *activation, &mut rng);
                     let q = quant.unwrap_or(preset[d]);
                     q.validate(i)?;
                     dense.set_quant(q, bop);
                     d += 1;
                     Layer::Dense(Box::new(dense))
+                }
+                LayerConfig::Conv2d {
+                    filters,
+                    kernel_size,
+                    strides,
+                    padding,
+                    dilation_rate,
+                    groups,
+                    activation,
+                    quant,
+                } => {
+                    let c = Conv2dConfig {
+                        filters: *filters,
+                        kernel: kernel_size.get(),
+                        stride: strides.get(),
+                        padding: *padding,
+                        dilation: dilation_rate.get(),
+                        groups: *groups,
+                    };
+                    let mut conv = Conv2d::new(i, p.input, c, *activation, &mut rng)?;
+                    let q = quant.unwrap_or(preset[d]);
+                    q.validate(i)?;
+                    conv.set_quant(q, bop);
+                    d += 1;
+                    Layer::Conv2d(Box::new(conv))
+                }
+                LayerConfig::MaxPool2d {
+                    pool_size,
+                    strides,
+                    padding,
+                } => Layer::Pool2d(Pool2d::new(
+                    i,
+                    PoolKind::Max,
+                    p.input,
+                    pool_size.get(),
+                    strides.unwrap_or(*pool_size).get(),
+                    *padding,
+                )?),
+                LayerConfig::AvgPool2d {
+                    pool_size,
+                    strides,
+                    padding,
+                } => Layer::Pool2d(Pool2d::new(
+                    i,
+                    PoolKind::Avg,
+                    p.input,
+                    pool_size.get(),
+                    strides.unwrap_or(*pool_size).get(),
+                    *padding,
+                )?),
+                LayerConfig::GlobalAvgPool => Layer::GlobalAvgPool(GlobalAvgPool { input: p.input }),
+                LayerConfig::BatchNorm {
+                    momentum,
+                    torch_momentum,
+                    epsilon,
+                } => {
+                    let rule = match (momentum, torch_momentum) {
+                        (_, Some(p)) => BnMomentum::Torch { momentum: *p },
+                        (m, None) => BnMomentum::Keras {
+                            momentum: m.unwrap_or(0.99),
+                        },
+                    };
+                    Layer::BatchNorm(Box::new(BatchNorm::new(i, p.input.c, *epsilon, rule)))
                 }
                 LayerConfig::Dropout { rate } => Layer::Dropout(Dropout::new(*rate)),
                 LayerConfig::Activation { activation } => Layer::Activation(*activation),
@@ -101,10 +188,7 @@ impl Sequential {
         if batch <= self.cap && self.acts.len() == self.layers.len() + 1 {
             return;
         }
-        let mut sizes = vec![self.input_size];
-        for l in &self.layers {
-            sizes.push(l.output_size(*sizes.last().unwrap_or(&0)));
-        }
+        let sizes: Vec<usize> = self.shapes().map(|s| s.len()).collect();
         self.acts = sizes.iter().map(|&s| vec![0.0; s * batch]).collect();
         self.grads = sizes.iter().map(|&s| vec![0.0; s * batch]).collect();
         self.probs = vec![0.0; self.classes() * batch];
@@ -133,15 +217,23 @@ impl Sequential {
             }
             in_scale = None;
         }
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let out = layer.output_size(size);
+        for i in 0..self.layers.len() {
+            let out = self.sizes[i + 1];
+            let layer = &mut self.layers[i];
+            // The grid each layer's input lies on: a quantized layer's output grid survives max
+            // pooling, dropout (at inference) and flatten; anything else computes new values.
             match layer {
                 Layer::Dense(d) => {
                     d.input_scale = in_scale;
                     in_scale = d.output_qparams().map(|q| q.scale);
                 }
-                Layer::Activation(_) => in_scale = None,
+                Layer::Conv2d(c) => {
+                    c.input_scale = in_scale;
+                    in_scale = c.output_qparams().map(|q| q.scale);
+                }
+                Layer::Pool2d(p) if p.kind == PoolKind::Max => {}
                 Layer::Dropout(_) | Layer::Flatten => {}
+                _ => in_scale = None,
             }
             let (a, b) = self.acts.split_at_mut(i + 1);
             layer.forward(
@@ -224,18 +316,28 @@ impl Sequential {
 
     /// The output of layer `i` from the last forward pass over `batch` rows.
     pub fn layer_output(&self, i: usize, batch: usize) -> &[f32] {
-        let n = self.layers[..=i].iter().fold(self.input_size, |n, l| l.output_size(n));
+        let n = self.shapes().nth(i + 1).map(|s| s.len()).unwrap_or(0);
         &self.acts[i + 1][..batch * n]
     }
 
     /// All parameters in a fixed order (no allocation).
     pub fn params_iter(&self) -> impl Iterator<Item = &Param> {
-        self.dense().flat_map(|d| d.params_iter())
+        self.layers.iter().flat_map(|l| l.params())
+    }
+
+    /// All buffers (checkpointed state that is not optimized), in a fixed order.
+    pub fn buffers_iter(&self) -> impl Iterator<Item = &Buffer> {
+        self.layers.iter().flat_map(|l| l.buffers())
+    }
+
+    /// [`Sequential::buffers_iter`], mutable.
+    pub fn buffers_iter_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
+        self.layers.iter_mut().flat_map(|l| l.buffers_mut())
     }
 
     /// All parameters, mutable, in the order of [`Sequential::params_iter`].
     pub fn params_iter_mut(&mut self) -> impl Iterator<Item = &mut Param> {
-        self.dense_mut().flat_map(|d| d.params_iter_mut())
+        self.layers.iter_mut().flat_map(|l| l.params_mut())
     }
 
     /// All parameters as a `Vec`.
@@ -285,15 +387,18 @@ impl Sequential {
         None
     }
 
-    /// Copy the parameter values and observer states of `src` (same architecture) into `self`.
+    /// Copy the parameter values, buffers and observer states of `src` (same architecture).
     pub fn sync_from(&mut self, src: &Sequential) {
-        for (d, s) in self.dense_mut().zip(src.dense()) {
-            d.weight.value.copy_from_slice(&s.weight.value);
-            d.bias.value.copy_from_slice(&s.bias.value);
-            if let (Some(a), Some(b)) = (d.act_step.as_mut(), s.act_step.as_ref()) {
-                a.value.copy_from_slice(&b.value);
+        for (p, q) in self.params_iter_mut().zip(src.params_iter()) {
+            p.value.copy_from_slice(&q.value);
+        }
+        for (b, c) in self.buffers_iter_mut().zip(src.buffers_iter()) {
+            b.value.copy_from_slice(&c.value);
+        }
+        for (l, s) in self.layers.iter_mut().zip(&src.layers) {
+            if let (Some(a), Some(b)) = (l.act_quant_mut(), s.act_quant()) {
+                a.observer.clone_from(&b.observer);
             }
-            d.observer.clone_from(&s.observer);
         }
     }
 
@@ -306,16 +411,34 @@ impl Sequential {
         }
     }
 
-    /// Feed every dense layer's observer the merged statistics of the last batch over `parts`.
-    pub fn observe_batch(&mut self, parts: &[&Sequential]) {
-        for (k, d) in self.dense_mut().enumerate() {
-            let mut stats = d.stats;
-            for p in parts {
-                if let Some(o) = p.dense().nth(k) {
-                    stats = stats.merge(o.stats);
+    /// After a step that is taken: feed every observer the merged range statistics of the batch
+    /// over `parts` (this model's share and the replicas'), and move every batch norm's running
+    /// statistics with the whole batch's sums.
+    pub fn finish_step(&mut self, parts: &[&Sequential]) {
+        for (k, l) in self.layers.iter_mut().enumerate() {
+            if let Some(a) = l.act_quant_mut() {
+                let mut stats = a.stats;
+                for p in parts {
+                    if let Some(o) = p.layers.get(k).and_then(|l| l.act_quant()) {
+                        stats = stats.merge(o.stats);
+                    }
                 }
+                a.observe(stats);
             }
-            d.observe(stats);
+            if let Layer::BatchNorm(b) = l {
+                // Taken out and put back: no allocation in the step.
+                let (mut s1, mut s2, mut n) = std::mem::take(&mut b.batch_sums);
+                for p in parts {
+                    if let Some(Layer::BatchNorm(o)) = p.layers.get(k) {
+                        let (t1, t2, m) = &o.batch_sums;
+                        s1.iter_mut().zip(t1).for_each(|(a, b)| *a += b);
+                        s2.iter_mut().zip(t2).for_each(|(a, b)| *a += b);
+                        n += m;
+                    }
+                }
+                b.update_running(&s1, &s2, n);
+                b.batch_sums = (s1, s2, n);
+            }
         }
     }
 
@@ -323,6 +446,7 @@ impl Sequential {
     pub fn check_loss_compatible(&self) -> Result<()> {
         let last = self.layers.iter().rev().find_map(|l| match l {
             Layer::Dense(d) => Some(d.activation),
+            Layer::Conv2d(c) => Some(c.out.activation),
             Layer::Activation(a) => Some(*a),
             _ => None,
         });

@@ -295,8 +295,8 @@ impl Trainer {
             (None, _) => {
                 // Only a step that is taken feeds the observers: a skipped batch changes nothing.
                 match self.replica.as_deref() {
-                    Some((r, _)) if split => self.model.observe_batch(&[r]),
-                    _ => self.model.observe_batch(&[]),
+                    Some((r, _)) if split => self.model.finish_step(&[r]),
+                    _ => self.model.finish_step(&[]),
                 }
                 let sq = self
                     .optimizer
@@ -343,8 +343,8 @@ impl Trainer {
             self.step_in_epoch = 0;
             if let Some(k) = self.config.freeze_observers_after {
                 if self.epoch >= k {
-                    for d in self.model.dense_mut() {
-                        if let Some(o) = d.observer.as_mut() {
+                    for a in self.model.layers.iter_mut().filter_map(|l| l.act_quant_mut()) {
+                        if let Some(o) = a.observer.as_mut() {
                             o.frozen = true;
                         }
                     }

@@ -148,7 +148,7 @@ fn activation_fake_quant_uses_the_clipped_ste() {
     let mut y = vec![0.0; 6];
     // First batch: observe a narrow range so that a second, wider batch gets clipped.
     d.forward(&x, &mut y, 2, true, false);
-    let stats = d.stats;
+    let stats = d.out.act.stats;
     d.observe(qmomentum::layers::BatchStats {
         lo: stats.lo * 0.5,
         hi: stats.hi * 0.5,

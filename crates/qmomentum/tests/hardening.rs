@@ -93,7 +93,7 @@ fn a_skipped_step_leaves_the_observers_alone() {
     let before: Vec<(f32, f32)> = t
         .model
         .dense()
-        .filter_map(|d| d.observer.as_ref().map(|o| (o.min, o.max)))
+        .filter_map(|d| d.out.act.observer.as_ref().map(|o| (o.min, o.max)))
         .collect();
     // A NaN in the last bias makes the loss NaN; the hidden layers' statistics stay finite.
     let last = t.model.dense_mut().last().unwrap();
@@ -103,7 +103,7 @@ fn a_skipped_step_leaves_the_observers_alone() {
     let after: Vec<(f32, f32)> = t
         .model
         .dense()
-        .filter_map(|d| d.observer.as_ref().map(|o| (o.min, o.max)))
+        .filter_map(|d| d.out.act.observer.as_ref().map(|o| (o.min, o.max)))
         .collect();
     assert_eq!(before, after, "the skipped batch moved an observer");
 }

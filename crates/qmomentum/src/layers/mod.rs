@@ -1,44 +1,129 @@
-//! Layers. One file per concept: [`dense`], [`activation`], [`dropout`], [`param`].
-//! A new layer is a struct with `forward`/`backward` and a variant of [`Layer`].
+//! Layers. One file per concept: [`dense`], [`conv2d`], [`pool`], [`batch_norm`],
+//! [`activation`], [`dropout`], the shared output stage [`epilogue`], and [`param`].
+//!
+//! Activations are NHWC: one sample is `h·w·c` values, channel fastest ([`Shape`]). A new layer is
+//! a struct with `forward`/`backward` in its own file plus a variant of [`Layer`] (the match arms
+//! below are the registration); what the optimizer, the checkpoint and the exporter see of it
+//! comes from [`Layer::params`] and [`Layer::buffers`], never from special cases elsewhere.
 
 pub mod activation;
+pub mod batch_norm;
+pub mod conv2d;
 pub mod dense;
 pub mod dropout;
+pub mod epilogue;
 pub mod param;
+pub mod pool;
 
 pub use activation::Activation;
+pub use batch_norm::{BatchNorm, BnMomentum};
+pub use conv2d::Conv2d;
 pub use dense::{BatchStats, Dense};
 pub use dropout::Dropout;
-pub use param::{Param, ParamKind};
+pub use param::{Buffer, Param, ParamKind};
+pub use pool::{GlobalAvgPool, Pool2d, PoolKind};
 
+use crate::quant::act::ActFakeQuant;
+use crate::quant::weight::WeightFakeQuant;
 use crate::rng::Rng;
+
+/// The shape of one sample: height, width, channels (NHWC; a flat vector is `1×1×n`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Shape {
+    /// Rows.
+    pub h: usize,
+    /// Columns.
+    pub w: usize,
+    /// Channels.
+    pub c: usize,
+}
+
+impl Shape {
+    /// `h × w × c`.
+    pub fn new(h: usize, w: usize, c: usize) -> Self {
+        Shape { h, w, c }
+    }
+    /// A flat vector of `n` values.
+    pub fn flat(n: usize) -> Self {
+        Shape { h: 1, w: 1, c: n }
+    }
+    /// Values per sample.
+    pub fn len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+    /// True when a sample holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.h == 1 && self.w == 1 {
+            write!(f, "{}", self.c)
+        } else {
+            write!(f, "{}×{}×{}", self.h, self.w, self.c)
+        }
+    }
+}
 
 /// A layer of a [`crate::model::Sequential`].
 #[derive(Clone, Debug)]
 pub enum Layer {
     /// Fully connected (with its own activation, as Keras `Dense(…, activation=…)`).
     Dense(Box<Dense>),
+    /// 2-D convolution (with its own activation, as Keras `Conv2D(…, activation=…)`).
+    Conv2d(Box<Conv2d>),
+    /// Batch normalisation over the channels.
+    BatchNorm(Box<BatchNorm>),
+    /// Max or average pooling.
+    Pool2d(Pool2d),
+    /// Mean over all positions of each channel.
+    GlobalAvgPool(GlobalAvgPool),
     /// Stand-alone element-wise activation (Keras `Activation`); softmax only as the last layer.
     Activation(Activation),
     /// Dropout.
     Dropout(Dropout),
-    /// Flatten: the data are already flat rows, so it only keeps Keras programs readable.
+    /// Flatten: NHWC rows are already flat, so it only changes the shape.
     Flatten,
 }
 
 impl Layer {
-    /// Output features for `inputs` input features.
-    pub fn output_size(&self, inputs: usize) -> usize {
+    /// Output shape of one sample for an input of `input`.
+    pub fn output_shape(&self, input: Shape) -> Shape {
         match self {
-            Layer::Dense(d) => d.outputs,
-            _ => inputs,
+            Layer::Dense(d) => Shape::flat(d.outputs),
+            Layer::Conv2d(c) => c.out_shape,
+            Layer::Pool2d(p) => p.geo.output,
+            Layer::GlobalAvgPool(g) => Shape::flat(g.input.c),
+            Layer::Flatten => Shape::flat(input.len()),
+            Layer::BatchNorm(_) | Layer::Activation(_) | Layer::Dropout(_) => input,
         }
     }
 
-    /// Forward over `batch` rows (`logits`: leave a final softmax to the loss).
+    /// A short name (`dense`, `conv2d`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Layer::Dense(_) => "dense",
+            Layer::Conv2d(_) => "conv2d",
+            Layer::BatchNorm(_) => "batch_norm",
+            Layer::Pool2d(p) if p.kind == PoolKind::Max => "max_pool2d",
+            Layer::Pool2d(_) => "avg_pool2d",
+            Layer::GlobalAvgPool(_) => "global_avg_pool",
+            Layer::Activation(_) => "activation",
+            Layer::Dropout(_) => "dropout",
+            Layer::Flatten => "flatten",
+        }
+    }
+
+    /// Forward over `batch` samples (`logits`: leave a final softmax to the loss).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], batch: usize, training: bool, logits: bool, rng: &mut Rng) {
         match self {
             Layer::Dense(d) => d.forward(x, y, batch, training, logits),
+            Layer::Conv2d(c) => c.forward(x, y, batch, training, logits),
+            Layer::BatchNorm(b) => b.forward(x, y, x.len(), training),
+            Layer::Pool2d(p) => p.forward(x, y, batch),
+            Layer::GlobalAvgPool(g) => g.forward(x, y, batch),
             Layer::Activation(a) => {
                 let cols = x.len() / batch.max(1);
                 for (yv, &xv) in y.iter_mut().zip(x) {
@@ -57,6 +142,18 @@ impl Layer {
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, batch: usize) {
         match self {
             Layer::Dense(d) => d.backward(x, dy, dx, batch),
+            Layer::Conv2d(c) => c.backward(x, dy, dx, batch),
+            Layer::BatchNorm(b) => b.backward(dy, dx, dy.len()),
+            Layer::Pool2d(p) => {
+                if let Some(dx) = dx {
+                    p.backward(dy, dx, batch)
+                }
+            }
+            Layer::GlobalAvgPool(g) => {
+                if let Some(dx) = dx {
+                    g.backward(dy, dx, batch)
+                }
+            }
             Layer::Activation(a) => {
                 if let Some(dx) = dx {
                     for ((d, &g), &z) in dx.iter_mut().zip(dy).zip(x) {
@@ -75,5 +172,78 @@ impl Layer {
                 }
             }
         }
+    }
+
+    /// The trainable parameters, in a fixed order (no allocation): what the optimizer steps, the
+    /// checkpoint saves and the exporter reads.
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        let slots: [Option<&Param>; 3] = match self {
+            Layer::Dense(d) => [Some(&d.weight), Some(&d.bias), d.out.act.step.as_ref()],
+            Layer::Conv2d(c) => [Some(&c.weight), Some(&c.bias), c.out.act.step.as_ref()],
+            Layer::BatchNorm(b) => [Some(&b.gamma), Some(&b.beta), None],
+            _ => [None, None, None],
+        };
+        slots.into_iter().flatten()
+    }
+
+    /// [`Layer::params`], mutable.
+    pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        let slots: [Option<&mut Param>; 3] = match self {
+            Layer::Dense(d) => [Some(&mut d.weight), Some(&mut d.bias), d.out.act.step.as_mut()],
+            Layer::Conv2d(c) => [Some(&mut c.weight), Some(&mut c.bias), c.out.act.step.as_mut()],
+            Layer::BatchNorm(b) => [Some(&mut b.gamma), Some(&mut b.beta), None],
+            _ => [None, None, None],
+        };
+        slots.into_iter().flatten()
+    }
+
+    /// State that is checkpointed but not optimized (batch norm's running statistics).
+    pub fn buffers(&self) -> impl Iterator<Item = &Buffer> {
+        let slots: [Option<&Buffer>; 2] = match self {
+            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var)],
+            _ => [None, None],
+        };
+        slots.into_iter().flatten()
+    }
+
+    /// [`Layer::buffers`], mutable.
+    pub fn buffers_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
+        let slots: [Option<&mut Buffer>; 2] = match self {
+            Layer::BatchNorm(b) => [Some(&mut b.running_mean), Some(&mut b.running_var)],
+            _ => [None, None],
+        };
+        slots.into_iter().flatten()
+    }
+
+    /// The quantization components of a layer with weights and an output stage.
+    pub fn quant_parts(&self) -> Option<(&WeightFakeQuant, &ActFakeQuant)> {
+        match self {
+            Layer::Dense(d) => Some((&d.wq, &d.out.act)),
+            Layer::Conv2d(c) => Some((&c.wq, &c.out.act)),
+            _ => None,
+        }
+    }
+
+    /// The output quantizer, mutable (observers, LSQ steps).
+    pub fn act_quant_mut(&mut self) -> Option<&mut ActFakeQuant> {
+        match self {
+            Layer::Dense(d) => Some(&mut d.out.act),
+            Layer::Conv2d(c) => Some(&mut c.out.act),
+            _ => None,
+        }
+    }
+
+    /// The kernel and its fake-quantizer, mutable (disjoint borrows).
+    pub fn weight_quant_mut(&mut self) -> Option<(&mut Param, &mut WeightFakeQuant)> {
+        match self {
+            Layer::Dense(d) => Some((&mut d.weight, &mut d.wq)),
+            Layer::Conv2d(c) => Some((&mut c.weight, &mut c.wq)),
+            _ => None,
+        }
+    }
+
+    /// The output quantizer.
+    pub fn act_quant(&self) -> Option<&ActFakeQuant> {
+        self.quant_parts().map(|p| p.1)
     }
 }

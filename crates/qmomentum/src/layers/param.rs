@@ -50,3 +50,26 @@ impl Param {
         self.value.is_empty()
     }
 }
+
+/// A named tensor that is state, not a parameter: checkpointed, never optimized or decayed
+/// (batch norm's running statistics).
+#[derive(Clone, Debug)]
+pub struct Buffer {
+    /// Unique name, e.g. `layers.1.running_mean`.
+    pub name: String,
+    /// Shape (row-major).
+    pub shape: Vec<usize>,
+    /// Values.
+    pub value: Vec<f32>,
+}
+
+impl Buffer {
+    /// A buffer with the given values.
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, value: Vec<f32>) -> Self {
+        Buffer {
+            name: name.into(),
+            shape,
+            value,
+        }
+    }
+}

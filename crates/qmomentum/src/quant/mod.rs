@@ -4,14 +4,18 @@
 //! * [`binary`] — sign and ternary (TWN, BitNet b1.58) weight quantizers.
 //! * [`observer`] — activation range observers (min-max, EMA) and learned step size (LSQ).
 //! * [`ptq`] — post-training calibration (min-max, percentile, MSE).
+//! * [`weight`] — the weight fake-quantizer a layer holds (ŵ, scales, STE/Bop backward).
+//! * [`act`] — the output fake-quantizer a layer holds (observer or learned step, STE).
 //!
 //! A [`LayerQuant`] says how one `Dense` layer is quantized; a [`Scheme`] names a preset for a
 //! whole model (`w8a8`, `w4a4`, `binary`, …) and expands to one `LayerQuant` per layer.
 
+pub mod act;
 pub mod affine;
 pub mod binary;
 pub mod observer;
 pub mod ptq;
+pub mod weight;
 
 use crate::error::{Error, Result};
 pub use affine::QParams;

@@ -150,17 +150,22 @@ impl ActObserver {
 }
 
 /// LSQ gradient of `v̂` with respect to `s` for one value (before the `g` scale), and whether the
-/// value is inside the range (the STE mask for `v`).
-#[inline]
-pub fn lsq_grad(v: f32, s: f32, qn: i32, qp: i32) -> (f32, bool) {
-    let r = v / s;
-    if r <= -(qn as f32) {
-        (-(qn as f32), false)
-    } else if r >= qp as f32 {
-        (qp as f32, false)
+/// value is inside the range (the STE mask for `v`), with `r = v·(1/s)`: `round(r) − r` inside
+/// `(−Qn, Qp)`, `−Qn` / `Qp` outside. The one implementation: the fused backward passes of every
+/// layer call it (written without early returns so those passes vectorise).
+#[inline(always)]
+pub fn lsq_grad(v: f32, inv_s: f32, qn: i32, qp: i32) -> (f32, bool) {
+    let r = v * inv_s;
+    let (lo, hi) = (-(qn as f32), qp as f32);
+    let inside = r > lo && r < hi;
+    let gs = if inside {
+        super::affine::round_even_small(r.clamp(lo, hi)) - r
+    } else if r <= lo {
+        lo
     } else {
-        (super::affine::round_even_small(r) - r, true)
-    }
+        hi
+    };
+    (gs, inside)
 }
 
 #[cfg(test)]
@@ -217,7 +222,7 @@ mod tests {
     fn lsq_gradient_matches_finite_differences_of_the_ste_surrogate() {
         let s0 = 0.37f32;
         for &v in &[0.1f32, 0.5, 1.33, 2.0, 2.6, -0.2] {
-            let (g, inside) = lsq_grad(v, s0, 0, 7);
+            let (g, inside) = lsq_grad(v, 1.0 / s0, 0, 7);
             let r0 = (v / s0).round_ties_even() as f64;
             let c0 = (v / s0) as f64;
             let f = |s: f64| {

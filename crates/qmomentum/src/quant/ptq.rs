@@ -10,7 +10,6 @@
 use super::affine::QParams;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::layers::Layer;
 use crate::model::Sequential;
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
@@ -125,10 +124,9 @@ pub fn calibrate(
     let mut rng = Rng::new(0, 0);
     let mut labels = vec![0u32; batch_size];
     for li in 0..model.layers.len() {
-        let Layer::Dense(d) = &mut model.layers[li] else {
+        let Some(obs) = model.layers[li].act_quant_mut().and_then(|a| a.observer.take()) else {
             continue;
         };
-        let Some(obs) = d.observer.take() else { continue };
         let bits = obs.bits;
         let mut values = Vec::new();
         for start in (0..n).step_by(batch_size) {
@@ -140,16 +138,16 @@ pub fn calibrate(
             values.extend_from_slice(model.layer_output(li, b));
         }
         let (lo, hi) = choose_range(&mut values, bits, method);
-        let Layer::Dense(d) = &mut model.layers[li] else {
+        let Some(a) = model.layers[li].act_quant_mut() else {
             continue;
         };
         let mut obs = obs;
         obs.set_range(lo, hi);
         obs.frozen = true;
-        if let Some(p) = d.act_step.as_mut() {
+        if let Some(p) = a.step.as_mut() {
             p.value[0] = obs.qparams().scale;
         }
-        d.observer = Some(obs);
+        a.observer = Some(obs);
     }
     Ok(())
 }

@@ -1,0 +1,445 @@
+//! `Conv2d`: a 2-D convolution over NHWC activations, lowered onto the tuned GEMM by im2col, plus
+//! the quantization components every layer shares ([`WeightFakeQuant`], [`Epilogue`]).
+//!
+//! Layout: one sample is `h·w·c` values with the channel fastest (NHWC), so `Flatten` after a
+//! convolution is free and the integer runtime reads the same order. The kernel is Keras's HWIO,
+//! stored `[kh·kw·(cin/groups), cout]`: row `(ky·kw + kx)·cg + ci`, column = output channel, the
+//! layout of a dense kernel, so weight quantization is per output channel for both.
+//!
+//! Forward, for each group `g` (`cg = cin/groups` inputs, `og = cout/groups` outputs):
+//! `col_g[r, (ky·kw+kx)·cg + ci] = x[b, oy·sh − top + ky·dh, ox·sw − left + kx·dw, g·cg + ci]`
+//! (0 outside the input), `z[:, g·og..] = col_g · Ŵ_g`; backward `dŴ_g = col_gᵀ·dz_g`,
+//! `dcol_g = dz_g·Ŵ_gᵀ`, and `dx` is `dcol` added back where it came from (col2im). Padding with
+//! real 0 is the integer model's padding with the input zero point.
+//!
+//! ```
+//! use qmomentum::layers::{conv2d::{Conv2d, Conv2dConfig, Padding}, Activation, Shape};
+//! use qmomentum::rng::Rng;
+//! let cfg = Conv2dConfig { filters: 4, kernel: [3, 3], padding: Padding::Same, ..Default::default() };
+//! let mut c = Conv2d::new(0, Shape::new(5, 5, 2), cfg, Activation::Relu, &mut Rng::new(0, 0)).unwrap();
+//! assert_eq!(c.out_shape, Shape::new(5, 5, 4));
+//! let x = vec![0.5f32; 2 * 5 * 5 * 2];
+//! let mut y = vec![0.0f32; 2 * 5 * 5 * 4];
+//! c.forward(&x, &mut y, 2, false, false);
+//! ```
+
+use super::activation::Activation;
+use super::epilogue::Epilogue;
+use super::param::{Param, ParamKind};
+use super::Shape;
+use crate::error::{Error, Result};
+use crate::gemm::{matmul_strided, Strides};
+use crate::quant::affine::QParams;
+use crate::quant::weight::WeightFakeQuant;
+use crate::quant::LayerQuant;
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Padding of a convolution or a pooling window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    /// No padding.
+    #[default]
+    Valid,
+    /// TensorFlow's `same`: `out = ⌈in/stride⌉`, the odd pixel of padding at the bottom/right.
+    Same,
+    /// `[top, left, bottom, right]`.
+    Explicit([usize; 4]),
+}
+
+impl Padding {
+    /// `[top, left, bottom, right]` for an input of `(h, w)` and an effective kernel extent.
+    pub fn resolve(self, h: usize, w: usize, extent: [usize; 2], stride: [usize; 2]) -> [usize; 4] {
+        match self {
+            Padding::Valid => [0; 4],
+            Padding::Explicit(p) => p,
+            Padding::Same => {
+                let total = |n: usize, k: usize, s: usize| {
+                    let out = n.div_ceil(s);
+                    ((out - 1) * s + k).saturating_sub(n)
+                };
+                let (th, tw) = (total(h, extent[0], stride[0]), total(w, extent[1], stride[1]));
+                [th / 2, tw / 2, th - th / 2, tw - tw / 2]
+            }
+        }
+    }
+}
+
+/// Geometry of a convolution (the config struct of the layer, Keras's names).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conv2dConfig {
+    /// Output channels.
+    pub filters: usize,
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// Padding.
+    pub padding: Padding,
+    /// `[dh, dw]`.
+    pub dilation: [usize; 2],
+    /// Groups (1: a full convolution; `cin`: depthwise).
+    pub groups: usize,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Conv2dConfig {
+            filters: 1,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: Padding::Valid,
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+/// Output size of a window of `extent` sliding with `stride` over `n + pad` values (`None` when
+/// the window does not fit once).
+pub fn out_size(n: usize, pad: usize, extent: usize, stride: usize) -> Option<usize> {
+    (n + pad).checked_sub(extent).map(|v| v / stride + 1)
+}
+
+/// The geometry resolved for one input shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Input shape.
+    pub input: Shape,
+    /// Output shape.
+    pub output: Shape,
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// `[dh, dw]`.
+    pub dilation: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pad: [usize; 4],
+}
+
+impl Geometry {
+    /// Resolve `cfg` on `input` (channels checked by the caller); errors name layer `index` and
+    /// both shapes.
+    pub fn new(
+        index: usize,
+        input: Shape,
+        channels: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        dilation: [usize; 2],
+        padding: Padding,
+    ) -> Result<Self> {
+        let field = |f: &str| format!("model.layers[{index}].{f}");
+        for (name, v) in [
+            ("kernel_size", kernel),
+            ("strides", stride),
+            ("dilation_rate", dilation),
+        ] {
+            if v[0] == 0 || v[1] == 0 || v[0] > 4096 || v[1] > 4096 {
+                return Err(Error::config(
+                    field(name),
+                    format!("{v:?}"),
+                    "each value must be in 1..=4096",
+                ));
+            }
+        }
+        let extent = [dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1];
+        let pad = padding.resolve(input.h, input.w, extent, stride);
+        if pad[0] >= extent[0] || pad[2] >= extent[0] || pad[1] >= extent[1] || pad[3] >= extent[1] {
+            return Err(Error::config(
+                field("padding"),
+                format!("{pad:?}"),
+                format!(
+                    "each side must be smaller than the window ({}×{})",
+                    extent[0], extent[1]
+                ),
+            ));
+        }
+        let oh = out_size(input.h, pad[0] + pad[2], extent[0], stride[0]);
+        let ow = out_size(input.w, pad[1] + pad[3], extent[1], stride[1]);
+        match (oh, ow) {
+            (Some(oh), Some(ow)) => Ok(Geometry {
+                input,
+                output: Shape::new(oh, ow, channels),
+                kernel,
+                stride,
+                dilation,
+                pad,
+            }),
+            _ => Err(Error::Shape(format!(
+                "layer {index}: a {}×{} window (kernel {:?}, dilation {:?}) does not fit the padded input {}×{} (input {input})",
+                extent[0],
+                extent[1],
+                kernel,
+                dilation,
+                input.h + pad[0] + pad[2],
+                input.w + pad[1] + pad[3]
+            ))),
+        }
+    }
+
+    /// The input position `(iy, ix)` of output `(oy, ox)` and kernel tap `(ky, kx)`, if inside.
+    #[inline(always)]
+    pub fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
+        let iy = (oy * self.stride[0] + ky * self.dilation[0]).checked_sub(self.pad[0])?;
+        let ix = (ox * self.stride[1] + kx * self.dilation[1]).checked_sub(self.pad[1])?;
+        (iy < self.input.h && ix < self.input.w).then_some((iy, ix))
+    }
+}
+
+/// A 2-D convolution layer.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// Index in the model (used in parameter names).
+    pub index: usize,
+    /// Input and output shapes, kernel, stride, dilation, padding.
+    pub geo: Geometry,
+    /// Output shape (`geo.output`).
+    pub out_shape: Shape,
+    /// Groups.
+    pub groups: usize,
+    /// Kernel `[kh·kw·cin/groups, cout]` (HWIO).
+    pub weight: Param,
+    /// Bias `[cout]`.
+    pub bias: Param,
+    /// Quantization of this layer.
+    pub quant: LayerQuant,
+    /// The weight fake-quantizer (per output channel).
+    pub wq: WeightFakeQuant,
+    /// Bias, activation and output quantization.
+    pub out: Epilogue,
+    /// The grid of the input (see [`crate::layers::Dense::input_scale`]).
+    pub input_scale: Option<f32>,
+    col: Vec<f32>,
+    dcol: Vec<f32>,
+}
+
+impl Conv2d {
+    /// A float convolution with Glorot-uniform weights (Keras's default: fan_in = kh·kw·cg,
+    /// fan_out = kh·kw·cout/groups) and zero bias. Errors name the layer and both shapes.
+    pub fn new(index: usize, input: Shape, cfg: Conv2dConfig, activation: Activation, rng: &mut Rng) -> Result<Self> {
+        let field = |f: &str| format!("model.layers[{index}].{f}");
+        let g = cfg.groups;
+        if g == 0 || input.c % g != 0 || cfg.filters % g != 0 {
+            return Err(Error::config(
+                field("groups"),
+                g,
+                format!(
+                    "must divide the input channels ({}) and the filters ({})",
+                    input.c, cfg.filters
+                ),
+            ));
+        }
+        if cfg.filters == 0 || cfg.filters > crate::config::MAX_UNITS {
+            return Err(Error::config(field("filters"), cfg.filters, "must be in 1..=1048576"));
+        }
+        let geo = Geometry::new(
+            index,
+            input,
+            cfg.filters,
+            cfg.kernel,
+            cfg.stride,
+            cfg.dilation,
+            cfg.padding,
+        )?;
+        let cg = input.c / g;
+        let k = cfg.kernel[0] * cfg.kernel[1] * cg;
+        let fan_out = cfg.kernel[0] * cfg.kernel[1] * cfg.filters / g;
+        let limit = (6.0 / (k + fan_out) as f32).sqrt();
+        let w = (0..k * cfg.filters).map(|_| rng.uniform_range(-limit, limit)).collect();
+        Ok(Conv2d {
+            index,
+            geo,
+            out_shape: geo.output,
+            groups: g,
+            weight: Param::new(
+                format!("layers.{index}.weight"),
+                ParamKind::Weight,
+                vec![k, cfg.filters],
+                w,
+            ),
+            bias: Param::new(
+                format!("layers.{index}.bias"),
+                ParamKind::Bias,
+                vec![cfg.filters],
+                vec![0.0; cfg.filters],
+            ),
+            quant: LayerQuant::default(),
+            wq: WeightFakeQuant::new(k, cfg.filters),
+            out: Epilogue::new(cfg.filters, activation),
+            input_scale: None,
+            col: Vec::new(),
+            dcol: Vec::new(),
+        })
+    }
+
+    /// Apply a quantization (as [`crate::layers::Dense::set_quant`]).
+    pub fn set_quant(&mut self, quant: LayerQuant, bop: bool) {
+        self.quant = quant;
+        self.wq.configure(quant.weights, bop, &mut self.weight);
+        let signed = !self.out.activation.non_negative();
+        self.out.act.configure(quant.activations, signed, self.index);
+    }
+
+    /// The activation grid in force.
+    pub fn output_qparams(&self) -> Option<QParams> {
+        self.out.act.output_qparams()
+    }
+
+    /// Rows of the product (`batch·oh·ow`), the per-group depth `kh·kw·cg` and `cg`, `og`.
+    fn dims(&self, batch: usize) -> (usize, usize, usize, usize) {
+        let o = self.geo.output;
+        let cg = self.geo.input.c / self.groups;
+        (
+            batch * o.h * o.w,
+            self.geo.kernel[0] * self.geo.kernel[1] * cg,
+            cg,
+            o.c / self.groups,
+        )
+    }
+
+    /// im2col of group `g` into `col` (`rows × kg`).
+    fn im2col(&self, x: &[f32], batch: usize, g: usize, col: &mut [f32]) {
+        let geo = &self.geo;
+        let (i, o) = (geo.input, geo.output);
+        let (_, kg, cg, _) = self.dims(batch);
+        let mut rows = col.chunks_exact_mut(kg);
+        for b in 0..batch {
+            let xb = &x[b * i.len()..(b + 1) * i.len()];
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    let Some(row) = rows.next() else { return };
+                    for ky in 0..geo.kernel[0] {
+                        for kx in 0..geo.kernel[1] {
+                            let dst = &mut row[(ky * geo.kernel[1] + kx) * cg..][..cg];
+                            match geo.source(oy, ox, ky, kx) {
+                                Some((iy, ix)) => {
+                                    let at = (iy * i.w + ix) * i.c + g * cg;
+                                    dst.copy_from_slice(&xb[at..at + cg]);
+                                }
+                                None => dst.fill(0.0),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// col2im of group `g`: add `dcol` (`rows × kg`) back into `dx`.
+    fn col2im(&self, dcol: &[f32], batch: usize, g: usize, dx: &mut [f32]) {
+        let geo = &self.geo;
+        let (i, o) = (geo.input, geo.output);
+        let (_, kg, cg, _) = self.dims(batch);
+        let mut rows = dcol.chunks_exact(kg);
+        for b in 0..batch {
+            let dxb = &mut dx[b * i.len()..(b + 1) * i.len()];
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    let Some(row) = rows.next() else { return };
+                    for ky in 0..geo.kernel[0] {
+                        for kx in 0..geo.kernel[1] {
+                            if let Some((iy, ix)) = geo.source(oy, ox, ky, kx) {
+                                let at = (iy * i.w + ix) * i.c + g * cg;
+                                let src = &row[(ky * geo.kernel[1] + kx) * cg..][..cg];
+                                for (d, &s) in dxb[at..at + cg].iter_mut().zip(src) {
+                                    *d += s;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forward over `batch` samples (`x`: `batch·h·w·cin`, `y`: `batch·oh·ow·cout`).
+    pub fn forward(&mut self, x: &[f32], y: &mut [f32], batch: usize, training: bool, logits: bool) {
+        let (rows, kg, _, og) = self.dims(batch);
+        let cout = self.geo.output.c;
+        let n = rows * cout;
+        if self.col.len() < self.groups * rows * kg {
+            self.col.resize(self.groups * rows * kg, 0.0);
+        }
+        self.wq.quantize(&self.weight.value);
+        let mut col = std::mem::take(&mut self.col);
+        for g in 0..self.groups {
+            self.im2col(x, batch, g, &mut col[g * rows * kg..(g + 1) * rows * kg]);
+        }
+        let w = self.wq.weights(&self.weight.value);
+        let z = self.out.z_mut(n);
+        for g in 0..self.groups {
+            // z[:, g·og..] (row stride cout) = col_g (rows × kg) · Ŵ[:, g·og..] (row stride cout).
+            matmul_strided(
+                rows,
+                og,
+                kg,
+                &col[g * rows * kg..],
+                Strides::row_major(kg),
+                &w[g * og..],
+                Strides::row_major(cout),
+                &mut z[g * og..],
+                Strides::row_major(cout),
+                false,
+            );
+        }
+        self.col = col;
+        self.out
+            .forward(&self.bias, &self.wq, self.input_scale, y, n, training, logits);
+    }
+
+    /// Backward: parameter gradients, and `dx` when given.
+    pub fn backward(&mut self, _x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, batch: usize) {
+        let (rows, kg, _, og) = self.dims(batch);
+        let cout = self.geo.output.c;
+        let n = rows * cout;
+        let features = self.geo.output.len();
+        self.out.backward(dy, &mut self.bias, n, features);
+        let dz = self.out.dz(n);
+        let (groups, col) = (self.groups, &self.col);
+        self.wq.backward(&mut self.weight, |gw| {
+            for g in 0..groups {
+                // dŴ[:, g·og..] = col_gᵀ (kg × rows) · dz[:, g·og..].
+                matmul_strided(
+                    kg,
+                    og,
+                    rows,
+                    &col[g * rows * kg..],
+                    Strides::transposed(kg),
+                    &dz[g * og..],
+                    Strides::row_major(cout),
+                    &mut gw[g * og..],
+                    Strides::row_major(cout),
+                    false,
+                );
+            }
+        });
+        if let Some(dx) = dx {
+            dx.fill(0.0);
+            if self.dcol.len() < rows * kg {
+                self.dcol.resize(rows * kg, 0.0);
+            }
+            let mut dcol = std::mem::take(&mut self.dcol);
+            let w = self.wq.weights(&self.weight.value);
+            for g in 0..self.groups {
+                // dcol_g (rows × kg) = dz[:, g·og..] · Ŵ[:, g·og..]ᵀ.
+                matmul_strided(
+                    rows,
+                    kg,
+                    og,
+                    &dz[g * og..],
+                    Strides::row_major(cout),
+                    &w[g * og..],
+                    Strides::transposed(cout),
+                    &mut dcol[..rows * kg],
+                    Strides::row_major(kg),
+                    false,
+                );
+                self.col2im(&dcol[..rows * kg], batch, g, dx);
+            }
+            self.dcol = dcol;
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! What follows a layer's matrix product, `y = q_a(f(z + b̂))`, and its backward pass: the bias
+//! (on the accumulator grid `s_in·s_w` when the weights are integer, as the integer runtime adds
+//! it), the activation (or a sign for 1-bit outputs), the batch range statistics and the output
+//! fake quantization ([`ActFakeQuant`]).
+//!
+//! Shared by every layer whose output is `[rows, channels]`: a dense layer (rows = samples) and a
+//! convolution in NHWC (rows = samples × output positions). Element-wise work is fused: bias,
+//! activation and statistics are one pass over the product, fake quantization one more, and the
+//! backward pass folds the STE mask, the activation derivative and the bias gradient into one.
+
+use super::activation::{softmax_rows, Activation};
+use super::param::Param;
+use crate::quant::act::{ActFakeQuant, BatchStats, Ste};
+use crate::quant::affine::bias_on_grid;
+use crate::quant::binary::sign;
+use crate::quant::observer::lsq_grad;
+use crate::quant::weight::WeightFakeQuant;
+
+/// The output stage of a layer with `channels` outputs per row.
+#[derive(Clone, Debug)]
+pub struct Epilogue {
+    /// Activation applied after the bias.
+    pub activation: Activation,
+    /// Output quantization.
+    pub act: ActFakeQuant,
+    channels: usize,
+    z: Vec<f32>,
+    dz: Vec<f32>,
+    b_hat: Vec<f32>,
+    ds_col: Vec<f32>,
+}
+
+impl Epilogue {
+    /// A float output stage.
+    pub fn new(channels: usize, activation: Activation) -> Self {
+        Epilogue {
+            activation,
+            act: ActFakeQuant::default(),
+            channels,
+            z: Vec::new(),
+            dz: Vec::new(),
+            b_hat: vec![0.0; channels],
+            ds_col: vec![0.0; channels],
+        }
+    }
+
+    /// The buffer the matrix product writes `z` into (`n` values; grown once).
+    pub fn z_mut(&mut self, n: usize) -> &mut [f32] {
+        if self.z.len() < n {
+            self.z.resize(n, 0.0);
+            self.dz.resize(n, 0.0);
+        }
+        &mut self.z[..n]
+    }
+
+    /// `∂L/∂z` of the last backward pass.
+    pub fn dz(&self, n: usize) -> &[f32] {
+        &self.dz[..n]
+    }
+
+    /// Forward over the `n = rows·channels` values in [`Epilogue::z_mut`], writing `y`.
+    /// `input_scale` is the grid of the layer's input (`s_in`); `training` records the range
+    /// statistics; `logits` leaves a final softmax to the loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        bias: &Param,
+        wq: &WeightFakeQuant,
+        input_scale: Option<f32>,
+        y: &mut [f32],
+        n: usize,
+        training: bool,
+        logits: bool,
+    ) {
+        // The bias as the integer runtime adds it: round(b/(s_in·s_w))·s_in·s_w.
+        let bias: &[f32] = match (input_scale, wq.on_integer_grid()) {
+            (Some(s_in), true) => {
+                for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&bias.value).zip(wq.scales()) {
+                    *bh = bias_on_grid(b, s_in, sw).1;
+                }
+                &self.b_hat
+            }
+            _ => &bias.value,
+        };
+        // Pass 1: bias + activation (+ range statistics).
+        let act = self.activation;
+        let sign_out = self.act.sign();
+        let c = self.channels;
+        let (mut lo, mut hi, mut sum_abs) = (f32::INFINITY, f32::NEG_INFINITY, 0.0f64);
+        for (zr, yr) in self.z[..n].chunks_exact_mut(c).zip(y[..n].chunks_exact_mut(c)) {
+            for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
+                *z += b;
+                let a = if sign_out { sign(*z) } else { act.forward(*z) };
+                lo = lo.min(a);
+                hi = hi.max(a);
+                sum_abs += a.abs() as f64;
+                *yv = a;
+            }
+        }
+        if act == Activation::Softmax && !logits && !sign_out {
+            softmax_rows(&mut y[..n], c);
+        }
+        if training {
+            self.act.stats = BatchStats {
+                lo,
+                hi,
+                sum_abs,
+                count: n as u64,
+            };
+        }
+        // Pass 2: fake quantization of the outputs.
+        self.act.apply(&mut y[..n]);
+    }
+
+    /// Backward from `dy` (`n` values): writes `∂L/∂z` (read it with [`Epilogue::dz`]), the
+    /// bias gradient, and the LSQ step gradient (`features` = output values per sample).
+    pub fn backward(&mut self, dy: &[f32], bias: &mut Param, n: usize, features: usize) {
+        let act = self.activation;
+        let sign_out = self.act.sign();
+        let ste = self.act.ste();
+        let (z, dz, db) = (&self.z[..n], &mut self.dz[..n], &mut bias.grad);
+        let relu = act == Activation::Relu;
+        let relu_or_linear = matches!(act, Activation::Relu | Activation::Linear);
+        let mut ds = 0.0f32;
+        // Each branch is one pass over the outputs (STE mask, activation derivative, bias
+        // gradient); the common cases are written so the compiler vectorises them.
+        match (sign_out, ste) {
+            (false, Ste::Pass) if relu_or_linear || act == Activation::Softmax => {
+                backward_pass(z, dy, dz, db, |_, z, g| if relu && z <= 0.0 { 0.0 } else { g });
+            }
+            (false, Ste::Clip { lo, hi }) if relu_or_linear => {
+                backward_pass(z, dy, dz, db, |_, z, g| {
+                    let a = if relu { z.max(0.0) } else { z };
+                    if a >= lo && a <= hi && (!relu || z > 0.0) {
+                        g
+                    } else {
+                        0.0
+                    }
+                });
+            }
+            (false, Ste::Lsq { inv, qn, qp }) if relu_or_linear => {
+                // ∂v̂/∂s summed per channel in `ds_col`, so the pass stays vectorisable.
+                let ds_col = &mut self.ds_col[..self.channels];
+                ds_col.fill(0.0);
+                backward_pass(z, dy, dz, db, |j, z, g| {
+                    let a = if relu { z.max(0.0) } else { z };
+                    let (gs, inside) = lsq_grad(a, inv, qn, qp);
+                    ds_col[j] += g * gs;
+                    if inside && (!relu || z > 0.0) {
+                        g
+                    } else {
+                        0.0
+                    }
+                });
+                ds = ds_col.iter().sum();
+            }
+            _ => {
+                // Everything else: sign outputs (clipped STE of sign, the hard-tanh derivative),
+                // sigmoid/tanh, with or without a grid.
+                backward_pass(z, dy, dz, db, |_, z, g| {
+                    if sign_out {
+                        return if z.abs() <= 1.0 { g } else { 0.0 };
+                    }
+                    let a = act.forward(z);
+                    let (g, gs) = ste.apply(a, g);
+                    ds += gs;
+                    g * act.derivative(z, a)
+                });
+            }
+        }
+        self.act.set_step_grad(ds, features);
+    }
+}
+
+/// `dz = f(channel, z, dy)` for every output, and the bias gradient `Σ_rows dz` per channel,
+/// in one pass (rows of `db.len()` channels). Inlined so each caller's `f` vectorises with it.
+#[inline(always)]
+fn backward_pass(z: &[f32], dy: &[f32], dz: &mut [f32], db: &mut [f32], mut f: impl FnMut(usize, f32, f32) -> f32) {
+    let c = db.len();
+    db.fill(0.0);
+    for (zr, (dzr, dyr)) in z.chunks_exact(c).zip(dz.chunks_exact_mut(c).zip(dy.chunks_exact(c))) {
+        for (j, (((&z, d), &g), b)) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(db.iter_mut()).enumerate() {
+            let v = f(j, z, g);
+            *d = v;
+            *b += v;
+        }
+    }
+}

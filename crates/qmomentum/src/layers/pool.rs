@@ -1,0 +1,181 @@
+//! Pooling over NHWC activations: `MaxPool2d`, `AvgPool2d` (Keras `MaxPooling2D`,
+//! `AveragePooling2D`) and `GlobalAvgPool` (Keras `GlobalAveragePooling2D`).
+//!
+//! Max pooling ignores padded positions (PyTorch's −∞ padding); average pooling averages the
+//! positions inside the input only (`count_include_pad = False`, Keras's `same`). Max pooling
+//! keeps the input's quantization grid (max commutes with a monotone quantizer), so the integer
+//! model pools the u8 codes directly.
+
+use super::conv2d::{Geometry, Padding};
+use super::Shape;
+use crate::error::Result;
+
+/// Which reduction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Largest value of the window.
+    Max,
+    /// Mean of the window's positions inside the input.
+    Avg,
+}
+
+/// A pooling window sliding over the spatial dimensions.
+#[derive(Clone, Debug)]
+pub struct Pool2d {
+    /// Max or average.
+    pub kind: PoolKind,
+    /// Shapes, window, stride, padding.
+    pub geo: Geometry,
+    argmax: Vec<u32>,
+}
+
+impl Pool2d {
+    /// A pooling layer at `index` for `input`.
+    pub fn new(
+        index: usize,
+        kind: PoolKind,
+        input: Shape,
+        size: [usize; 2],
+        stride: [usize; 2],
+        padding: Padding,
+    ) -> Result<Self> {
+        let geo = Geometry::new(index, input, input.c, size, stride, [1, 1], padding)?;
+        Ok(Pool2d {
+            kind,
+            geo,
+            argmax: Vec::new(),
+        })
+    }
+
+    /// Forward over `batch` samples; max pooling remembers where each maximum came from.
+    pub fn forward(&mut self, x: &[f32], y: &mut [f32], batch: usize) {
+        let (i, o) = (self.geo.input, self.geo.output);
+        let c = i.c;
+        if self.kind == PoolKind::Max && self.argmax.len() < batch * o.len() {
+            self.argmax.resize(batch * o.len(), 0);
+        }
+        for b in 0..batch {
+            let xb = &x[b * i.len()..(b + 1) * i.len()];
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    let at = b * o.len() + (oy * o.w + ox) * c;
+                    let out = &mut y[at..at + c];
+                    match self.kind {
+                        PoolKind::Max => {
+                            let arg = &mut self.argmax[at..at + c];
+                            out.fill(f32::NEG_INFINITY);
+                            for ky in 0..self.geo.kernel[0] {
+                                for kx in 0..self.geo.kernel[1] {
+                                    if let Some((iy, ix)) = self.geo.source(oy, ox, ky, kx) {
+                                        let src = (iy * i.w + ix) * c;
+                                        for ch in 0..c {
+                                            let v = xb[src + ch];
+                                            // `>` keeps the first maximum (ties, as PyTorch).
+                                            if v > out[ch] {
+                                                out[ch] = v;
+                                                arg[ch] = (src + ch) as u32;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        PoolKind::Avg => {
+                            out.fill(0.0);
+                            let mut n = 0usize;
+                            for ky in 0..self.geo.kernel[0] {
+                                for kx in 0..self.geo.kernel[1] {
+                                    if let Some((iy, ix)) = self.geo.source(oy, ox, ky, kx) {
+                                        n += 1;
+                                        let src = (iy * i.w + ix) * c;
+                                        for (d, &v) in out.iter_mut().zip(&xb[src..src + c]) {
+                                            *d += v;
+                                        }
+                                    }
+                                }
+                            }
+                            let inv = 1.0 / n.max(1) as f32;
+                            out.iter_mut().for_each(|v| *v *= inv);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Backward: the gradient goes to the maximum (max) or is shared by the window (avg).
+    pub fn backward(&self, dy: &[f32], dx: &mut [f32], batch: usize) {
+        let (i, o) = (self.geo.input, self.geo.output);
+        let c = i.c;
+        dx.fill(0.0);
+        for b in 0..batch {
+            let dxb = &mut dx[b * i.len()..(b + 1) * i.len()];
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    let at = b * o.len() + (oy * o.w + ox) * c;
+                    let g = &dy[at..at + c];
+                    match self.kind {
+                        PoolKind::Max => {
+                            for (&src, &gv) in self.argmax[at..at + c].iter().zip(g) {
+                                dxb[src as usize] += gv;
+                            }
+                        }
+                        PoolKind::Avg => {
+                            let taps = || {
+                                (0..self.geo.kernel[0])
+                                    .flat_map(|ky| (0..self.geo.kernel[1]).map(move |kx| (ky, kx)))
+                                    .filter_map(|(ky, kx)| self.geo.source(oy, ox, ky, kx))
+                            };
+                            let inv = 1.0 / taps().count().max(1) as f32;
+                            for (iy, ix) in taps() {
+                                let src = (iy * i.w + ix) * c;
+                                for (d, &gv) in dxb[src..src + c].iter_mut().zip(g) {
+                                    *d += gv * inv;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `[h, w, c] → [1, 1, c]`: the mean over all positions of each channel.
+#[derive(Clone, Debug)]
+pub struct GlobalAvgPool {
+    /// Input shape.
+    pub input: Shape,
+}
+
+impl GlobalAvgPool {
+    /// Forward over `batch` samples.
+    pub fn forward(&self, x: &[f32], y: &mut [f32], batch: usize) {
+        let (hw, c) = (self.input.h * self.input.w, self.input.c);
+        let inv = 1.0 / hw as f32;
+        for b in 0..batch {
+            let out = &mut y[b * c..(b + 1) * c];
+            out.fill(0.0);
+            for px in x[b * hw * c..(b + 1) * hw * c].chunks_exact(c) {
+                for (d, &v) in out.iter_mut().zip(px) {
+                    *d += v;
+                }
+            }
+            out.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+
+    /// Backward: each position gets `dy/(h·w)`.
+    pub fn backward(&self, dy: &[f32], dx: &mut [f32], batch: usize) {
+        let (hw, c) = (self.input.h * self.input.w, self.input.c);
+        let inv = 1.0 / hw as f32;
+        for b in 0..batch {
+            let g = &dy[b * c..(b + 1) * c];
+            for px in dx[b * hw * c..(b + 1) * hw * c].chunks_exact_mut(c) {
+                for (d, &gv) in px.iter_mut().zip(g) {
+                    *d = gv * inv;
+                }
+            }
+        }
+    }
+}

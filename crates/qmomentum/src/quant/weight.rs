@@ -1,0 +1,147 @@
+//! The weight fake-quantizer of a layer: `ŵ = q(w)` per output channel, its scales, and the
+//! straight-through backward that turns `∂L/∂ŵ` into `∂L/∂w`.
+//!
+//! A kernel is stored `[fan_in, outputs]` (output channel = column): a dense layer's `[in, out]`,
+//! a convolution's `[kh·kw·cin/groups, cout]` (Keras's HWIO flattened). Every layer with weights
+//! holds one `WeightFakeQuant`, so a new layer is "matrix product + these parts", never a copy
+//! of the quantization code.
+//!
+//! * Integer (2–8 bits) and ternary: the plain STE, `∂L/∂w = ∂L/∂ŵ` (the symmetric max-scaled
+//!   grid never clips its own weights).
+//! * Binary on latent floats: Larq's `ste_sign`, the gradient passes where `|w| ≤ 1`.
+//! * Binary with Bop: `w` holds ±1, `ŵ = w/√fan_in` (a fixed scale; see [`WeightFakeQuant::configure`]),
+//!   so `∂L/∂w = ∂L/∂ŵ/√fan_in`.
+
+use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor};
+use super::binary::{binarize, sign, ternarize};
+use super::WeightQuant;
+use crate::layers::{Param, ParamKind};
+
+/// Fake quantization of one kernel, with its scratch (sized once, reused every step).
+#[derive(Clone, Debug)]
+pub struct WeightFakeQuant {
+    /// The rule (none = float weights).
+    pub quant: Option<WeightQuant>,
+    /// Bop mode: the weights are ±1 parameters and `ŵ = w/√fan_in`.
+    pub bop: bool,
+    fan_in: usize,
+    outputs: usize,
+    w_hat: Vec<f32>,
+    scale: Vec<f32>,
+    tmp: Vec<f32>,
+    dw_hat: Vec<f32>,
+}
+
+impl WeightFakeQuant {
+    /// Float weights of a `[fan_in, outputs]` kernel.
+    pub fn new(fan_in: usize, outputs: usize) -> Self {
+        WeightFakeQuant {
+            quant: None,
+            bop: false,
+            fan_in,
+            outputs,
+            w_hat: Vec::new(),
+            scale: vec![1.0; outputs],
+            tmp: vec![0.0; outputs],
+            dw_hat: Vec::new(),
+        }
+    }
+
+    /// Apply a rule to the kernel `w`. `bop` turns binary weights into ±1 parameters (the signs of
+    /// the current weights) for the Bop optimizer, with the fixed scale `ŵ = w/√fan_in`.
+    ///
+    /// Why a fixed scale: without batch normalisation, a learned per-channel scale trained by
+    /// Momentum diverged in our runs (pre-activations left the STE window |z| ≤ 1 and the
+    /// gradients died). With ±1 inputs, `w/√K` gives pre-activations of unit variance, a
+    /// parameter-free normalisation; the biases still learn each channel's threshold.
+    pub fn configure(&mut self, quant: Option<WeightQuant>, bop: bool, w: &mut Param) {
+        self.quant = quant;
+        self.bop = false;
+        w.kind = ParamKind::Weight;
+        if let (Some(WeightQuant::Binary { .. }), true) = (quant, bop) {
+            for v in w.value.iter_mut() {
+                *v = sign(*v);
+            }
+            w.kind = ParamKind::Binary;
+            self.bop = true;
+        }
+        let n = if quant.is_some() { self.fan_in * self.outputs } else { 0 };
+        self.w_hat.resize(n, 0.0);
+        self.dw_hat.resize(n, 0.0);
+    }
+
+    /// Integer or ternary weights: the ones the bias is put on the accumulator grid for.
+    pub fn on_integer_grid(&self) -> bool {
+        matches!(self.quant, Some(WeightQuant::Int { .. } | WeightQuant::Ternary { .. }))
+    }
+
+    /// Compute `ŵ` and the per-channel scales from `w` (no-op for float weights).
+    pub fn quantize(&mut self, w: &[f32]) {
+        let Some(wq) = self.quant else { return };
+        let out = self.outputs;
+        match wq {
+            WeightQuant::Int {
+                bits,
+                per_channel: true,
+                narrow,
+            } => fake_quant_weights_per_channel(w, out, bits, narrow, &mut self.w_hat, &mut self.scale, &mut self.tmp),
+            WeightQuant::Int {
+                bits,
+                per_channel: false,
+                narrow,
+            } => {
+                let s = fake_quant_weights_per_tensor(w, bits, narrow, &mut self.w_hat);
+                self.scale.fill(s);
+            }
+            WeightQuant::Binary { scaled } => {
+                if self.bop {
+                    // Bop: w is ±1 already, ŵ = w/√K.
+                    let a = 1.0 / (self.fan_in as f32).sqrt();
+                    for (o, &v) in self.w_hat.iter_mut().zip(w) {
+                        *o = a * v;
+                    }
+                    self.scale.fill(a);
+                } else {
+                    binarize(w, out, scaled, &mut self.w_hat, &mut self.scale)
+                }
+            }
+            WeightQuant::Ternary { rule } => ternarize(w, out, rule, &mut self.w_hat, &mut self.scale, &mut self.tmp),
+        }
+    }
+
+    /// The kernel the forward pass uses: `ŵ` (after [`WeightFakeQuant::quantize`]) or `w`.
+    pub fn weights<'a>(&'a self, w: &'a [f32]) -> &'a [f32] {
+        if self.quant.is_some() {
+            &self.w_hat
+        } else {
+            w
+        }
+    }
+
+    /// Per-output-channel scales of `ŵ` (1 for float weights).
+    pub fn scales(&self) -> &[f32] {
+        &self.scale
+    }
+
+    /// Backward: `grad_of_w_hat` writes `∂L/∂ŵ` into the buffer it is given; the result lands in
+    /// `w.grad` as `∂L/∂w`. Without a transform (float, integer, ternary) the product is written
+    /// straight into `w.grad` (no copy).
+    pub fn backward(&mut self, w: &mut Param, grad_of_w_hat: impl FnOnce(&mut [f32])) {
+        match self.quant {
+            Some(WeightQuant::Binary { .. }) => {
+                grad_of_w_hat(&mut self.dw_hat);
+                if self.bop {
+                    let a = 1.0 / (self.fan_in as f32).sqrt();
+                    for (g, &d) in w.grad.iter_mut().zip(&self.dw_hat) {
+                        *g = a * d;
+                    }
+                } else {
+                    for ((g, &d), &v) in w.grad.iter_mut().zip(&self.dw_hat).zip(&w.value) {
+                        *g = if v.abs() <= 1.0 { d } else { 0.0 };
+                    }
+                }
+            }
+            _ => grad_of_w_hat(&mut w.grad),
+        }
+    }
+}
