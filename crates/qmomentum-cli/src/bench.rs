@@ -68,8 +68,8 @@ pub fn train_flops(t: &Trainer, samples: usize) -> f64 {
 
 fn train(b: TrainBench) -> Result<()> {
     let peak = match b.peak_gflops {
-        Some(p) if p.is_finite() && p > 0.0 => (p, "given with --peak-gflops".to_string()),
-        Some(p) => anyhow::bail!("--peak-gflops {p}: must be a positive number"),
+        Some(p) if (0.1..=1e7).contains(&p) => (p, "given with --peak-gflops".to_string()),
+        Some(p) => anyhow::bail!("--peak-gflops {p}: must be a number of GFLOP/s in [0.1, 10000000]"),
         None => {
             let (p1, isa) = crate::peak::measure(1);
             let (p, _) = crate::peak::measure(b.threads as usize);
@@ -84,6 +84,11 @@ fn train(b: TrainBench) -> Result<()> {
     };
     let (_, train, _) = b.data.load()?;
     let schemes: Vec<Scheme> = b.schemes.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
+    for (i, s) in schemes.iter().enumerate() {
+        if schemes[..i].contains(s) {
+            anyhow::bail!("--schemes: {s} is listed twice");
+        }
+    }
     let names: Vec<String> = schemes.iter().map(|s| s.to_string()).collect();
     outln!(
         "bench train: MLP 784-128-64-10, {} training samples, batch 128, momentum 0.9, {} threads; \

@@ -115,7 +115,6 @@ pub fn run(a: CompareArgs) -> Result<()> {
         bail!("--ptq {s}: post-training quantization supports w8a8, w4a8, w4a4, w2a2 and ternary (binary networks need training: list them in --schemes)");
     }
     let (dir, train, test) = a.data.load()?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
     let mut rows = vec![Row {
         name: "fp32".into(),
         method: "float",
@@ -221,6 +220,8 @@ pub fn run(a: CompareArgs) -> Result<()> {
         }));
     }
     crate::output::stdout_bytes(md.as_bytes())?;
+    // The folder is made only now, with results to put in it.
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
     let mdp = a.out.join("compare.md");
     qmomentum::checkpoint::write_atomic(&mdp, md.as_bytes())?;
     qmomentum::checkpoint::write_atomic(

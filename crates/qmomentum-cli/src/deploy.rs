@@ -52,8 +52,21 @@ fn checkpoint_only(path: &Path, what: &str) -> Result<qmomentum::train::Trainer>
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let float = checkpoint_only(&a.checkpoint, "quantize")?;
     let scheme: Scheme = a.quant.parse()?;
-    if matches!(scheme, Scheme::Binary | Scheme::BinaryAll | Scheme::Fp32) {
+    if scheme == Scheme::Fp32 {
+        bail!(
+            "--quant fp32: post-training quantization makes a quantized model; pick w8a8, w4a8, w4a4, w2a2 or ternary"
+        );
+    }
+    if matches!(scheme, Scheme::Binary | Scheme::BinaryAll) {
         bail!("--quant {scheme}: post-training quantization supports w8a8, w4a8, w4a4, w2a2 and ternary (binary networks need training: qmomentum train --quant {scheme})");
+    }
+    let files = RunFiles::new(&a.out);
+    if files.checkpoint.exists() {
+        bail!(
+            "{} already holds a checkpoint ({}); choose another --out (quantize never replaces a run)",
+            a.out.display(),
+            files.checkpoint.display()
+        );
     }
     let method: Calibration = a.calibration.parse()?;
     let (_, train, test) = a.data.load()?;
@@ -90,8 +103,6 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     t.class_names = float.class_names.clone();
     let (_, ptq_acc) = t.evaluate(&test)?;
     outln!("fp32 {fp_acc:.4} → PTQ {scheme} ({method} calibration, {batches} batches of 128) {ptq_acc:.4}")?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
-    let files = RunFiles::new(&a.out);
     if a.finetune_epochs > 0 {
         for a in t.model.layers.iter_mut().filter_map(|l| l.act_quant_mut()) {
             if let Some(o) = a.observer.as_mut() {
@@ -117,6 +128,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     } else {
         t.epoch = t.config.epochs;
     }
+    // The folder is made only now, when there is something to put in it, under the run lock.
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
+    let _lock = crate::lock::RunLock::acquire(&a.out)?;
+    if files.checkpoint.exists() {
+        bail!(
+            "{} received a checkpoint while this command ran; nothing was written",
+            a.out.display()
+        );
+    }
     qmomentum::checkpoint::save(&t, &files.checkpoint)?;
     outln!("wrote {}", files.checkpoint.display())?;
     Ok(())
@@ -132,6 +152,7 @@ pub struct ExportArgs {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
+    crate::output::refuse_if_input(&a.output, &[&a.checkpoint])?;
     let t = checkpoint_only(&a.checkpoint, "export")?;
     let m = qmomentum::export::to_runtime(&t.model)
         .with_context(|| format!("cannot export {}", a.checkpoint.display()))?
@@ -145,8 +166,8 @@ pub fn export(a: ExportArgs) -> Result<()> {
         m.layers().len(),
         t.config.quant
     );
-    // With `-o -` the model itself is on stdout: the summary goes to stderr.
-    if a.output.as_os_str() == "-" {
+    // With the model itself on stdout, the summary goes to stderr.
+    if crate::output::is_stdout(&a.output) {
         eprintln!("{msg}");
         Ok(())
     } else {
@@ -180,6 +201,12 @@ pub fn infer(a: InferArgs) -> Result<()> {
         ),
     };
     let (dir, test) = a.data.load_test()?;
+    if let Some(o) = &a.output {
+        let files = qmomentum::data::test_files(&dir);
+        let mut inputs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+        inputs.push(&a.model);
+        crate::output::refuse_if_input(o, &inputs)?;
+    }
     if test.features != m.input().size {
         bail!(
             "{}: the model reads {} values per sample, the images in {} have {}",

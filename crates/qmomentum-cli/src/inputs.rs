@@ -40,6 +40,10 @@ impl DataArgs {
             if holds_data(&d) {
                 return Ok(d);
             }
+            crate::output::warn(format!(
+                "${DATA_ENV} = {} holds no MNIST-layout test set (t10k-images-idx3-ubyte[.gz]); looking elsewhere",
+                d.display()
+            ));
             tried.push(format!("${DATA_ENV} = {}", d.display()));
         }
         let mut candidates = vec![PathBuf::from("data/fashion-mnist")];

@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Train a model (the design document's MLP on Fashion-MNIST by default).
     #[command(allow_negative_numbers = true)]
-    Train(train_cmd::TrainArgs),
+    Train(Box<train_cmd::TrainArgs>),
     /// Loss and accuracy of a checkpoint or an integer model (.qmm) on the test set.
     #[command(allow_negative_numbers = true)]
     Evaluate(predict::EvalArgs),
@@ -69,7 +69,7 @@ fn main() {
     }
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Train(a) => train_cmd::run(a),
+        Command::Train(a) => train_cmd::run(*a),
         Command::Evaluate(a) => predict::evaluate(a),
         Command::Predict(a) => predict::predict(a),
         Command::Info(a) => info::run(a),

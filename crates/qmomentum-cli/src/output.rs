@@ -58,6 +58,42 @@ pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
     qmomentum_runtime::io::write_file(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Refuse an output that is one of the command's inputs (same file, whatever the path): writing
+/// it would destroy what was just read.
+pub fn refuse_if_input(output: &Path, inputs: &[&Path]) -> Result<()> {
+    if output.as_os_str() == "-" {
+        return Ok(());
+    }
+    for i in inputs {
+        if same_file(output, i) {
+            anyhow::bail!(
+                "-o {}: that is one of this command's inputs ({}); writing it would destroy it. Choose another output file",
+                output.display(),
+                i.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether two paths name the same existing file (device and inode).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    false
+}
+
+/// Whether an output path is this process's stdout (`-`, `/dev/stdout`, or the very file stdout
+/// is redirected to): status messages then go to stderr, so they cannot end up inside the output.
+pub fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == "-" || same_file(path, Path::new("/dev/stdout"))
+}
+
 /// A warning on stderr (the run goes on).
 pub fn warn(msg: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr(), "warning: {msg}");

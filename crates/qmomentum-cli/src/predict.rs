@@ -204,6 +204,17 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         let n = a.limit.unwrap_or(inp.len()).min(inp.len());
         (inp.rows[..n * f].to_vec(), inp.names[..n].to_vec(), None)
     };
+    if let Some(o) = &a.output {
+        let data_files = if a.inputs.is_empty() {
+            qmomentum::data::test_files(&a.data.resolve()?)
+        } else {
+            vec![]
+        };
+        let mut inputs: Vec<&std::path::Path> = a.inputs.iter().map(|p| p.as_path()).collect();
+        inputs.extend(data_files.iter().map(|p| p.as_path()));
+        inputs.push(&a.model);
+        crate::output::refuse_if_input(o, &inputs)?;
+    }
     let n = sources.len();
     let (mut lg, c) = logits(&mut model, &pixels, n)?;
     if let Some(names) = &names {

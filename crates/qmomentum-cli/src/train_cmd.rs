@@ -49,6 +49,9 @@ pub struct TrainArgs {
     /// With --resume: accept data whose files differ from those the run was trained on.
     #[arg(long, requires = "resume")]
     pub force_data: bool,
+    /// A model by name: mlp | cnn-small | lenet5 [default: mlp, the design document's 784-128-64-10].
+    #[arg(long)]
+    pub model: Option<String>,
     /// Epochs [default: 10].
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -203,6 +206,9 @@ fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
             }
         };
     }
+    if let Some(m) = &a.model {
+        c.model = qmomentum::config::ModelConfig::named(m)?;
+    }
     set!(a.epochs, c.epochs);
     set!(a.batch_size, c.batch_size);
     set!(a.lr, c.optimizer.lr);
@@ -294,6 +300,14 @@ fn warnings(c: &TrainConfig, a: &TrainArgs, train_len: usize) {
             "--latent-binary has no effect: quantization {} has no binary weights",
             c.quant
         ));
+    }
+    if let Schedule::Cosine { min_lr, .. } = o.schedule {
+        if min_lr > o.lr {
+            warn(format!(
+                "the cosine's final learning rate ({min_lr}) is above the base rate ({}): the rate rises",
+                o.lr
+            ));
+        }
     }
     if let Schedule::Cosine { warmup_epochs, .. } = o.schedule {
         let horizon = c.schedule_epochs.unwrap_or(c.epochs) as f32;
@@ -497,6 +511,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bail!(
                 "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
                 a.out.display()
+            );
+        }
+        // A new run starts in a new or empty folder: it would replace history.csv, config.toml,
+        // result.json and curves.png, which in a folder that holds no run are somebody's files.
+        let others: Vec<String> = std::fs::read_dir(&a.out)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != ".lock" && !(n.starts_with('.') && n.contains(".tmp.")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !others.is_empty() {
+            bail!(
+                "{} is not empty ({}{}) and holds no qmomentum run: a new run starts in a new or empty folder; choose another --out",
+                a.out.display(),
+                others.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                if others.len() > 3 { ", …" } else { "" }
             );
         }
         let mut t = Trainer::new(build_config(&a)?)?;

@@ -70,7 +70,7 @@ fn flags_that_used_to_panic_are_errors() {
     );
     fails_with(
         &run(&["bench", "train", "--peak-gflops", "nan", "--data", s(&f.data)]),
-        "--peak-gflops NaN: must be a positive number",
+        "--peak-gflops NaN: must be a number of GFLOP/s",
     );
     fails_with(
         &run(&[
@@ -531,8 +531,10 @@ fn text_is_human_not_rust_debug() {
     assert!(text(&q).contains("percentile 99.9 calibration"), "{}", text(&q));
     // A plotting failure is one plain sentence naming the file.
     let out = tmp("plot-fail");
+    let o = train(&f.data, &out, &["--epochs", "1", "--stop-after-steps", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
     std::fs::create_dir_all(out.join("curves.png")).unwrap();
-    let o = train(&f.data, &out, &["--epochs", "1"]);
+    let o = train(&f.data, &out, &["--resume"]);
     fails_with(&o, "cannot write the plot");
     assert!(!text(&o).contains("Os {"), "{}", text(&o));
 }
@@ -708,4 +710,146 @@ fn plots_show_what_they_claim() {
         count([230, 140, 30]) > 500 && count([40, 100, 200]) > 500,
         "PTQ orange and QAT blue bars"
     );
+}
+
+// ---- Found by the second new-user pass ------------------------------------------------------
+
+/// An output that is one of the inputs is refused (it would destroy what was just read).
+#[test]
+fn an_output_onto_an_input_is_refused() {
+    let f = fixture();
+    let d = tmp("out-is-in");
+    let copy = d.join("m.qmm");
+    std::fs::copy(&f.qmm, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    fails_with(
+        &run(&["predict", s(&copy), "--data", s(&f.data), "-o", s(&copy)]),
+        "one of this command's inputs",
+    );
+    fails_with(
+        &run(&["infer", s(&copy), "--data", s(&f.data), "-o", s(&copy)]),
+        "one of this command's inputs",
+    );
+    let labels = f.data.join("t10k-labels-idx1-ubyte");
+    fails_with(
+        &run(&["predict", s(&copy), "--data", s(&f.data), "-o", s(&labels)]),
+        "one of this command's inputs",
+    );
+    let ck = d.join("ck.safetensors");
+    std::fs::copy(&f.q, &ck).unwrap();
+    fails_with(&run(&["export", s(&ck), "-o", s(&ck)]), "one of this command's inputs");
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+    assert!(qmomentum::checkpoint::load(&ck).is_ok());
+}
+
+/// `quantize --out` never replaces a run; a failed quantize or compare leaves no folder.
+#[test]
+fn quantize_and_compare_never_replace_or_litter() {
+    let f = fixture();
+    let run_dir = f.fp.parent().unwrap();
+    let before = std::fs::read(&f.fp).unwrap();
+    fails_with(
+        &run(&["quantize", s(&f.fp), "--data", s(&f.data), "--out", s(run_dir)]),
+        "already holds a checkpoint",
+    );
+    assert_eq!(std::fs::read(&f.fp).unwrap(), before);
+    let d = tmp("no-litter");
+    let q = d.join("q");
+    fails_with(
+        &run(&[
+            "quantize",
+            s(&f.fp),
+            "--data",
+            s(&f.data),
+            "--out",
+            s(&q),
+            "--finetune-epochs",
+            "1",
+            "--lr",
+            "1e30",
+        ]),
+        "diverged",
+    );
+    assert!(!q.exists(), "a failed quantize left {}", q.display());
+    let c = d.join("cmp");
+    fails_with(
+        &run(&[
+            "compare",
+            "--data",
+            s(&f.data),
+            "--epochs",
+            "1",
+            "--schemes",
+            "w8a8",
+            "--seeds",
+            "0",
+            "--lr",
+            "1e30",
+            "--out",
+            s(&c),
+        ]),
+        "diverged",
+    );
+    assert!(!c.exists(), "a failed compare left {}", c.display());
+}
+
+/// `export -o /dev/stdout > file` gives a valid model file (the status line goes to stderr).
+#[test]
+fn export_to_stdout_is_a_valid_model() {
+    let f = fixture();
+    let d = tmp("export-stdout");
+    let file = d.join("m.qmm");
+    let out = std::fs::File::create(&file).unwrap();
+    let o = Command::new(bin())
+        .args(["export", s(&f.q), "-o", "/dev/stdout"])
+        .stdout(Stdio::from(out))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(qmomentum_runtime::Model::load(&file).is_ok(), "{}", text(&o));
+}
+
+/// A new run does not write into a folder that holds somebody else's files.
+#[test]
+fn train_refuses_a_folder_of_other_files() {
+    let f = fixture();
+    let d = tmp("other-files");
+    std::fs::write(d.join("history.csv"), "mine\n").unwrap();
+    fails_with(&train(&f.data, &d, &["--epochs", "1"]), "is not empty (history.csv)");
+    assert_eq!(std::fs::read_to_string(d.join("history.csv")).unwrap(), "mine\n");
+}
+
+/// A corrupt image gets a plain reason, no decoder debug text; config type errors use words.
+#[test]
+fn decoder_and_config_errors_are_plain_words() {
+    let f = fixture();
+    let d = tmp("plain-errors");
+    let png = d.join("bad.png");
+    image::GrayImage::from_pixel(8, 8, image::Luma([7])).save(&png).unwrap();
+    let mut bytes = std::fs::read(&png).unwrap();
+    bytes[20] ^= 0xff; // inside IHDR: its CRC no longer matches
+    std::fs::write(&png, bytes).unwrap();
+    let o = run(&["predict", s(&f.qmm), s(&png)]);
+    fails_with(&o, "bad.png: cannot decode the PNG image: the file is corrupt");
+    assert!(
+        !text(&o).contains("ChunkType") && !text(&o).contains('{'),
+        "{}",
+        text(&o)
+    );
+    let cfg = d.join("c.toml");
+    std::fs::write(&cfg, "epochs = -3\n").unwrap();
+    let o = train(&f.data, &d.join("run"), &["--config", s(&cfg)]);
+    fails_with(&o, "expected a whole number ≥ 0");
+    assert!(!text(&o).contains("usize"), "{}", text(&o));
+    let o = run(&[
+        "train",
+        "--class-names",
+        "/nonexistent/names.txt",
+        "--data",
+        s(&f.data),
+        "--out",
+        s(&d.join("r2")),
+    ]);
+    fails_with(&o, "No such file or directory");
+    assert_eq!(text(&o).matches("No such file or directory").count(), 1, "{}", text(&o));
 }

@@ -193,8 +193,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     qmomentum_runtime::io::write_file(path, bytes).map_err(|e| Error::io(path, e))
 }
 
-/// Save a checkpoint atomically.
+/// Save a checkpoint atomically. Weights that became NaN or infinite (an update too large for
+/// f32, even with finite gradients) are refused, so the previous checkpoint stays loadable.
 pub fn save(t: &Trainer, path: &Path) -> Result<()> {
+    for p in t.model.params_iter() {
+        if let Some(i) = p.value.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Diverged(format!(
+                "training diverged by global step {}: {}[{i}] is {} after an update (the learning rate, now {}, is too large for f32). \
+                 Nothing was written to {}; the checkpoint there, if any, is the last good one",
+                t.global_step,
+                p.name,
+                p.value[i],
+                t.optimizer.lr_at(t.global_step.saturating_sub(1)),
+                path.display()
+            )));
+        }
+    }
     write_atomic(path, &to_bytes(t)?)
 }
 
@@ -226,7 +240,12 @@ pub fn read_meta(bytes: &[u8], path: &Path) -> Result<Meta> {
         .as_ref()
         .and_then(|m| m.get("qmomentum"))
         .ok_or_else(|| Error::checkpoint(path, "no 'qmomentum' metadata: not a qmomentum checkpoint"))?;
-    let meta: Meta = serde_json::from_str(json).map_err(|e| Error::checkpoint(path, format!("metadata: {e}")))?;
+    let meta: Meta = serde_json::from_str(json).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!("metadata: {}", crate::config::humanize_serde(&e.to_string())),
+        )
+    })?;
     if meta.format != FORMAT || meta.version != VERSION {
         return Err(Error::checkpoint(
             path,
@@ -448,15 +467,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             .epochs
             .iter()
             .find(|r| {
-                ![r.loss, r.accuracy, r.lr]
-                    .iter()
-                    .all(|v| v.is_finite() && v.abs() < 1e30)
-                    || [r.val_loss, r.val_accuracy]
-                        .iter()
-                        .flatten()
-                        .any(|v| !v.is_finite() || v.abs() >= 1e30)
+                ![r.loss, r.accuracy, r.lr].iter().all(|v| v.is_finite())
+                    || [r.val_loss, r.val_accuracy].iter().flatten().any(|v| !v.is_finite())
             })
-            .map(|r| format!("history epoch {} holds a non-finite or absurd value", r.epoch))
+            .map(|r| format!("history epoch {} holds a non-finite value", r.epoch))
     };
     if let Some(why) = bad {
         return Err(Error::checkpoint(path, why));

@@ -210,6 +210,59 @@ pub const MAX_UNITS: usize = 1 << 20;
 pub const MAX_PARAMS: usize = 1 << 27;
 
 impl ModelConfig {
+    /// The models known by name: `mlp` (the design document's 784-128-64-10), `cnn-small`
+    /// (Conv 32 3×3 same – BN – ReLU – MaxPool 2, Conv 64 3×3 same – BN – ReLU – MaxPool 2,
+    /// Flatten, Dense 10: 50,378 parameters) and `lenet5` (LeCun et al. 1998 on 28×28: Conv 6 5×5
+    /// same – tanh→relu – AvgPool 2, Conv 16 5×5 – relu – AvgPool 2, Dense 120, 84, 10), all on
+    /// 28×28×1 images.
+    pub fn named(name: &str) -> Result<Self> {
+        let text = match name {
+            "mlp" => return Ok(ModelConfig::default()),
+            "cnn-small" | "cnn_small" => {
+                r#"
+                input = 784
+                input_shape = [28, 28, 1]
+                layers = [
+                  { type = "conv2d", filters = 32, kernel_size = 3, padding = "same" },
+                  { type = "batch_norm" },
+                  { type = "activation", activation = "relu" },
+                  { type = "max_pool2d", pool_size = 2 },
+                  { type = "conv2d", filters = 64, kernel_size = 3, padding = "same" },
+                  { type = "batch_norm" },
+                  { type = "activation", activation = "relu" },
+                  { type = "max_pool2d", pool_size = 2 },
+                  { type = "flatten" },
+                  { type = "dense", units = 10, activation = "softmax" },
+                ]
+                "#
+            }
+            "lenet5" | "lenet-5" => {
+                r#"
+                input = 784
+                input_shape = [28, 28, 1]
+                layers = [
+                  { type = "conv2d", filters = 6, kernel_size = 5, padding = "same", activation = "relu" },
+                  { type = "avg_pool2d", pool_size = 2 },
+                  { type = "conv2d", filters = 16, kernel_size = 5, activation = "relu" },
+                  { type = "avg_pool2d", pool_size = 2 },
+                  { type = "flatten" },
+                  { type = "dense", units = 120, activation = "relu" },
+                  { type = "dense", units = 84, activation = "relu" },
+                  { type = "dense", units = 10, activation = "softmax" },
+                ]
+                "#
+            }
+            other => {
+                return Err(Error::config(
+                    "model",
+                    other,
+                    "expected mlp, cnn-small or lenet5 (or describe the layers in a --config file)",
+                ))
+            }
+        };
+        toml::from_str(text).map_err(|e| Error::config("model", name, format!("built-in definition: {e}")))
+    }
+
     /// The input shape (`input_shape`, or a flat vector of `input` values).
     pub fn input_shape(&self) -> Result<Shape> {
         match self.input_shape {
@@ -267,7 +320,7 @@ impl ModelConfig {
                     ..
                 } => {
                     spatial("conv2d")?;
-                    if *groups == 0 || shape.c % groups != 0 || filters % groups != 0 {
+                    if *groups == 0 || !shape.c.is_multiple_of(*groups) || !filters.is_multiple_of(*groups) {
                         return Err(Error::config(
                             field("groups"),
                             groups,
@@ -575,7 +628,8 @@ impl TrainConfig {
     /// Read a TOML file; unknown keys and impossible values are errors naming the file and field.
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| Error::data(path, format!("invalid config: {e}")))?;
+        let cfg: TrainConfig = toml::from_str(&text)
+            .map_err(|e| Error::data(path, format!("invalid config: {}", humanize_serde(&e.to_string()))))?;
         cfg.validate().map_err(|e| Error::data(path, e.to_string()))?;
         Ok(cfg)
     }
@@ -610,4 +664,24 @@ impl TrainConfig {
         self.model.validate()?;
         self.optimizer.validate()
     }
+}
+
+/// A serde message in words: `expected usize` → `expected a whole number ≥ 0`, and so on (the
+/// position and the key, which the TOML parser adds, are kept).
+pub fn humanize_serde(msg: &str) -> String {
+    let mut m = msg.to_string();
+    for (rust, words) in [
+        ("expected usize", "expected a whole number ≥ 0"),
+        ("expected u64", "expected a whole number ≥ 0"),
+        ("expected u32", "expected a whole number ≥ 0"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        (" as i128", ""),
+        ("integer `", "`"),
+        ("expected struct History", "expected the history object"),
+    ] {
+        m = m.replace(rust, words);
+    }
+    m
 }

@@ -5,13 +5,10 @@ use std::path::PathBuf;
 /// Errors of the training library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O failure on a named file.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An I/O failure on a named file. (The OS error is part of the message and deliberately not
+    /// exposed as `source()`, so error chains print it once.)
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// A data file whose content is wrong (magic, size, counts, labels).
     #[error("{path}: {msg}")]
     Data { path: PathBuf, msg: String },
@@ -28,11 +25,10 @@ pub enum Error {
     #[error("{0}")]
     Diverged(String),
     /// The integer runtime refused what the exporter built (`context` says which layer/channel).
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Runtime {
         context: String,
-        #[source]
-        source: qmomentum_runtime::Error,
+        error: qmomentum_runtime::Error,
     },
     /// A checkpoint or other output could not be encoded (serialisation failed).
     #[error("cannot encode {what}: {why}")]
@@ -55,7 +51,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
     /// A data error on `path`.

@@ -29,9 +29,9 @@ enum Grid {
 }
 
 fn quantize_multiplier(m: f64, what: &str) -> Result<(i32, i32)> {
-    rt::requant::quantize_multiplier(m).map_err(|source| Error::Runtime {
+    rt::requant::quantize_multiplier(m).map_err(|error| Error::Runtime {
         context: what.to_string(),
-        source,
+        error,
     })
 }
 
@@ -263,8 +263,8 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
             grid = g;
         }
     }
-    rt::Model::new(input, layers).map_err(|source| Error::Runtime {
+    rt::Model::new(input, layers).map_err(|error| Error::Runtime {
         context: "the exported integer model".into(),
-        source,
+        error,
     })
 }

@@ -281,7 +281,7 @@ impl Trainer {
             (Some(why), OnNonFinite::Stop) => {
                 return Err(Error::Diverged(format!(
                     "training diverged at epoch {}, step {} (global step {step_no}): {why}. \
-                     The last good checkpoint is kept. Usual cures: a lower learning rate \
+                     The last checkpoint written (if any) is kept as it was. Usual cures: a lower learning rate \
                      (now {}), gradient clipping (optimizer.clip_norm), or \
                      on_non_finite = \"skip\" to skip such steps",
                     self.epoch + 1,
@@ -334,8 +334,9 @@ impl Trainer {
                 val_loss,
                 val_accuracy,
                 lr: self.optimizer.lr_at(self.global_step.saturating_sub(1)),
-                seconds: p.seconds,
-                samples_per_sec: p.seen as f64 / p.seconds.max(1e-9),
+                // Rounded to µs and to whole samples/s: the files show no float noise.
+                seconds: (p.seconds * 1e6).round() / 1e6,
+                samples_per_sec: (p.seen as f64 / p.seconds.max(1e-9)).round(),
                 skipped_steps: p.skipped,
             };
             self.history.epochs.push(rec.clone());

@@ -239,7 +239,24 @@ fn color_name(c: ColorType) -> String {
         ColorType::La16 => "16-bit gray+alpha".into(),
         ColorType::Rgb16 => "16-bit RGB".into(),
         ColorType::Rgba16 => "16-bit RGBA".into(),
-        other => format!("{other:?}"),
+        _ => "other".into(),
+    }
+}
+
+/// A decoder's complaint in words: the `image` crate's messages embed Rust debug text (chunk type
+/// structs, quoted strings), which a user should not see; keep its plain words, drop the rest.
+fn decode_reason(e: &image::ImageError) -> String {
+    let text = e.to_string();
+    // "Format error decoding Png: CRC error: expected … while decoding ChunkType { … } chunk."
+    let text = text.split(" while decoding").next().unwrap_or(&text);
+    let text = text
+        .trim_start_matches("Format error decoding Png: ")
+        .trim_start_matches("Format error decoding Jpeg: ")
+        .replace('"', "");
+    if text.contains('{') || text.contains('}') || text.contains("\\u{") {
+        "the file is corrupt or not a valid image".to_string()
+    } else {
+        format!("the file is corrupt ({})", text.trim_end_matches('.'))
     }
 }
 
@@ -255,7 +272,15 @@ fn load_image(path: &Path, opts: &ImageOptions, out: &mut Inputs) -> Result<()> 
         Some(other) => {
             return Err(Error::data(
                 path,
-                format!("{other:?} images are not supported (PNG or JPEG, or a .npy array)"),
+                format!(
+                    "{} images are not supported (PNG or JPEG, or a .npy array)",
+                    other
+                        .extensions_str()
+                        .first()
+                        .copied()
+                        .unwrap_or("these")
+                        .to_uppercase()
+                ),
             ))
         }
         None => {
@@ -270,7 +295,8 @@ fn load_image(path: &Path, opts: &ImageOptions, out: &mut Inputs) -> Result<()> 
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODED_BYTES);
     reader.limits(limits);
-    let bad = |e: image::ImageError| Error::data(path, format!("cannot decode the {kind} image: {e}"));
+    let bad =
+        |e: image::ImageError| Error::data(path, format!("cannot decode the {kind} image: {}", decode_reason(&e)));
     let mut decoder = reader.into_decoder().map_err(bad)?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {

@@ -179,6 +179,15 @@ impl Dataset {
     }
 }
 
+/// The test files of an MNIST-layout folder that exist (for checks that an output does not
+/// overwrite them).
+pub fn test_files(dir: &Path) -> Vec<PathBuf> {
+    [TEST_IMAGES, TEST_LABELS]
+        .iter()
+        .filter_map(|s| find(dir, s).ok())
+        .collect()
+}
+
 /// Pixels to model inputs: `x = p · PIXEL_SCALE`.
 pub fn normalise(pixels: &[u8], x: &mut [f32]) {
     for (d, &p) in x.iter_mut().zip(pixels) {

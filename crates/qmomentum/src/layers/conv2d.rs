@@ -222,7 +222,7 @@ impl Conv2d {
     pub fn new(index: usize, input: Shape, cfg: Conv2dConfig, activation: Activation, rng: &mut Rng) -> Result<Self> {
         let field = |f: &str| format!("model.layers[{index}].{f}");
         let g = cfg.groups;
-        if g == 0 || input.c % g != 0 || cfg.filters % g != 0 {
+        if g == 0 || !input.c.is_multiple_of(g) || !cfg.filters.is_multiple_of(g) {
             return Err(Error::config(
                 field("groups"),
                 g,

@@ -1,0 +1,337 @@
+//! Convolutional layers against their definitions: the im2col convolution against direct loops,
+//! every backward pass against central finite differences (f64 accumulation of the loss), and
+//! batch norm's running statistics against Keras's and PyTorch's update rules.
+
+use qmomentum::layers::conv2d::{Conv2d, Conv2dConfig, Padding};
+use qmomentum::layers::{Activation, BatchNorm, BnMomentum, Layer, Pool2d, PoolKind, Shape};
+use qmomentum::rng::Rng;
+
+/// L(y) = Σ r·y, so ∂L/∂y = r.
+fn loss(y: &[f32], r: &[f32]) -> f64 {
+    y.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+fn rand(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.uniform_range(-1.0, 1.0)).collect()
+}
+
+/// Direct loops of the definition in `layers/conv2d.rs` (NHWC, HWIO kernel, groups).
+fn naive_conv(c: &Conv2d, x: &[f32], batch: usize) -> Vec<f32> {
+    let g = &c.geo;
+    let (i, o) = (g.input, g.output);
+    let (cg, og) = (i.c / c.groups, o.c / c.groups);
+    let mut y = vec![0.0f32; batch * o.len()];
+    for b in 0..batch {
+        for oy in 0..o.h {
+            for ox in 0..o.w {
+                for oc in 0..o.c {
+                    let grp = oc / og;
+                    let mut s = c.bias.value[oc] as f64;
+                    for ky in 0..g.kernel[0] {
+                        for kx in 0..g.kernel[1] {
+                            let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pad[0] as isize;
+                            let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= i.h as isize || ix >= i.w as isize {
+                                continue;
+                            }
+                            for ci in 0..cg {
+                                let xv = x[b * i.len() + (iy as usize * i.w + ix as usize) * i.c + grp * cg + ci];
+                                let wv = c.weight.value[((ky * g.kernel[1] + kx) * cg + ci) * o.c + oc];
+                                s += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    y[b * o.len() + (oy * o.w + ox) * o.c + oc] = s as f32;
+                }
+            }
+        }
+    }
+    y
+}
+
+fn configs() -> Vec<(Shape, Conv2dConfig)> {
+    vec![
+        (
+            Shape::new(5, 6, 3),
+            Conv2dConfig {
+                filters: 4,
+                kernel: [3, 3],
+                padding: Padding::Same,
+                ..Default::default()
+            },
+        ),
+        (
+            Shape::new(7, 5, 2),
+            Conv2dConfig {
+                filters: 3,
+                kernel: [3, 2],
+                stride: [2, 1],
+                ..Default::default()
+            },
+        ),
+        (
+            Shape::new(8, 8, 4),
+            Conv2dConfig {
+                filters: 6,
+                kernel: [3, 3],
+                dilation: [2, 2],
+                groups: 2,
+                padding: Padding::Explicit([1, 2, 0, 1]),
+                ..Default::default()
+            },
+        ),
+        (
+            Shape::new(6, 6, 4),
+            Conv2dConfig {
+                filters: 4,
+                kernel: [3, 3],
+                groups: 4,
+                stride: [2, 2],
+                padding: Padding::Same,
+                ..Default::default()
+            },
+        ),
+    ]
+}
+
+#[test]
+fn conv_forward_matches_direct_loops() {
+    let mut rng = Rng::new(1, 0);
+    for (shape, cfg) in configs() {
+        let mut c = Conv2d::new(0, shape, cfg, Activation::Linear, &mut rng).unwrap();
+        c.bias.value = rand(&mut rng, cfg.filters);
+        let batch = 2;
+        let x = rand(&mut rng, batch * shape.len());
+        let mut y = vec![0.0; batch * c.out_shape.len()];
+        c.forward(&x, &mut y, batch, false, false);
+        let want = naive_conv(&c, &x, batch);
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "{shape} {cfg:?}: {a} vs {b}");
+        }
+    }
+}
+
+/// Central difference `(L(+h) − L(−h))/2h`, `f(h)` evaluating the loss with a value moved by h.
+fn fd(f: impl Fn(f32) -> f64) -> f64 {
+    (f(1e-2) - f(-1e-2)) / 2e-2
+}
+
+#[test]
+fn conv_backward_matches_finite_differences() {
+    let mut rng = Rng::new(2, 0);
+    for (shape, cfg) in configs() {
+        let mut c = Conv2d::new(0, shape, cfg, Activation::Tanh, &mut rng).unwrap();
+        c.bias.value = rand(&mut rng, cfg.filters);
+        let batch = 2;
+        let mut x = rand(&mut rng, batch * shape.len());
+        let n_out = batch * c.out_shape.len();
+        let r = rand(&mut rng, n_out);
+        let mut y = vec![0.0; n_out];
+        c.forward(&x, &mut y, batch, true, false);
+        let mut dx = vec![0.0; x.len()];
+        c.backward(&x, &r, Some(&mut dx), batch);
+        let (gw, gb) = (c.weight.grad.clone(), c.bias.grad.clone());
+        let eval = |c: &mut Conv2d, x: &[f32]| {
+            let mut y = vec![0.0; n_out];
+            c.forward(x, &mut y, batch, false, false);
+            loss(&y, &r)
+        };
+        for i in (0..gw.len()).step_by(3) {
+            let got = fd(|h| {
+                let mut c2 = c.clone();
+                c2.weight.value[i] += h;
+                eval(&mut c2, &x)
+            });
+            assert!(
+                (got - gw[i] as f64).abs() < 3e-3,
+                "{cfg:?} dW[{i}]: fd {got} vs {}",
+                gw[i]
+            );
+        }
+        for (j, &want) in gb.iter().enumerate() {
+            let got = fd(|h| {
+                let mut c2 = c.clone();
+                c2.bias.value[j] += h;
+                eval(&mut c2, &x)
+            });
+            assert!(
+                (got - want as f64).abs() < 3e-3,
+                "{cfg:?} db[{j}]: fd {got} vs {}",
+                want
+            );
+        }
+        for i in (0..x.len()).step_by(2) {
+            let x0 = x[i];
+            let h = 1e-2f32;
+            x[i] = x0 + h;
+            let lp = eval(&mut c, &x);
+            x[i] = x0 - h;
+            let lm = eval(&mut c, &x);
+            x[i] = x0;
+            let got = (lp - lm) / (2.0 * h as f64);
+            assert!(
+                (got - dx[i] as f64).abs() < 3e-3,
+                "{cfg:?} dx[{i}]: fd {got} vs {}",
+                dx[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn pooling_forward_and_backward() {
+    let mut rng = Rng::new(3, 0);
+    // Max: a hand-worked 4×4×1 window of 2, stride 2.
+    let mut p = Pool2d::new(0, PoolKind::Max, Shape::new(4, 4, 1), [2, 2], [2, 2], Padding::Valid).unwrap();
+    let x: Vec<f32> = (0..16).map(|v| ((v * 7) % 16) as f32).collect();
+    let mut y = vec![0.0; 4];
+    p.forward(&x, &mut y, 1);
+    // rows: [0 7 14 5 | 12 3 10 1 | 8 15 6 13 | 4 11 2 9]
+    assert_eq!(y, vec![12.0, 14.0, 15.0, 13.0]);
+    let mut dx = vec![0.0; 16];
+    p.backward(&[1.0, 2.0, 3.0, 4.0], &mut dx, 1);
+    assert_eq!((dx[4], dx[2], dx[9], dx[11]), (1.0, 2.0, 3.0, 4.0));
+    assert_eq!(dx.iter().sum::<f32>(), 10.0);
+    // Average with `same` padding (3×3 window, stride 2 on 5×5×2): FD on the input.
+    let mut a = Pool2d::new(0, PoolKind::Avg, Shape::new(5, 5, 2), [3, 3], [2, 2], Padding::Same).unwrap();
+    let mut x = rand(&mut rng, 2 * 50);
+    let n_out = 2 * a.geo.output.len();
+    let r = rand(&mut rng, n_out);
+    let mut y = vec![0.0; n_out];
+    a.forward(&x, &mut y, 2);
+    let mut dx = vec![0.0; x.len()];
+    a.backward(&r, &mut dx, 2);
+    for i in 0..x.len() {
+        let x0 = x[i];
+        x[i] = x0 + 1e-2;
+        a.forward(&x, &mut y, 2);
+        let lp = loss(&y, &r);
+        x[i] = x0 - 1e-2;
+        a.forward(&x, &mut y, 2);
+        let lm = loss(&y, &r);
+        x[i] = x0;
+        assert!(((lp - lm) / 2e-2 - dx[i] as f64).abs() < 1e-3, "avg dx[{i}]");
+    }
+}
+
+#[test]
+fn batch_norm_backward_matches_finite_differences() {
+    let mut rng = Rng::new(4, 0);
+    let (rows, c) = (6, 3);
+    let mut bn = BatchNorm::new(0, c, 1e-3, BnMomentum::Keras { momentum: 0.99 });
+    bn.gamma.value = vec![1.5, -0.5, 0.8];
+    bn.beta.value = vec![0.1, 0.2, -0.3];
+    let mut x = rand(&mut rng, rows * c);
+    let r = rand(&mut rng, rows * c);
+    let mut y = vec![0.0; rows * c];
+    let n = rows * c;
+    bn.forward(&x, &mut y, n, true);
+    let mut dx = vec![0.0; n];
+    bn.backward(&r, Some(&mut dx), n);
+    let (gg, gb) = (bn.gamma.grad.clone(), bn.beta.grad.clone());
+    let eval = |bn: &mut BatchNorm, x: &[f32]| {
+        let mut y = vec![0.0; n];
+        bn.forward(x, &mut y, n, true);
+        loss(&y, &r)
+    };
+    for i in 0..n {
+        let x0 = x[i];
+        x[i] = x0 + 1e-2;
+        let lp = eval(&mut bn, &x);
+        x[i] = x0 - 1e-2;
+        let lm = eval(&mut bn, &x);
+        x[i] = x0;
+        let got = (lp - lm) / 2e-2;
+        assert!((got - dx[i] as f64).abs() < 5e-3, "dx[{i}]: fd {got} vs {}", dx[i]);
+    }
+    for ch in 0..c {
+        let g0 = bn.gamma.value[ch];
+        bn.gamma.value[ch] = g0 + 1e-2;
+        let lp = eval(&mut bn, &x);
+        bn.gamma.value[ch] = g0 - 1e-2;
+        let lm = eval(&mut bn, &x);
+        bn.gamma.value[ch] = g0;
+        assert!(((lp - lm) / 2e-2 - gg[ch] as f64).abs() < 2e-3, "dγ[{ch}]");
+        let b0 = bn.beta.value[ch];
+        bn.beta.value[ch] = b0 + 1e-2;
+        let lp = eval(&mut bn, &x);
+        bn.beta.value[ch] = b0 - 1e-2;
+        let lm = eval(&mut bn, &x);
+        bn.beta.value[ch] = b0;
+        assert!(((lp - lm) / 2e-2 - gb[ch] as f64).abs() < 2e-3, "dβ[{ch}]");
+    }
+}
+
+/// One channel, batch {1, 2, 3, 6}: mean 3, biased variance 3.5, unbiased 14/3.
+/// Keras (momentum 0.9 = weight of the old value): mean 0·0.9 + 3·0.1 = 0.3,
+/// var 1·0.9 + 3.5·0.1 = 1.25. PyTorch (momentum 0.1 = weight of the new batch): mean 0.3,
+/// var 0.9·1 + 0.1·14/3 = 1.366667.
+#[test]
+fn running_statistics_follow_each_framework_definition() {
+    let x = [1.0f32, 2.0, 3.0, 6.0];
+    let mut y = [0.0f32; 4];
+    let mut keras = BatchNorm::new(0, 1, 1e-3, BnMomentum::Keras { momentum: 0.9 });
+    keras.forward(&x, &mut y, 4, true);
+    let (s1, s2, n) = keras.batch_sums.clone();
+    keras.update_running(&s1, &s2, n);
+    assert!((keras.running_mean.value[0] - 0.3).abs() < 1e-6);
+    assert!((keras.running_var.value[0] - 1.25).abs() < 1e-6);
+    let mut torch = BatchNorm::new(0, 1, 1e-5, BnMomentum::Torch { momentum: 0.1 });
+    torch.forward(&x, &mut y, 4, true);
+    let (s1, s2, n) = torch.batch_sums.clone();
+    torch.update_running(&s1, &s2, n);
+    assert!((torch.running_mean.value[0] - 0.3).abs() < 1e-6);
+    assert!((torch.running_var.value[0] - (0.9 + 0.1 * 14.0 / 3.0)).abs() < 1e-6);
+    // Evaluation uses the running statistics: y = γ(x − μ_run)/√(σ²_run + ε) + β.
+    torch.forward(&x, &mut y, 4, false);
+    let want = (1.0 - 0.3) / (torch.running_var.value[0] + 1e-5).sqrt();
+    assert!((y[0] - want).abs() < 1e-5);
+}
+
+/// Shapes that do not fit are refused at build time, naming the layer and both shapes.
+#[test]
+fn shape_errors_name_the_layer_and_shapes() {
+    let cfg: qmomentum::config::ModelConfig = toml::from_str(
+        r#"
+        input = 16
+        input_shape = [4, 4, 1]
+        layers = [
+          { type = "conv2d", filters = 2, kernel_size = 5 },
+          { type = "flatten" },
+          { type = "dense", units = 10, activation = "softmax" },
+        ]
+        "#,
+    )
+    .unwrap();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("layer 0") && e.contains("5×5 window") && e.contains("4×4"),
+        "{e}"
+    );
+    let cfg: qmomentum::config::ModelConfig = toml::from_str(
+        r#"
+        input = 16
+        input_shape = [4, 4, 1]
+        layers = [
+          { type = "conv2d", filters = 3, kernel_size = 3, groups = 2 },
+          { type = "dense", units = 10, activation = "softmax" },
+        ]
+        "#,
+    )
+    .unwrap();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers[0].groups") && e.contains("input channels (1)"),
+        "{e}"
+    );
+    let cfg: qmomentum::config::ModelConfig = toml::from_str(
+        r#"
+        input = 784
+        layers = [{ type = "conv2d", filters = 3, kernel_size = 3 }, { type = "dense", units = 10 }]
+        "#,
+    )
+    .unwrap();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("model.input_shape"), "{e}");
+    let _ = Layer::Flatten;
+}
