@@ -37,6 +37,9 @@ struct TrainBench {
     /// Schemes to time (fp32 first: the reference of the ratios).
     #[arg(long, value_delimiter = ',', default_value = "fp32,w8a8,w4a4,binary")]
     schemes: Vec<String>,
+    /// A model by name: mlp | cnn-small | lenet5.
+    #[arg(long, default_value = "mlp")]
+    model: String,
     /// Cores per step (1 or 2).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=2))]
     threads: u16,
@@ -57,12 +60,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
 }
 
-/// FLOPs of one epoch: forward `2·Σ in·out` per sample, backward `2·Σ in·out` for the weight
-/// gradients plus `2·in·out` for the input gradients of every layer but the first.
+/// FLOPs of the matrix products of one epoch: forward `2·MACs` per sample for every layer with
+/// weights (dense and conv, from the config's plan), the weight gradients as much again, and the
+/// input gradients of every such layer but the first.
 pub fn train_flops(t: &Trainer, samples: usize) -> f64 {
-    let dense: Vec<_> = t.model.dense().map(|d| (d.inputs, d.outputs)).collect();
-    let fwd: usize = dense.iter().map(|(i, o)| 2 * i * o).sum();
-    let dx: usize = dense.iter().skip(1).map(|(i, o)| 2 * i * o).sum();
+    let macs: Vec<usize> = t
+        .config
+        .model
+        .plan()
+        .map(|p| {
+            p.iter()
+                .filter(|l| !l.params.is_empty() && l.macs > 0)
+                .map(|l| l.macs)
+                .collect()
+        })
+        .unwrap_or_default();
+    let fwd: usize = macs.iter().map(|m| 2 * m).sum();
+    let dx: usize = macs.iter().skip(1).map(|m| 2 * m).sum();
     (samples * (2 * fwd + dx)) as f64
 }
 
@@ -82,6 +96,7 @@ fn train(b: TrainBench) -> Result<()> {
             )
         }
     };
+    let model = qmomentum::config::ModelConfig::named(&b.model)?;
     let (_, train, _) = b.data.load()?;
     let schemes: Vec<Scheme> = b.schemes.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
     for (i, s) in schemes.iter().enumerate() {
@@ -91,8 +106,9 @@ fn train(b: TrainBench) -> Result<()> {
     }
     let names: Vec<String> = schemes.iter().map(|s| s.to_string()).collect();
     outln!(
-        "bench train: MLP 784-128-64-10, {} training samples, batch 128, momentum 0.9, {} threads; \
+        "bench train: {}, {} training samples, batch 128, momentum 0.9, {} threads; \
          {} rounds of [{}] interleaved, {} epochs each; median over rounds of epochs 2..; peak {:.0} GFLOP/s ({})",
+        model.summary(),
         train.len(),
         b.threads,
         b.rounds,
@@ -107,6 +123,7 @@ fn train(b: TrainBench) -> Result<()> {
     for _ in 0..b.rounds {
         for (i, &scheme) in schemes.iter().enumerate() {
             let cfg = TrainConfig {
+                model: model.clone(),
                 epochs: b.epochs as usize,
                 quant: scheme,
                 threads: b.threads as usize,

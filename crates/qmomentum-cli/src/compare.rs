@@ -40,6 +40,9 @@ pub struct CompareArgs {
     /// A base config file (optimizer, model) for every run.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A model by name (mlp | cnn-small | lenet5), instead of the config's.
+    #[arg(long)]
+    model: Option<String>,
     /// Output folder for compare.md, compare.json and compare.png.
     #[arg(long, default_value = "runs/compare")]
     out: PathBuf,
@@ -100,6 +103,9 @@ pub fn run(a: CompareArgs) -> Result<()> {
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
     };
+    if let Some(m) = &a.model {
+        base.model = qmomentum::config::ModelConfig::named(m)?;
+    }
     base.epochs = a.epochs;
     base.optimizer.lr = a.lr;
     base.validate()?;
@@ -143,7 +149,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         rows[0].accs.push(acc);
         rows[0].epoch_s.extend(secs);
         for (i, s) in ptq.iter().enumerate() {
-            let mut q = quantize_float_model(&fp.model, &base.model, *s, &train, 10, 128, Calibration::MinMax)?;
+            let (_, mut q) = quantize_float_model(&fp.model, &base.model, *s, &train, 10, 128, Calibration::MinMax)?;
             let (_, acc) = evaluate(&mut q, &test)?;
             outln!("seed {seed}: PTQ {s} {acc:.4}")?;
             rows[1 + i].accs.push(acc);

@@ -87,9 +87,10 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         a.batches
     };
     let (_, fp_acc) = evaluate(&mut float.model.clone(), &test)?;
-    let q = quantize_float_model(&float.model, &float.config.model, scheme, &train, batches, 128, method)
+    let (folded, q) = quantize_float_model(&float.model, &float.config.model, scheme, &train, batches, 128, method)
         .with_context(|| format!("post-training quantization of {}", a.checkpoint.display()))?;
     let mut cfg = float.config.clone();
+    cfg.model = folded;
     cfg.quant = scheme;
     cfg.epochs = a.finetune_epochs.max(1);
     cfg.schedule_epochs = None;
@@ -313,7 +314,7 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
     let int8 = match &b.int8 {
         Some(p) => qmomentum_runtime::Model::load(p)?,
         None => {
-            let q = quantize_float_model(
+            let (_, q) = quantize_float_model(
                 &fp.model,
                 &fp.config.model,
                 Scheme::W8a8,

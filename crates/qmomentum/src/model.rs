@@ -93,7 +93,7 @@ impl Sequential {
             return Err(Error::config(
                 "quant",
                 scheme,
-                "quantization-aware training of a model with batch normalisation needs BN folding, which is not built yet: train it in fp32 (then PTQ is not available for it either)",
+                "quantization-aware training with batch norm during training (BN folded in the forward pass) is not built yet; the recipe that works: train in fp32, then `qmomentum quantize CKPT --quant … --finetune-epochs N`, which folds every batch norm into its convolution, calibrates and fine-tunes with QAT (batch norm frozen)",
             ));
         }
         let preset = scheme.layers(weighted);
@@ -440,6 +440,92 @@ impl Sequential {
                 b.batch_sums = (s1, s2, n);
             }
         }
+    }
+
+    /// The same network with every batch norm folded into the convolution or dense layer before
+    /// it ([`BatchNorm::fold_into`], running statistics), and an activation right after the batch
+    /// norm moved into that layer: `Conv → BN → ReLU` becomes `Conv(relu)`, as the integer model
+    /// computes it. Returns the folded config and model (float; quantize it with PTQ, then
+    /// optionally fine-tune with QAT: the "fold, then fine-tune" recipe, which is QAT with batch
+    /// norm frozen from the start). Evaluation outputs are unchanged up to rounding.
+    pub fn fold_batch_norm(&self, cfg: &ModelConfig) -> Result<(ModelConfig, Sequential)> {
+        if self.layers.len() != cfg.layers.len() {
+            return Err(Error::Shape(format!(
+                "the model has {} layers, its config {}",
+                self.layers.len(),
+                cfg.layers.len()
+            )));
+        }
+        let mut layers = Vec::new();
+        // (new index, old index of the weighted layer, old index of the folded batch norm)
+        let mut map: Vec<(usize, usize, Option<usize>)> = Vec::new();
+        let mut i = 0;
+        while i < cfg.layers.len() {
+            let l = &cfg.layers[i];
+            let weighted = matches!(l, LayerConfig::Dense { .. } | LayerConfig::Conv2d { .. });
+            let linear = match l {
+                LayerConfig::Dense { activation, .. } | LayerConfig::Conv2d { activation, .. } => {
+                    *activation == Activation::Linear
+                }
+                _ => false,
+            };
+            let next_bn = matches!(cfg.layers.get(i + 1), Some(LayerConfig::BatchNorm { .. }));
+            if weighted && linear && next_bn {
+                let act = match cfg.layers.get(i + 2) {
+                    Some(LayerConfig::Activation { activation }) if *activation != Activation::Softmax => {
+                        Some(*activation)
+                    }
+                    _ => None,
+                };
+                let mut folded = l.clone();
+                if let (Some(a), LayerConfig::Dense { activation, .. } | LayerConfig::Conv2d { activation, .. }) =
+                    (act, &mut folded)
+                {
+                    *activation = a;
+                }
+                map.push((layers.len(), i, Some(i + 1)));
+                layers.push(folded);
+                i += if act.is_some() { 3 } else { 2 };
+            } else {
+                if weighted {
+                    map.push((layers.len(), i, None));
+                }
+                if let LayerConfig::BatchNorm { .. } = l {
+                    return Err(Error::config(
+                        format!("model.layers[{i}]"),
+                        "batch_norm",
+                        "only a batch norm right after a linear conv2d or dense layer can be folded",
+                    ));
+                }
+                layers.push(l.clone());
+                i += 1;
+            }
+        }
+        let new_cfg = ModelConfig { layers, ..cfg.clone() };
+        let mut m = Sequential::from_config(&new_cfg, Scheme::Fp32, false, 0)?;
+        for (new, old, bn) in map {
+            let (w_src, b_src) = match &self.layers[old] {
+                Layer::Dense(d) => (&d.weight.value, &d.bias.value),
+                Layer::Conv2d(c) => (&c.weight.value, &c.bias.value),
+                _ => continue,
+            };
+            let (mut w, mut b) = (w_src.clone(), b_src.clone());
+            if let Some(Layer::BatchNorm(n)) = bn.map(|k| &self.layers[k]) {
+                n.fold_into(&mut w, &mut b);
+            }
+            match &mut m.layers[new] {
+                Layer::Dense(d) => {
+                    d.weight.value = w;
+                    d.bias.value = b;
+                }
+                Layer::Conv2d(c) => {
+                    c.weight.value = w;
+                    c.bias.value = b;
+                }
+                _ => {}
+            }
+        }
+        Ok((new_cfg, m))
     }
 
     /// Check that a loss layer can be fused: the last layer must end in softmax or be linear.

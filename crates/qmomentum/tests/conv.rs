@@ -335,3 +335,56 @@ fn shape_errors_name_the_layer_and_shapes() {
     assert!(e.contains("model.input_shape"), "{e}");
     let _ = Layer::Flatten;
 }
+
+/// Folding batch norm into the convolution before it leaves the evaluation outputs unchanged
+/// (`BN(conv(x)) = conv_f(x)` with the running statistics), the relu moving into the conv.
+#[test]
+fn folding_batch_norm_keeps_the_outputs() {
+    use qmomentum::model::Sequential;
+    use qmomentum::quant::Scheme;
+    let cfg: qmomentum::config::ModelConfig = toml::from_str(
+        r#"
+        input = 72
+        input_shape = [6, 6, 2]
+        layers = [
+          { type = "conv2d", filters = 4, kernel_size = 3, padding = "same" },
+          { type = "batch_norm", torch_momentum = 0.1, epsilon = 1e-5 },
+          { type = "activation", activation = "relu" },
+          { type = "max_pool2d" },
+          { type = "flatten" },
+          { type = "dense", units = 5 },
+          { type = "batch_norm" },
+          { type = "dense", units = 3, activation = "softmax" },
+        ]
+        "#,
+    )
+    .unwrap();
+    let mut m = Sequential::from_config(&cfg, Scheme::Fp32, false, 7).unwrap();
+    let mut rng = Rng::new(9, 0);
+    // Non-trivial statistics and affine parameters.
+    for l in m.layers.iter_mut() {
+        if let Layer::BatchNorm(b) = l {
+            for v in b.running_mean.value.iter_mut() {
+                *v = rng.uniform_range(-0.5, 0.5);
+            }
+            for v in b.running_var.value.iter_mut() {
+                *v = rng.uniform_range(0.2, 2.0);
+            }
+            for v in b.gamma.value.iter_mut() {
+                *v = rng.uniform_range(0.5, 1.5);
+            }
+            for v in b.beta.value.iter_mut() {
+                *v = rng.uniform_range(-0.3, 0.3);
+            }
+        }
+    }
+    let x = (0..3 * 72).map(|_| rng.uniform_range(0.0, 1.0)).collect::<Vec<f32>>();
+    let want = m.predict(&x, 3);
+    let (fcfg, mut f) = m.fold_batch_norm(&cfg).unwrap();
+    assert_eq!(fcfg.layers.len(), 5, "conv+bn+relu → conv(relu); dense+bn → dense");
+    assert!(!f.layers.iter().any(|l| matches!(l, Layer::BatchNorm(_))));
+    let got = f.predict(&x, 3);
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}

@@ -129,7 +129,7 @@ fn binary_runtime_agrees_with_simulation() {
 fn w8a8_ptq_runtime_agrees_with_simulation() {
     let (train, _) = data();
     let fp = trained(Scheme::Fp32, 2);
-    let mut q = quantize_float_model(
+    let (_, mut q) = quantize_float_model(
         &fp.model,
         &fp.config.model,
         Scheme::W8a8,

@@ -51,7 +51,7 @@ fn ptq_below_8_bits_uses_the_calibrated_range() {
     let d = fp.model.dense_mut().next().unwrap();
     d.weight.value.iter_mut().for_each(|w| *w *= 50.0);
     d.bias.value.iter_mut().for_each(|b| *b *= 50.0);
-    let q = quantize_float_model(
+    let (_, q) = quantize_float_model(
         &fp.model,
         &fp.config.model,
         Scheme::W4a4,

@@ -61,6 +61,34 @@ pub struct BatchNorm {
     mean: Vec<f32>,
     dsum: Vec<f64>,
     dsum_xhat: Vec<f64>,
+    dsum_f32: Vec<f32>,
+    dsum_xhat_f32: Vec<f32>,
+    k: Vec<f32>,
+}
+
+/// Rows summed in f32 before the f64 total: the inner loop runs over channels and vectorises,
+/// and a block of 64 rows keeps the f32 rounding far below the f64 total's resolution needs.
+const BLOCK_ROWS: usize = 64;
+
+/// `Σx` and `Σx²` per channel of `x` (rows of `c`), in f32 blocks added into f64.
+fn block_sums(x: &[f32], c: usize, s1: &mut [f64], s2: &mut [f64], b1: &mut [f32], b2: &mut [f32]) {
+    s1.fill(0.0);
+    s2.fill(0.0);
+    for block in x.chunks(BLOCK_ROWS * c) {
+        let (a, b) = (&mut b1[..c], &mut b2[..c]);
+        a.fill(0.0);
+        b.fill(0.0);
+        for row in block.chunks_exact(c) {
+            for ch in 0..c {
+                a[ch] += row[ch];
+                b[ch] += row[ch] * row[ch];
+            }
+        }
+        for ch in 0..c {
+            s1[ch] += a[ch] as f64;
+            s2[ch] += b[ch] as f64;
+        }
+    }
 }
 
 impl BatchNorm {
@@ -99,6 +127,9 @@ impl BatchNorm {
             mean: vec![0.0; channels],
             dsum: vec![0.0; channels],
             dsum_xhat: vec![0.0; channels],
+            dsum_f32: vec![0.0; channels],
+            dsum_xhat_f32: vec![0.0; channels],
+            k: vec![0.0; channels],
         }
     }
 
@@ -108,14 +139,7 @@ impl BatchNorm {
         let rows = n / c;
         if training {
             let (s1, s2, count) = &mut self.batch_sums;
-            s1.fill(0.0);
-            s2.fill(0.0);
-            for row in x[..n].chunks_exact(c) {
-                for ((a, b), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
-                    *a += v as f64;
-                    *b += v as f64 * v as f64;
-                }
-            }
+            block_sums(&x[..n], c, s1, s2, &mut self.dsum_f32, &mut self.dsum_xhat_f32);
             *count = rows as u64;
             let r = rows.max(1) as f64;
             for ch in 0..c {
@@ -134,13 +158,24 @@ impl BatchNorm {
             }
         }
         let (g, b) = (&self.gamma.value, &self.beta.value);
-        for (r, (xr, yr)) in x[..n].chunks_exact(c).zip(y[..n].chunks_exact_mut(c)).enumerate() {
-            for ch in 0..c {
-                let xh = (xr[ch] - self.mean[ch]) * self.inv_std[ch];
-                if training {
-                    self.x_hat[r * c + ch] = xh;
+        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
+        if training {
+            for ((xr, yr), hr) in x[..n]
+                .chunks_exact(c)
+                .zip(y[..n].chunks_exact_mut(c))
+                .zip(self.x_hat[..n].chunks_exact_mut(c))
+            {
+                for ch in 0..c {
+                    let xh = (xr[ch] - mean[ch]) * inv_std[ch];
+                    hr[ch] = xh;
+                    yr[ch] = g[ch] * xh + b[ch];
                 }
-                yr[ch] = g[ch] * xh + b[ch];
+            }
+        } else {
+            for (xr, yr) in x[..n].chunks_exact(c).zip(y[..n].chunks_exact_mut(c)) {
+                for ch in 0..c {
+                    yr[ch] = g[ch] * ((xr[ch] - mean[ch]) * inv_std[ch]) + b[ch];
+                }
             }
         }
     }
@@ -150,12 +185,25 @@ impl BatchNorm {
     pub fn backward(&mut self, dy: &[f32], dx: Option<&mut [f32]>, n: usize) {
         let c = self.channels;
         let rows = (n / c).max(1) as f64;
+        // Σ dy and Σ dy·x̂ per channel, vectorised over channels in f32 blocks, summed in f64.
         self.dsum.fill(0.0);
         self.dsum_xhat.fill(0.0);
-        for (gr, xr) in dy[..n].chunks_exact(c).zip(self.x_hat[..n].chunks_exact(c)) {
+        for (gb, xb) in dy[..n]
+            .chunks(BLOCK_ROWS * c)
+            .zip(self.x_hat[..n].chunks(BLOCK_ROWS * c))
+        {
+            let (a, b) = (&mut self.dsum_f32[..c], &mut self.dsum_xhat_f32[..c]);
+            a.fill(0.0);
+            b.fill(0.0);
+            for (gr, xr) in gb.chunks_exact(c).zip(xb.chunks_exact(c)) {
+                for ch in 0..c {
+                    a[ch] += gr[ch];
+                    b[ch] += gr[ch] * xr[ch];
+                }
+            }
             for ch in 0..c {
-                self.dsum[ch] += gr[ch] as f64;
-                self.dsum_xhat[ch] += gr[ch] as f64 * xr[ch] as f64;
+                self.dsum[ch] += a[ch] as f64;
+                self.dsum_xhat[ch] += b[ch] as f64;
             }
         }
         for ch in 0..c {
@@ -163,16 +211,20 @@ impl BatchNorm {
             self.gamma.grad[ch] = self.dsum_xhat[ch] as f32;
         }
         if let Some(dx) = dx {
+            // Per-channel coefficients first (divisions once per channel, not per value).
+            for ch in 0..c {
+                self.dsum_f32[ch] = (self.dsum[ch] / rows) as f32;
+                self.dsum_xhat_f32[ch] = (self.dsum_xhat[ch] / rows) as f32;
+                self.k[ch] = self.gamma.value[ch] * self.inv_std[ch];
+            }
+            let (m1, m2, k) = (&self.dsum_f32[..c], &self.dsum_xhat_f32[..c], &self.k[..c]);
             for ((dxr, gr), xr) in dx[..n]
                 .chunks_exact_mut(c)
                 .zip(dy[..n].chunks_exact(c))
                 .zip(self.x_hat[..n].chunks_exact(c))
             {
                 for ch in 0..c {
-                    let k = self.gamma.value[ch] * self.inv_std[ch];
-                    let m1 = (self.dsum[ch] / rows) as f32;
-                    let m2 = (self.dsum_xhat[ch] / rows) as f32;
-                    dxr[ch] = k * (gr[ch] - m1 - xr[ch] * m2);
+                    dxr[ch] = k[ch] * (gr[ch] - m1[ch] - xr[ch] * m2[ch]);
                 }
             }
         }
@@ -201,6 +253,28 @@ impl BatchNorm {
                     *rv = ((1.0 - p) * *rv as f64 + p * unbiased) as f32;
                 }
             }
+        }
+    }
+}
+
+impl BatchNorm {
+    /// Fold this batch norm (its running statistics) into the layer before it, whose kernel `w` is
+    /// `[fan_in, channels]` and bias `b` `[channels]`: with `σ_j = √(σ²_run,j + ε)`,
+    /// `W_f[:, j] = W[:, j]·γ_j/σ_j` and `b_f,j = β_j + γ_j(b_j − μ_j)/σ_j`, so that
+    /// `BN(x·W + b) = x·W_f + b_f` in evaluation mode (PyTorch's `fuse_conv_bn_weights`, candle's
+    /// `absorb_bn`). The one implementation: PTQ and the exporter of batch-normalised models use it.
+    pub fn fold_into(&self, w: &mut [f32], b: &mut [f32]) {
+        let c = self.channels;
+        let scale: Vec<f64> = (0..c)
+            .map(|j| self.gamma.value[j] as f64 / (self.running_var.value[j] as f64 + self.epsilon as f64).sqrt())
+            .collect();
+        for row in w.chunks_exact_mut(c) {
+            for (v, s) in row.iter_mut().zip(&scale) {
+                *v = (*v as f64 * s) as f32;
+            }
+        }
+        for j in 0..c {
+            b[j] = (self.beta.value[j] as f64 + scale[j] * (b[j] as f64 - self.running_mean.value[j] as f64)) as f32;
         }
     }
 }

@@ -317,7 +317,15 @@ impl Conv2d {
                             match geo.source(oy, ox, ky, kx) {
                                 Some((iy, ix)) => {
                                     let at = (iy * i.w + ix) * i.c + g * cg;
-                                    dst.copy_from_slice(&xb[at..at + cg]);
+                                    // A few channels (the first layer's 1): a plain loop, not a
+                                    // memmove call per tap.
+                                    if cg < 16 {
+                                        for (d, &v) in dst.iter_mut().zip(&xb[at..at + cg]) {
+                                            *d = v;
+                                        }
+                                    } else {
+                                        dst.copy_from_slice(&xb[at..at + cg]);
+                                    }
                                 }
                                 None => dst.fill(0.0),
                             }

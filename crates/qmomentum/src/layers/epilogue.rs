@@ -87,14 +87,24 @@ impl Epilogue {
         let sign_out = self.act.sign();
         let c = self.channels;
         let (mut lo, mut hi, mut sum_abs) = (f32::INFINITY, f32::NEG_INFINITY, 0.0f64);
+        // Statistics only feed an observer: a float layer skips them (the f64 sum is a serial
+        // chain that would dominate this pass).
+        let stats = training && self.act.observer.is_some();
         for (zr, yr) in self.z[..n].chunks_exact_mut(c).zip(y[..n].chunks_exact_mut(c)) {
-            for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
-                *z += b;
-                let a = if sign_out { sign(*z) } else { act.forward(*z) };
-                lo = lo.min(a);
-                hi = hi.max(a);
-                sum_abs += a.abs() as f64;
-                *yv = a;
+            if stats {
+                for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
+                    *z += b;
+                    let a = if sign_out { sign(*z) } else { act.forward(*z) };
+                    lo = lo.min(a);
+                    hi = hi.max(a);
+                    sum_abs += a.abs() as f64;
+                    *yv = a;
+                }
+            } else {
+                for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
+                    *z += b;
+                    *yv = if sign_out { sign(*z) } else { act.forward(*z) };
+                }
             }
         }
         if act == Activation::Softmax && !logits && !sign_out {

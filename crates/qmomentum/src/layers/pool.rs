@@ -68,13 +68,15 @@ impl Pool2d {
                                 for kx in 0..self.geo.kernel[1] {
                                     if let Some((iy, ix)) = self.geo.source(oy, ox, ky, kx) {
                                         let src = (iy * i.w + ix) * c;
-                                        for ch in 0..c {
-                                            let v = xb[src + ch];
-                                            // `>` keeps the first maximum (ties, as PyTorch).
-                                            if v > out[ch] {
-                                                out[ch] = v;
-                                                arg[ch] = (src + ch) as u32;
-                                            }
+                                        let row = &xb[src..src + c];
+                                        // `>` keeps the first maximum (ties, as PyTorch); written
+                                        // as selects so the channel loop vectorises.
+                                        for (ch, ((o, a), &v)) in
+                                            out.iter_mut().zip(arg.iter_mut()).zip(row).enumerate()
+                                        {
+                                            let take = v > *o;
+                                            *o = if take { v } else { *o };
+                                            *a = if take { (src + ch) as u32 } else { *a };
                                         }
                                     }
                                 }

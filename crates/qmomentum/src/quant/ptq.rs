@@ -154,7 +154,9 @@ pub fn calibrate(
 
 /// Post-training quantization of a float model: a model of the same architecture with the
 /// quantization of `scheme` (per-layer `quant` of the config wins), the float weights and biases
-/// copied, and the activation ranges calibrated on `batches` batches of `data`.
+/// copied, and the activation ranges calibrated on `batches` batches of `data`. Batch norms are
+/// first folded into the layers before them ([`Sequential::fold_batch_norm`]), as the integer
+/// model computes them; the returned config is the folded architecture.
 pub fn quantize_float_model(
     float: &Sequential,
     cfg: &crate::config::ModelConfig,
@@ -163,38 +165,47 @@ pub fn quantize_float_model(
     batches: usize,
     batch_size: usize,
     method: Calibration,
-) -> Result<Sequential> {
-    if let Some(d) = float
-        .dense()
-        .find(|d| d.quant.weights.is_some() || d.quant.activations.is_some())
-    {
+) -> Result<(crate::config::ModelConfig, Sequential)> {
+    if let Some((i, _)) = float.layers.iter().enumerate().find(|(_, l)| {
+        l.quant_parts()
+            .is_some_and(|(w, a)| w.quant.is_some() || a.quant.is_some())
+    }) {
         return Err(Error::config(
             "checkpoint",
-            format!("layer {} is quantized", d.index),
+            format!("layer {i} is quantized"),
             "post-training quantization starts from a float (fp32) checkpoint",
         ));
     }
-    let mut q = Sequential::from_config(cfg, scheme, false, 0)?;
-    let src: Vec<_> = float.dense().collect();
-    let n_dst = q.dense().count();
-    if src.len() != n_dst {
+    let (cfg, float) = float.fold_batch_norm(cfg)?;
+    let mut q = Sequential::from_config(&cfg, scheme, false, 0)?;
+    let (n_src, n_dst) = (
+        float.params_iter().count(),
+        q.params_iter()
+            .filter(|p| p.kind != crate::layers::ParamKind::Scale)
+            .count(),
+    );
+    if n_src != n_dst {
         return Err(Error::Shape(format!(
-            "the checkpoint has {} dense layers, the config {n_dst}",
-            src.len()
+            "the checkpoint has {n_src} parameter tensors, the config {n_dst}"
         )));
     }
-    for (d, s) in q.dense_mut().zip(src) {
-        if (d.inputs, d.outputs) != (s.inputs, s.outputs) {
+    // Same config, same names: copy by name (learned steps of the quantized model stay as
+    // calibration sets them).
+    for s in float.params_iter() {
+        let d = q
+            .params_iter_mut()
+            .find(|p| p.name == s.name)
+            .ok_or_else(|| Error::Shape(format!("the quantized model has no parameter {}", s.name)))?;
+        if d.shape != s.shape {
             return Err(Error::Shape(format!(
-                "layer {}: the checkpoint is {}→{}, the config {}→{}",
-                d.index, s.inputs, s.outputs, d.inputs, d.outputs
+                "{}: the checkpoint has {:?}, the config {:?}",
+                s.name, s.shape, d.shape
             )));
         }
-        d.weight.value.copy_from_slice(&s.weight.value);
-        d.bias.value.copy_from_slice(&s.bias.value);
+        d.value.copy_from_slice(&s.value);
     }
     calibrate(&mut q, data, batches, batch_size, method)?;
-    Ok(q)
+    Ok((cfg, q))
 }
 
 #[cfg(test)]
