@@ -428,3 +428,4 @@ pub fn check_fits(model: &Sequential, data: &Dataset) -> Result<()> {
     }
     Ok(())
 }
+

@@ -124,6 +124,11 @@ impl Layer {
             Layer::BatchNorm(b) => b.forward(x, y, x.len(), training),
             Layer::Pool2d(p) => p.forward(x, y, batch),
             Layer::GlobalAvgPool(g) => g.forward(x, y, batch),
+            Layer::Activation(Activation::Relu) => {
+                for (yv, &xv) in y.iter_mut().zip(x) {
+                    *yv = xv.max(0.0);
+                }
+            }
             Layer::Activation(a) => {
                 let cols = x.len() / batch.max(1);
                 for (yv, &xv) in y.iter_mut().zip(x) {
@@ -152,6 +157,13 @@ impl Layer {
             Layer::GlobalAvgPool(g) => {
                 if let Some(dx) = dx {
                     g.backward(dy, dx, batch)
+                }
+            }
+            Layer::Activation(Activation::Relu) => {
+                if let Some(dx) = dx {
+                    for ((d, &g), &z) in dx.iter_mut().zip(dy).zip(x) {
+                        *d = if z > 0.0 { g } else { 0.0 };
+                    }
                 }
             }
             Layer::Activation(a) => {
