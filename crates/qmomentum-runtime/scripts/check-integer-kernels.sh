@@ -10,7 +10,7 @@
 # Usage: crates/qmomentum-runtime/scripts/check-integer-kernels.sh   (from the workspace root)
 set -euo pipefail
 cargo build -p qmomentum-runtime --release --example bench_kernels >/dev/null
-bin=target/release/examples/bench_kernels
+bin=${CARGO_TARGET_DIR:-target}/release/examples/bench_kernels
 asm=$(mktemp)
 trap 'rm -f "$asm"' EXIT
 objdump -d --no-show-raw-insn -C "$bin" >"$asm"

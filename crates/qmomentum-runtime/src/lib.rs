@@ -62,11 +62,16 @@ mod error;
 pub mod format;
 pub mod io;
 pub mod kernels;
+mod kind;
+mod model;
+mod ops;
 mod pool;
 pub mod requant;
 
 pub use engine::{argmax, Workspace};
 pub use error::Error;
-pub use format::{InputSpec, Layer, Model, Output};
+pub use format::InputSpec;
 pub use kernels::KernelKind;
+pub use model::Model;
+pub use ops::{Layer, Output};
 pub use requant::{quantize_multiplier, requantize};
