@@ -17,12 +17,17 @@ use crate::aligned::Aligned;
 use crate::error::Error;
 use crate::kernels::KernelKind;
 use crate::model::Model;
-use crate::ops::{In, Out, Produces, Scratch};
+use crate::ops::{In, Out, Produces, Scratch, ScratchSize};
 
 pub use crate::ops::ACC_ROWS;
 
-/// Rows pushed through all layers at a time.
+/// Most rows pushed through all layers at a time.
 pub const BLOCK_ROWS: usize = 64;
+
+/// Bytes of activations per block that the block size aims for: models whose layers output
+/// more than `BLOCK_BYTES / BLOCK_ROWS` bytes per sample (image models) run in smaller blocks,
+/// down to one sample, so that a block's activations stay in L2.
+pub const BLOCK_BYTES: usize = 1 << 20;
 
 /// Most rows per [`Model::run`] call inside [`Model::predict`] / [`Model::logits`]; smaller
 /// batches are cut in pieces of down to [`BLOCK_ROWS`] rows so that every thread gets several.
@@ -70,6 +75,10 @@ pub struct Workspace {
     block: usize,
     /// The i32 accumulator tile, as large as the largest layer asks for.
     acc: Aligned<i32>,
+    /// u8 patches of a convolution (im2col), as large as the largest layer asks for.
+    col: Aligned<u8>,
+    /// u32 sums of an average pooling.
+    sums: Aligned<u32>,
     /// Outputs of every layer but the last.
     acts: Vec<Act>,
     /// `[max_batch, classes]`.
@@ -88,10 +97,26 @@ impl Workspace {
 impl Model {
     /// Scratch memory for batches of up to `max_batch` rows.
     pub fn workspace(&self, max_batch: usize) -> Workspace {
-        let block = max_batch.clamp(1, BLOCK_ROWS);
         let n = self.compiled.len();
-        let acc = self.compiled.iter().map(|l| l.scratch(block).acc).max().unwrap_or(0);
-        let acts = self.compiled[..n.saturating_sub(1)]
+        let hidden = &self.compiled[..n.saturating_sub(1)];
+        // Bytes of activations per sample (rows padded as below).
+        let row_bytes: usize = hidden
+            .iter()
+            .map(|l| match l.produces() {
+                Produces::Bits { bits } => 8 * bits.div_ceil(64),
+                Produces::U8 { stride, .. } => stride,
+                Produces::Logits { classes } => classes.next_multiple_of(64),
+            })
+            .sum();
+        let block = max_batch
+            .clamp(1, BLOCK_ROWS)
+            .min((BLOCK_BYTES / row_bytes.max(1)).max(1));
+        let scratch = self
+            .compiled
+            .iter()
+            .map(|l| l.scratch(block))
+            .fold(ScratchSize::default(), ScratchSize::max);
+        let acts = hidden
             .iter()
             .map(|l| match l.produces() {
                 Produces::Bits { bits } => {
@@ -101,9 +126,13 @@ impl Model {
                         words,
                     }
                 }
-                // Logits only occur on the last layer (validation), so this is a u8 output.
-                Produces::U8 { size } | Produces::Logits { classes: size } => {
-                    let stride = size.next_multiple_of(64);
+                Produces::U8 { stride, .. } => Act::U8 {
+                    buf: Aligned::zeroed(block * stride),
+                    stride,
+                },
+                // Logits only occur on the last layer (validation), so this is never used.
+                Produces::Logits { classes } => {
+                    let stride = classes.next_multiple_of(64);
                     Act::U8 {
                         buf: Aligned::zeroed(block * stride),
                         stride,
@@ -115,7 +144,9 @@ impl Model {
             model_id: self.id,
             max_batch,
             block,
-            acc: Aligned::zeroed(acc),
+            acc: Aligned::zeroed(scratch.acc),
+            col: Aligned::zeroed(scratch.col),
+            sums: Aligned::zeroed(scratch.sums),
             acts,
             logits: vec![0.0; max_batch * self.num_classes()],
             input_bits: Aligned::zeroed(if self.input.binarize_at.is_some() {
@@ -161,12 +192,14 @@ impl Model {
         let Workspace {
             block,
             acc,
+            col,
+            sums,
             acts,
             logits,
             input_bits,
             ..
         } = ws;
-        let mut scratch = Scratch { acc };
+        let mut scratch = Scratch { acc, col, sums };
         let in_words = size.div_ceil(64);
         let mut start = 0;
         while start < batch {

@@ -36,6 +36,10 @@ pub struct InputSpec {
     /// Binary input: the first layer reads one bit per value, `pixel ≥ binarize_at` (the
     /// file's optional `input.binarize_at`), and must be a `dense_bin` layer.
     pub binarize_at: Option<u8>,
+    /// The sample as an image, `[h, w, c]` in NHWC order (channel fastest; the file's optional
+    /// `input.shape`), with `h·w·c = size`. Convolution and pooling layers need it when they
+    /// read the model input; dense layers read the same bytes as a flat vector.
+    pub shape: Option<[usize; 3]>,
 }
 
 impl InputSpec {
@@ -50,6 +54,21 @@ impl InputSpec {
                 format!("{} is not a finite positive number", self.scale),
             ));
         }
+        if let Some(shape) = self.shape {
+            if shape.iter().any(|&d| d == 0 || d > MAX_DIM) {
+                return Err(Error::field(
+                    "input.shape",
+                    format!("{shape:?}: every dimension must be in [1, {MAX_DIM}]"),
+                ));
+            }
+            let values = shape.iter().product::<usize>();
+            if values != self.size {
+                return Err(Error::field(
+                    "input.shape",
+                    format!("{shape:?} has {values} values, input.size is {}", self.size),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -59,6 +78,7 @@ impl InputSpec {
             scale: f.f32("scale")?,
             zero_point: f.uint("zero_point", 255)? as u8,
             binarize_at: f.opt_uint("binarize_at", 255)?.map(|t| t as u8),
+            shape: f.opt_sizes("shape")?,
         })
     }
 
@@ -70,9 +90,16 @@ impl InputSpec {
         if let Some(t) = self.binarize_at {
             doc.insert("binarize_at".into(), json!(t));
         }
+        if let Some(shape) = self.shape {
+            doc.insert("shape".into(), json!(shape));
+        }
         Value::Object(doc)
     }
 }
+
+/// The largest image dimension (height, width, channels, kernel size, stride, dilation,
+/// padding) a model may use.
+pub const MAX_DIM: usize = 1 << 16;
 
 /// The name of layer `layer`'s tensor `what` in the file: `layers.{layer}.{what}`.
 pub(crate) fn tname(layer: usize, what: &str) -> String {
@@ -148,6 +175,36 @@ impl<'a> Fields<'a> {
     pub(crate) fn size(&mut self, key: &'static str) -> Result<usize, Error> {
         let n = self.uint(key, u64::MAX)?;
         usize::try_from(n).map_err(|_| Error::field(self.name(key), format!("{n} is too large")))
+    }
+
+    /// An array of exactly `N` unsigned integers (image shapes, kernel sizes, paddings).
+    pub(crate) fn sizes<const N: usize>(&mut self, key: &'static str) -> Result<[usize; N], Error> {
+        let v = self.get(key)?;
+        self.check_sizes(key, v)
+    }
+
+    /// An optional [`Fields::sizes`]: `None` when absent.
+    pub(crate) fn opt_sizes<const N: usize>(&mut self, key: &'static str) -> Result<Option<[usize; N]>, Error> {
+        self.used.insert(key);
+        match self.map.get(key) {
+            Some(v) => self.check_sizes(key, v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn check_sizes<const N: usize>(&self, key: &str, v: &Value) -> Result<[usize; N], Error> {
+        let bad = || {
+            Error::field(
+                self.name(key),
+                format!("expected an array of {N} unsigned integers, got {v}"),
+            )
+        };
+        let arr = v.as_array().filter(|a| a.len() == N).ok_or_else(bad)?;
+        let mut out = [0usize; N];
+        for (o, x) in out.iter_mut().zip(arr) {
+            *o = x.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(bad)?;
+        }
+        Ok(out)
     }
 
     pub(crate) fn f32(&mut self, key: &'static str) -> Result<f32, Error> {

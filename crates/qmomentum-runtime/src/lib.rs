@@ -34,7 +34,7 @@
 //!     input_zero_point: 0,
 //!     output: Output::Logits { scale: vec![0.5, 0.25], bias: None },
 //! };
-//! let input = InputSpec { size: 4, scale: 1.0 / 255.0, zero_point: 0, binarize_at: None };
+//! let input = InputSpec { size: 4, scale: 1.0 / 255.0, zero_point: 0, binarize_at: None, shape: None };
 //! let model = Model::new(input, vec![hidden, head])?;
 //!
 //! let x = [10u8, 20, 30, 40];

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::format::{self, InputSpec};
 use crate::kernels::KernelKind;
-use crate::ops::{self, ActSpec, Compiled, Layer};
+use crate::ops::{self, ActSpec, Compiled, Layer, MAC_FACTOR, VALUE_FACTOR};
 
 /// A validated integer model with its weights packed for the kernels.
 ///
@@ -63,7 +63,7 @@ impl Model {
     /// value, or the layer and the sizes that do not chain.
     pub fn new(input: InputSpec, layers: Vec<Layer>) -> Result<Model, Error> {
         validate(&input, &layers)?;
-        let compiled = layers.iter().map(|l| l.op().compile(l)).collect();
+        let compiled = layers.iter().map(|l| l.op().compile(l)).collect::<Result<_, _>>()?;
         Ok(Model {
             input,
             layers,
@@ -152,8 +152,10 @@ impl Model {
 }
 
 /// Checks every rule of the format's Validation section on in-memory data: the input, then
-/// each layer against what the previous one produces (each op's `validate`), then where the
-/// logits are.
+/// each layer against what the previous one produces (each op's `validate`), where the logits
+/// are, and the size limits (see `ops/spatial.rs`): activation values and multiply-adds per
+/// sample, summed over the layers, within [`VALUE_FACTOR`] and [`MAC_FACTOR`] times the model's
+/// size (`input.size` plus its tensor bytes).
 fn validate(input: &InputSpec, layers: &[Layer]) -> Result<(), Error> {
     input.validate()?;
     if layers.is_empty() {
@@ -163,14 +165,39 @@ fn validate(input: &InputSpec, layers: &[Layer]) -> Result<(), Error> {
     let mut act = ActSpec {
         bits: input.binarize_at.is_some(),
         size: input.size,
+        shape: input.shape,
         desc: if input.binarize_at.is_some() {
             "the binarized input".to_string()
         } else {
             "input.size".to_string()
         },
+        shape_desc: "input.shape".to_string(),
+        macs: 0,
     };
+    let model_size = layers.iter().map(|l| l.op().param_bytes(l) as u128).sum::<u128>() + input.size as u128;
+    let (mut values, mut macs) = (0u128, 0u128);
     for (i, layer) in layers.iter().enumerate() {
         act = layer.op().validate(layer, i, &act)?;
+        values += act.size as u128;
+        macs += act.macs;
+        if values > VALUE_FACTOR * model_size {
+            return Err(Error::layer(
+                i,
+                format!(
+                    "{} makes {values} activation values per sample with the layers before it, more than {VALUE_FACTOR} × the model's size of {model_size} (input values + tensor bytes)",
+                    act.desc
+                ),
+            ));
+        }
+        if macs > MAC_FACTOR * model_size {
+            return Err(Error::layer(
+                i,
+                format!(
+                    "{} takes {macs} multiply-adds per sample with the layers before it, more than {MAC_FACTOR} × the model's size of {model_size} (input values + tensor bytes)",
+                    act.desc
+                ),
+            ));
+        }
         let is_logits = layer.output().is_logits();
         if is_logits && i != last {
             return Err(Error::layer(i, "only the last layer may output logits"));

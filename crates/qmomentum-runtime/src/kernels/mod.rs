@@ -20,6 +20,8 @@
 //! All kernel functions take row-major 2-D buffers described by `(rows, stride)`; they panic if
 //! a buffer is too small for the shape (a programming error, never a data error).
 
+pub mod conv;
+pub mod pool;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
@@ -32,6 +34,8 @@ use crate::aligned::Aligned;
 use crate::error::Error;
 
 pub use crate::kind::KernelKind;
+pub use conv::{ConvGeometry, Window};
+pub use pool::DivRound;
 
 /// `Ok` if this CPU can run `kind`, else [`Error::KernelUnavailable`].
 fn check(kind: KernelKind) -> Result<(), Error> {

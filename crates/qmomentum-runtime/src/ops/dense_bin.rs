@@ -121,16 +121,22 @@ impl Op for DenseBin {
             }
         }
         output::validate(i, output, outputs, After::Bin)?;
-        Ok(ActSpec::layer_output(i, output, outputs))
+        let macs = inputs as u128 * outputs as u128;
+        Ok(ActSpec::layer_output(i, output, outputs, macs))
     }
 
-    fn compile(&self, layer: &Layer) -> Arc<dyn Compiled> {
+    fn param_bytes(&self, layer: &Layer) -> usize {
         let p = parts(layer);
-        Arc::new(CompiledDenseBin {
+        8 * p.weight.len() + output::param_bytes(p.output)
+    }
+
+    fn compile(&self, layer: &Layer) -> Result<Arc<dyn Compiled>, Error> {
+        let p = parts(layer);
+        Ok(Arc::new(CompiledDenseBin {
             w: PackedDenseBin::new(p.inputs, p.outputs, p.weight),
-            epilogue: Epilogue::new(p.output, 0..p.outputs),
-            produces: produces(p.output, p.outputs),
-        })
+            epilogue: Epilogue::new(p.output, 0..p.outputs)?,
+            produces: produces(p.output, p.outputs)?,
+        }))
     }
 }
 
@@ -149,6 +155,7 @@ impl Compiled for CompiledDenseBin {
     fn scratch(&self, rows: usize) -> ScratchSize {
         ScratchSize {
             acc: rows.min(ACC_ROWS) * padded(self.w.outputs()),
+            ..ScratchSize::default()
         }
     }
 

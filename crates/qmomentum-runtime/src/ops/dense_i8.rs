@@ -134,26 +134,38 @@ impl Op for DenseI8 {
         }
         output::check_len(&tname(i, "bias"), p.bias, p.outputs, "out")?;
         output::validate(i, p.output, p.outputs, After::I8(self.kind()))?;
-        Ok(ActSpec::layer_output(i, p.output, p.outputs))
+        let macs = p.inputs as u128 * p.outputs as u128;
+        Ok(ActSpec::layer_output(i, p.output, p.outputs, macs))
     }
 
-    fn compile(&self, layer: &Layer) -> Arc<dyn Compiled> {
+    fn param_bytes(&self, layer: &Layer) -> usize {
         let p = parts(layer);
-        Arc::new(CompiledDenseI8 {
+        p.weight.len() + 4 * p.bias.len() + output::param_bytes(p.output)
+    }
+
+    fn compile(&self, layer: &Layer) -> Result<Arc<dyn Compiled>, Error> {
+        let p = parts(layer);
+        Ok(Arc::new(CompiledDenseI8 {
             w: PackedDenseI8::new(p.inputs, p.outputs, p.weight, p.bias, p.input_zero_point),
-            epilogue: Epilogue::new(p.output, 0..p.outputs),
-            produces: produces(p.output, p.outputs),
-        })
+            epilogue: Epilogue::new(p.output, 0..p.outputs)?,
+            produces: produces(p.output, p.outputs)?,
+        }))
     }
 }
 
 /// What a dense layer with `outputs` channels and output step `output` writes per sample.
-pub(super) fn produces(output: &Output, outputs: usize) -> Produces {
-    match output {
-        Output::U8 { .. } => Produces::U8 { size: outputs },
+pub(super) fn produces(output: &Output, outputs: usize) -> Result<Produces, Error> {
+    Ok(match output {
+        // Rows padded to 64 bytes: the next layer's loads start on a cache line.
+        Output::U8 { .. } => Produces::U8 {
+            size: outputs,
+            stride: outputs.next_multiple_of(64),
+        },
         Output::SignBits { .. } => Produces::Bits { bits: outputs },
         Output::Logits { .. } => Produces::Logits { classes: outputs },
-    }
+        // Excluded by `output::validate`.
+        Output::InputGrid => return Err(Error::Internal("a dense layer without an output step")),
+    })
 }
 
 #[derive(Debug)]
@@ -171,6 +183,7 @@ impl Compiled for CompiledDenseI8 {
     fn scratch(&self, rows: usize) -> ScratchSize {
         ScratchSize {
             acc: rows.min(ACC_ROWS) * padded(self.w.outputs()),
+            ..ScratchSize::default()
         }
     }
 

@@ -47,7 +47,15 @@ pub enum Output {
         /// Per-channel bias, finite; present exactly for `dense_bin` layers.
         bias: Option<Vec<f32>>,
     },
+    /// No output step: the u8 output lies on the grid of the layer's input. What
+    /// [`Layer::output`](crate::Layer::output) returns for pooling layers (max commutes with
+    /// the quantizer; the rounded mean stays on its grid). Never written in a file, and not an
+    /// output dense or convolution layers may have.
+    InputGrid,
 }
+
+/// [`Output::InputGrid`], for [`Layer::output`](crate::Layer::output) to borrow.
+pub(crate) static INPUT_GRID: Output = Output::InputGrid;
 
 impl Output {
     /// The name used in the file (`relu_u8`, `u8`, `sign_bits`, `logits`).
@@ -57,12 +65,13 @@ impl Output {
             Output::U8 { relu: false, .. } => "u8",
             Output::SignBits { .. } => "sign_bits",
             Output::Logits { .. } => "logits",
+            Output::InputGrid => "input_grid",
         }
     }
 
     /// Whether this output is u8 (what a `dense_i8` layer reads).
     pub fn is_u8(&self) -> bool {
-        matches!(self, Output::U8 { .. })
+        matches!(self, Output::U8 { .. } | Output::InputGrid)
     }
 
     /// Whether this output is the logits (only the last layer has them).
@@ -173,6 +182,18 @@ pub(crate) fn write(i: usize, output: &Output, doc: &mut Map<String, Value>, t: 
                 t.f32s(tname(i, "bias"), vec![b.len()], b);
             }
         }
+        // Rejected by `validate`, so a model never holds it on a layer that writes an output.
+        Output::InputGrid => {}
+    }
+}
+
+/// Bytes of the output's tensors in the file.
+pub(crate) fn param_bytes(output: &Output) -> usize {
+    match output {
+        Output::U8 { multiplier, shift, .. } => 4 * (multiplier.len() + shift.len()),
+        Output::SignBits { threshold } => 4 * threshold.as_ref().map_or(0, Vec::len),
+        Output::Logits { scale, bias } => 4 * (scale.len() + bias.as_ref().map_or(0, Vec::len)),
+        Output::InputGrid => 0,
     }
 }
 
@@ -283,6 +304,15 @@ pub(crate) fn validate(i: usize, output: &Output, channels: usize, after: After)
                 }
             }
         }
+        Output::InputGrid => {
+            return Err(Error::field(
+                format!("layers[{i}].output"),
+                format!(
+                    "input_grid is the output of pooling layers; {} needs relu_u8, u8, sign_bits or logits",
+                    after.name()
+                ),
+            ))
+        }
     }
     Ok(())
 }
@@ -301,8 +331,8 @@ pub(crate) enum Epilogue {
 impl Epilogue {
     /// The epilogue of channels `channels` of a validated `output` (an op whose channels are
     /// computed in groups gets one epilogue per group).
-    pub(crate) fn new(output: &Output, channels: Range<usize>) -> Epilogue {
-        match output {
+    pub(crate) fn new(output: &Output, channels: Range<usize>) -> Result<Epilogue, Error> {
+        Ok(match output {
             Output::U8 {
                 relu,
                 multiplier,
@@ -324,7 +354,9 @@ impl Epilogue {
                 &scale[channels.clone()],
                 bias.as_ref().map(|b| &b[channels]),
             )),
-        }
+            // Rejected by `validate` for every op that has an epilogue.
+            Output::InputGrid => return Err(Error::Internal("an epilogue for a layer without an output step")),
+        })
     }
 
     /// Applies the epilogue to `rows` accumulator rows (`acc`, row stride `acc_stride`),
