@@ -157,6 +157,30 @@ fn main() {
         }
     }
 
+    // The requantization epilogue on 32-row accumulator tiles of 32 and 64 channels (a
+    // convolution's tile: one value per output position and channel).
+    for outs in [32usize, 64] {
+        let rows = 32;
+        let acc: Vec<i32> = (0..rows * outs)
+            .map(|_| (rng.next() % 200_001) as i32 - 100_000)
+            .collect();
+        let (mq, rq) = quantize_multiplier(100.0 / 40_000.0).unwrap();
+        let p = kernels::Requant::new(&vec![mq; outs], &vec![rq; outs], 3, 255, true);
+        let mut out = vec![0u8; rows * outs];
+        for kind in KernelKind::available() {
+            let t = median(9, || {
+                for _ in 0..1000 {
+                    kernels::requant_u8(kind, &p, black_box(&acc), outs, rows, &mut out, outs).unwrap();
+                }
+            }) / 1000.0;
+            println!(
+                "requant_u8 [{rows}x{outs}] {:>10}: {:.2} ns per value",
+                kind.name(),
+                t / (rows * outs) as f64 * 1e9
+            );
+        }
+    }
+
     // The MNIST-shaped int8 model.
     let layers = vec![
         dense(&mut rng, 784, 128, relu(128, 784)),

@@ -286,8 +286,14 @@ pub struct Requant {
     pub(crate) outputs: usize,
     pub(crate) m: Aligned<i32>,
     pub(crate) r: Aligned<i32>,
-    /// `30 + r`, the SIMD tier's first shift (see `avx512::requant_u8`); 0 in padding.
-    pub(crate) s1: Aligned<i32>,
+    /// `m[j + 1]` at every even `j` (0 elsewhere): the odd channels' multipliers where
+    /// `vpmuldq` reads them (see `avx512::requant_u8`).
+    pub(crate) m_odd: Aligned<i32>,
+    /// Per group of 16 channels: the rounding terms `2^(30+r)` of the 8 even channels, then of
+    /// the 8 odd ones, as i64.
+    pub(crate) round: Aligned<u64>,
+    /// The shifts `31 + r` in the same order as `round`.
+    pub(crate) shift: Aligned<u64>,
     pub(crate) z_out: u8,
     pub(crate) lo: u8,
     pub(crate) hi: u8,
@@ -306,7 +312,10 @@ impl Requant {
         let n = multiplier.len();
         let mut m = Aligned::zeroed(padded(n));
         let mut r = Aligned::zeroed(padded(n));
-        let mut s1 = Aligned::zeroed(padded(n));
+        let mut m_odd = Aligned::zeroed(padded(n));
+        // Padding channels: m = 0 and r = 0, whose result is 0.
+        let mut round = Aligned::from_slice(&vec![1u64 << 30; padded(n)]);
+        let mut lane_shift = Aligned::from_slice(&vec![31u64; padded(n)]);
         for j in 0..n {
             assert!(
                 crate::requant::multiplier_in_range(multiplier[j]) && crate::requant::shift_in_range(shift[j]),
@@ -314,13 +323,21 @@ impl Requant {
             );
             m[j] = multiplier[j];
             r[j] = shift[j];
-            s1[j] = 30 + shift[j];
+            if j % 2 == 1 {
+                m_odd[j - 1] = multiplier[j];
+            }
+            // Channel j of group `j / 16` sits in lane `(j % 16) / 2` of the even or odd half.
+            let at = j / LANES * LANES + (j % 2) * 8 + (j % LANES) / 2;
+            round[at] = 1u64 << (30 + shift[j]);
+            lane_shift[at] = (31 + shift[j]) as u64;
         }
         Requant {
             outputs: n,
             m,
             r,
-            s1,
+            m_odd,
+            round,
+            shift: lane_shift,
             z_out: zero_point,
             lo: if relu { zero_point } else { 0 },
             hi: qmax,
