@@ -28,6 +28,8 @@ pub struct Model {
     pub(crate) id: u64,
     /// Names of the output classes (the file's optional `classes`).
     pub(crate) class_names: Option<Vec<String>>,
+    /// Logits per sample (the last layer's outputs), looked up on every run.
+    classes: usize,
 }
 
 /// Shapes only: the weights would print hundreds of thousands of numbers.
@@ -64,7 +66,9 @@ impl Model {
     pub fn new(input: InputSpec, layers: Vec<Layer>) -> Result<Model, Error> {
         validate(&input, &layers)?;
         let compiled = layers.iter().map(|l| l.op().compile(l)).collect::<Result<_, _>>()?;
+        let classes = layers.last().map_or(0, Layer::outputs);
         Ok(Model {
+            classes,
             input,
             layers,
             compiled,
@@ -86,7 +90,7 @@ impl Model {
 
     /// Number of logits per sample (the last layer's outputs).
     pub fn num_classes(&self) -> usize {
-        self.layers.last().map_or(0, Layer::outputs)
+        self.classes
     }
 
     /// The kernel tier [`Model::run`](crate::Model::run) uses (the best this CPU supports).
