@@ -1,11 +1,16 @@
-//! Integer-only inference for quantized MLPs exported by `qmomentum`.
+//! Integer-only inference for quantized networks exported by `qmomentum`.
 //!
-//! A model file (safetensors, specified in `doc/model-format.md`) holds a chain of dense
-//! layers: int8 weights over u8 activations (`dense_i8`) or ±1 bit weights over bit
-//! activations (`dense_bin`). Between the u8 input and the final logits everything is integer
-//! arithmetic: i32 accumulation, fixed-point requantization to u8 ([`requant`]), or sign bits;
-//! only the last layer's per-channel scale turns its i32 accumulators into `f32` logits. The
-//! result is bit-for-bit identical on every machine and every kernel tier ([`KernelKind`]).
+//! A model file (safetensors, specified in `doc/model-format.md`) holds a chain of layers:
+//! dense layers with int8 weights over u8 activations (`dense_i8`) or ±1 bit weights over bit
+//! activations (`dense_bin`), and for images (NHWC u8) 2-D convolutions with int8 weights
+//! (`conv2d_i8`) and max, average and global average pooling. Between the u8 input and the
+//! final logits everything is integer arithmetic: i32 accumulation, fixed-point
+//! requantization to u8 ([`requant`]), or sign bits; only the last layer's per-channel scale
+//! turns its i32 accumulators into `f32` logits. The result is bit-for-bit identical on every
+//! machine and every kernel tier ([`KernelKind`]).
+//!
+//! Each layer kind lives in one file of `src/ops/` (reading, writing, validation, packing and
+//! running); `doc/runtime.md` describes the structure.
 //!
 //! ```
 //! use qmomentum_runtime::{InputSpec, Layer, Model, Output};
