@@ -147,7 +147,7 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
     let mut abits = Vec::new();
     for (i, l) in m.layers().iter().enumerate() {
         let (what, weights) = match l {
-            RtLayer::DenseI8 { weight, .. } => {
+            RtLayer::DenseI8 { weight, .. } | RtLayer::Conv2dI8 { weight, .. } => {
                 let b = code_bits(weight);
                 let ternary = weight.iter().all(|&v| (-1..=1).contains(&v));
                 wbits.push(if ternary {
@@ -156,7 +156,7 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
                     format!("{b}-bit")
                 });
                 (
-                    "dense_i8",
+                    l.kind_name(),
                     if ternary {
                         "ternary codes {-1, 0, 1} in int8".to_string()
                     } else {
@@ -171,6 +171,8 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
                 wbits.push("binary".into());
                 ("dense_bin", "±1 weights, one bit each (XNOR-popcount)".to_string())
             }
+            // Pooling layers.
+            _ => (l.kind_name(), "no weights".to_string()),
         };
         let out = match l.output() {
             Output::U8 {
@@ -189,6 +191,7 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
                 "sign bits".into()
             }
             Output::Logits { .. } => "logits (dequantized to f32)".into(),
+            Output::InputGrid => "u8 on its input's grid".into(),
         };
         outln!("  layer {i}: {what} {}→{}, {weights} → {out}", l.inputs(), l.outputs())?;
     }

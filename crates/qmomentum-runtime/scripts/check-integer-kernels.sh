@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Disassembles the runtime's kernels and counts floating-point arithmetic/conversion
-# instructions in each. Every kernel must have none except the two `dequantize` functions,
+# instructions in each (dense, binary, convolution gather, pooling and the epilogues; a
+# convolution's multiply-adds run in the dense kernels). Every kernel must have none except the two `dequantize` functions,
 # the final i32 → f32 step. Plain vector moves (vmovaps/vmovups) are bit copies and not counted.
 #
 # Every listed kernel must exist as a function of its own in the binary: a kernel that is not
@@ -10,7 +11,7 @@
 # Usage: crates/qmomentum-runtime/scripts/check-integer-kernels.sh   (from the workspace root)
 set -euo pipefail
 cargo build -p qmomentum-runtime --release --example bench_kernels >/dev/null
-bin=target/release/examples/bench_kernels
+bin=${CARGO_TARGET_DIR:-target}/release/examples/bench_kernels
 asm=$(mktemp)
 trap 'rm -f "$asm"' EXIT
 objdump -d --no-show-raw-insn -C "$bin" >"$asm"
@@ -23,7 +24,8 @@ for f in kernels::scalar::dense_i8 kernels::scalar::dense_bin_reference kernels:
     kernels::avx512::requant_u8 kernels::avx512::sign_bits kernels::binary::popcnt_rows \
     kernels::binary::avx512::dense_bin kernels::binary::avx512::run kernels::binary::avx512::dense_bin_sign \
     kernels::binary::popcnt_sign_rows kernels::scalar::dense_bin_sign engine::pack_bits_avx512 \
-    engine::pack_bits_scalar kernels::scalar::dequantize kernels::avx512::dequantize; do
+    engine::pack_bits_scalar kernels::conv::im2col kernels::pool::maxpool_u8 kernels::pool::avgpool_u8 \
+    kernels::pool::global_avgpool_u8 kernels::scalar::dequantize kernels::avx512::dequantize; do
     body=$(awk -v f="<qmomentum_runtime::$f>:" 'index($0, f) { p = 1; next } p && /^$/ { p = 0 } p' "$asm")
     if [ -z "$body" ]; then
         echo "$f: NOT FOUND in $bin (inlined, renamed or removed?)" >&2

@@ -6,92 +6,32 @@
 //!
 //! Between the u8 input and the final logits every value is an integer: each layer is a dense
 //! kernel (u8/i8 or u64 bits in, i32 out) followed by an integer epilogue (i32 → u8 or bits);
-//! only the last layer's epilogue, [`kernels::dequantize`], converts i32 to f32.
+//! only the last layer's epilogue, [`crate::kernels::dequantize`], converts i32 to f32. The
+//! layers themselves are compiled ops (`crate::ops`); this module only owns the buffers, the
+//! batch loop and the threads.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::aligned::Aligned;
 use crate::error::Error;
-use crate::format::{Layer, Model, Output};
-use crate::kernels::{self, padded, Dequant, KernelKind, PackedDenseBin, PackedDenseI8, Requant, SignBits};
+use crate::kernels::KernelKind;
+use crate::model::Model;
+use crate::ops::{In, Out, Produces, Scratch, ScratchSize};
 
-/// Rows pushed through all layers at a time.
+pub use crate::ops::ACC_ROWS;
+
+/// Most rows pushed through all layers at a time.
 pub const BLOCK_ROWS: usize = 64;
 
-/// Rows per dense-kernel call: the i32 accumulator tile (`ACC_ROWS × outputs`) stays in L1.
-pub const ACC_ROWS: usize = 32;
+/// Bytes of activations per block that the block size aims for: models whose layers output
+/// more than `BLOCK_BYTES / BLOCK_ROWS` bytes per sample (image models) run in smaller blocks,
+/// down to one sample, so that a block's activations stay in L2.
+pub const BLOCK_BYTES: usize = 1 << 20;
 
 /// Most rows per [`Model::run`] call inside [`Model::predict`] / [`Model::logits`]; smaller
 /// batches are cut in pieces of down to [`BLOCK_ROWS`] rows so that every thread gets several.
 pub const CHUNK_ROWS: usize = 256;
-
-/// A layer's dense part, packed.
-#[derive(Clone, Debug)]
-pub(crate) enum Dense {
-    I8(PackedDenseI8),
-    Bin(PackedDenseBin),
-}
-
-/// A layer's output step, prepared for the kernels.
-#[derive(Clone, Debug)]
-pub(crate) enum Epilogue {
-    Requant(Requant),
-    Sign(SignBits),
-    Logits(Dequant),
-}
-
-/// A validated layer ready to run.
-#[derive(Clone, Debug)]
-pub(crate) struct CompiledLayer {
-    dense: Dense,
-    epilogue: Epilogue,
-    outputs: usize,
-}
-
-/// Packs validated layers for the kernels.
-pub(crate) fn compile(layers: &[Layer]) -> Vec<CompiledLayer> {
-    layers
-        .iter()
-        .map(|layer| {
-            let dense = match layer {
-                Layer::DenseI8 {
-                    inputs,
-                    outputs,
-                    weight,
-                    bias,
-                    input_zero_point,
-                    ..
-                } => Dense::I8(PackedDenseI8::new(*inputs, *outputs, weight, bias, *input_zero_point)),
-                Layer::DenseBin {
-                    inputs,
-                    outputs,
-                    weight,
-                    ..
-                } => Dense::Bin(PackedDenseBin::new(*inputs, *outputs, weight)),
-            };
-            let epilogue = match layer.output() {
-                Output::U8 {
-                    relu,
-                    multiplier,
-                    shift,
-                    zero_point,
-                    qmax,
-                } => Epilogue::Requant(Requant::new(multiplier, shift, *zero_point, *qmax, *relu)),
-                Output::SignBits { threshold } => Epilogue::Sign(match threshold {
-                    Some(t) => SignBits::new(t),
-                    None => SignBits::new(&vec![0; layer.outputs()]),
-                }),
-                Output::Logits { scale, bias } => Epilogue::Logits(Dequant::new(scale, bias.as_deref())),
-            };
-            CompiledLayer {
-                dense,
-                epilogue,
-                outputs: layer.outputs(),
-            }
-        })
-        .collect()
-}
 
 /// One layer's output activations for a block of rows.
 #[derive(Debug)]
@@ -100,6 +40,28 @@ enum Act {
     U8 { buf: Aligned<u8>, stride: usize },
     /// `[rows, words]` u64 bit rows.
     Bits { buf: Aligned<u64>, words: usize },
+}
+
+impl Act {
+    fn input(&self) -> In<'_> {
+        match self {
+            Act::U8 { buf, stride } => In::U8 {
+                x: buf,
+                stride: *stride,
+            },
+            Act::Bits { buf, words } => In::Bits { x: buf, words: *words },
+        }
+    }
+
+    fn output(&mut self) -> Out<'_> {
+        match self {
+            Act::U8 { buf, stride } => Out::U8 {
+                y: buf,
+                stride: *stride,
+            },
+            Act::Bits { buf, words } => Out::Bits { y: buf, words: *words },
+        }
+    }
 }
 
 /// Scratch memory for running one model on up to `max_batch` rows per call, on one thread.
@@ -111,8 +73,12 @@ pub struct Workspace {
     model_id: u64,
     max_batch: usize,
     block: usize,
-    /// One i32 accumulator tile, `[ACC_ROWS, padded(max outputs)]`.
+    /// The i32 accumulator tile, as large as the largest layer asks for.
     acc: Aligned<i32>,
+    /// u8 patches of a convolution (im2col), as large as the largest layer asks for.
+    col: Aligned<u8>,
+    /// u32 sums of an average pooling.
+    sums: Aligned<u32>,
     /// Outputs of every layer but the last.
     acts: Vec<Act>,
     /// `[max_batch, classes]`.
@@ -131,22 +97,42 @@ impl Workspace {
 impl Model {
     /// Scratch memory for batches of up to `max_batch` rows.
     pub fn workspace(&self, max_batch: usize) -> Workspace {
-        let block = max_batch.clamp(1, BLOCK_ROWS);
-        let max_out = self.compiled.iter().map(|l| padded(l.outputs)).max();
         let n = self.compiled.len();
-        let acts = self.compiled[..n.saturating_sub(1)]
+        let hidden = &self.compiled[..n.saturating_sub(1)];
+        // Bytes of activations per sample (rows padded as below).
+        let row_bytes: usize = hidden
             .iter()
-            .map(|l| match l.epilogue {
-                Epilogue::Sign(_) => {
-                    let words = l.outputs.div_ceil(64);
+            .map(|l| match l.produces() {
+                Produces::Bits { bits } => 8 * bits.div_ceil(64),
+                Produces::U8 { stride, .. } => stride,
+                Produces::Logits { classes } => classes.next_multiple_of(64),
+            })
+            .sum();
+        let block = max_batch
+            .clamp(1, BLOCK_ROWS)
+            .min((BLOCK_BYTES / row_bytes.max(1)).max(1));
+        let scratch = self
+            .compiled
+            .iter()
+            .map(|l| l.scratch(block))
+            .fold(ScratchSize::default(), ScratchSize::max);
+        let acts = hidden
+            .iter()
+            .map(|l| match l.produces() {
+                Produces::Bits { bits } => {
+                    let words = bits.div_ceil(64);
                     Act::Bits {
                         buf: Aligned::zeroed(block * words),
                         words,
                     }
                 }
-                // Logits only occur on the last layer, so this is a u8 output.
-                _ => {
-                    let stride = l.outputs.next_multiple_of(64);
+                Produces::U8 { stride, .. } => Act::U8 {
+                    buf: Aligned::zeroed(block * stride),
+                    stride,
+                },
+                // Logits only occur on the last layer (validation), so this is never used.
+                Produces::Logits { classes } => {
+                    let stride = classes.next_multiple_of(64);
                     Act::U8 {
                         buf: Aligned::zeroed(block * stride),
                         stride,
@@ -158,7 +144,9 @@ impl Model {
             model_id: self.id,
             max_batch,
             block,
-            acc: Aligned::zeroed(block.min(ACC_ROWS) * max_out.unwrap_or(0)),
+            acc: Aligned::zeroed(scratch.acc),
+            col: Aligned::zeroed(scratch.col),
+            sums: Aligned::zeroed(scratch.sums),
             acts,
             logits: vec![0.0; max_batch * self.num_classes()],
             input_bits: Aligned::zeroed(if self.input.binarize_at.is_some() {
@@ -204,11 +192,14 @@ impl Model {
         let Workspace {
             block,
             acc,
+            col,
+            sums,
             acts,
             logits,
             input_bits,
             ..
         } = ws;
+        let mut scratch = Scratch { acc, col, sums };
         let in_words = size.div_ceil(64);
         let mut start = 0;
         while start < batch {
@@ -219,60 +210,22 @@ impl Model {
             }
             for (l, layer) in self.compiled.iter().enumerate() {
                 let (done, rest) = acts.split_at_mut(l);
-                // A binary layer with a bit output skips the accumulator: one fused pass.
-                if let (Dense::Bin(p), Epilogue::Sign(sign), Some(Act::Bits { buf: out, words: ow })) =
-                    (&layer.dense, &layer.epilogue, rest.first_mut())
-                {
-                    let (x, xs) = match l.checked_sub(1).map(|p| &done[p]) {
-                        None => (&input_bits[..], in_words),
-                        Some(Act::Bits { buf, words }) => (&buf[..], *words),
-                        // Excluded by validation (layer kinds chain) and by how `acts` is built.
-                        Some(Act::U8 { .. }) => return Err(Error::Internal("a binary layer reads u8 activations")),
-                    };
-                    kernels::dense_bin_sign(kernel, p, sign, x, xs, rows, out, *ow)?;
-                    continue;
-                }
-                let stride = padded(layer.outputs);
-                // Dense kernel and epilogue alternate on small row groups so the i32
-                // accumulator tile stays in L1.
-                let mut r0 = 0;
-                while r0 < rows {
-                    let n = ACC_ROWS.min(rows - r0);
-                    let acc = &mut acc[..n * stride];
-                    match (&layer.dense, l.checked_sub(1).map(|p| &done[p])) {
-                        (Dense::I8(p), None) => kernels::dense_i8(kernel, p, &x[r0 * size..], size, n, acc, stride)?,
-                        (Dense::I8(p), Some(Act::U8 { buf, stride: xs })) => {
-                            kernels::dense_i8(kernel, p, &buf[r0 * xs..], *xs, n, acc, stride)?
-                        }
-                        (Dense::Bin(p), None) => {
-                            let x = &input_bits[r0 * in_words..];
-                            kernels::dense_bin(kernel, p, x, in_words, n, acc, stride)?
-                        }
-                        (Dense::Bin(p), Some(Act::Bits { buf, words })) => {
-                            let x = &buf[r0 * words..];
-                            kernels::dense_bin(kernel, p, x, *words, n, acc, stride)?
-                        }
-                        // Excluded by validation (layer kinds chain) and by how `acts` is built.
-                        _ => return Err(Error::Internal("a layer's input kind does not match its weights")),
-                    }
-                    match (&layer.epilogue, rest.first_mut()) {
-                        (Epilogue::Requant(p), Some(Act::U8 { buf, stride: os })) => {
-                            let out = &mut buf[r0 * *os..];
-                            kernels::requant_u8(kernel, p, acc, stride, n, out, *os)?
-                        }
-                        (Epilogue::Sign(p), Some(Act::Bits { buf, words })) => {
-                            let out = &mut buf[r0 * *words..];
-                            kernels::sign_bits(kernel, p, acc, stride, n, out, *words)?
-                        }
-                        (Epilogue::Logits(p), None) => {
-                            let first = (start + r0) * classes;
-                            let out = &mut logits[first..first + n * classes];
-                            kernels::dequantize(kernel, p, acc, stride, n, out, classes)?
-                        }
-                        _ => return Err(Error::Internal("a layer's output buffer does not match its epilogue")),
-                    }
-                    r0 += n;
-                }
+                let x = match l.checked_sub(1) {
+                    Some(p) => done[p].input(),
+                    None if self.input.binarize_at.is_some() => In::Bits {
+                        x: input_bits,
+                        words: in_words,
+                    },
+                    None => In::U8 { x, stride: size },
+                };
+                let y = match rest.first_mut() {
+                    Some(act) => act.output(),
+                    None => Out::Logits {
+                        y: &mut logits[start * classes..(start + rows) * classes],
+                        stride: classes,
+                    },
+                };
+                layer.run(kernel, x, rows, y, &mut scratch)?;
             }
             start += rows;
         }

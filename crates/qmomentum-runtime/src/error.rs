@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::kernels::KernelKind;
+use crate::kind::KernelKind;
 
 /// Everything that can go wrong while loading, validating, saving or running a model.
 #[derive(Debug, thiserror::Error)]

@@ -1,22 +1,20 @@
-//! The model: its layers as stored in the file, validation, and the safetensors reader/writer.
+//! The container: the safetensors file, its tensor table, the metadata document's field
+//! helpers, the input spec and the top-level document.
 //!
-//! The file format is specified in `doc/model-format.md`; this module implements it exactly.
-//! [`Model::new`] is the single validation gate: [`Model::from_bytes`] only checks the container
-//! (header length, dtypes, shapes, tensor names, metadata fields) and then calls it, so a model
-//! built in memory and a model loaded from disk obey the same rules.
+//! The file format is specified in `doc/model-format.md`. This module knows nothing about layer
+//! kinds: [`parse`] hands each `layers[i]` object to a reader and [`serialize`] asks a writer for
+//! each layer's fields and tensors; the op registry (`crate::ops`) supplies both. It only checks
+//! the container (header length, data offsets, dtypes, shapes, names, unknown or unused fields
+//! and tensors); the values are validated by [`crate::Model::new`], the single gate for models
+//! built in memory and models read from disk alike.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Metadata, TensorView};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Map, Value};
 
-use crate::engine::{self, CompiledLayer};
 use crate::error::Error;
-use crate::kernels::KernelKind;
-use crate::requant::{multiplier_in_range, shift_in_range, SHIFT_MAX, SHIFT_MIN};
 
 /// The `format` string of the metadata document.
 pub const FORMAT: &str = "qmomentum-int";
@@ -38,484 +36,74 @@ pub struct InputSpec {
     /// Binary input: the first layer reads one bit per value, `pixel ≥ binarize_at` (the
     /// file's optional `input.binarize_at`), and must be a `dense_bin` layer.
     pub binarize_at: Option<u8>,
+    /// The sample as an image, `[h, w, c]` in NHWC order (channel fastest; the file's optional
+    /// `input.shape`), with `h·w·c = size`. Convolution and pooling layers need it when they
+    /// read the model input; dense layers read the same bytes as a flat vector.
+    pub shape: Option<[usize; 3]>,
 }
 
-/// What a layer does with its i32 accumulator (`acc` for `dense_i8`, `dot` for `dense_bin`).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Output {
-    /// `y = clamp(requant(acc, m, r) + z_out, lo, qmax)` with `lo = z_out` (ReLU: the file's
-    /// `relu_u8`) or `lo = 0` (the file's `u8`).
-    U8 {
-        /// ReLU fused into the clamp (`relu_u8` in the file).
-        relu: bool,
-        /// Per-channel multiplier `m`: 0 or in [2^30, 2^31 − 1].
-        multiplier: Vec<i32>,
-        /// Per-channel shift `r` in [-30, 31].
-        shift: Vec<i32>,
-        /// `z_out` (with `relu`, also the lower clamp).
-        zero_point: u8,
-        /// Upper clamp, `zero_point ≤ qmax` (255 for 8-bit grids, 15 for 4-bit, 3 for 2-bit);
-        /// the file's optional `output_qmax`.
-        qmax: u8,
-    },
-    /// One bit per channel: `acc ≥ 0` after `dense_i8` (`threshold: None`),
-    /// `dot ≥ threshold[j]` after `dense_bin` (`threshold: Some`).
-    SignBits {
-        /// Per-channel thresholds; present exactly for `dense_bin` layers.
-        threshold: Option<Vec<i32>>,
-    },
-    /// The final dequantization: `logit = scale[j]·acc (+ bias[j] after dense_bin)`.
-    Logits {
-        /// Per-channel scale, finite.
-        scale: Vec<f32>,
-        /// Per-channel bias, finite; present exactly for `dense_bin` layers.
-        bias: Option<Vec<f32>>,
-    },
-}
-
-impl Output {
-    /// The name used in the file (`relu_u8`, `u8`, `sign_bits`, `logits`).
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            Output::U8 { relu: true, .. } => "relu_u8",
-            Output::U8 { relu: false, .. } => "u8",
-            Output::SignBits { .. } => "sign_bits",
-            Output::Logits { .. } => "logits",
+impl InputSpec {
+    /// Checks the input's own fields (how layers chain onto it is the ops' business).
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.size == 0 {
+            return Err(Error::field("input.size", "must be at least 1"));
         }
-    }
-
-    /// Whether this output is u8 (what a `dense_i8` layer reads).
-    pub fn is_u8(&self) -> bool {
-        matches!(self, Output::U8 { .. })
-    }
-}
-
-/// One layer, as stored in the file.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Layer {
-    /// `acc[j] = Σ_k (x[k] − z_in)·W[j,k] + bias[j]` over u8 inputs.
-    DenseI8 {
-        /// Input features.
-        inputs: usize,
-        /// Output channels.
-        outputs: usize,
-        /// `[outputs, inputs]` row-major, any i8 (narrow-range grids use [-127, 127], full-range
-        /// 8-bit grids −128 too; every kernel tier is exact on the whole i8 range).
-        weight: Vec<i8>,
-        /// `[outputs]`, in units of `s_in·s_w[j]`.
-        bias: Vec<i32>,
-        /// `z_in`, the zero point of the u8 input.
-        input_zero_point: u8,
-        /// What to do with `acc`.
-        output: Output,
-    },
-    /// `dot[j] = in − 2·popcount(x XOR W[j])` over bit inputs.
-    DenseBin {
-        /// Input bits.
-        inputs: usize,
-        /// Output channels.
-        outputs: usize,
-        /// `[outputs, ceil(inputs/64)]`; bit b of word w is input `64·w + b`, 1 = +1;
-        /// padding bits 0.
-        weight: Vec<u64>,
-        /// What to do with `dot`.
-        output: Output,
-    },
-}
-
-impl Layer {
-    /// The name used in the file (`dense_i8`, `dense_bin`).
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            Layer::DenseI8 { .. } => "dense_i8",
-            Layer::DenseBin { .. } => "dense_bin",
-        }
-    }
-
-    /// Input features (bits for `dense_bin`).
-    pub fn inputs(&self) -> usize {
-        match self {
-            Layer::DenseI8 { inputs, .. } | Layer::DenseBin { inputs, .. } => *inputs,
-        }
-    }
-
-    /// Output channels.
-    pub fn outputs(&self) -> usize {
-        match self {
-            Layer::DenseI8 { outputs, .. } | Layer::DenseBin { outputs, .. } => *outputs,
-        }
-    }
-
-    /// The layer's output step.
-    pub fn output(&self) -> &Output {
-        match self {
-            Layer::DenseI8 { output, .. } | Layer::DenseBin { output, .. } => output,
-        }
-    }
-}
-
-/// A validated integer model with its weights packed for the kernels.
-///
-/// Build one with [`Model::new`] or [`Model::from_bytes`] / [`Model::load`]; run it with the
-/// methods in [`crate::engine`].
-#[derive(Clone)]
-pub struct Model {
-    pub(crate) input: InputSpec,
-    pub(crate) layers: Vec<Layer>,
-    pub(crate) compiled: Vec<CompiledLayer>,
-    pub(crate) kernel: KernelKind,
-    /// Identifies the model's shape for [`crate::Workspace`] checks (clones share it).
-    pub(crate) id: u64,
-    /// Names of the output classes (the file's optional `classes`).
-    pub(crate) class_names: Option<Vec<String>>,
-}
-
-/// Shapes only: the weights would print hundreds of thousands of numbers.
-impl std::fmt::Debug for Model {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let layers: Vec<String> = self
-            .layers
-            .iter()
-            .map(|l| {
-                format!(
-                    "{} {}→{} {}",
-                    l.kind_name(),
-                    l.inputs(),
-                    l.outputs(),
-                    l.output().kind_name()
-                )
-            })
-            .collect();
-        f.debug_struct("Model")
-            .field("input", &self.input)
-            .field("layers", &layers)
-            .field("kernel", &self.kernel)
-            .finish()
-    }
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-impl Model {
-    /// Validates `input` and `layers` against the format's rules and packs the weights.
-    ///
-    /// Errors name the offending tensor (by its file name, e.g. `layers.1.shift`), channel and
-    /// value, or the layer and the sizes that do not chain.
-    pub fn new(input: InputSpec, layers: Vec<Layer>) -> Result<Model, Error> {
-        validate(&input, &layers)?;
-        let compiled = engine::compile(&layers);
-        Ok(Model {
-            input,
-            layers,
-            compiled,
-            kernel: KernelKind::detect(),
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            class_names: None,
-        })
-    }
-
-    /// The input mapping.
-    pub fn input(&self) -> &InputSpec {
-        &self.input
-    }
-
-    /// The layers, as stored in the file.
-    pub fn layers(&self) -> &[Layer] {
-        &self.layers
-    }
-
-    /// Number of logits per sample (the last layer's outputs).
-    pub fn num_classes(&self) -> usize {
-        self.layers.last().map_or(0, Layer::outputs)
-    }
-
-    /// The kernel tier [`Model::run`](crate::Model::run) uses (the best this CPU supports).
-    pub fn kernel(&self) -> KernelKind {
-        self.kernel
-    }
-
-    /// Parses and validates a model file held in memory. Never panics, whatever the bytes;
-    /// every allocation is bounded by a small multiple of `bytes.len()`.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Model, Error> {
-        let (input, layers, classes) = parse(bytes)?;
-        Ok(Model::new(input, layers)?.with_class_names(classes))
-    }
-
-    /// The same model with class names (label order; shown by `predict`). Names that do not
-    /// match the number of outputs are dropped.
-    pub fn with_class_names(mut self, names: Option<Vec<String>>) -> Model {
-        self.class_names = names.filter(|n| n.len() == self.num_classes());
-        self
-    }
-
-    /// The class names stored in the file, if any.
-    pub fn class_names(&self) -> Option<&[String]> {
-        self.class_names.as_deref()
-    }
-
-    /// Reads and validates a model file; errors name the file.
-    pub fn load(path: &Path) -> Result<Model, Error> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Model::from_bytes(&bytes).map_err(|e| Error::InFile {
-            path: path.to_path_buf(),
-            source: Box::new(e),
-        })
-    }
-
-    /// Serialises the model to the file format.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
-        serialize(&self.input, &self.layers, self.class_names.as_deref())
-    }
-
-    /// Writes the model file with [`crate::io::write_file`]: atomically (a temporary file in
-    /// the same folder, synced, then renamed over `path`) when `path` is a regular file or
-    /// does not exist, through it when it is a device or FIFO; a failure leaves `path` and its
-    /// folder as they were.
-    pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let bytes = self.to_bytes()?;
-        crate::io::write_file(path, &bytes).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Validation
-// ---------------------------------------------------------------------------------------------
-
-fn tname(layer: usize, what: &str) -> String {
-    format!("layers.{layer}.{what}")
-}
-
-fn check_len<T>(name: &str, v: &[T], want: usize, what: &str) -> Result<(), Error> {
-    if v.len() == want {
-        Ok(())
-    } else {
-        Err(Error::tensor(
-            name,
-            format!("has {} values, expected {want} ({what})", v.len()),
-        ))
-    }
-}
-
-/// Checks every rule of the format's Validation section on in-memory data.
-fn validate(input: &InputSpec, layers: &[Layer]) -> Result<(), Error> {
-    if input.size == 0 {
-        return Err(Error::field("input.size", "must be at least 1"));
-    }
-    if !(input.scale.is_finite() && input.scale > 0.0) {
-        return Err(Error::field(
-            "input.scale",
-            format!("{} is not a finite positive number", input.scale),
-        ));
-    }
-    if layers.is_empty() {
-        return Err(Error::field("layers", "the model has no layers"));
-    }
-    let last = layers.len() - 1;
-    for (i, layer) in layers.iter().enumerate() {
-        let (prev_out, prev_is_u8, prev_desc) = match i {
-            0 => (
-                input.size,
-                input.binarize_at.is_none(),
-                if input.binarize_at.is_some() {
-                    "the binarized input".to_string()
-                } else {
-                    "input.size".to_string()
-                },
-            ),
-            _ => {
-                let p = &layers[i - 1];
-                (
-                    p.outputs(),
-                    p.output().is_u8(),
-                    format!("layer {}'s {} output", i - 1, p.output().kind_name()),
-                )
-            }
-        };
-        let (inputs, outputs) = (layer.inputs(), layer.outputs());
-        if inputs == 0 {
-            return Err(Error::field(format!("layers[{i}].in"), "must be at least 1"));
-        }
-        if outputs == 0 {
-            return Err(Error::field(format!("layers[{i}].out"), "must be at least 1"));
-        }
-        if i32::try_from(inputs).is_err() {
+        if !(self.scale.is_finite() && self.scale > 0.0) {
             return Err(Error::field(
-                format!("layers[{i}].in"),
-                format!("{inputs} is too large: the i32 accumulator holds dot products over at most 2147483647 inputs"),
+                "input.scale",
+                format!("{} is not a finite positive number", self.scale),
             ));
         }
-        if inputs != prev_out {
-            return Err(Error::layer(
-                i,
-                format!("in = {inputs} does not match {prev_desc} size {prev_out}"),
-            ));
-        }
-        match layer {
-            Layer::DenseI8 {
-                weight, bias, output, ..
-            } => {
-                if !prev_is_u8 {
-                    return Err(Error::layer(i, format!("dense_i8 reads u8 but gets {prev_desc}")));
-                }
-                let name = tname(i, "weight");
-                if Some(weight.len()) != outputs.checked_mul(inputs) {
-                    return Err(Error::tensor(
-                        &name,
-                        format!("has {} values, expected out × in = {outputs} × {inputs}", weight.len()),
-                    ));
-                }
-                check_len(&tname(i, "bias"), bias, outputs, "out")?;
-                validate_output(i, output, outputs, false)?;
-            }
-            Layer::DenseBin { weight, output, .. } => {
-                if prev_is_u8 {
-                    return Err(Error::layer(
-                        i,
-                        format!("dense_bin reads sign bits but gets {prev_desc}"),
-                    ));
-                }
-                let name = tname(i, "weight");
-                let words = inputs.div_ceil(64);
-                if Some(weight.len()) != outputs.checked_mul(words) {
-                    return Err(Error::tensor(
-                        &name,
-                        format!(
-                            "has {} values, expected out × ceil(in/64) = {outputs} × {words}",
-                            weight.len()
-                        ),
-                    ));
-                }
-                if !inputs.is_multiple_of(64) {
-                    let pad = !0u64 << (inputs % 64);
-                    for j in 0..outputs {
-                        let w = weight[j * words + words - 1];
-                        if w & pad != 0 {
-                            return Err(Error::value(
-                                &name,
-                                format!("row {j} word {}", words - 1),
-                                format!("padding bits set ({:#018x}) beyond input {inputs}", w & pad),
-                            ));
-                        }
-                    }
-                }
-                validate_output(i, output, outputs, true)?;
-            }
-        }
-        let is_logits = matches!(layer.output(), Output::Logits { .. });
-        if is_logits && i != last {
-            return Err(Error::layer(i, "only the last layer may output logits"));
-        }
-        if !is_logits && i == last {
-            return Err(Error::layer(
-                i,
-                format!("the last layer must output logits, not {}", layer.output().kind_name()),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn validate_output(i: usize, output: &Output, outputs: usize, binary: bool) -> Result<(), Error> {
-    let after = if binary { "dense_bin" } else { "dense_i8" };
-    match output {
-        Output::U8 {
-            multiplier,
-            shift,
-            zero_point,
-            qmax,
-            ..
-        } => {
-            if zero_point > qmax {
+        if let Some(shape) = self.shape {
+            if shape.iter().any(|&d| d == 0 || d > MAX_DIM) {
                 return Err(Error::field(
-                    format!("layers[{i}].output_qmax"),
-                    format!("{qmax} is below output_zero_point {zero_point}"),
+                    "input.shape",
+                    format!("{shape:?}: every dimension must be in [1, {MAX_DIM}]"),
                 ));
             }
-            let (mname, sname) = (tname(i, "multiplier"), tname(i, "shift"));
-            check_len(&mname, multiplier, outputs, "out")?;
-            check_len(&sname, shift, outputs, "out")?;
-            for (j, &m) in multiplier.iter().enumerate() {
-                if !multiplier_in_range(m) {
-                    return Err(Error::value(
-                        &mname,
-                        format!("channel {j}"),
-                        format!("multiplier {m} outside {{0}} ∪ [2^30, 2^31 - 1]"),
-                    ));
-                }
-            }
-            for (j, &r) in shift.iter().enumerate() {
-                if !shift_in_range(r) {
-                    return Err(Error::value(
-                        &sname,
-                        format!("channel {j}"),
-                        format!("shift {r} outside [{SHIFT_MIN}, {SHIFT_MAX}]"),
-                    ));
-                }
+            let values = shape.iter().product::<usize>();
+            if values != self.size {
+                return Err(Error::field(
+                    "input.shape",
+                    format!("{shape:?} has {values} values, input.size is {}", self.size),
+                ));
             }
         }
-        Output::SignBits { threshold } => {
-            let name = tname(i, "threshold");
-            match (threshold, binary) {
-                (Some(t), true) => check_len(&name, t, outputs, "out")?,
-                (None, false) => {}
-                (None, true) => {
-                    return Err(Error::tensor(
-                        &name,
-                        "missing: sign_bits after dense_bin needs thresholds",
-                    ))
-                }
-                (Some(_), false) => {
-                    return Err(Error::tensor(
-                        &name,
-                        "unexpected: sign_bits after dense_i8 has no thresholds",
-                    ))
-                }
-            }
-        }
-        Output::Logits { scale, bias } => {
-            let name = tname(i, "scale");
-            check_len(&name, scale, outputs, "out")?;
-            check_finite(&name, scale)?;
-            let bname = tname(i, "bias");
-            match (bias, binary) {
-                (Some(b), true) => {
-                    check_len(&bname, b, outputs, "out")?;
-                    check_finite(&bname, b)?;
-                }
-                (None, false) => {}
-                (None, true) => {
-                    return Err(Error::tensor(
-                        &bname,
-                        "missing: logits after dense_bin needs a float bias",
-                    ))
-                }
-                (Some(_), false) => {
-                    return Err(Error::tensor(
-                        &bname,
-                        format!("unexpected: logits after {after} take no float bias"),
-                    ))
-                }
-            }
-        }
+        Ok(())
     }
-    Ok(())
+
+    fn read(f: &mut Fields<'_>) -> Result<InputSpec, Error> {
+        Ok(InputSpec {
+            size: f.size("size")?,
+            scale: f.f32("scale")?,
+            zero_point: f.uint("zero_point", 255)? as u8,
+            binarize_at: f.opt_uint("binarize_at", 255)?.map(|t| t as u8),
+            shape: f.opt_sizes("shape")?,
+        })
+    }
+
+    fn write(&self) -> Value {
+        let mut doc = Map::new();
+        doc.insert("size".into(), json!(self.size));
+        doc.insert("scale".into(), json_f32(self.scale));
+        doc.insert("zero_point".into(), json!(self.zero_point));
+        if let Some(t) = self.binarize_at {
+            doc.insert("binarize_at".into(), json!(t));
+        }
+        if let Some(shape) = self.shape {
+            doc.insert("shape".into(), json!(shape));
+        }
+        Value::Object(doc)
+    }
 }
 
-fn check_finite(name: &str, v: &[f32]) -> Result<(), Error> {
-    match v.iter().position(|x| !x.is_finite()) {
-        Some(j) => Err(Error::value(
-            name,
-            format!("channel {j}"),
-            format!("value {} is not finite", v[j]),
-        )),
-        None => Ok(()),
-    }
+/// The largest image dimension (height, width, channels, kernel size, stride, dilation,
+/// padding) a model may use.
+pub const MAX_DIM: usize = 1 << 16;
+
+/// The name of layer `layer`'s tensor `what` in the file: `layers.{layer}.{what}`.
+pub(crate) fn tname(layer: usize, what: &str) -> String {
+    format!("layers.{layer}.{what}")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -523,14 +111,14 @@ fn check_finite(name: &str, v: &[f32]) -> Result<(), Error> {
 // ---------------------------------------------------------------------------------------------
 
 /// Reads one JSON object's fields, remembering which were used so leftovers can be rejected.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     path: String,
     map: &'a Map<String, Value>,
     used: BTreeSet<&'static str>,
 }
 
 impl<'a> Fields<'a> {
-    fn new(path: &str, v: &'a Value) -> Result<Self, Error> {
+    pub(crate) fn new(path: &str, v: &'a Value) -> Result<Self, Error> {
         match v.as_object() {
             Some(map) => Ok(Fields {
                 path: path.to_string(),
@@ -541,7 +129,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn name(&self, key: &str) -> String {
+    pub(crate) fn name(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_string()
         } else {
@@ -549,24 +137,24 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn get(&mut self, key: &'static str) -> Result<&'a Value, Error> {
+    pub(crate) fn get(&mut self, key: &'static str) -> Result<&'a Value, Error> {
         self.used.insert(key);
         self.map.get(key).ok_or_else(|| Error::field(self.name(key), "missing"))
     }
 
-    fn str(&mut self, key: &'static str) -> Result<&'a str, Error> {
+    pub(crate) fn str(&mut self, key: &'static str) -> Result<&'a str, Error> {
         let v = self.get(key)?;
         v.as_str()
             .ok_or_else(|| Error::field(self.name(key), format!("expected a string, got {v}")))
     }
 
-    fn uint(&mut self, key: &'static str, max: u64) -> Result<u64, Error> {
+    pub(crate) fn uint(&mut self, key: &'static str, max: u64) -> Result<u64, Error> {
         let v = self.get(key)?;
         self.check_uint(key, v, max)
     }
 
     /// An optional unsigned field: `None` when absent.
-    fn opt_uint(&mut self, key: &'static str, max: u64) -> Result<Option<u64>, Error> {
+    pub(crate) fn opt_uint(&mut self, key: &'static str, max: u64) -> Result<Option<u64>, Error> {
         self.used.insert(key);
         match self.map.get(key) {
             Some(v) => self.check_uint(key, v, max).map(Some),
@@ -584,12 +172,42 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn size(&mut self, key: &'static str) -> Result<usize, Error> {
+    pub(crate) fn size(&mut self, key: &'static str) -> Result<usize, Error> {
         let n = self.uint(key, u64::MAX)?;
         usize::try_from(n).map_err(|_| Error::field(self.name(key), format!("{n} is too large")))
     }
 
-    fn f32(&mut self, key: &'static str) -> Result<f32, Error> {
+    /// An array of exactly `N` unsigned integers (image shapes, kernel sizes, paddings).
+    pub(crate) fn sizes<const N: usize>(&mut self, key: &'static str) -> Result<[usize; N], Error> {
+        let v = self.get(key)?;
+        self.check_sizes(key, v)
+    }
+
+    /// An optional [`Fields::sizes`]: `None` when absent.
+    pub(crate) fn opt_sizes<const N: usize>(&mut self, key: &'static str) -> Result<Option<[usize; N]>, Error> {
+        self.used.insert(key);
+        match self.map.get(key) {
+            Some(v) => self.check_sizes(key, v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn check_sizes<const N: usize>(&self, key: &str, v: &Value) -> Result<[usize; N], Error> {
+        let bad = || {
+            Error::field(
+                self.name(key),
+                format!("expected an array of {N} unsigned integers, got {v}"),
+            )
+        };
+        let arr = v.as_array().filter(|a| a.len() == N).ok_or_else(bad)?;
+        let mut out = [0usize; N];
+        for (o, x) in out.iter_mut().zip(arr) {
+            *o = x.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(bad)?;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn f32(&mut self, key: &'static str) -> Result<f32, Error> {
         let v = self.get(key)?;
         v.as_f64()
             .map(|x| x as f32)
@@ -597,7 +215,7 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional array of at most `max` strings: `None` when absent.
-    fn opt_strings(&mut self, key: &'static str, max: usize) -> Result<Option<Vec<String>>, Error> {
+    pub(crate) fn opt_strings(&mut self, key: &'static str, max: usize) -> Result<Option<Vec<String>>, Error> {
         self.used.insert(key);
         let Some(v) = self.map.get(key) else { return Ok(None) };
         let bad = || Error::field(self.name(key), format!("expected an array of at most {max} strings"));
@@ -609,7 +227,7 @@ impl<'a> Fields<'a> {
     }
 
     /// Rejects keys that were never asked for (a typo must not silently become a default).
-    fn done(self) -> Result<(), Error> {
+    pub(crate) fn done(self) -> Result<(), Error> {
         match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
             Some(k) => Err(Error::field(self.name(k), "unknown field")),
             None => Ok(()),
@@ -618,7 +236,7 @@ impl<'a> Fields<'a> {
 }
 
 /// The tensors of a file, looked up by name; remembers which were used.
-struct Tensors<'a> {
+pub(crate) struct Tensors<'a> {
     meta: Metadata,
     data: &'a [u8],
     used: BTreeSet<String>,
@@ -626,7 +244,7 @@ struct Tensors<'a> {
 
 impl Tensors<'_> {
     /// The raw bytes of tensor `name`, after checking its dtype and shape.
-    fn raw(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8], Error> {
+    pub(crate) fn raw(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&[u8], Error> {
         let info = self.meta.info(name).ok_or_else(|| Error::tensor(name, "missing"))?;
         if info.dtype != dtype {
             return Err(Error::tensor(name, format!("dtype {}, expected {dtype}", info.dtype)));
@@ -645,11 +263,11 @@ impl Tensors<'_> {
             .ok_or_else(|| Error::tensor(name, "data offsets outside the file"))
     }
 
-    fn i8s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<i8>, Error> {
+    pub(crate) fn i8s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<i8>, Error> {
         Ok(self.raw(name, Dtype::I8, shape)?.iter().map(|&b| b as i8).collect())
     }
 
-    fn i32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<i32>, Error> {
+    pub(crate) fn i32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<i32>, Error> {
         Ok(self
             .raw(name, Dtype::I32, shape)?
             .chunks_exact(4)
@@ -657,7 +275,7 @@ impl Tensors<'_> {
             .collect())
     }
 
-    fn f32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
+    pub(crate) fn f32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
         Ok(self
             .raw(name, Dtype::F32, shape)?
             .chunks_exact(4)
@@ -665,7 +283,7 @@ impl Tensors<'_> {
             .collect())
     }
 
-    fn u64s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u64>, Error> {
+    pub(crate) fn u64s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<u64>, Error> {
         Ok(self
             .raw(name, Dtype::U64, shape)?
             .chunks_exact(8)
@@ -727,10 +345,21 @@ fn precheck(bytes: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Parses the container and metadata into the in-memory form (not yet value-validated).
-type Parsed = (InputSpec, Vec<Layer>, Option<Vec<String>>);
+/// A parsed file: the input, the layers as the reader made them, and the class names.
+pub(crate) struct Document<L> {
+    pub(crate) input: InputSpec,
+    pub(crate) layers: Vec<L>,
+    pub(crate) classes: Option<Vec<String>>,
+}
 
-fn parse(bytes: &[u8]) -> Result<Parsed, Error> {
+/// Parses the container and the metadata document. Each `layers[i]` object goes to
+/// `read_layer(i, fields, tensors)`, which must call [`Fields::done`] itself (so it decides
+/// whether unknown fields are reported before or after its tensors are read). Afterwards every
+/// tensor of the file must have been read by some layer.
+pub(crate) fn parse<L>(
+    bytes: &[u8],
+    mut read_layer: impl FnMut(usize, Fields<'_>, &mut Tensors<'_>) -> Result<L, Error>,
+) -> Result<Document<L>, Error> {
     precheck(bytes)?;
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Container(e.to_string()))?;
     let doc_text = meta
@@ -760,12 +389,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Error> {
         ));
     }
     let mut inp = Fields::new("input", top.get("input")?)?;
-    let input = InputSpec {
-        size: inp.size("size")?,
-        scale: inp.f32("scale")?,
-        zero_point: inp.uint("zero_point", 255)? as u8,
-        binarize_at: inp.opt_uint("binarize_at", 255)?.map(|t| t as u8),
-    };
+    let input = InputSpec::read(&mut inp)?;
     inp.done()?;
     let classes = top.opt_strings("classes", 1 << 16)?;
     let layer_docs = top.get("layers")?;
@@ -776,100 +400,14 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Error> {
 
     let mut layers = Vec::with_capacity(layer_docs.len().min(1024));
     for (i, ld) in layer_docs.iter().enumerate() {
-        layers.push(parse_layer(i, ld, &mut tensors)?);
+        let f = Fields::new(&format!("layers[{i}]"), ld)?;
+        layers.push(read_layer(i, f, &mut tensors)?);
     }
     let names: Vec<String> = tensors.meta.offset_keys();
     if let Some(extra) = names.iter().find(|n| !tensors.used.contains(*n)) {
         return Err(Error::tensor(extra.as_str(), "unexpected tensor"));
     }
-    if let (Some(c), Some(last)) = (&classes, layers.last()) {
-        if c.len() != last.outputs() {
-            return Err(Error::field(
-                "classes",
-                format!("{} names for {} outputs", c.len(), last.outputs()),
-            ));
-        }
-    }
-    Ok((input, layers, classes))
-}
-
-fn parse_layer(i: usize, ld: &Value, t: &mut Tensors<'_>) -> Result<Layer, Error> {
-    let mut f = Fields::new(&format!("layers[{i}]"), ld)?;
-    let kind = f.str("kind")?;
-    let inputs = f.size("in")?;
-    let outputs = f.size("out")?;
-    let binary = match kind {
-        "dense_i8" => false,
-        "dense_bin" => true,
-        other => {
-            return Err(Error::field(
-                f.name("kind"),
-                format!("{other:?}, expected \"dense_i8\" or \"dense_bin\""),
-            ))
-        }
-    };
-    let input_zero_point = if binary {
-        0
-    } else {
-        f.uint("input_zero_point", 255)? as u8
-    };
-    let out_kind = f.str("output")?;
-    let out_shape = [outputs];
-    let output = match out_kind {
-        "relu_u8" | "u8" => {
-            let zero_point = f.uint("output_zero_point", 255)? as u8;
-            let qmax = f.opt_uint("output_qmax", 255)?.unwrap_or(255) as u8;
-            let multiplier = t.i32s(&tname(i, "multiplier"), &out_shape)?;
-            let shift = t.i32s(&tname(i, "shift"), &out_shape)?;
-            Output::U8 {
-                relu: out_kind == "relu_u8",
-                multiplier,
-                shift,
-                zero_point,
-                qmax,
-            }
-        }
-        "sign_bits" => Output::SignBits {
-            threshold: if binary {
-                Some(t.i32s(&tname(i, "threshold"), &out_shape)?)
-            } else {
-                None
-            },
-        },
-        "logits" => Output::Logits {
-            scale: t.f32s(&tname(i, "scale"), &out_shape)?,
-            bias: if binary {
-                Some(t.f32s(&tname(i, "bias"), &out_shape)?)
-            } else {
-                None
-            },
-        },
-        other => {
-            return Err(Error::field(
-                f.name("output"),
-                format!("{other:?}, expected \"relu_u8\", \"u8\", \"sign_bits\" or \"logits\""),
-            ))
-        }
-    };
-    f.done()?;
-    let layer = if binary {
-        Layer::DenseBin {
-            inputs,
-            outputs,
-            weight: t.u64s(&tname(i, "weight"), &[outputs, inputs.div_ceil(64)])?,
-            output,
-        }
-    } else {
-        Layer::DenseI8 {
-            inputs,
-            outputs,
-            weight: t.i8s(&tname(i, "weight"), &[outputs, inputs])?,
-            bias: t.i32s(&tname(i, "bias"), &out_shape)?,
-            input_zero_point,
-            output,
-        }
-    };
-    Ok(layer)
+    Ok(Document { input, layers, classes })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -878,111 +416,58 @@ fn parse_layer(i: usize, ld: &Value, t: &mut Tensors<'_>) -> Result<Layer, Error
 
 /// An f32 as the JSON number that reads back to exactly the same f32: the shortest decimal
 /// when that round-trips through f64 (it almost always does), else the exact f64 value.
-fn json_f32(x: f32) -> Value {
+pub(crate) fn json_f32(x: f32) -> Value {
     let short: f64 = format!("{x}").parse().unwrap_or(f64::from(x));
     json!(if short as f32 == x { short } else { f64::from(x) })
+}
+
+/// The tensors of a file being written, in the order they were added.
+#[derive(Default)]
+pub(crate) struct TensorsOut {
+    list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
     v.iter().flat_map(|&x| f(x)).collect()
 }
 
-fn serialize(input: &InputSpec, layers: &[Layer], classes: Option<&[String]>) -> Result<Vec<u8>, Error> {
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+impl TensorsOut {
+    pub(crate) fn i8s(&mut self, name: String, shape: Vec<usize>, v: &[i8]) {
+        self.list.push((name, Dtype::I8, shape, le_bytes(v, i8::to_le_bytes)));
+    }
+
+    pub(crate) fn i32s(&mut self, name: String, shape: Vec<usize>, v: &[i32]) {
+        self.list.push((name, Dtype::I32, shape, le_bytes(v, i32::to_le_bytes)));
+    }
+
+    pub(crate) fn f32s(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
+        self.list.push((name, Dtype::F32, shape, le_bytes(v, f32::to_le_bytes)));
+    }
+
+    pub(crate) fn u64s(&mut self, name: String, shape: Vec<usize>, v: &[u64]) {
+        self.list.push((name, Dtype::U64, shape, le_bytes(v, u64::to_le_bytes)));
+    }
+}
+
+/// Serialises a model: `write_layer(i, layer, doc, tensors)` fills layer `i`'s JSON object and
+/// adds its tensors.
+pub(crate) fn serialize<L>(
+    input: &InputSpec,
+    layers: &[L],
+    classes: Option<&[String]>,
+    mut write_layer: impl FnMut(usize, &L, &mut Map<String, Value>, &mut TensorsOut),
+) -> Result<Vec<u8>, Error> {
+    let mut tensors = TensorsOut::default();
     let mut docs = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
-        let (n, k) = (layer.outputs(), layer.inputs());
         let mut doc = Map::new();
-        doc.insert("kind".into(), json!(layer.kind_name()));
-        doc.insert("in".into(), json!(k));
-        doc.insert("out".into(), json!(n));
-        match layer {
-            Layer::DenseI8 {
-                weight,
-                bias,
-                input_zero_point,
-                ..
-            } => {
-                doc.insert("input_zero_point".into(), json!(input_zero_point));
-                tensors.push((
-                    tname(i, "weight"),
-                    Dtype::I8,
-                    vec![n, k],
-                    le_bytes(weight, i8::to_le_bytes),
-                ));
-                tensors.push((tname(i, "bias"), Dtype::I32, vec![n], le_bytes(bias, i32::to_le_bytes)));
-            }
-            Layer::DenseBin { weight, .. } => tensors.push((
-                tname(i, "weight"),
-                Dtype::U64,
-                vec![n, k.div_ceil(64)],
-                le_bytes(weight, u64::to_le_bytes),
-            )),
-        }
-        let output = layer.output();
-        doc.insert("output".into(), json!(output.kind_name()));
-        match output {
-            Output::U8 {
-                multiplier,
-                shift,
-                zero_point,
-                qmax,
-                ..
-            } => {
-                doc.insert("output_zero_point".into(), json!(zero_point));
-                // Optional in the file, default 255: written only when it differs.
-                if *qmax != 255 {
-                    doc.insert("output_qmax".into(), json!(qmax));
-                }
-                tensors.push((
-                    tname(i, "multiplier"),
-                    Dtype::I32,
-                    vec![n],
-                    le_bytes(multiplier, i32::to_le_bytes),
-                ));
-                tensors.push((
-                    tname(i, "shift"),
-                    Dtype::I32,
-                    vec![n],
-                    le_bytes(shift, i32::to_le_bytes),
-                ));
-            }
-            Output::SignBits { threshold } => {
-                if let Some(t) = threshold {
-                    tensors.push((
-                        tname(i, "threshold"),
-                        Dtype::I32,
-                        vec![n],
-                        le_bytes(t, i32::to_le_bytes),
-                    ));
-                }
-            }
-            Output::Logits { scale, bias } => {
-                tensors.push((
-                    tname(i, "scale"),
-                    Dtype::F32,
-                    vec![n],
-                    le_bytes(scale, f32::to_le_bytes),
-                ));
-                if let Some(b) = bias {
-                    tensors.push((tname(i, "bias"), Dtype::F32, vec![n], le_bytes(b, f32::to_le_bytes)));
-                }
-            }
-        }
+        write_layer(i, layer, &mut doc, &mut tensors);
         docs.push(Value::Object(doc));
-    }
-    let mut input_doc = json!({
-        "size": input.size,
-        "scale": json_f32(input.scale),
-        "zero_point": input.zero_point,
-    });
-    if let (Some(t), Some(obj)) = (input.binarize_at, input_doc.as_object_mut()) {
-        obj.insert("binarize_at".into(), json!(t));
     }
     let mut doc = json!({
         "format": FORMAT,
         "version": VERSION,
-        "input": input_doc,
+        "input": input.write(),
         "layers": docs,
     });
     if let (Some(c), Some(obj)) = (classes, doc.as_object_mut()) {
@@ -990,6 +475,7 @@ fn serialize(input: &InputSpec, layers: &[Layer], classes: Option<&[String]>) ->
     }
     let metadata = HashMap::from([(METADATA_KEY.to_string(), doc.to_string())]);
     let views = tensors
+        .list
         .iter()
         .map(|(name, dtype, shape, data)| {
             TensorView::new(*dtype, shape.clone(), data)

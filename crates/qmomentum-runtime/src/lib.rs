@@ -1,11 +1,16 @@
-//! Integer-only inference for quantized MLPs exported by `qmomentum`.
+//! Integer-only inference for quantized networks exported by `qmomentum`.
 //!
-//! A model file (safetensors, specified in `doc/model-format.md`) holds a chain of dense
-//! layers: int8 weights over u8 activations (`dense_i8`) or ±1 bit weights over bit
-//! activations (`dense_bin`). Between the u8 input and the final logits everything is integer
-//! arithmetic: i32 accumulation, fixed-point requantization to u8 ([`requant`]), or sign bits;
-//! only the last layer's per-channel scale turns its i32 accumulators into `f32` logits. The
-//! result is bit-for-bit identical on every machine and every kernel tier ([`KernelKind`]).
+//! A model file (safetensors, specified in `doc/model-format.md`) holds a chain of layers:
+//! dense layers with int8 weights over u8 activations (`dense_i8`) or ±1 bit weights over bit
+//! activations (`dense_bin`), and for images (NHWC u8) 2-D convolutions with int8 weights
+//! (`conv2d_i8`) and max, average and global average pooling. Between the u8 input and the
+//! final logits everything is integer arithmetic: i32 accumulation, fixed-point
+//! requantization to u8 ([`requant`]), or sign bits; only the last layer's per-channel scale
+//! turns its i32 accumulators into `f32` logits. The result is bit-for-bit identical on every
+//! machine and every kernel tier ([`KernelKind`]).
+//!
+//! Each layer kind lives in one file of `src/ops/` (reading, writing, validation, packing and
+//! running); `doc/runtime.md` describes the structure.
 //!
 //! ```
 //! use qmomentum_runtime::{InputSpec, Layer, Model, Output};
@@ -34,7 +39,7 @@
 //!     input_zero_point: 0,
 //!     output: Output::Logits { scale: vec![0.5, 0.25], bias: None },
 //! };
-//! let input = InputSpec { size: 4, scale: 1.0 / 255.0, zero_point: 0, binarize_at: None };
+//! let input = InputSpec { size: 4, scale: 1.0 / 255.0, zero_point: 0, binarize_at: None, shape: None };
 //! let model = Model::new(input, vec![hidden, head])?;
 //!
 //! let x = [10u8, 20, 30, 40];
@@ -62,11 +67,16 @@ mod error;
 pub mod format;
 pub mod io;
 pub mod kernels;
+mod kind;
+mod model;
+mod ops;
 mod pool;
 pub mod requant;
 
 pub use engine::{argmax, Workspace};
 pub use error::Error;
-pub use format::{InputSpec, Layer, Model, Output};
+pub use format::InputSpec;
 pub use kernels::KernelKind;
+pub use model::Model;
+pub use ops::{Layer, Output};
 pub use requant::{quantize_multiplier, requantize};

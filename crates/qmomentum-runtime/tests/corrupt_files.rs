@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{base_binary, base_int8, RawFile};
+use common::{base_binary, base_cnn, base_int8, RawFile};
 use qmomentum_runtime::Model;
 use safetensors::Dtype;
 use serde_json::json;
@@ -254,6 +254,134 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "tensor 'extra': unexpected tensor",
         ),
         (
+            "conv_kernel_larger_than_padded_input.qmm",
+            with(base_cnn, |r| {
+                r.doc["layers"][0]["kernel"] = json!([9, 9]);
+                r.doc["layers"][0]["padding"] = json!([1, 1, 1, 1]);
+            }),
+            "metadata field 'layers[0].kernel': extent [9, 9] (kernel [9, 9], dilation [1, 1]) is larger than the padded input [8, 8] (in_shape [6, 6, 2], padding [1, 1, 1, 1])",
+        ),
+        (
+            "conv_padding_not_below_extent.qmm",
+            with(base_cnn, |r| r.doc["layers"][0]["padding"] = json!([1, 3, 1, 1])),
+            "metadata field 'layers[0].padding': [1, 3, 1, 1]: left 3 is not below the kernel extent 3",
+        ),
+        (
+            "conv_groups_not_dividing.qmm",
+            with(base_cnn, |r| r.doc["layers"][0]["groups"] = json!(3)),
+            "metadata field 'layers[0].groups': 3 does not divide the input channels 2",
+        ),
+        (
+            "conv_channel_mismatch.qmm",
+            with(base_cnn, |r| {
+                // The layer and its weight agree on 3 input channels; the input has 2.
+                r.doc["layers"][0]["in_shape"] = json!([6, 6, 3]);
+                let t = r.tensor_mut("layers.0.weight");
+                t.2 = vec![4, 3, 3, 3];
+                t.3 = vec![1; 4 * 3 * 3 * 3];
+            }),
+            "metadata field 'layers[0].in_shape': [6, 6, 3] does not match input.shape [6, 6, 2]",
+        ),
+        (
+            "conv_wrong_weight_shape.qmm",
+            with(base_cnn, |r| {
+                let t = r.tensor_mut("layers.0.weight");
+                t.2 = vec![4, 3, 3, 1];
+                t.3.truncate(4 * 3 * 3);
+            }),
+            "tensor 'layers.0.weight': shape [4, 3, 3, 1], expected [4, 3, 3, 2]",
+        ),
+        (
+            "conv_zero_stride.qmm",
+            with(base_cnn, |r| r.doc["layers"][0]["stride"] = json!([1, 0])),
+            "metadata field 'layers[0].stride': [1, 0]: every value must be in [1, 65536]",
+        ),
+        (
+            "conv_huge_dimension.qmm",
+            with(base_cnn, |r| r.doc["layers"][0]["in_shape"] = json!([6, 6, 1u64 << 40])),
+            "metadata field 'layers[0].in_shape': [6, 6, 1099511627776]: every value must be in [1, 65536]",
+        ),
+        (
+            "conv_sign_bits.qmm",
+            with(base_cnn, |r| {
+                r.doc["layers"][0]["output"] = json!("sign_bits");
+                r.doc["layers"][0].as_object_mut().unwrap().remove("output_zero_point");
+                r.remove("layers.0.multiplier");
+                r.remove("layers.0.shift");
+            }),
+            "metadata field 'layers[0].output': sign_bits is not an output of conv2d_i8",
+        ),
+        (
+            "conv_output_too_large.qmm",
+            with(base_cnn, |r| {
+                // 36 weights per output channel, dilated by 4096 over a 6×6 image padded to
+                // 16390×16390: 8198×8198×4 positions, far beyond the size limit.
+                r.doc["layers"][0]["dilation"] = json!([4096, 4096]);
+                r.doc["layers"][0]["padding"] = json!([8192, 8192, 8192, 8192]);
+            }),
+            "layer 0: layer 0's relu_u8 output [8198, 8198, 4] makes 268828816 activation values per sample",
+        ),
+        (
+            "dense_after_conv_wrong_in.qmm",
+            with(base_cnn, |r| {
+                r.doc["layers"][2]["in"] = json!(35);
+                let t = r.tensor_mut("layers.2.weight");
+                t.2 = vec![3, 35];
+                t.3 = vec![1; 3 * 35];
+            }),
+            "layer 2: in = 35 does not match layer 1's maxpool_u8 output [3, 3, 4] size 36",
+        ),
+        (
+            "pool_without_shape.qmm",
+            with(base_cnn, |r| {
+                // A max pooling straight on a flat input.
+                r.doc["input"].as_object_mut().unwrap().remove("shape");
+                r.doc["layers"][0] = json!({ "kind": "maxpool_u8", "in_shape": [6, 6, 2],
+                    "kernel": [2, 2], "stride": [2, 2], "padding": [0, 0, 0, 0] });
+                r.doc["layers"][1] = json!({ "kind": "maxpool_u8", "in_shape": [3, 3, 2],
+                    "kernel": [3, 3], "stride": [1, 1], "padding": [0, 0, 0, 0] });
+                r.doc["layers"][2]["in"] = json!(2);
+                for name in ["layers.0.weight", "layers.0.bias", "layers.0.multiplier", "layers.0.shift"] {
+                    r.remove(name);
+                }
+                let t = r.tensor_mut("layers.2.weight");
+                t.2 = vec![3, 2];
+                t.3 = vec![1; 6];
+            }),
+            "metadata field 'layers[0].in_shape': maxpool_u8 needs an [h, w, c] input, but input.size has no shape (set input.shape)",
+        ),
+        (
+            "pool_after_dense.qmm",
+            with(base_cnn, |r| {
+                // A dense layer's output is a flat vector, even when its size is an image's.
+                r.doc["layers"][0] = json!({ "kind": "dense_i8", "in": 72, "out": 144,
+                    "input_zero_point": 0, "output": "relu_u8", "output_zero_point": 0 });
+                r.tensor_mut("layers.0.weight").2 = vec![144, 72];
+                r.tensor_mut("layers.0.weight").3 = vec![1; 144 * 72];
+                for (name, n) in [("layers.0.bias", 144), ("layers.0.multiplier", 144), ("layers.0.shift", 144)] {
+                    let t = r.tensor_mut(name);
+                    t.2 = vec![n];
+                    t.3 = vec![0; 4 * n];
+                }
+            }),
+            "metadata field 'layers[1].in_shape': maxpool_u8 needs an [h, w, c] input, but layer 0's relu_u8 output has no shape",
+        ),
+        (
+            "avgpool_with_padding.qmm",
+            with(base_cnn, |r| r.doc["layers"][1]["kind"] = json!("avgpool_u8")),
+            "metadata field 'layers[1].padding': unknown field",
+        ),
+        (
+            "input_shape_not_size.qmm",
+            with(base_cnn, |r| r.doc["input"]["shape"] = json!([6, 6, 3])),
+            "metadata field 'input.shape': [6, 6, 3] has 108 values, input.size is 72",
+        ),
+        (
+            "input_shape_not_an_array.qmm",
+            with(base_cnn, |r| r.doc["input"]["shape"] = json!([6, 12])),
+            "metadata field 'input.shape': expected an array of 3 unsigned integers, got [6,12]",
+        ),
+        (
             "unexpected_threshold_on_logits.qmm",
             with(base_binary, |r| {
                 r.tensors
@@ -333,7 +461,7 @@ fn every_corrupt_file_is_rejected_with_a_precise_message() {
 
 #[test]
 fn the_bases_are_valid() {
-    for raw in [base_int8(), base_binary()] {
+    for raw in [base_int8(), base_binary(), base_cnn()] {
         let model = Model::from_bytes(&raw.bytes()).unwrap();
         let x = vec![100u8; model.input().size];
         assert_eq!(model.predict(&x, 1, 1).unwrap().len(), 1);

@@ -268,6 +268,7 @@ fn layers_wider_than_the_i32_accumulator_are_rejected() {
         scale: 1.0,
         zero_point: 0,
         binarize_at: Some(1),
+        shape: None,
     };
     // The size check comes before the weight's, so no 256 MiB tensor is needed.
     let layer = Layer::DenseBin {

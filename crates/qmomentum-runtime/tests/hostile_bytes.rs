@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{base_binary, base_int8, mixed_model, Rng};
+use common::{base_binary, base_cnn, base_int8, cnn_small_model, mixed_model, Rng};
 use proptest::prelude::*;
 use qmomentum_runtime::Model;
 
@@ -12,6 +12,7 @@ fn valid_files() -> Vec<Vec<u8>> {
         base_int8().bytes(),
         base_binary().bytes(),
         mixed_model(&mut Rng(3)).to_bytes().unwrap(),
+        base_cnn().bytes(),
     ]
 }
 
@@ -41,7 +42,7 @@ proptest! {
 
     #[test]
     fn mutated_files_do_not_panic(
-        which in 0usize..3,
+        which in 0usize..4,
         edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 1..8),
         cut in any::<prop::sample::Index>(),
         truncate in any::<bool>(),
@@ -88,6 +89,54 @@ fn metadata_numbers_at_the_limits_do_not_panic() {
         raw.doc["input"]["size"] = serde_json::from_str(size).unwrap();
         assert!(Model::from_bytes(&raw.bytes()).is_err(), "input.size = {size}");
     }
+    // The same for every number of a convolution and a pooling layer.
+    for size in [
+        "18446744073709551615",
+        "9223372036854775808",
+        "4294967296",
+        "65537",
+        "0",
+        "-1",
+        "1e30",
+        "null",
+    ] {
+        let v: serde_json::Value = serde_json::from_str(size).unwrap();
+        let conv_fields: [(&str, serde_json::Value); 9] = [
+            ("in_shape", serde_json::json!([v, 6, 2])),
+            ("in_shape", serde_json::json!([6, 6, v])),
+            ("out", v.clone()),
+            ("kernel", serde_json::json!([3, v])),
+            ("stride", serde_json::json!([v, 1])),
+            ("padding", serde_json::json!([1, 1, v, 1])),
+            ("dilation", serde_json::json!([v, v])),
+            ("groups", v.clone()),
+            ("input_zero_point", v.clone()),
+        ];
+        for (field, value) in conv_fields {
+            if size == "0" && (field == "padding" || field == "input_zero_point") {
+                continue; // valid values
+            }
+            let mut raw = base_cnn();
+            raw.doc["layers"][0][field] = value.clone();
+            assert!(Model::from_bytes(&raw.bytes()).is_err(), "conv {field} = {value}");
+        }
+        for (field, value) in [
+            ("kernel", serde_json::json!([v, 2])),
+            ("padding", serde_json::json!([0, v, 0, 0])),
+        ] {
+            if size == "0" && field == "padding" {
+                continue; // a valid value
+            }
+            let mut raw = base_cnn();
+            raw.doc["layers"][1][field] = value.clone();
+            assert!(Model::from_bytes(&raw.bytes()).is_err(), "pool {field} = {value}");
+        }
+        let mut raw = base_cnn();
+        raw.doc["input"]["shape"] = serde_json::json!([6, v, 2]);
+        assert!(Model::from_bytes(&raw.bytes()).is_err(), "input.shape = {size}");
+    }
+    // A real CNN file loads and runs.
+    load_and_maybe_run(&cnn_small_model(&mut Rng(4)).to_bytes().unwrap());
     // Deeply nested JSON is rejected, not a stack overflow.
     let mut raw = base_int8();
     raw.doc = serde_json::Value::String("[".repeat(100_000));

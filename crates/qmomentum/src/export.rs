@@ -54,6 +54,8 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     Error::config("model.binarize_input", t, "no pixel value reaches this threshold")
                 })?),
             },
+            // Dense models read the input as a flat vector.
+            shape: None,
         };
     let mut grid = if model.binarize_input.is_some() {
         Grid::Bits

@@ -20,6 +20,8 @@
 //! All kernel functions take row-major 2-D buffers described by `(rows, stride)`; they panic if
 //! a buffer is too small for the shape (a programming error, never a data error).
 
+pub mod conv;
+pub mod pool;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
@@ -31,79 +33,16 @@ mod binary;
 use crate::aligned::Aligned;
 use crate::error::Error;
 
-/// A kernel tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KernelKind {
-    /// Portable Rust loops (the reference).
-    Scalar,
-    /// AVX2: u8/i8 widened to i16 and multiplied exactly with `vpmaddwd`; POPCNT for bits.
-    Avx2,
-    /// AVX-512 VNNI: `vpdpbusd`, 64 u8×i8 products per instruction; VPOPCNTDQ for bits.
-    Avx512Vnni,
-}
+pub use crate::kind::KernelKind;
+pub use conv::{ConvGeometry, Window};
+pub use pool::DivRound;
 
-impl std::fmt::Display for KernelKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            KernelKind::Scalar => "scalar",
-            KernelKind::Avx2 => "AVX2",
-            KernelKind::Avx512Vnni => "AVX-512 VNNI",
-        })
-    }
-}
-
-impl KernelKind {
-    /// All tiers, slowest first.
-    pub const ALL: [KernelKind; 3] = [KernelKind::Scalar, KernelKind::Avx2, KernelKind::Avx512Vnni];
-
-    /// Whether this CPU can run the tier (cheap: the feature test is cached by `std`).
-    pub fn is_available(self) -> bool {
-        match self {
-            KernelKind::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt"),
-            #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx512Vnni => {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512vnni")
-                    && is_x86_feature_detected!("popcnt")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    /// The tiers this CPU can run, slowest first.
-    pub fn available() -> Vec<KernelKind> {
-        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
-    }
-
-    /// The fastest tier this CPU can run.
-    pub fn detect() -> KernelKind {
-        Self::ALL
-            .into_iter()
-            .rev()
-            .find(|k| k.is_available())
-            .unwrap_or(KernelKind::Scalar)
-    }
-
-    /// A short lowercase name (`scalar`, `avx2`, `avx512vnni`).
-    pub fn name(self) -> &'static str {
-        match self {
-            KernelKind::Scalar => "scalar",
-            KernelKind::Avx2 => "avx2",
-            KernelKind::Avx512Vnni => "avx512vnni",
-        }
-    }
-
-    fn check(self) -> Result<(), Error> {
-        if self.is_available() {
-            Ok(())
-        } else {
-            Err(Error::KernelUnavailable(self))
-        }
+/// `Ok` if this CPU can run `kind`, else [`Error::KernelUnavailable`].
+fn check(kind: KernelKind) -> Result<(), Error> {
+    if kind.is_available() {
+        Ok(())
+    } else {
+        Err(Error::KernelUnavailable(kind))
     }
 }
 
@@ -206,7 +145,7 @@ pub fn dense_i8(
     acc: &mut [i32],
     acc_stride: usize,
 ) -> Result<(), Error> {
-    kind.check()?;
+    check(kind)?;
     check_2d("dense_i8 input", x.len(), rows, x_stride, w.inputs);
     check_2d("dense_i8 acc", acc.len(), rows, acc_stride, w.outputs);
     match kind {
@@ -214,7 +153,7 @@ pub fn dense_i8(
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx2 => {
             let packed = w.avx2.as_ref().ok_or(Error::KernelUnavailable(kind))?;
-            // SAFETY: `kind.check()?` above returned Ok, so `KernelKind::Avx2.is_available()`:
+            // SAFETY: `check(kind)?` above returned Ok, so `KernelKind::Avx2.is_available()`:
             // `is_x86_feature_detected!` found AVX2 (and POPCNT). The two `check_2d` calls above
             // asserted `(rows − 1)·stride + width ≤ len` for `x` (width `w.inputs`) and `acc`
             // (width `w.outputs`). `packed` is `w.avx2`, which `PackedDenseI8::new` built with
@@ -225,7 +164,7 @@ pub fn dense_i8(
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
             let packed = w.vnni.as_ref().ok_or(Error::KernelUnavailable(kind))?;
-            // SAFETY: `kind.check()?` above returned Ok, so `KernelKind::Avx512Vnni.is_available()`:
+            // SAFETY: `check(kind)?` above returned Ok, so `KernelKind::Avx512Vnni.is_available()`:
             // `is_x86_feature_detected!` found AVX-512 F/BW/VL/VNNI. Sizes of `x` and `acc` were
             // asserted by `check_2d` above. `packed` is `w.vnni`, built by `avx512::pack` for
             // this layer in `PackedDenseI8::new`: an `Aligned` (64-byte) buffer of the length
@@ -299,10 +238,10 @@ pub fn dense_bin(
     acc: &mut [i32],
     acc_stride: usize,
 ) -> Result<(), Error> {
-    kind.check()?;
+    check(kind)?;
     check_2d("dense_bin input", x.len(), rows, x_stride, w.words);
     check_2d("dense_bin acc", acc.len(), rows, acc_stride, w.outputs);
-    // SAFETY: `kind.check()?` above returned Ok, so `kind.is_available()` on this CPU; the two
+    // SAFETY: `check(kind)?` above returned Ok, so `kind.is_available()` on this CPU; the two
     // `check_2d` calls above asserted the sizes of `x` (`w.words` per row) and `acc`
     // (`w.outputs` per row). These are `binary::dense_bin`'s preconditions.
     unsafe { binary::dense_bin(kind, w, x, x_stride, rows, acc, acc_stride) };
@@ -328,12 +267,12 @@ pub fn dense_bin_sign(
     out: &mut [u64],
     out_words: usize,
 ) -> Result<(), Error> {
-    kind.check()?;
+    check(kind)?;
     assert_eq!(sign.outputs, w.outputs, "dense_bin_sign thresholds");
     assert_eq!(out_words, w.outputs.div_ceil(64), "dense_bin_sign row words");
     check_2d("dense_bin_sign input", x.len(), rows, x_stride, w.words);
     check_2d("dense_bin_sign out", out.len(), rows, out_words, out_words);
-    // SAFETY: `kind.check()?` above returned Ok, so `kind.is_available()` on this CPU; the
+    // SAFETY: `check(kind)?` above returned Ok, so `kind.is_available()` on this CPU; the
     // asserts above established `sign.outputs = w.outputs`, `out_words = ⌈outputs/64⌉`, and
     // (`check_2d`) the sizes of `x` (`w.words` per row) and `out` (`rows·out_words` words).
     // These are `binary::dense_bin_sign`'s preconditions.
@@ -347,8 +286,14 @@ pub struct Requant {
     pub(crate) outputs: usize,
     pub(crate) m: Aligned<i32>,
     pub(crate) r: Aligned<i32>,
-    /// `30 + r`, the SIMD tier's first shift (see `avx512::requant_u8`); 0 in padding.
-    pub(crate) s1: Aligned<i32>,
+    /// `m[j + 1]` at every even `j` (0 elsewhere): the odd channels' multipliers where
+    /// `vpmuldq` reads them (see `avx512::requant_u8`).
+    pub(crate) m_odd: Aligned<i32>,
+    /// Per group of 16 channels: the rounding terms `2^(30+r)` of the 8 even channels, then of
+    /// the 8 odd ones, as i64.
+    pub(crate) round: Aligned<u64>,
+    /// The shifts `31 + r` in the same order as `round`.
+    pub(crate) shift: Aligned<u64>,
     pub(crate) z_out: u8,
     pub(crate) lo: u8,
     pub(crate) hi: u8,
@@ -367,7 +312,10 @@ impl Requant {
         let n = multiplier.len();
         let mut m = Aligned::zeroed(padded(n));
         let mut r = Aligned::zeroed(padded(n));
-        let mut s1 = Aligned::zeroed(padded(n));
+        let mut m_odd = Aligned::zeroed(padded(n));
+        // Padding channels: m = 0 and r = 0, whose result is 0.
+        let mut round = Aligned::from_slice(&vec![1u64 << 30; padded(n)]);
+        let mut lane_shift = Aligned::from_slice(&vec![31u64; padded(n)]);
         for j in 0..n {
             assert!(
                 crate::requant::multiplier_in_range(multiplier[j]) && crate::requant::shift_in_range(shift[j]),
@@ -375,13 +323,21 @@ impl Requant {
             );
             m[j] = multiplier[j];
             r[j] = shift[j];
-            s1[j] = 30 + shift[j];
+            if j % 2 == 1 {
+                m_odd[j - 1] = multiplier[j];
+            }
+            // Channel j of group `j / 16` sits in lane `(j % 16) / 2` of the even or odd half.
+            let at = j / LANES * LANES + (j % 2) * 8 + (j % LANES) / 2;
+            round[at] = 1u64 << (30 + shift[j]);
+            lane_shift[at] = (31 + shift[j]) as u64;
         }
         Requant {
             outputs: n,
             m,
             r,
-            s1,
+            m_odd,
+            round,
+            shift: lane_shift,
             z_out: zero_point,
             lo: if relu { zero_point } else { 0 },
             hi: qmax,
@@ -404,13 +360,13 @@ pub fn requant_u8(
     out: &mut [u8],
     out_stride: usize,
 ) -> Result<(), Error> {
-    kind.check()?;
+    check(kind)?;
     check_2d("requant acc", acc.len(), rows, acc_stride, p.outputs);
     check_2d("requant out", out.len(), rows, out_stride, p.outputs);
     match kind {
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
-            // SAFETY: `kind.check()?` above returned Ok, so `is_x86_feature_detected!` found
+            // SAFETY: `check(kind)?` above returned Ok, so `is_x86_feature_detected!` found
             // AVX-512 F/BW/VL/VNNI (`KernelKind::Avx512Vnni.is_available()`), which covers the
             // F/BW/VL the kernel needs; the two `check_2d` calls above asserted the sizes of
             // `acc` and `out` (`p.outputs` per row).
@@ -456,7 +412,7 @@ pub fn sign_bits(
     out: &mut [u64],
     out_words: usize,
 ) -> Result<(), Error> {
-    kind.check()?;
+    check(kind)?;
     assert_eq!(out_words, p.outputs.div_ceil(64), "sign_bits row words");
     check_2d("sign_bits acc", acc.len(), rows, acc_stride, p.outputs);
     check_2d("sign_bits out", out.len(), rows, out_words, out_words);
@@ -464,7 +420,7 @@ pub fn sign_bits(
     match kind {
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
-            // SAFETY: `kind.check()?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
+            // SAFETY: `check(kind)?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
             // (`KernelKind::Avx512Vnni.is_available()`); `check_2d` above asserted the sizes of
             // `acc` (`p.outputs` per row) and `out` (`rows·out_words` words).
             unsafe { avx512::sign_bits(p, acc, acc_stride, rows, out, out_words) }
@@ -520,14 +476,14 @@ pub fn dequantize(
     out: &mut [f32],
     out_stride: usize,
 ) -> Result<(), Error> {
-    kind.check()?;
+    check(kind)?;
     check_2d("logits acc", acc.len(), rows, acc_stride, p.outputs);
     check_2d("logits out", out.len(), rows, out_stride, p.outputs);
     let n = p.outputs;
     match kind {
         #[cfg(target_arch = "x86_64")]
         KernelKind::Avx512Vnni => {
-            // SAFETY: `kind.check()?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
+            // SAFETY: `check(kind)?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
             // (`KernelKind::Avx512Vnni.is_available()`); the two `check_2d` calls above asserted
             // the sizes of `acc` and `out` (`p.outputs` per row).
             unsafe { avx512::dequantize(p, acc, acc_stride, rows, out, out_stride) }

@@ -11,6 +11,7 @@
 //! on how the compiler happened to split the crate into codegen units). Each is called once per
 //! layer and block of rows, so the call costs nothing measurable.
 
+use super::conv::ConvGeometry;
 use super::{PackedDenseBin, PackedDenseI8, Requant};
 
 /// The `dense_i8` accumulator exactly as the format spec writes it:
@@ -41,6 +42,61 @@ pub fn dense_i8_reference(
                 s = s.wrapping_add(d * i32::from(wv));
             }
             acc[b * acc_stride + j] = s.wrapping_add(bias[j]);
+        }
+    }
+}
+
+/// The `conv2d_i8` accumulator exactly as the format spec writes it, by direct loops:
+/// `acc[oy,ox,o] = bias[o] + Σ_{ky,kx,ci} (x[iy,ix,g·cg+ci] − z_in)·W[o,ky,kx,ci]` with
+/// `iy = oy·sh − top + ky·dh`, `ix = ox·sw − left + kx·dw`, `g = o / (out/groups)`,
+/// `cg = c/groups`; taps outside the input contribute 0 (they read `z_in`).
+///
+/// `x` holds `rows` samples of `h·w·c` bytes back to back (NHWC), `weight` is
+/// `[out, kh, kw, cg]`, and `acc` receives `rows` samples of `oh·ow·out` values (NHWC). This is
+/// the oracle the tests compare every tier's im2col + GEMM path against; it shares no code with
+/// it. The geometry must be valid ([`Window::out_hw`](super::conv::Window::out_hw) is `Some`).
+pub fn conv2d_i8_reference(
+    g: &ConvGeometry,
+    x: &[u8],
+    rows: usize,
+    weight: &[i8],
+    bias: &[i32],
+    input_zero_point: u8,
+    acc: &mut [i32],
+) {
+    let [h, w, c] = g.window.in_shape;
+    let [kh, kw] = g.window.kernel;
+    let [sh, sw] = g.window.stride;
+    let [top, left, ..] = g.window.padding;
+    let [dh, dw] = g.window.dilation;
+    let [oh, ow] = g.window.out_hw().expect("conv2d_i8_reference: invalid geometry");
+    let out = g.out_channels;
+    let (cg, og) = (c / g.groups, out / g.groups);
+    let z = i32::from(input_zero_point);
+    for s in 0..rows {
+        let xs = &x[s * h * w * c..(s + 1) * h * w * c];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..out {
+                    let grp = o / og;
+                    let mut a = bias[o];
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let iy = (oy * sh + ky * dh) as isize - top as isize;
+                            let ix = (ox * sw + kx * dw) as isize - left as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            for ci in 0..cg {
+                                let xv = i32::from(xs[(iy as usize * w + ix as usize) * c + grp * cg + ci]);
+                                let wv = i32::from(weight[((o * kh + ky) * kw + kx) * cg + ci]);
+                                a = a.wrapping_add((xv - z) * wv);
+                            }
+                        }
+                    }
+                    acc[((s * oh + oy) * ow + ox) * out + o] = a;
+                }
+            }
         }
     }
 }

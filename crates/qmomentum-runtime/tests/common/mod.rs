@@ -129,6 +129,7 @@ pub fn random_model(rng: &mut Rng, input: usize, spec: &[(Kind, usize, &str)]) -
         scale: 1.0 / 255.0,
         zero_point: rng.range(0, 255) as u8,
         binarize_at: None,
+        shape: None,
     };
     Model::new(input, layers).unwrap()
 }
@@ -166,6 +167,7 @@ pub fn binary_all_model(rng: &mut Rng) -> Model {
         scale: 1.0 / 255.0,
         zero_point: 0,
         binarize_at: Some(rng.range(1, 255) as u8),
+        shape: None,
     };
     Model::new(input, layers).unwrap()
 }
@@ -288,6 +290,135 @@ pub fn base_binary() -> RawFile {
             vec![3],
             f32s(&[0.0, 1.0, -1.0]),
         ),
+    ];
+    RawFile {
+        doc,
+        tensors,
+        metadata_key: "qmomentum".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolutional models
+// ---------------------------------------------------------------------------------------------
+
+/// A `relu_u8`/`u8` output for `channels` channels whose scale spreads accumulators of
+/// `patch`-input dot products over the u8 range.
+pub fn random_u8_output(rng: &mut Rng, channels: usize, patch: usize, relu: bool) -> Output {
+    let typical = 64.0 * 73.0 * (patch as f64).sqrt();
+    let (multiplier, shift) = (0..channels)
+        .map(|_| {
+            let real = 100.0 / typical * (0.5 + rng.range(0, 1000) as f64 / 1000.0);
+            qmomentum_runtime::quantize_multiplier(real).unwrap()
+        })
+        .unzip();
+    Output::U8 {
+        relu,
+        multiplier,
+        shift,
+        zero_point: rng.range(0, 40) as u8,
+        qmax: 255,
+    }
+}
+
+/// A random conv2d_i8 layer with full-range weights.
+#[allow(clippy::too_many_arguments)]
+pub fn random_conv(
+    rng: &mut Rng,
+    in_shape: [usize; 3],
+    out_channels: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    groups: usize,
+    output: Output,
+) -> Layer {
+    let patch = kernel[0] * kernel[1] * in_shape[2] / groups;
+    Layer::Conv2dI8 {
+        in_shape,
+        out_channels,
+        kernel,
+        stride,
+        padding,
+        dilation: [1, 1],
+        groups,
+        weight: (0..out_channels * patch).map(|_| rng.range(-128, 127) as i8).collect(),
+        bias: (0..out_channels).map(|_| rng.range(-20_000, 20_000) as i32).collect(),
+        input_zero_point: rng.range(0, 255) as u8,
+        output,
+    }
+}
+
+/// An image input of `shape`.
+pub fn image_input(rng: &mut Rng, shape: [usize; 3]) -> InputSpec {
+    InputSpec {
+        size: shape.iter().product(),
+        scale: 1.0 / 255.0,
+        zero_point: rng.range(0, 255) as u8,
+        binarize_at: None,
+        shape: Some(shape),
+    }
+}
+
+/// The "cnn-small" network: 28×28×1 → conv 32 3×3 same (relu_u8) → maxpool 2 → conv 64 3×3
+/// same (relu_u8) → maxpool 2 → dense_i8 3136 → 10 logits, with random weights.
+pub fn cnn_small_model(rng: &mut Rng) -> Model {
+    let same = [1, 1, 1, 1];
+    let pool = |in_shape| Layer::MaxPoolU8 {
+        in_shape,
+        kernel: [2, 2],
+        stride: [2, 2],
+        padding: [0; 4],
+    };
+    let o1 = random_u8_output(rng, 32, 9, true);
+    let o2 = random_u8_output(rng, 64, 9 * 32, true);
+    let layers = vec![
+        random_conv(rng, [28, 28, 1], 32, [3, 3], [1, 1], same, 1, o1),
+        pool([28, 28, 32]),
+        random_conv(rng, [14, 14, 32], 64, [3, 3], [1, 1], same, 1, o2),
+        pool([14, 14, 64]),
+        random_layer(rng, Kind::I8, 7 * 7 * 64, 10, "logits"),
+    ];
+    Model::new(image_input(rng, [28, 28, 1]), layers).unwrap()
+}
+
+/// A valid small CNN file, 6×6×2 → conv 4 3×3 pad 1 (relu_u8) → maxpool 2 → dense_i8 36 → 3
+/// logits, as raw parts.
+pub fn base_cnn() -> RawFile {
+    let mut rng = Rng(13);
+    let doc = json!({
+        "format": "qmomentum-int",
+        "version": 1,
+        "input": { "size": 72, "scale": 0.003921569, "zero_point": 0, "shape": [6, 6, 2] },
+        "layers": [
+            { "kind": "conv2d_i8", "in_shape": [6, 6, 2], "out": 4, "kernel": [3, 3],
+              "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1,
+              "input_zero_point": 3, "output": "relu_u8", "output_zero_point": 0 },
+            { "kind": "maxpool_u8", "in_shape": [6, 6, 4], "kernel": [2, 2], "stride": [2, 2],
+              "padding": [0, 0, 0, 0] },
+            { "kind": "dense_i8", "in": 36, "out": 3, "input_zero_point": 0, "output": "logits" }
+        ]
+    });
+    let w0: Vec<u8> = (0..4 * 3 * 3 * 2).map(|_| rng.range(-128, 127) as i8 as u8).collect();
+    let w2: Vec<u8> = (0..3 * 36).map(|_| rng.range(-127, 127) as i8 as u8).collect();
+    let tensors = vec![
+        ("layers.0.weight".to_string(), Dtype::I8, vec![4, 3, 3, 2], w0),
+        (
+            "layers.0.bias".to_string(),
+            Dtype::I32,
+            vec![4],
+            i32s(&[10, -20, 30, 0]),
+        ),
+        (
+            "layers.0.multiplier".to_string(),
+            Dtype::I32,
+            vec![4],
+            i32s(&[1 << 30; 4]),
+        ),
+        ("layers.0.shift".to_string(), Dtype::I32, vec![4], i32s(&[6; 4])),
+        ("layers.2.weight".to_string(), Dtype::I8, vec![3, 36], w2),
+        ("layers.2.bias".to_string(), Dtype::I32, vec![3], i32s(&[0, 5, -5])),
+        ("layers.2.scale".to_string(), Dtype::F32, vec![3], f32s(&[0.01; 3])),
     ];
     RawFile {
         doc,
