@@ -17,7 +17,7 @@
 
 use crate::data::PIXEL_SCALE;
 use crate::error::{Error, Result};
-use crate::layers::{Activation, Layer};
+use crate::layers::{Activation, Conv2d, Dense, Layer, PoolKind};
 use crate::model::Sequential;
 use crate::quant::affine::bias_on_grid;
 use crate::quant::WeightQuant;
@@ -39,12 +39,17 @@ fn quantize_multiplier(m: f64, what: &str) -> Result<(i32, i32)> {
 /// activations calibrated or trained).
 pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
     let mut model = model.clone();
-    let n_dense = model.dense().count();
+    let n_dense = model.layers.iter().filter(|l| l.quant_parts().is_some()).count();
     let input =
         rt::InputSpec {
             size: model.input_size,
             scale: PIXEL_SCALE,
             zero_point: 0,
+            shape: (model.input_shape.h > 1 || model.input_shape.w > 1).then_some([
+                model.input_shape.h,
+                model.input_shape.w,
+                model.input_shape.c,
+            ]),
             // The smallest pixel p with p·(1/255) ≥ t, in the very f32 arithmetic of the data
             // pipeline (`Dataset::gather_normalised`), so that the runtime's `p ≥ threshold` makes
             // the same bits as the simulation.
@@ -54,8 +59,6 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     Error::config("model.binarize_input", t, "no pixel value reaches this threshold")
                 })?),
             },
-            // Dense models read the input as a flat vector.
-            shape: None,
         };
     let mut grid = if model.binarize_input.is_some() {
         Grid::Bits
@@ -67,42 +70,99 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
     };
     let mut layers = Vec::new();
     let mut seen = 0;
-    for layer in model.layers.iter_mut() {
-        let d = match layer {
-            Layer::Dense(d) => d,
+    let mut shape = model.input_shape;
+    for (li, layer) in model.layers.iter_mut().enumerate() {
+        let in_shape = [shape.h, shape.w, shape.c];
+        shape = layer.output_shape(shape);
+        // Layers without weights: pooling runs on the u8 codes (max keeps the grid; the average
+        // of codes on one grid is on that grid), flatten and dropout are nothing at inference.
+        match layer {
             Layer::Dropout(_) | Layer::Flatten => continue,
-            other @ (Layer::Conv2d(_) | Layer::BatchNorm(_) | Layer::Pool2d(_) | Layer::GlobalAvgPool(_)) => {
+            Layer::Pool2d(p) => {
+                if !matches!(grid, Grid::U8 { .. }) {
+                    return Err(Error::config(format!("layers[{li}]"), layer.kind(), "pooling of sign bits is not supported"));
+                }
+                let g = p.geo;
+                layers.push(match p.kind {
+                    PoolKind::Max => rt::Layer::MaxPoolU8 {
+                        in_shape,
+                        kernel: g.kernel,
+                        stride: g.stride,
+                        padding: g.pad,
+                    },
+                    PoolKind::Avg if g.pad == [0; 4] => rt::Layer::AvgPoolU8 {
+                        in_shape,
+                        kernel: g.kernel,
+                        stride: g.stride,
+                    },
+                    PoolKind::Avg => {
+                        return Err(Error::config(
+                            format!("layers[{li}].padding"),
+                            "same",
+                            "the integer runtime averages without padding: use padding = \"valid\"",
+                        ))
+                    }
+                });
+                continue;
+            }
+            Layer::GlobalAvgPool(_) => {
+                layers.push(rt::Layer::GlobalAvgPoolU8 { in_shape });
+                continue;
+            }
+            Layer::BatchNorm(_) => {
                 return Err(Error::config(
-                    "export",
-                    other.kind(),
-                    "the integer runtime does not run this layer kind yet (convolutional models are exported once its conv op lands)",
+                    format!("layers[{li}]"),
+                    "batch_norm",
+                    "batch norm is folded into the layer before it for the integer model: export the checkpoint that `qmomentum quantize` writes",
                 ))
             }
             Layer::Activation(a) => {
                 return Err(Error::config(
                     "export",
-                    a,
-                    "stand-alone activation layers are not exported; use Dense(…, activation=…)",
+                    *a,
+                    "stand-alone activation layers are not exported; use Dense(…, activation=…) or Conv2D(…, activation=…)",
                 ))
             }
-        };
+            Layer::Dense(_) | Layer::Conv2d(_) => {}
+        }
         seen += 1;
         let last = seen == n_dense;
-        let idx = d.index;
-        let Some(wq) = d.quant.weights else {
+        let (idx, quant, out_qp, sign_out, activation, bias, weight, geometry) = match layer {
+            Layer::Dense(d) => (
+                d.index,
+                d.quant,
+                d.output_qparams(),
+                d.sign_output(),
+                d.activation,
+                d.bias.value.clone(),
+                &mut **d as &mut dyn ExportWeights,
+                None,
+            ),
+            Layer::Conv2d(c) => {
+                let geometry = Some((c.geo, c.groups));
+                (
+                    c.index,
+                    c.quant,
+                    c.output_qparams(),
+                    c.out.act.sign(),
+                    c.out.activation,
+                    c.bias.value.clone(),
+                    &mut **c as &mut dyn ExportWeights,
+                    geometry,
+                )
+            }
+            _ => unreachable!("handled above"),
+        };
+        let Some(wq) = quant.weights else {
             return Err(Error::config(
                 format!("layers[{idx}].quant.weights"),
                 "none",
                 "export needs a quantized model: train with --quant or run `qmomentum quantize` first",
             ));
         };
-        let out_qp = d.output_qparams();
-        let sign_out = d.sign_output();
-        let (inputs, outputs, activation) = (d.inputs, d.outputs, d.activation);
-        let bias = d.bias.value.clone();
-        let sign_of_w: Vec<bool> = d.weight.value.iter().map(|&w| w >= 0.0).collect();
-        let (w_hat, w_scale) = d.effective_weights();
-        let (w_hat, w_scale) = (w_hat.to_vec(), w_scale.to_vec());
+        let (inputs, outputs) = weight.kernel_shape();
+        let sign_of_w: Vec<bool> = weight.latent().iter().map(|&w| w >= 0.0).collect();
+        let (w_hat, w_scale) = weight.quantized();
         let next_grid;
         let q = match (wq, &grid) {
             (
@@ -184,14 +244,37 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                         qmax,
                     }
                 };
-                rt::Layer::DenseI8 {
-                    inputs,
-                    outputs,
-                    weight,
-                    bias: bias_q,
-                    input_zero_point: z_in as u8,
-                    output,
+                match geometry {
+                    None => rt::Layer::DenseI8 {
+                        inputs,
+                        outputs,
+                        weight,
+                        bias: bias_q,
+                        input_zero_point: z_in as u8,
+                        output,
+                    },
+                    // The kernel `[kh·kw·cg, cout]` transposed is the runtime's `[out, kh, kw, cg]`.
+                    Some((g, groups)) => rt::Layer::Conv2dI8 {
+                        in_shape,
+                        out_channels: outputs,
+                        kernel: g.kernel,
+                        stride: g.stride,
+                        padding: g.pad,
+                        dilation: g.dilation,
+                        groups,
+                        weight,
+                        bias: bias_q,
+                        input_zero_point: z_in as u8,
+                        output,
+                    },
                 }
+            }
+            (WeightQuant::Binary { .. }, Grid::Bits) if geometry.is_some() => {
+                return Err(Error::config(
+                    format!("layers[{idx}].quant.weights"),
+                    "binary",
+                    "binary convolutions are not in the integer runtime yet",
+                ))
             }
             (WeightQuant::Binary { .. }, Grid::Bits) => {
                 let words = inputs.div_ceil(64);
@@ -269,4 +352,38 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
         context: "the exported integer model".into(),
         error,
     })
+}
+
+/// What the exporter needs of a layer with a kernel (dense or conv): `[fan_in, outputs]`, the
+/// latent weights and `(ŵ, per-channel scales)`.
+trait ExportWeights {
+    fn kernel_shape(&self) -> (usize, usize);
+    fn latent(&self) -> &[f32];
+    fn quantized(&mut self) -> (Vec<f32>, Vec<f32>);
+}
+
+impl ExportWeights for Dense {
+    fn kernel_shape(&self) -> (usize, usize) {
+        (self.inputs, self.outputs)
+    }
+    fn latent(&self) -> &[f32] {
+        &self.weight.value
+    }
+    fn quantized(&mut self) -> (Vec<f32>, Vec<f32>) {
+        let (w, s) = self.effective_weights();
+        (w.to_vec(), s.to_vec())
+    }
+}
+
+impl ExportWeights for Conv2d {
+    fn kernel_shape(&self) -> (usize, usize) {
+        (self.weight.shape[0], self.weight.shape[1])
+    }
+    fn latent(&self) -> &[f32] {
+        &self.weight.value
+    }
+    fn quantized(&mut self) -> (Vec<f32>, Vec<f32>) {
+        self.wq.quantize(&self.weight.value);
+        (self.wq.weights(&self.weight.value).to_vec(), self.wq.scales().to_vec())
+    }
 }

@@ -428,4 +428,3 @@ pub fn check_fits(model: &Sequential, data: &Dataset) -> Result<()> {
     }
     Ok(())
 }
-

@@ -54,7 +54,11 @@ impl Pool2d {
         if self.kind == PoolKind::Max && self.argmax.len() < batch * o.len() {
             self.argmax.resize(batch * o.len(), 0);
         }
-        if self.kind == PoolKind::Max && self.geo.kernel == [2, 2] && self.geo.stride == [2, 2] && self.geo.pad == [0; 4] {
+        if self.kind == PoolKind::Max
+            && self.geo.kernel == [2, 2]
+            && self.geo.stride == [2, 2]
+            && self.geo.pad == [0; 4]
+        {
             self.max_2x2(x, y, batch);
             return;
         }
