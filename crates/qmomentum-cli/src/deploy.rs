@@ -251,6 +251,9 @@ pub struct InferBench {
     /// model is always trained here too).
     #[arg(long)]
     binary: Option<PathBuf>,
+    /// A model by name: mlp | cnn-small | lenet5.
+    #[arg(long, default_value = "mlp")]
+    model: String,
     /// Threads for the large batch.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
@@ -268,8 +271,9 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn quick_model(scheme: Scheme, train: &Dataset) -> Result<Trainer> {
+fn quick_model(scheme: Scheme, model: &qmomentum::config::ModelConfig, train: &Dataset) -> Result<Trainer> {
     let cfg = qmomentum::config::TrainConfig {
+        model: model.clone(),
         epochs: 1,
         quant: scheme,
         optimizer: qmomentum::optim::OptimizerConfig {
@@ -286,19 +290,29 @@ fn quick_model(scheme: Scheme, train: &Dataset) -> Result<Trainer> {
 pub fn bench_infer(b: InferBench) -> Result<()> {
     use std::time::Instant;
     let (data_dir, train, test) = b.data.load()?;
+    let model = qmomentum::config::ModelConfig::named(&b.model)?;
+    let mlp = b.model == "mlp";
     let n = test.len();
-    outln!("bench infer: MLP 784-128-64-10 on the {n} Fashion-MNIST test images; batch 1 = median of 20000 single-sample calls; batch {n} = median of {} rounds, {} threads", b.rounds, b.threads)?;
+    let calls = if mlp { 20000 } else { 2000 };
+    outln!(
+        "bench infer: {} on the {n} test images of {}; batch 1 = median of {calls} single-sample calls; batch {n} = median of {} rounds, {} threads",
+        model.summary(),
+        data_dir.display(),
+        b.rounds,
+        b.threads
+    )?;
     // Our f32 path.
-    let fp = quick_model(Scheme::Fp32, &train)?;
+    let fp = quick_model(Scheme::Fp32, &model, &train)?;
+    let f = test.features;
     let mut f32_model = fp.model.clone();
     let mut x = vec![0.0f32; test.images.len()];
     qmomentum::data::normalise(&test.images, &mut x);
     let mut lat = Vec::new();
-    for i in 0..20000 {
+    for i in 0..calls {
         let r = i % n;
         let t0 = Instant::now();
         let row = f32_model.input_mut(1);
-        row.copy_from_slice(&x[r * 784..(r + 1) * 784]);
+        row.copy_from_slice(&x[r * f..(r + 1) * f]);
         let out = f32_model.forward(1, false, true, &mut qmomentum::rng::Rng::new(0, 0));
         std::hint::black_box(out);
         lat.push(t0.elapsed().as_secs_f64());
@@ -326,11 +340,17 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
             qmomentum::export::to_runtime(&q)?
         }
     };
-    let binary = match &b.binary {
-        Some(p) => qmomentum_runtime::Model::load(p)?,
-        None => qmomentum::export::to_runtime(&quick_model(Scheme::Binary, &train)?.model)?,
-    };
-    let binary_all = qmomentum::export::to_runtime(&quick_model(Scheme::BinaryAll, &train)?.model)?;
+    // Binary models: the MLP only (the runtime has no binary convolution).
+    let mut integer = vec![("int8 (runtime)", int8)];
+    if mlp {
+        let binary = match &b.binary {
+            Some(p) => qmomentum_runtime::Model::load(p)?,
+            None => qmomentum::export::to_runtime(&quick_model(Scheme::Binary, &model, &train)?.model)?,
+        };
+        integer.push(("binary, int8 first layer (runtime)", binary));
+        let all = qmomentum::export::to_runtime(&quick_model(Scheme::BinaryAll, &model, &train)?.model)?;
+        integer.push(("binary-all, binarized input (runtime)", all));
+    }
     outln!(
         "| path | batch-1 latency µs | batch-{n} samples/s ({} threads) | vs f32 | accuracy |",
         b.threads
@@ -348,11 +368,7 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
     // training above woke — competes with the runtime's threads.
     let dir = std::env::temp_dir().join(format!("qmomentum-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    for (name, m) in [
-        ("int8 (runtime)", &int8),
-        ("binary, int8 first layer (runtime)", &binary),
-        ("binary-all, binarized input (runtime)", &binary_all),
-    ] {
+    for (name, m) in &integer {
         let path = dir.join("model.qmm");
         m.save(&path)?;
         let out = std::process::Command::new(std::env::current_exe()?)
