@@ -79,9 +79,9 @@ fn block_sums(x: &[f32], c: usize, s1: &mut [f64], s2: &mut [f64], b1: &mut [f32
         a.fill(0.0);
         b.fill(0.0);
         for row in block.chunks_exact(c) {
-            for ch in 0..c {
-                a[ch] += row[ch];
-                b[ch] += row[ch] * row[ch];
+            for ((a, b), &v) in a.iter_mut().zip(b.iter_mut()).zip(row) {
+                *a += v;
+                *b += v * v;
             }
         }
         for ch in 0..c {
@@ -165,16 +165,18 @@ impl BatchNorm {
                 .zip(y[..n].chunks_exact_mut(c))
                 .zip(self.x_hat[..n].chunks_exact_mut(c))
             {
-                for ch in 0..c {
-                    let xh = (xr[ch] - mean[ch]) * inv_std[ch];
-                    hr[ch] = xh;
-                    yr[ch] = g[ch] * xh + b[ch];
+                for (((((h, y), &x), &m), &s), (&g, &b)) in
+                    hr.iter_mut().zip(yr.iter_mut()).zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b))
+                {
+                    let xh = (x - m) * s;
+                    *h = xh;
+                    *y = g * xh + b;
                 }
             }
         } else {
             for (xr, yr) in x[..n].chunks_exact(c).zip(y[..n].chunks_exact_mut(c)) {
-                for ch in 0..c {
-                    yr[ch] = g[ch] * ((xr[ch] - mean[ch]) * inv_std[ch]) + b[ch];
+                for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b)) {
+                    *y = g * ((x - m) * s) + b;
                 }
             }
         }
@@ -196,9 +198,9 @@ impl BatchNorm {
             a.fill(0.0);
             b.fill(0.0);
             for (gr, xr) in gb.chunks_exact(c).zip(xb.chunks_exact(c)) {
-                for ch in 0..c {
-                    a[ch] += gr[ch];
-                    b[ch] += gr[ch] * xr[ch];
+                for (((a, b), &g), &x) in a.iter_mut().zip(b.iter_mut()).zip(gr).zip(xr) {
+                    *a += g;
+                    *b += g * x;
                 }
             }
             for ch in 0..c {
@@ -223,8 +225,9 @@ impl BatchNorm {
                 .zip(dy[..n].chunks_exact(c))
                 .zip(self.x_hat[..n].chunks_exact(c))
             {
-                for ch in 0..c {
-                    dxr[ch] = k[ch] * (gr[ch] - m1[ch] - xr[ch] * m2[ch]);
+                // Zipped slices (no index): the compiler drops the bounds checks and vectorises.
+                for (((((d, &g), &x), &k), &m1), &m2) in dxr.iter_mut().zip(gr).zip(xr).zip(k).zip(m1).zip(m2) {
+                    *d = k * (g - m1 - x * m2);
                 }
             }
         }
