@@ -853,3 +853,114 @@ fn decoder_and_config_errors_are_plain_words() {
     fails_with(&o, "No such file or directory");
     assert_eq!(text(&o).matches("No such file or directory").count(), 1, "{}", text(&o));
 }
+
+// ---- Convolutional networks end to end -------------------------------------------------------
+
+/// cnn-small and lenet5 by name: train (float, batch norm), `info` summary, PTQ (which folds the
+/// batch norms), export, integer inference and evaluation of the model file agree; QAT of a
+/// batch-normalised model names the recipe that works.
+#[test]
+fn cnn_by_name_from_training_to_integer_inference() {
+    let data = small_data(1024, 300);
+    let d = tmp("cnn-e2e");
+    let run_dir = d.join("cnn");
+    let o = train(
+        &data,
+        &run_dir,
+        &["--model", "cnn-small", "--epochs", "1", "--lr", "0.01"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let ck = run_dir.join("checkpoint.safetensors");
+    let o = run(&["info", s(&ck)]);
+    assert!(o.status.success(), "{}", text(&o));
+    for want in [
+        "28×28×1 → conv 32 3×3 same → batch_norm",
+        "14×14×64",
+        "parameters     50378",
+        "3869824",
+    ] {
+        assert!(text(&o).contains(want), "«{want}» in {}", text(&o));
+    }
+    fails_with(
+        &train(&data, &d.join("qat"), &["--model", "cnn-small", "--quant", "w8a8"]),
+        "--finetune-epochs N`, which folds every batch norm",
+    );
+    let q = d.join("q");
+    let o = run(&[
+        "quantize",
+        s(&ck),
+        "--quant",
+        "w8a8",
+        "--data",
+        s(&data),
+        "--out",
+        s(&q),
+        "--batches",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let qck = q.join("checkpoint.safetensors");
+    let model = d.join("cnn.qmm");
+    let o = run(&["export", s(&qck), "-o", s(&model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let sim = run(&["evaluate", s(&qck), "--data", s(&data)]);
+    let int = run(&["evaluate", s(&model), "--data", s(&data)]);
+    let acc = |o: &Output| {
+        text(o)
+            .split("accuracy ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        sim.status.success() && int.status.success(),
+        "{}{}",
+        text(&sim),
+        text(&int)
+    );
+    assert_eq!(acc(&sim), acc(&int), "simulation and integer runtime");
+    let o = run(&["info", s(&model)]);
+    assert!(
+        text(&o).contains("conv2d_i8") && text(&o).contains("maxpool_u8"),
+        "{}",
+        text(&o)
+    );
+    // LeNet-5 (average pooling) trains and exports too.
+    let l = d.join("lenet");
+    let o = train(&data, &l, &["--model", "lenet5", "--epochs", "1", "--lr", "0.01"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let lq = d.join("lq");
+    let o = run(&[
+        "quantize",
+        s(&l.join("checkpoint.safetensors")),
+        "--data",
+        s(&data),
+        "--out",
+        s(&lq),
+        "--batches",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        "export",
+        s(&lq.join("checkpoint.safetensors")),
+        "-o",
+        s(&d.join("lenet.qmm")),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    fails_with(
+        &run(&[
+            "train",
+            "--model",
+            "resnet50",
+            "--data",
+            s(&data),
+            "--out",
+            s(&d.join("x")),
+        ]),
+        "expected mlp, cnn-small or lenet5",
+    );
+}

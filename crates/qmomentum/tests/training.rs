@@ -156,6 +156,38 @@ fn resume_after_any_step_is_bit_identical() {
     }
 }
 
+/// A batch-normalised CNN resumes bit-exactly too: the running statistics are checkpointed as
+/// buffers and move once per step with the statistics of the whole (split) batch.
+#[test]
+fn cnn_with_batch_norm_resumes_bit_identically() {
+    let (train, test) = data();
+    let small = subset(train, 512); // 4 steps per epoch
+    let c = TrainConfig {
+        model: qmomentum::config::ModelConfig::named("cnn-small").unwrap(),
+        ..cfg(Scheme::Fp32, 2, 0.01)
+    };
+    let val = subset(test, 200);
+    let mut full = Trainer::new(c.clone()).unwrap();
+    full.fit(&small, Some(&val), |_, _| {}).unwrap();
+    let buffers = |t: &Trainer| t.model.buffers_iter().map(|b| b.value.clone()).collect::<Vec<_>>();
+    assert!(
+        buffers(&full).iter().any(|b| b.iter().any(|&v| v != 0.0 && v != 1.0)),
+        "running stats moved"
+    );
+    for k in [1u64, 4, 6] {
+        let mut t = Trainer::new(c.clone()).unwrap();
+        while t.global_step < k {
+            t.step(&small, Some(&val)).unwrap();
+        }
+        let bytes = checkpoint::to_bytes(&t).unwrap();
+        let mut r = checkpoint::from_bytes(&bytes, Path::new("mem")).unwrap();
+        r.fit(&small, Some(&val), |_, _| {}).unwrap();
+        assert_eq!(weights(&r), weights(&full), "resumed after step {k}");
+        assert_eq!(buffers(&r), buffers(&full), "running statistics after step {k}");
+        assert_eq!(r.history.epochs[1].val_accuracy, full.history.epochs[1].val_accuracy);
+    }
+}
+
 #[test]
 fn checkpoint_of_another_model_is_rejected_naming_the_tensor() {
     let mut c = cfg(Scheme::Fp32, 1, 0.01);

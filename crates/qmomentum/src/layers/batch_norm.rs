@@ -165,8 +165,13 @@ impl BatchNorm {
                 .zip(y[..n].chunks_exact_mut(c))
                 .zip(self.x_hat[..n].chunks_exact_mut(c))
             {
-                for (((((h, y), &x), &m), &s), (&g, &b)) in
-                    hr.iter_mut().zip(yr.iter_mut()).zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b))
+                for (((((h, y), &x), &m), &s), (&g, &b)) in hr
+                    .iter_mut()
+                    .zip(yr.iter_mut())
+                    .zip(xr)
+                    .zip(mean)
+                    .zip(inv_std)
+                    .zip(g.iter().zip(b))
                 {
                     let xh = (x - m) * s;
                     *h = xh;
@@ -175,7 +180,8 @@ impl BatchNorm {
             }
         } else {
             for (xr, yr) in x[..n].chunks_exact(c).zip(y[..n].chunks_exact_mut(c)) {
-                for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b)) {
+                for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b))
+                {
                     *y = g * ((x - m) * s) + b;
                 }
             }
