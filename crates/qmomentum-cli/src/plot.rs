@@ -237,3 +237,93 @@ pub fn bars(rows: &[Bar], path: &Path, title: &str, y_desc: &str) -> Result<()> 
     }
     save_png(path, buf, (w, hgt))
 }
+
+/// Oscillation per quantized layer and epoch: the fraction of weights whose oscillation frequency
+/// exceeds the threshold (left) and code flips per step (right), one line per layer.
+pub fn oscillations(h: &History, path: &Path, title: &str) -> Result<()> {
+    init_font();
+    let (w, hgt) = (1000u32, 420u32);
+    let mut buf = vec![255u8; (w * hgt * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, hgt)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
+        let (left, right) = root.split_horizontally(500);
+        let last = h.epochs.iter().map(|r| r.epoch).max().unwrap_or(1).max(1) as i32;
+        let layers: Vec<usize> = h
+            .epochs
+            .first()
+            .map(|r| r.oscillation.iter().map(|o| o.layer).collect())
+            .unwrap_or_default();
+        let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        for (area, name, pick) in [
+            (&left, "fraction oscillating", 0usize),
+            (&right, "code flips per step", 1usize),
+        ] {
+            let series: Vec<(usize, Vec<(i32, f32)>)> = layers
+                .iter()
+                .map(|&l| {
+                    let pts = h
+                        .epochs
+                        .iter()
+                        .filter_map(|r| {
+                            r.oscillation.iter().find(|o| o.layer == l).map(|o| {
+                                (
+                                    r.epoch as i32,
+                                    if pick == 0 {
+                                        o.fraction_oscillating
+                                    } else {
+                                        o.flips_per_step
+                                    },
+                                )
+                            })
+                        })
+                        .filter(|p| p.1.is_finite())
+                        .collect();
+                    (l, pts)
+                })
+                .collect();
+            let all: Vec<f32> = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).collect();
+            let (_, hi) = y_range(&all);
+            let mut chart = ChartBuilder::on(area)
+                .margin(12)
+                .x_label_area_size(35)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0i32..last + 1, 0f32..hi.max(1e-6))
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("epoch")
+                .y_desc(name)
+                .x_labels((last as usize + 2).min(12))
+                .x_label_formatter(&|x| {
+                    if *x >= 1 && *x <= last {
+                        x.to_string()
+                    } else {
+                        String::new()
+                    }
+                })
+                .draw()
+                .map_err(err)?;
+            for (k, (l, pts)) in series.into_iter().enumerate() {
+                let c = colours[k % colours.len()];
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+                    .map_err(err)?
+                    .label(format!("layer {l}"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                    .map_err(err)?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    save_png(path, buf, (w, hgt))
+}

@@ -128,6 +128,10 @@ pub struct TrainArgs {
     /// Fashion-MNIST's names when the data are Fashion-MNIST].
     #[arg(long)]
     pub class_names: Option<PathBuf>,
+    /// Do not track weight-code oscillations of quantized layers (tracked by default; written to
+    /// history.csv/json and oscillations.png).
+    #[arg(long)]
+    pub no_oscillation_tracking: bool,
     /// No progress bar: one line per epoch.
     #[arg(long, short)]
     pub quiet: bool,
@@ -258,6 +262,9 @@ fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(n) = a.freeze_observers_after {
         c.freeze_observers_after = Some(n);
     }
+    if a.no_oscillation_tracking {
+        c.oscillation.track = false;
+    }
     if let Some(n) = a.checkpoint_every {
         c.checkpoint.every_steps = n;
     }
@@ -347,6 +354,13 @@ fn write_history(t: &Trainer, f: &RunFiles) -> Result<()> {
     write_atomic(&f.history_csv, t.history.to_csv().as_bytes())?;
     write_atomic(&f.history_json, serde_json::to_string_pretty(&t.history)?.as_bytes())?;
     if !t.history.epochs.is_empty() {
+        if t.history.epochs.iter().any(|r| !r.oscillation.is_empty()) {
+            plot::oscillations(
+                &t.history,
+                &f.plot.with_file_name("oscillations.png"),
+                &format!("{}: weight-code oscillation per quantized layer", t.config.quant),
+            )?;
+        }
         plot::curves(
             &t.history,
             &f.plot,

@@ -292,6 +292,37 @@ fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Resul
     Ok(out)
 }
 
+/// A buffer tensor: like [`read_f32`], but NaN is allowed (the oscillation state marks "no code
+/// seen yet" with NaN); infinities are not.
+fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>> {
+    let v = st
+        .tensor(name)
+        .map_err(|_| Error::checkpoint(path, format!("missing tensor '{name}'")))?;
+    if v.dtype() != Dtype::F32 || v.shape() != shape {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "tensor '{name}' is {:?} {:?}, expected F32 {shape:?}",
+                v.dtype(),
+                v.shape()
+            ),
+        ));
+    }
+    let out: Vec<f32> = v
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let nan_ok = name.ends_with(".osc_prev");
+    if let Some(i) = out.iter().position(|x| x.is_infinite() || (x.is_nan() && !nan_ok)) {
+        return Err(Error::checkpoint(
+            path,
+            format!("tensor '{name}' holds {} at index {i}", out[i]),
+        ));
+    }
+    Ok(out)
+}
+
 /// Rebuild a trainer from checkpoint bytes; `path` names the file in errors.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     let meta = read_meta(bytes, path)?;
@@ -380,10 +411,18 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     }
     let mut buffer_values = Vec::new();
     for b in t.model.buffers_iter() {
-        buffer_values.push(read_f32(&st, &format!("buffer.{}", b.name), &b.shape, path)?);
+        let name = format!("buffer.{}", b.name);
+        // Oscillation state is new in this version: older checkpoints start tracking afresh.
+        if b.name.contains(".osc_") && st.tensor(&name).is_err() {
+            buffer_values.push(None);
+            continue;
+        }
+        buffer_values.push(Some(read_buffer(&st, &name, &b.shape, path)?));
     }
     for (b, v) in t.model.buffers_iter_mut().zip(buffer_values) {
-        b.value = v;
+        if let Some(v) = v {
+            b.value = v;
+        }
     }
     for o in &meta.observers {
         let a = t

@@ -212,7 +212,8 @@ pub const MAX_PARAMS: usize = 1 << 27;
 impl ModelConfig {
     /// The models known by name: `mlp` (the design document's 784-128-64-10), `cnn-small`
     /// (Conv 32 3×3 same – BN – ReLU – MaxPool 2, Conv 64 3×3 same – BN – ReLU – MaxPool 2,
-    /// Flatten, Dense 10: 50,378 parameters) and `lenet5` (LeCun et al. 1998 on 28×28: Conv 6 5×5
+    /// Flatten, Dense 10: 50,378 parameters; batch norm as PyTorch's `BatchNorm2d` defaults,
+    /// momentum 0.1 of each new batch and ε = 1e-5, the recipe of the PyTorch reference run) and `lenet5` (LeCun et al. 1998 on 28×28: Conv 6 5×5
     /// same – tanh→relu – AvgPool 2, Conv 16 5×5 – relu – AvgPool 2, Dense 120, 84, 10), all on
     /// 28×28×1 images.
     pub fn named(name: &str) -> Result<Self> {
@@ -224,11 +225,11 @@ impl ModelConfig {
                 input_shape = [28, 28, 1]
                 layers = [
                   { type = "conv2d", filters = 32, kernel_size = 3, padding = "same" },
-                  { type = "batch_norm" },
+                  { type = "batch_norm", torch_momentum = 0.1, epsilon = 1e-5 },
                   { type = "activation", activation = "relu" },
                   { type = "max_pool2d", pool_size = 2 },
                   { type = "conv2d", filters = 64, kernel_size = 3, padding = "same" },
-                  { type = "batch_norm" },
+                  { type = "batch_norm", torch_momentum = 0.1, epsilon = 1e-5 },
                   { type = "activation", activation = "relu" },
                   { type = "max_pool2d", pool_size = 2 },
                   { type = "flatten" },
@@ -601,6 +602,8 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointConfig,
     /// NaN/inf policy.
     pub on_non_finite: OnNonFinite,
+    /// Oscillation tracking of quantized weights.
+    pub oscillation: crate::quant::oscillation::OscillationConfig,
 }
 
 impl Default for TrainConfig {
@@ -620,6 +623,7 @@ impl Default for TrainConfig {
             optimizer: OptimizerConfig::default(),
             checkpoint: CheckpointConfig::default(),
             on_non_finite: OnNonFinite::Stop,
+            oscillation: Default::default(),
         }
     }
 }
@@ -660,6 +664,13 @@ impl TrainConfig {
                 self.validation_split,
                 "must be in [0, 1)",
             ));
+        }
+        let o = self.oscillation;
+        if !(o.momentum > 0.0 && o.momentum <= 1.0) {
+            return Err(Error::config("oscillation.momentum", o.momentum, "must be in (0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&o.threshold) {
+            return Err(Error::config("oscillation.threshold", o.threshold, "must be in [0, 1]"));
         }
         self.model.validate()?;
         self.optimizer.validate()

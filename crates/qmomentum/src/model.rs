@@ -392,12 +392,24 @@ impl Sequential {
         for (p, q) in self.params_iter_mut().zip(src.params_iter()) {
             p.value.copy_from_slice(&q.value);
         }
-        for (b, c) in self.buffers_iter_mut().zip(src.buffers_iter()) {
-            b.value.copy_from_slice(&c.value);
-        }
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
+            // Per layer: a replica holds no oscillation state (only the main model tracks).
+            for (b, c) in l.buffers_mut().zip(s.buffers()) {
+                if b.value.len() == c.value.len() {
+                    b.value.copy_from_slice(&c.value);
+                }
+            }
             if let (Some(a), Some(b)) = (l.act_quant_mut(), s.act_quant()) {
                 a.observer.clone_from(&b.observer);
+            }
+        }
+    }
+
+    /// Drop the oscillation trackers (a replica, or a run with tracking off).
+    pub fn drop_trackers(&mut self) {
+        for l in self.layers.iter_mut() {
+            if let Some((_, wq)) = l.weight_quant_mut() {
+                wq.tracker = None;
             }
         }
     }

@@ -45,6 +45,9 @@ pub struct EpochRecord {
     pub samples_per_sec: f64,
     /// Steps whose update was skipped because of NaN/inf.
     pub skipped_steps: u64,
+    /// Oscillation figures of each quantized layer (see `quant::oscillation`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub oscillation: Vec<crate::quant::oscillation::LayerOscillation>,
 }
 
 /// Per-epoch history, as Keras's `History`.
@@ -57,11 +60,23 @@ pub struct History {
 impl History {
     /// CSV with a header row.
     pub fn to_csv(&self) -> String {
-        let mut s = String::from("epoch,loss,accuracy,val_loss,val_accuracy,lr,seconds,samples_per_sec\n");
+        let mut s = String::from("epoch,loss,accuracy,val_loss,val_accuracy,lr,seconds,samples_per_sec");
+        // Oscillation columns, one group per tracked layer (from the first epoch's layers).
+        let layers: Vec<usize> = self
+            .epochs
+            .first()
+            .map(|r| r.oscillation.iter().map(|o| o.layer).collect())
+            .unwrap_or_default();
+        for l in &layers {
+            s.push_str(&format!(
+                ",flips_per_step_l{l},oscillations_per_step_l{l},mean_osc_frequency_l{l},fraction_oscillating_l{l}"
+            ));
+        }
+        s.push('\n');
         let o = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
         for r in &self.epochs {
             s.push_str(&format!(
-                "{},{},{},{},{},{},{:.4},{:.0}\n",
+                "{},{},{},{},{},{},{:.4},{:.0}",
                 r.epoch,
                 r.loss,
                 r.accuracy,
@@ -71,6 +86,16 @@ impl History {
                 r.seconds,
                 r.samples_per_sec
             ));
+            for l in &layers {
+                match r.oscillation.iter().find(|x| x.layer == *l) {
+                    Some(x) => s.push_str(&format!(
+                        ",{},{},{},{}",
+                        x.flips_per_step, x.oscillations_per_step, x.mean_frequency, x.fraction_oscillating
+                    )),
+                    None => s.push_str(",,,,"),
+                }
+            }
+            s.push('\n');
         }
         s
     }
@@ -156,7 +181,10 @@ impl Trainer {
     pub fn new(config: TrainConfig) -> Result<Self> {
         config.validate()?;
         let bop = matches!(config.optimizer.binary, BinaryOptimizer::Bop { .. });
-        let model = Sequential::from_config(&config.model, config.quant, bop, config.seed)?;
+        let mut model = Sequential::from_config(&config.model, config.quant, bop, config.seed)?;
+        if !config.oscillation.track {
+            model.drop_trackers();
+        }
         model.check_loss_compatible()?;
         let optimizer = Optimizer::new(config.optimizer.clone())?;
         Ok(Trainer {
@@ -245,9 +273,11 @@ impl Trainer {
         let order = &self.order[start..end];
         self.labels.resize(half, 0);
         let (loss_sum, correct) = if split {
-            let rep = self
-                .replica
-                .get_or_insert_with(|| Box::new((self.model.clone(), Vec::new())));
+            let rep = self.replica.get_or_insert_with(|| {
+                let mut r = self.model.clone();
+                r.drop_trackers();
+                Box::new((r, Vec::new()))
+            });
             rep.0.sync_from(&self.model);
             rep.1.resize(batch - half, 0);
             let (m0, l0) = (&mut self.model, &mut self.labels);
@@ -298,6 +328,15 @@ impl Trainer {
                     Some((r, _)) if split => self.model.finish_step(&[r]),
                     _ => self.model.finish_step(&[]),
                 }
+                if self.config.oscillation.track {
+                    // The codes this step's forward pass used (the main model's ŵ).
+                    let m = self.config.oscillation.momentum;
+                    for l in self.model.layers.iter_mut() {
+                        if let Some((w, wq)) = l.weight_quant_mut() {
+                            wq.track(&w.value, m);
+                        }
+                    }
+                }
                 let sq = self
                     .optimizer
                     .needs_grad_norm()
@@ -338,6 +377,7 @@ impl Trainer {
                 seconds: (p.seconds * 1e6).round() / 1e6,
                 samples_per_sec: (p.seen as f64 / p.seconds.max(1e-9)).round(),
                 skipped_steps: p.skipped,
+                oscillation: self.take_oscillation(),
             };
             self.history.epochs.push(rec.clone());
             self.epoch += 1;
@@ -382,6 +422,24 @@ impl Trainer {
     /// `(mean loss, accuracy)` on `data` (no training, observers untouched).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<(f32, f32)> {
         evaluate(&mut self.model, data)
+    }
+
+    /// The oscillation figures of the epoch that ends (and reset the epoch counters).
+    fn take_oscillation(&mut self) -> Vec<crate::quant::oscillation::LayerOscillation> {
+        if !self.config.oscillation.track {
+            return Vec::new();
+        }
+        let threshold = self.config.oscillation.threshold;
+        self.model
+            .layers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                l.weight_quant_mut()
+                    .and_then(|(_, wq)| wq.tracker.as_mut())
+                    .map(|t| t.take_epoch(i, threshold))
+            })
+            .collect()
     }
 
     /// Whether any parameter is trained by Bop.

@@ -211,18 +211,30 @@ impl Layer {
 
     /// State that is checkpointed but not optimized (batch norm's running statistics).
     pub fn buffers(&self) -> impl Iterator<Item = &Buffer> {
-        let slots: [Option<&Buffer>; 2] = match self {
-            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var)],
-            _ => [None, None],
+        let slots: [Option<&Buffer>; 3] = match self {
+            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var), None],
+            Layer::Dense(_) | Layer::Conv2d(_) => match self.quant_parts().and_then(|(w, _)| w.tracker.as_ref()) {
+                Some(t) => [Some(&t.prev), Some(&t.dir), Some(&t.freq)],
+                None => [None, None, None],
+            },
+            _ => [None, None, None],
         };
         slots.into_iter().flatten()
     }
 
     /// [`Layer::buffers`], mutable.
     pub fn buffers_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
-        let slots: [Option<&mut Buffer>; 2] = match self {
-            Layer::BatchNorm(b) => [Some(&mut b.running_mean), Some(&mut b.running_var)],
-            _ => [None, None],
+        let slots: [Option<&mut Buffer>; 3] = match self {
+            Layer::BatchNorm(b) => [Some(&mut b.running_mean), Some(&mut b.running_var), None],
+            Layer::Dense(d) => match d.wq.tracker.as_mut() {
+                Some(t) => [Some(&mut t.prev), Some(&mut t.dir), Some(&mut t.freq)],
+                None => [None, None, None],
+            },
+            Layer::Conv2d(c) => match c.wq.tracker.as_mut() {
+                Some(t) => [Some(&mut t.prev), Some(&mut t.dir), Some(&mut t.freq)],
+                None => [None, None, None],
+            },
+            _ => [None, None, None],
         };
         slots.into_iter().flatten()
     }

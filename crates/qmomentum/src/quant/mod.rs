@@ -14,6 +14,7 @@ pub mod act;
 pub mod affine;
 pub mod binary;
 pub mod observer;
+pub mod oscillation;
 pub mod ptq;
 pub mod weight;
 

@@ -12,8 +12,9 @@
 //! * Binary with Bop: `w` holds ±1, `ŵ = w/√fan_in` (a fixed scale; see [`WeightFakeQuant::configure`]),
 //!   so `∂L/∂w = ∂L/∂ŵ/√fan_in`.
 
-use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor};
+use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor, round_even_small};
 use super::binary::{binarize, sign, ternarize};
+use super::oscillation::OscillationTracker;
 use super::WeightQuant;
 use crate::layers::{Param, ParamKind};
 
@@ -30,6 +31,9 @@ pub struct WeightFakeQuant {
     scale: Vec<f32>,
     tmp: Vec<f32>,
     dw_hat: Vec<f32>,
+    /// Oscillation tracking of the integer codes (quantized layers; see `quant::oscillation`).
+    pub tracker: Option<OscillationTracker>,
+    codes: Vec<f32>,
 }
 
 impl WeightFakeQuant {
@@ -44,6 +48,8 @@ impl WeightFakeQuant {
             scale: vec![1.0; outputs],
             tmp: vec![0.0; outputs],
             dw_hat: Vec::new(),
+            tracker: None,
+            codes: Vec::new(),
         }
     }
 
@@ -68,6 +74,46 @@ impl WeightFakeQuant {
         let n = if quant.is_some() { self.fan_in * self.outputs } else { 0 };
         self.w_hat.resize(n, 0.0);
         self.dw_hat.resize(n, 0.0);
+        self.codes.resize(n, 0.0);
+        let index = w
+            .name
+            .strip_prefix("layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse().ok());
+        self.tracker = match (quant.is_some(), index) {
+            (true, Some(i)) => Some(OscillationTracker::new(i, n)),
+            _ => None,
+        };
+    }
+
+    /// One step of oscillation tracking with the codes of the kernel the last forward pass used
+    /// (`ŵ/s` for integer and ternary weights, the sign for binary ones): no quantization again.
+    pub fn track(&mut self, w: &[f32], momentum: f32) {
+        let Some(t) = self.tracker.as_mut() else { return };
+        match self.quant {
+            Some(WeightQuant::Binary { .. }) => {
+                for (c, &v) in self.codes.iter_mut().zip(w) {
+                    *c = sign(v);
+                }
+            }
+            Some(_) => {
+                // The reciprocal scales in `tmp` (scratch between steps).
+                for (i, &s) in self.tmp.iter_mut().zip(&self.scale) {
+                    *i = 1.0 / s;
+                }
+                for (row, out) in self
+                    .w_hat
+                    .chunks_exact(self.outputs)
+                    .zip(self.codes.chunks_exact_mut(self.outputs))
+                {
+                    for ((c, &v), &inv) in out.iter_mut().zip(row).zip(&self.tmp) {
+                        *c = round_even_small(v * inv);
+                    }
+                }
+            }
+            None => return,
+        }
+        t.update(&self.codes, momentum);
     }
 
     /// Integer or ternary weights: the ones the bias is put on the accumulator grid for.

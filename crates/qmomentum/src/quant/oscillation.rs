@@ -1,0 +1,149 @@
+//! Oscillation tracking of quantized weights (Nagel et al., "Overcoming Oscillations in
+//! Quantization-Aware Training", ICML 2022), in the integer domain.
+//!
+//! At each optimizer step the integer code of every weight is compared with its code at the
+//! previous step. A change is a *flip*; a flip whose direction is opposite to the weight's
+//! previous change is an *oscillation*. Each weight's oscillation frequency is an EMA of those
+//! events, `f ← m·osc + (1 − m)·f` (the paper's `m = 0.01`), updated every step. Per layer and
+//! epoch we report flips and oscillations per step, the mean frequency and the fraction of
+//! weights whose frequency exceeds a threshold. Binary weights (latent or Bop) use their sign as
+//! the code, so Bop's flips and the ones that reverse a recent flip are counted the same way.
+//!
+//! The codes are those the step's forward pass used (computed once by the weight
+//! fake-quantizer); the per-weight state is checkpointed, so a resumed run tracks on.
+
+use crate::layers::Buffer;
+use serde::{Deserialize, Serialize};
+
+/// Settings (the `[oscillation]` table of a config).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OscillationConfig {
+    /// Track quantized layers (cheap; on by default).
+    pub track: bool,
+    /// EMA weight of each new event (the paper's 0.01).
+    pub momentum: f32,
+    /// A weight "oscillates" when its frequency exceeds this.
+    pub threshold: f32,
+}
+
+impl Default for OscillationConfig {
+    fn default() -> Self {
+        OscillationConfig {
+            track: true,
+            momentum: 0.01,
+            threshold: 0.02,
+        }
+    }
+}
+
+/// One layer's figures for one epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerOscillation {
+    /// Layer index.
+    pub layer: usize,
+    /// Code changes per step (all weights of the layer).
+    pub flips_per_step: f32,
+    /// Changes that reverse the previous change, per step.
+    pub oscillations_per_step: f32,
+    /// Mean oscillation frequency at the end of the epoch.
+    pub mean_frequency: f32,
+    /// Fraction of weights whose frequency exceeds the threshold.
+    pub fraction_oscillating: f32,
+}
+
+/// Per-weight state of one layer (buffers: checkpointed, never optimized).
+#[derive(Clone, Debug)]
+pub struct OscillationTracker {
+    /// Code of the previous step (NaN before the first step).
+    pub prev: Buffer,
+    /// Direction of the last change (−1, 0, +1).
+    pub dir: Buffer,
+    /// Oscillation frequency (EMA).
+    pub freq: Buffer,
+    flips: u64,
+    oscillations: u64,
+    steps: u64,
+}
+
+impl OscillationTracker {
+    /// State for the `n` weights of layer `index`.
+    pub fn new(index: usize, n: usize) -> Self {
+        let b = |what: &str, v: f32| Buffer::new(format!("layers.{index}.osc_{what}"), vec![n], vec![v; n]);
+        OscillationTracker {
+            prev: b("prev", f32::NAN),
+            dir: b("dir", 0.0),
+            freq: b("freq", 0.0),
+            flips: 0,
+            oscillations: 0,
+            steps: 0,
+        }
+    }
+
+    /// One step with the codes of this step (as f32 integers). Written without branches and with
+    /// integer counters so the compiler vectorises it (it runs over every weight at every step).
+    pub fn update(&mut self, codes: &[f32], momentum: f32) {
+        let (mut flips, mut osc) = (0u32, 0u32);
+        let keep = 1.0 - momentum;
+        let (prev, dir, freq) = (&mut self.prev.value, &mut self.dir.value, &mut self.freq.value);
+        for (((p, d), f), &c) in prev.iter_mut().zip(dir.iter_mut()).zip(freq.iter_mut()).zip(codes) {
+            // NaN before the first step: both comparisons are false, no change is seen.
+            let delta = c - *p;
+            let (up, down) = ((delta > 0.0) as u32, (delta < 0.0) as u32);
+            let step_dir = up as f32 - down as f32;
+            let changed = up | down;
+            let o = changed & ((step_dir == -*d) as u32);
+            flips += changed;
+            osc += o;
+            *f = momentum * o as f32 + keep * *f;
+            *d = if changed != 0 { step_dir } else { *d };
+            *p = c;
+        }
+        self.flips += flips as u64;
+        self.oscillations += osc as u64;
+        self.steps += 1;
+    }
+
+    /// The epoch's figures for layer `layer`, and reset the epoch counters.
+    pub fn take_epoch(&mut self, layer: usize, threshold: f32) -> LayerOscillation {
+        let freq = &self.freq.value;
+        let n = freq.len().max(1) as f64;
+        let steps = self.steps.max(1) as f64;
+        let mean = freq.iter().map(|&f| f as f64).sum::<f64>() / n;
+        let above = freq.iter().filter(|&&f| f > threshold).count() as f64 / n;
+        let r = LayerOscillation {
+            layer,
+            flips_per_step: (self.flips as f64 / steps) as f32,
+            oscillations_per_step: (self.oscillations as f64 / steps) as f32,
+            mean_frequency: mean as f32,
+            fraction_oscillating: above as f32,
+        };
+        self.flips = 0;
+        self.oscillations = 0;
+        self.steps = 0;
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A weight whose code goes 0, 1, 0, 1 oscillates at every change after the first; one that
+    /// climbs 0, 1, 2, 3 flips every step and never oscillates. EMA with m = 0.5 by hand:
+    /// events (step 2: flip only; 3: osc; 4: osc) → f = 0, 0.5, 0.75.
+    #[test]
+    fn flips_and_oscillations_by_definition() {
+        let mut t = OscillationTracker::new(0, 2);
+        for codes in [[0.0, 0.0], [1.0, 1.0], [0.0, 2.0], [1.0, 3.0]] {
+            t.update(&codes, 0.5);
+        }
+        assert_eq!(t.freq.value, vec![0.75, 0.0]);
+        let r = t.take_epoch(3, 0.5);
+        // 3 flips each for both weights over 4 steps; 2 oscillations (weight 0).
+        assert_eq!(r.flips_per_step, 6.0 / 4.0);
+        assert_eq!(r.oscillations_per_step, 2.0 / 4.0);
+        assert_eq!(r.fraction_oscillating, 0.5);
+        assert_eq!(r.mean_frequency, 0.375);
+    }
+}
