@@ -264,7 +264,7 @@ impl Op for Conv2dI8 {
                     dst[..k].copy_from_slice(src);
                 }
                 Ok((
-                    PackedDenseI8::new(k4, og, &w, &p.bias[ch.clone()], p.input_zero_point),
+                    PackedDenseI8::new_narrowest(k4, og, &w, &p.bias[ch.clone()], p.input_zero_point),
                     Epilogue::new(p.output, ch)?,
                 ))
             })

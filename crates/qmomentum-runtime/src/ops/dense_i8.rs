@@ -161,7 +161,7 @@ impl Op for DenseI8 {
     fn compile(&self, layer: &Layer) -> Result<Arc<dyn Compiled>, Error> {
         let p = parts(layer);
         Ok(Arc::new(CompiledDenseI8 {
-            w: PackedDenseI8::new(p.inputs, p.outputs, p.weight, p.bias, p.input_zero_point),
+            w: PackedDenseI8::new_narrowest(p.inputs, p.outputs, p.weight, p.bias, p.input_zero_point),
             epilogue: Epilogue::new(p.output, 0..p.outputs)?,
             produces: produces(p.output, p.outputs)?,
         }))
