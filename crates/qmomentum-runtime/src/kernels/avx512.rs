@@ -163,54 +163,72 @@ unsafe fn tile4<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
     }
     let low = _mm512_set1_epi8(0x0f);
     let eight = _mm512_set1_epi8(8);
-    // Loads pair `p`'s vector of every group and expands it: (step 2p, step 2p + 1).
-    let expand = |p: usize| {
+    let steps = s.full + usize::from(s.tail > 0);
+    // Pairs of two complete steps: no tail handling in the hot loop.
+    let whole = s.full / 2;
+    let mut wp = t.w;
+    for p in 0..whole {
         let mut lo = [_mm512_setzero_si512(); G];
         let mut hi = [_mm512_setzero_si512(); G];
         for g in 0..G {
-            // SAFETY: the callers pass `p < ⌈steps/2⌉`, a pair of every group `g < G`: 64
-            // readable bytes at `t.w + g·gstride + 64·p`, on a 64-byte boundary (pairs are 64
-            // bytes, groups `gstride = 64·pairs` apart, the buffer is 64-byte aligned).
-            let v = unsafe { _mm512_load_si512(t.w.add(g * s.gstride + 64 * p).cast()) };
+            // SAFETY: `wp` is pair `p < whole ≤ ⌈steps/2⌉` of the first group, so
+            // `wp + g·gstride` is pair `p` of group `g < G`: 64 readable bytes on a 64-byte
+            // boundary (pairs are 64 bytes, `gstride = 64·pairs`, the buffer is aligned).
+            let v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
             lo[g] = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
             hi[g] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight);
         }
-        (lo, hi)
-    };
-    // Step `k`'s 4 input bytes of row `r`, broadcast; the last, partial step reads only the
-    // row's remaining bytes (the missing ones meet zero weights).
-    let input = |r: usize, k: usize| {
-        let four = if k < s.full {
-            // SAFETY: bytes `4k..4k + 4` of row `r < R` are readable since `k < s.full`;
-            // `read_unaligned` has no alignment requirement.
-            unsafe { t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned() }
-        } else {
-            let mut four = [0u8; 4];
-            for (i, b) in four.iter_mut().enumerate().take(s.tail) {
-                // SAFETY: `4·full + i < 4·full + tail`, the row's readable length.
-                *b = unsafe { *t.x.add(r * s.x_stride + 4 * s.full + i) };
-            }
-            i32::from_le_bytes(four)
-        };
-        _mm512_set1_epi32(four)
-    };
-    let steps = s.full + usize::from(s.tail > 0);
-    for p in 0..steps / 2 {
-        let (lo, hi) = expand(p);
         for (r, row) in c.iter_mut().enumerate() {
-            let (x0, x1) = (input(r, 2 * p), input(r, 2 * p + 1));
+            // SAFETY: bytes `8p..8p + 8` of row `r < R` are readable since `2p + 1 < full`
+            // (4·full ≤ the row's readable bytes); `read_unaligned` needs no alignment.
+            let (f0, f1) = unsafe {
+                let xp = t.x.add(r * s.x_stride + 8 * p);
+                (
+                    xp.cast::<i32>().read_unaligned(),
+                    xp.add(4).cast::<i32>().read_unaligned(),
+                )
+            };
+            let (x0, x1) = (_mm512_set1_epi32(f0), _mm512_set1_epi32(f1));
             for g in 0..G {
                 row[g] = _mm512_dpbusd_epi32(row[g], x0, lo[g]);
+            }
+            for g in 0..G {
                 row[g] = _mm512_dpbusd_epi32(row[g], x1, hi[g]);
             }
         }
+        // SAFETY: pair `p + 1 ≤ pairs` of the first group: inside the buffer or one past it.
+        wp = unsafe { wp.add(64) };
     }
-    if steps % 2 == 1 {
-        let (lo, _) = expand(steps / 2);
-        for (r, row) in c.iter_mut().enumerate() {
-            let x0 = input(r, steps - 1);
-            for g in 0..G {
-                row[g] = _mm512_dpbusd_epi32(row[g], x0, lo[g]);
+    // The remaining one or two steps (`2·whole .. steps`), the last maybe partial.
+    if 2 * whole < steps {
+        let mut lo = [_mm512_setzero_si512(); G];
+        let mut hi = [_mm512_setzero_si512(); G];
+        for g in 0..G {
+            // SAFETY: `2·whole < steps`, so pair `whole < ⌈steps/2⌉` exists; as above.
+            let v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
+            lo[g] = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
+            hi[g] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight);
+        }
+        for k in 2 * whole..steps {
+            let wv = if k % 2 == 0 { &lo } else { &hi };
+            for (r, row) in c.iter_mut().enumerate() {
+                let four = if k < s.full {
+                    // SAFETY: bytes `4k..4k + 4` of row `r` are readable since `k < s.full`.
+                    unsafe { t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned() }
+                } else {
+                    // The partial last step: only the row's remaining bytes are read; the
+                    // missing ones meet zero weights.
+                    let mut four = [0u8; 4];
+                    for (i, b) in four.iter_mut().enumerate().take(s.tail) {
+                        // SAFETY: `4·full + i < 4·full + tail`, the row's readable length.
+                        *b = unsafe { *t.x.add(r * s.x_stride + 4 * s.full + i) };
+                    }
+                    i32::from_le_bytes(four)
+                };
+                let xv = _mm512_set1_epi32(four);
+                for g in 0..G {
+                    row[g] = _mm512_dpbusd_epi32(row[g], xv, wv[g]);
+                }
             }
         }
     }
