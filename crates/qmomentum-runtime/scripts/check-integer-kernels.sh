@@ -19,7 +19,7 @@ float='\s(v?(add|sub|mul|div|min|max|sqrt|rcp|rsqrt|round|fmadd|fmsub|fnmadd|cmp
 status=0
 missing=()
 with_float=()
-for f in kernels::scalar::dense_i8 kernels::scalar::dense_bin_reference kernels::scalar::requant_u8 \
+for f in kernels::scalar::dense_i8 kernels::scalar::dense_i4 kernels::avx512::dense_i4 kernels::scalar::dense_bin_reference kernels::scalar::requant_u8 \
     kernels::scalar::sign_bits kernels::avx2::dense_i8 kernels::avx512::dense_i8 \
     kernels::avx512::requant_u8 kernels::avx512::sign_bits kernels::binary::popcnt_rows \
     kernels::binary::avx512::dense_bin kernels::binary::avx512::run kernels::binary::avx512::dense_bin_sign \

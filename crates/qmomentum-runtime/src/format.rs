@@ -263,6 +263,11 @@ impl Tensors<'_> {
             .ok_or_else(|| Error::tensor(name, "data offsets outside the file"))
     }
 
+    /// The dtype and shape of tensor `name`, if the file has it.
+    pub(crate) fn info(&self, name: &str) -> Option<(Dtype, Vec<usize>)> {
+        self.meta.info(name).map(|i| (i.dtype, i.shape.clone()))
+    }
+
     pub(crate) fn i8s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<i8>, Error> {
         Ok(self.raw(name, Dtype::I8, shape)?.iter().map(|&b| b as i8).collect())
     }
@@ -425,6 +430,9 @@ pub(crate) fn json_f32(x: f32) -> Value {
 #[derive(Default)]
 pub(crate) struct TensorsOut {
     list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    /// The narrowest `weight_bits` the int8 layers may be written with (0 or 2: as narrow as
+    /// the codes allow; 8: plain I8 tensors, readable by readers that predate `weight_bits`).
+    pub(crate) min_weight_bits: u8,
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
@@ -434,6 +442,10 @@ fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u
 impl TensorsOut {
     pub(crate) fn i8s(&mut self, name: String, shape: Vec<usize>, v: &[i8]) {
         self.list.push((name, Dtype::I8, shape, le_bytes(v, i8::to_le_bytes)));
+    }
+
+    pub(crate) fn u8s(&mut self, name: String, shape: Vec<usize>, v: Vec<u8>) {
+        self.list.push((name, Dtype::U8, shape, v));
     }
 
     pub(crate) fn i32s(&mut self, name: String, shape: Vec<usize>, v: &[i32]) {
@@ -455,9 +467,13 @@ pub(crate) fn serialize<L>(
     input: &InputSpec,
     layers: &[L],
     classes: Option<&[String]>,
+    min_weight_bits: u8,
     mut write_layer: impl FnMut(usize, &L, &mut Map<String, Value>, &mut TensorsOut),
 ) -> Result<Vec<u8>, Error> {
-    let mut tensors = TensorsOut::default();
+    let mut tensors = TensorsOut {
+        min_weight_bits,
+        ..TensorsOut::default()
+    };
     let mut docs = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
         let mut doc = Map::new();

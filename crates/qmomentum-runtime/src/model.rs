@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::format::{self, InputSpec};
 use crate::kernels::KernelKind;
-use crate::ops::{self, ActSpec, Compiled, Layer, MAC_FACTOR, VALUE_FACTOR};
+use crate::ops::{self, ActSpec, Compiled, Layer, LayerStorage, MAC_FACTOR, VALUE_FACTOR};
 
 /// A validated integer model with its weights packed for the kernels.
 ///
@@ -88,6 +88,13 @@ impl Model {
         &self.layers
     }
 
+    /// Per layer, what its tensors take in the file [`Model::to_bytes`] writes: weights, bits
+    /// per weight, weight bytes and all tensor bytes (see [`LayerStorage`]; `f32_weight_bytes`
+    /// and `ratio_to_f32` compare with f32 weights).
+    pub fn layer_storage(&self) -> Vec<LayerStorage> {
+        self.layers.iter().map(Layer::storage).collect()
+    }
+
     /// Number of logits per sample (the last layer's outputs).
     pub fn num_classes(&self) -> usize {
         self.classes
@@ -137,9 +144,26 @@ impl Model {
         })
     }
 
-    /// Serialises the model to the file format.
+    /// Serialises the model to the file format. Each `dense_i8` / `conv2d_i8` layer's weights
+    /// are stored with the narrowest `weight_bits` (2, 4 or 8) that holds all of its codes.
     pub fn to_bytes(&self) -> Result<Vec<u8>, Error> {
-        format::serialize(&self.input, &self.layers, self.class_names.as_deref(), ops::write_layer)
+        self.to_bytes_min_weight_bits(2)
+    }
+
+    /// [`Model::to_bytes`] with no layer's weights narrower than `min_bits` (2, 4 or 8): 8
+    /// writes plain I8 weight tensors and no `weight_bits` field, as readers that predate
+    /// low-bit storage expect.
+    pub fn to_bytes_min_weight_bits(&self, min_bits: u8) -> Result<Vec<u8>, Error> {
+        if !crate::lowbit::WEIGHT_BITS.contains(&min_bits) {
+            return Err(Error::field("weight_bits", format!("{min_bits}, expected 2, 4 or 8")));
+        }
+        format::serialize(
+            &self.input,
+            &self.layers,
+            self.class_names.as_deref(),
+            min_bits,
+            ops::write_layer,
+        )
     }
 
     /// Writes the model file with [`crate::io::write_file`]: atomically (a temporary file in

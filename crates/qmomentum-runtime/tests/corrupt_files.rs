@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{base_binary, base_cnn, base_int8, RawFile};
+use common::{base_binary, base_cnn, base_int8, base_packed, RawFile};
 use qmomentum_runtime::Model;
 use safetensors::Dtype;
 use serde_json::json;
@@ -389,6 +389,63 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             }),
             "tensor 'layers.1.threshold': unexpected tensor",
         ),
+        (
+            "packed_wrong_byte_length.qmm",
+            with(base_packed, |r| {
+                // One byte per code, as at 8 bits, though the layer says 4.
+                *r.tensor_mut("layers.0.weight") = ("layers.0.weight".into(), Dtype::U8, vec![13, 7], vec![0; 91]);
+            }),
+            "tensor 'layers.0.weight': shape [13, 7] (91 bytes), expected [13, 4] (52 bytes) for weight_bits 4: 13 rows of 7 codes, 4 bytes each",
+        ),
+        (
+            "packed_2bit_wrong_byte_length.qmm",
+            with(base_packed, |r| {
+                *r.tensor_mut("layers.1.weight") = ("layers.1.weight".into(), Dtype::U8, vec![12, 7], vec![0; 84]);
+            }),
+            "tensor 'layers.1.weight': shape [12, 7] (84 bytes), expected [12, 4] (48 bytes) for weight_bits 2",
+        ),
+        (
+            "packed_padding_nibble_set.qmm",
+            with(base_packed, |r| r.tensor_mut("layers.0.weight").3[2 * 4 + 3] |= 0x50),
+            "tensor 'layers.0.weight' row 2 byte 3: 0x",
+        ),
+        (
+            "packed_padding_nibble_message.qmm",
+            with(base_packed, |r| r.tensor_mut("layers.0.weight").3[3] |= 0x80),
+            "the padding bits 4..8 after the row's last 4-bit code must be zero",
+        ),
+        (
+            "packed_2bit_padding_set.qmm",
+            with(base_packed, |r| r.tensor_mut("layers.1.weight").3[5 * 4 + 3] |= 0x40),
+            "tensor 'layers.1.weight' row 5 byte 3: 0x",
+        ),
+        (
+            "weight_bits_3.qmm",
+            with(base_packed, |r| r.doc["layers"][0]["weight_bits"] = json!(3)),
+            "metadata field 'layers[0].weight_bits': 3, expected 2, 4 or 8",
+        ),
+        (
+            "weight_bits_not_a_number.qmm",
+            with(base_packed, |r| r.doc["layers"][1]["weight_bits"] = json!("4")),
+            "metadata field 'layers[1].weight_bits': expected an integer",
+        ),
+        (
+            "packed_as_i8.qmm",
+            with(base_packed, |r| r.tensor_mut("layers.0.weight").1 = Dtype::I8),
+            "tensor 'layers.0.weight': dtype I8, expected U8 for weight_bits 4",
+        ),
+        (
+            "packed_without_weight_bits.qmm",
+            with(base_packed, |r| {
+                r.doc["layers"][0].as_object_mut().unwrap().remove("weight_bits");
+            }),
+            "tensor 'layers.0.weight': dtype U8, expected I8",
+        ),
+        (
+            "conv_weight_bits_3.qmm",
+            with(base_cnn, |r| r.doc["layers"][0]["weight_bits"] = json!(3)),
+            "metadata field 'layers[0].weight_bits': 3, expected 2, 4 or 8",
+        ),
     ]
 }
 
@@ -461,7 +518,7 @@ fn every_corrupt_file_is_rejected_with_a_precise_message() {
 
 #[test]
 fn the_bases_are_valid() {
-    for raw in [base_int8(), base_binary(), base_cnn()] {
+    for raw in [base_int8(), base_binary(), base_cnn(), base_packed()] {
         let model = Model::from_bytes(&raw.bytes()).unwrap();
         let x = vec![100u8; model.input().size];
         assert_eq!(model.predict(&x, 1, 1).unwrap().len(), 1);

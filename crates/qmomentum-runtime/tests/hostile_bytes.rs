@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{base_binary, base_cnn, base_int8, cnn_small_model, mixed_model, Rng};
+use common::{base_binary, base_cnn, base_int8, base_packed, cnn_small_model, mixed_model, Rng};
 use proptest::prelude::*;
 use qmomentum_runtime::Model;
 
@@ -13,6 +13,7 @@ fn valid_files() -> Vec<Vec<u8>> {
         base_binary().bytes(),
         mixed_model(&mut Rng(3)).to_bytes().unwrap(),
         base_cnn().bytes(),
+        base_packed().bytes(),
     ]
 }
 

@@ -126,6 +126,32 @@ proptest! {
         }
     }
 
+    /// The 4-bit storage: codes in [-8, 7] (or [-2, 1], 2-bit models) packed as nibbles, every
+    /// tier against the scalar reference and against the int8 packing of the same codes.
+    #[test]
+    fn dense_i4_tiers_match_reference(c in dense_case(), two_bit in any::<bool>()) {
+        let (lo, span) = if two_bit { (-2i32, 4i32) } else { (-8, 16) };
+        let w: Vec<i8> = c.w.iter().map(|&v| (lo + (i32::from(v) + 128) % span) as i8).collect();
+        let x_stride = c.inputs + c.x_pad;
+        let acc_stride = c.outputs + c.acc_pad;
+        let mut want = vec![0i32; c.rows * acc_stride];
+        scalar::dense_i8_reference(&c.x, x_stride, c.rows, &w, &c.bias, c.zp, &mut want, acc_stride);
+        let packed4 = PackedDenseI8::new_4bit(c.inputs, c.outputs, &w, &c.bias, c.zp);
+        prop_assert_eq!(packed4.weight_bits(), 4);
+        let packed8 = PackedDenseI8::new(c.inputs, c.outputs, &w, &c.bias, c.zp);
+        for kind in tiers() {
+            for (bits, packed) in [(4, &packed4), (8, &packed8)] {
+                let mut got = vec![0x5a5a_5a5a_i32; c.rows * acc_stride];
+                kernels::dense_i8(kind, packed, &c.x, x_stride, c.rows, &mut got, acc_stride).unwrap();
+                for r in 0..c.rows {
+                    let row = &got[r * acc_stride..(r + 1) * acc_stride];
+                    prop_assert_eq!(&row[..c.outputs], &want[r * acc_stride..r * acc_stride + c.outputs], "{:?} {}-bit row {}", kind, bits, r);
+                    prop_assert!(row[c.outputs..].iter().all(|&v| v == 0x5a5a_5a5a), "{:?} {}-bit wrote past outputs", kind, bits);
+                }
+            }
+        }
+    }
+
     #[test]
     fn dense_bin_tiers_match_reference(c in bin_case()) {
         let words = c.inputs.div_ceil(64);
@@ -258,6 +284,24 @@ proptest! {
             prop_assert_eq!(&got, &want, "{:?}", kind);
         }
     }
+}
+
+#[test]
+fn four_bit_packing_is_half_a_byte_per_weight_per_tier() {
+    let (k, n) = (784, 128);
+    let w: Vec<i8> = (0..k * n).map(|i| (i % 16) as i8 - 8).collect();
+    let bias = vec![0; n];
+    let p4 = PackedDenseI8::new_4bit(k, n, &w, &bias, 0);
+    let p8 = PackedDenseI8::new(k, n, &w, &bias, 0);
+    assert_eq!(PackedDenseI8::new_narrowest(k, n, &w, &bias, 0).weight_bits(), 4);
+    let tiers4 = 1 + usize::from(KernelKind::Avx512Vnni.is_available());
+    // Row-major nibbles plus, with VNNI, the nibble tile layout (k = 784 is a whole number of
+    // 8-input pairs and n of 16-channel groups, so there is no padding).
+    assert_eq!(p4.resident_weight_bytes(), tiers4 * k * n / 2);
+    assert!(p8.resident_weight_bytes() >= k * n);
+    let mut w9 = w.clone();
+    w9[5] = 9;
+    assert_eq!(PackedDenseI8::new_narrowest(k, n, &w9, &bias, 0).weight_bits(), 8);
 }
 
 #[test]

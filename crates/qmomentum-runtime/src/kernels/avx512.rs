@@ -12,6 +12,15 @@
 //! A tile of up to 4 rows × 4 groups (4 × 64 channels) keeps 16 accumulators in registers;
 //! each weight vector loaded is used 4 times, each broadcast input 4 times.
 //!
+//! # 4-bit layers
+//! [`pack4`] keeps half a byte per weight: input steps are taken in pairs, and for group `g`
+//! and pair `p` the 64 bytes hold in byte `4c + t` the weight `W[16g + c][8p + t]` in the low
+//! nibble and `W[16g + c][8p + 4 + t]` in the high nibble, each stored as `code + 8` (0..15;
+//! padding nibbles hold 8, a zero weight). [`dense_i4`] loads one such vector and expands it in
+//! registers: `(v & 0x0f) − 8` (`vpandd`, `vpsubb`) is step `2p`'s int8 weight vector and
+//! `((v >> 4) & 0x0f) − 8` (`vpsrlw`, `vpandd`, `vpsubb`) step `2p + 1`'s, both fed to
+//! `vpdpbusd` exactly as in the int8 kernel, so the results are identical.
+//!
 //! `vpdpbusd` multiplies u8 by i8 into i16 products and adds them in i32 without saturation
 //! (unlike `vpmaddubsw`), so the result equals the scalar tier's exactly.
 
@@ -36,6 +45,206 @@ pub(super) fn pack(inputs: usize, outputs: usize, weight: &[i8]) -> Aligned<i8> 
         }
     }
     p
+}
+
+/// Packs `[out, in]` row-major codes in [-8, 7] into the 4-bit layout described in the module
+/// doc: `groups·pairs·64` bytes, `pairs = ⌈⌈in/4⌉/2⌉`.
+pub(super) fn pack4(inputs: usize, outputs: usize, weight: &[i8]) -> Aligned<u8> {
+    let groups = outputs.div_ceil(LANES);
+    let pairs = inputs.div_ceil(4).div_ceil(2);
+    let mut p = Aligned::from_slice(&vec![0x88u8; groups * pairs * 64]);
+    for j in 0..outputs {
+        let (g, c) = (j / LANES, j % LANES);
+        for k in 0..inputs {
+            let (pair, half, t) = (k / 8, (k / 4) % 2, k % 4);
+            let at = (g * pairs + pair) * 64 + 4 * c + t;
+            let nibble = (weight[j * inputs + k] + 8) as u8 & 0x0f;
+            let shift = 4 * half;
+            p[at] = (p[at] & !(0x0f << shift)) | (nibble << shift);
+        }
+    }
+    p
+}
+
+/// The VNNI 4-bit dense kernel: [`dense_i8`] on [`pack4`]ed weights, expanded in registers.
+///
+/// # Safety
+/// - The CPU must support AVX-512 F/BW/VL/VNNI (`KernelKind::Avx512Vnni.is_available()`).
+/// - `packed` must be the whole slice of the [`Aligned`] buffer that [`pack4`] returned for
+///   `w.inputs` × `w.outputs`: `groups·pairs·64` bytes with `groups = ⌈outputs/16⌉`,
+///   `pairs = ⌈⌈inputs/4⌉/2⌉`, starting on a 64-byte boundary.
+/// - `x` and `acc` as for [`dense_i8`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn dense_i4(
+    w: &PackedDenseI8,
+    packed: &[u8],
+    x: &[u8],
+    x_stride: usize,
+    rows: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) {
+    let groups = w.outputs.div_ceil(LANES);
+    let pairs = w.inputs.div_ceil(4).div_ceil(2);
+    debug_assert_eq!(packed.len(), groups * pairs * 64);
+    debug_assert_eq!(packed.as_ptr() as usize % 64, 0);
+    debug_assert!(w.bias.len() >= groups * LANES);
+    debug_assert!(rows == 0 || x.len() >= (rows - 1) * x_stride + w.inputs);
+    debug_assert!(rows == 0 || acc.len() >= (rows - 1) * acc_stride + w.outputs);
+    let shape = Shape {
+        gstride: pairs * 64,
+        x_stride,
+        full: w.inputs / 4,
+        tail: w.inputs % 4,
+        acc_stride,
+    };
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = ROWS.min(rows - r0);
+        let mut g0 = 0;
+        while g0 < groups {
+            let ng = GROUPS.min(groups - g0);
+            // SAFETY: every offset is inside its buffer (so `add` stays in bounds):
+            // - `g0 < groups`, so `g0·gstride < groups·pairs·64 = packed.len()` (precondition);
+            // - `16·g0 < 16·groups = w.bias.len()`;
+            // - `r0 < rows` and `inputs ≥ 1`: `r0·x_stride < (rows − 1)·x_stride + inputs ≤ x.len()`;
+            // - `16·g0 < outputs`: `r0·acc_stride + 16·g0 < (rows − 1)·acc_stride + outputs ≤ acc.len()`.
+            let t = unsafe {
+                Tile {
+                    w: packed.as_ptr().add(g0 * shape.gstride).cast(),
+                    x: x.as_ptr().add(r0 * x_stride),
+                    bias: w.bias.as_ptr().add(g0 * LANES),
+                    acc: acc.as_mut_ptr().add(r0 * acc_stride + g0 * LANES),
+                    valid: w.outputs - g0 * LANES,
+                }
+            };
+            // SAFETY: AVX-512 F/BW/VL/VNNI are a precondition of this function. `t` describes
+            // `nr` rows and `ng` groups that exist, as `tile4` requires: rows `r0..r0 + nr ≤
+            // rows` of `x` and `acc` (sizes are a precondition), groups `g0..g0 + ng ≤ groups`
+            // of `packed` (each `pairs` vectors of 64 bytes, `gstride` apart) and of the bias,
+            // and `t.valid = outputs − 16·g0 > 16·(ng − 1)` because group `g0 + ng − 1`
+            // exists. Alignment: `packed` starts on a 64-byte boundary (precondition) and `t.w`
+            // is `g0·pairs·64` bytes into it; `t.bias` is `64·g0` bytes into the `Aligned`
+            // bias. The match covers every `(nr, ng)` and passes `R = nr`, `G = ng`.
+            unsafe {
+                macro_rules! go {
+                    ($($r:literal $g:literal),*) => {
+                        match (nr, ng) {
+                            $(($r, $g) => tile4::<$r, $g>(&shape, &t),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
+            }
+            g0 += ng;
+        }
+        r0 += nr;
+    }
+}
+
+/// [`tile`] on [`pack4`]ed weights: each 64-byte vector holds two input steps as nibbles,
+/// expanded to int8 in registers.
+///
+/// # Safety
+/// As [`tile`], except that `t.w` points at the first pair of a group in a [`pack4`]ed buffer
+/// (64-byte aligned) of `⌈(s.full + (s.tail > 0))/2⌉` vectors of 64 bytes per group,
+/// `s.gstride` bytes apart, with `G` groups from there.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile4<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
+    let mut c = [[_mm512_setzero_si512(); G]; R];
+    for g in 0..G {
+        // SAFETY: `16·g + 16 ≤ 16·G` values are readable from `t.bias`; the offset is a
+        // multiple of 64 bytes from a 64-byte aligned pointer, as `_mm512_load_si512` requires.
+        let b = unsafe { _mm512_load_si512(t.bias.add(g * LANES).cast()) };
+        for row in c.iter_mut() {
+            row[g] = b;
+        }
+    }
+    let low = _mm512_set1_epi8(0x0f);
+    let eight = _mm512_set1_epi8(8);
+    let steps = s.full + usize::from(s.tail > 0);
+    // Pairs of two complete steps: no tail handling in the hot loop.
+    let whole = s.full / 2;
+    let mut wp = t.w;
+    for p in 0..whole {
+        let mut lo = [_mm512_setzero_si512(); G];
+        let mut hi = [_mm512_setzero_si512(); G];
+        for g in 0..G {
+            // SAFETY: `wp` is pair `p < whole ≤ ⌈steps/2⌉` of the first group, so
+            // `wp + g·gstride` is pair `p` of group `g < G`: 64 readable bytes on a 64-byte
+            // boundary (pairs are 64 bytes, `gstride = 64·pairs`, the buffer is aligned).
+            let v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
+            lo[g] = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
+            hi[g] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight);
+        }
+        for (r, row) in c.iter_mut().enumerate() {
+            // SAFETY: bytes `8p..8p + 8` of row `r < R` are readable since `2p + 1 < full`
+            // (4·full ≤ the row's readable bytes); `read_unaligned` needs no alignment.
+            let (f0, f1) = unsafe {
+                let xp = t.x.add(r * s.x_stride + 8 * p);
+                (
+                    xp.cast::<i32>().read_unaligned(),
+                    xp.add(4).cast::<i32>().read_unaligned(),
+                )
+            };
+            let (x0, x1) = (_mm512_set1_epi32(f0), _mm512_set1_epi32(f1));
+            for g in 0..G {
+                row[g] = _mm512_dpbusd_epi32(row[g], x0, lo[g]);
+            }
+            for g in 0..G {
+                row[g] = _mm512_dpbusd_epi32(row[g], x1, hi[g]);
+            }
+        }
+        // SAFETY: pair `p + 1 ≤ pairs` of the first group: inside the buffer or one past it.
+        wp = unsafe { wp.add(64) };
+    }
+    // The remaining one or two steps (`2·whole .. steps`), the last maybe partial.
+    if 2 * whole < steps {
+        let mut lo = [_mm512_setzero_si512(); G];
+        let mut hi = [_mm512_setzero_si512(); G];
+        for g in 0..G {
+            // SAFETY: `2·whole < steps`, so pair `whole < ⌈steps/2⌉` exists; as above.
+            let v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
+            lo[g] = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
+            hi[g] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight);
+        }
+        for k in 2 * whole..steps {
+            let wv = if k % 2 == 0 { &lo } else { &hi };
+            for (r, row) in c.iter_mut().enumerate() {
+                let four = if k < s.full {
+                    // SAFETY: bytes `4k..4k + 4` of row `r` are readable since `k < s.full`.
+                    unsafe { t.x.add(r * s.x_stride + 4 * k).cast::<i32>().read_unaligned() }
+                } else {
+                    // The partial last step: only the row's remaining bytes are read; the
+                    // missing ones meet zero weights.
+                    let mut four = [0u8; 4];
+                    for (i, b) in four.iter_mut().enumerate().take(s.tail) {
+                        // SAFETY: `4·full + i < 4·full + tail`, the row's readable length.
+                        *b = unsafe { *t.x.add(r * s.x_stride + 4 * s.full + i) };
+                    }
+                    i32::from_le_bytes(four)
+                };
+                let xv = _mm512_set1_epi32(four);
+                for g in 0..G {
+                    row[g] = _mm512_dpbusd_epi32(row[g], xv, wv[g]);
+                }
+            }
+        }
+    }
+    for (r, row) in c.iter().enumerate() {
+        for (g, v) in row.iter().enumerate() {
+            let n = t.valid.saturating_sub(g * LANES).min(LANES);
+            // SAFETY: `16·g < t.valid` (every group has a valid channel), so `dst` is inside
+            // row `r`'s writable run of `min(t.valid, 16·G)` i32; the masked store writes only
+            // the first `n` lanes (the valid channels) and AVX-512 masked stores neither access
+            // nor fault on masked-off lanes; `storeu` has no alignment requirement.
+            unsafe {
+                let dst = t.acc.add(r * s.acc_stride + g * LANES);
+                _mm512_mask_storeu_epi32(dst, lane_mask(n), *v);
+            }
+        }
+    }
 }
 
 /// The VNNI int8 dense kernel (see [`super::dense_i8`]).

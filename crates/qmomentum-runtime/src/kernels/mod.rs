@@ -70,36 +70,51 @@ fn check_2d(what: &str, len: usize, rows: usize, stride: usize, width: usize) {
 ///
 /// The input zero point is folded into the bias at pack time:
 /// `Σ (x − z)·W + bias = Σ x·W + (bias − z·Σ W)`, so the kernels multiply the raw u8 input.
+///
+/// Two storages: [`PackedDenseI8::new`] keeps one byte per weight for every tier (int8);
+/// [`PackedDenseI8::new_4bit`] keeps **4 bits per weight** (codes in [-8, 7]): the scalar tier
+/// and the AVX-512 VNNI tier compute on the nibbles directly (the VNNI kernel expands them to
+/// bytes in registers before `vpdpbusd`), so the resident packed weights are half a byte per
+/// weight per tier. The AVX2 tier has no nibble kernel: the first time it runs a 4-bit layer it
+/// builds (once, then keeps) its i16 layout from the nibbles.
 #[derive(Clone, Debug)]
 pub struct PackedDenseI8 {
     pub(crate) inputs: usize,
     pub(crate) outputs: usize,
-    /// `[out, in]` as given (scalar tier).
+    /// `[out, in]` as given (scalar tier); empty for a 4-bit layer.
     pub(crate) rowmajor: Aligned<i8>,
     /// `bias − z_in·Σ_k W[j,k]` (wrapping), zero-padded to a multiple of 16 channels.
     pub(crate) bias: Aligned<i32>,
-    /// AVX2 layout, see `avx2.rs`.
+    /// AVX2 layout, see `avx2.rs` (`None` for a 4-bit layer).
     pub(crate) avx2: Option<Aligned<i16>>,
-    /// VNNI layout, see `avx512.rs`.
+    /// VNNI layout, see `avx512.rs` (`None` for a 4-bit layer).
     pub(crate) vnni: Option<Aligned<i8>>,
+    /// The 4-bit storage, for a layer built with [`PackedDenseI8::new_4bit`].
+    pub(crate) nibbles: Option<Nibbles>,
+}
+
+/// A 4-bit layer's weights.
+#[derive(Clone, Debug)]
+pub(crate) struct Nibbles {
+    /// `[out, ceil(in/2)]`: the file's 4-bit layout (two's complement, low nibble first, a zero
+    /// nibble after an odd row), for the scalar tier.
+    pub(crate) rowmajor: Aligned<u8>,
+    /// Bytes per row of `rowmajor`.
+    pub(crate) row_bytes: usize,
+    /// VNNI nibble layout, see `avx512.rs` (`pack4`).
+    pub(crate) vnni: Option<Aligned<u8>>,
+    /// The AVX2 tier's i16 layout, built from `rowmajor` on its first use.
+    pub(crate) avx2: std::sync::OnceLock<Aligned<i16>>,
 }
 
 impl PackedDenseI8 {
-    /// Packs `weight` (`[outputs, inputs]`, row-major) and `bias` (`[outputs]`).
+    /// Packs `weight` (`[outputs, inputs]`, row-major) and `bias` (`[outputs]`), one byte per
+    /// weight.
     ///
     /// # Panics
     /// If `inputs` or `outputs` is 0 or the slice lengths do not match them.
     pub fn new(inputs: usize, outputs: usize, weight: &[i8], bias: &[i32], input_zero_point: u8) -> PackedDenseI8 {
-        assert!(inputs > 0 && outputs > 0, "empty dense_i8 layer");
-        assert_eq!(weight.len(), inputs * outputs, "weight length");
-        assert_eq!(bias.len(), outputs, "bias length");
-        let mut folded = Aligned::<i32>::zeroed(padded(outputs));
-        for j in 0..outputs {
-            let colsum = weight[j * inputs..(j + 1) * inputs]
-                .iter()
-                .fold(0i32, |s, &w| s.wrapping_add(i32::from(w)));
-            folded[j] = bias[j].wrapping_sub(i32::from(input_zero_point).wrapping_mul(colsum));
-        }
+        let bias = Self::fold(inputs, outputs, weight, bias, input_zero_point);
         #[cfg(target_arch = "x86_64")]
         let (avx2, vnni) = (
             KernelKind::Avx2
@@ -115,10 +130,77 @@ impl PackedDenseI8 {
             inputs,
             outputs,
             rowmajor: Aligned::from_slice(weight),
-            bias: folded,
+            bias,
             avx2,
             vnni,
+            nibbles: None,
         }
+    }
+
+    /// Packs weights whose codes are all in [-8, 7] with 4 bits per weight (see the type's
+    /// doc); the results equal [`PackedDenseI8::new`]'s on every tier.
+    ///
+    /// # Panics
+    /// As [`PackedDenseI8::new`], and if a code is outside [-8, 7].
+    pub fn new_4bit(inputs: usize, outputs: usize, weight: &[i8], bias: &[i32], input_zero_point: u8) -> PackedDenseI8 {
+        let bias = Self::fold(inputs, outputs, weight, bias, input_zero_point);
+        assert!(
+            weight.iter().all(|&w| (-8..=7).contains(&w)),
+            "4-bit dense layer with a code outside [-8, 7]"
+        );
+        let row_bytes = inputs.div_ceil(2);
+        let rowmajor = Aligned::from_slice(&crate::lowbit::pack(weight, outputs, inputs, 4));
+        #[cfg(target_arch = "x86_64")]
+        let vnni = KernelKind::Avx512Vnni
+            .is_available()
+            .then(|| avx512::pack4(inputs, outputs, weight));
+        #[cfg(not(target_arch = "x86_64"))]
+        let vnni = None;
+        PackedDenseI8 {
+            inputs,
+            outputs,
+            rowmajor: Aligned::zeroed(0),
+            bias,
+            avx2: None,
+            vnni: None,
+            nibbles: Some(Nibbles {
+                rowmajor,
+                row_bytes,
+                vnni,
+                avx2: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// [`PackedDenseI8::new_4bit`] when every code is in [-8, 7] (4- and 2-bit layers), else
+    /// [`PackedDenseI8::new`].
+    pub fn new_narrowest(
+        inputs: usize,
+        outputs: usize,
+        weight: &[i8],
+        bias: &[i32],
+        input_zero_point: u8,
+    ) -> PackedDenseI8 {
+        if crate::lowbit::narrowest_bits(weight) <= 4 {
+            Self::new_4bit(inputs, outputs, weight, bias, input_zero_point)
+        } else {
+            Self::new(inputs, outputs, weight, bias, input_zero_point)
+        }
+    }
+
+    /// Checks the shapes and folds the input zero point into the bias.
+    fn fold(inputs: usize, outputs: usize, weight: &[i8], bias: &[i32], input_zero_point: u8) -> Aligned<i32> {
+        assert!(inputs > 0 && outputs > 0, "empty dense_i8 layer");
+        assert_eq!(weight.len(), inputs * outputs, "weight length");
+        assert_eq!(bias.len(), outputs, "bias length");
+        let mut folded = Aligned::<i32>::zeroed(padded(outputs));
+        for j in 0..outputs {
+            let colsum = weight[j * inputs..(j + 1) * inputs]
+                .iter()
+                .fold(0i32, |s, &w| s.wrapping_add(i32::from(w)));
+            folded[j] = bias[j].wrapping_sub(i32::from(input_zero_point).wrapping_mul(colsum));
+        }
+        folded
     }
 
     /// Input features.
@@ -129,6 +211,25 @@ impl PackedDenseI8 {
     /// Output channels.
     pub fn outputs(&self) -> usize {
         self.outputs
+    }
+
+    /// Bits per resident weight: 4 ([`PackedDenseI8::new_4bit`]) or 8.
+    pub fn weight_bits(&self) -> u8 {
+        if self.nibbles.is_some() {
+            4
+        } else {
+            8
+        }
+    }
+
+    /// Bytes of packed weights held in memory now, over all tiers (without the bias).
+    pub fn resident_weight_bytes(&self) -> usize {
+        let int8 = self.rowmajor.len()
+            + self.avx2.as_ref().map_or(0, |a| 2 * a.len())
+            + self.vnni.as_ref().map_or(0, |a| a.len());
+        int8 + self.nibbles.as_ref().map_or(0, |n| {
+            n.rowmajor.len() + n.vnni.as_ref().map_or(0, |a| a.len()) + n.avx2.get().map_or(0, |a| 2 * a.len())
+        })
     }
 }
 
@@ -148,6 +249,9 @@ pub fn dense_i8(
     check(kind)?;
     check_2d("dense_i8 input", x.len(), rows, x_stride, w.inputs);
     check_2d("dense_i8 acc", acc.len(), rows, acc_stride, w.outputs);
+    if let Some(n) = &w.nibbles {
+        return dense_i4(kind, w, n, x, x_stride, rows, acc, acc_stride);
+    }
     match kind {
         KernelKind::Scalar => scalar::dense_i8(w, x, x_stride, rows, acc, acc_stride),
         #[cfg(target_arch = "x86_64")]
@@ -170,6 +274,49 @@ pub fn dense_i8(
             // this layer in `PackedDenseI8::new`: an `Aligned` (64-byte) buffer of the length
             // the kernel reads.
             unsafe { avx512::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => return Err(Error::KernelUnavailable(kind)),
+    }
+    Ok(())
+}
+
+/// [`dense_i8`] of a 4-bit layer; `check` and `check_2d` have been done by the caller.
+#[allow(clippy::too_many_arguments)]
+fn dense_i4(
+    kind: KernelKind,
+    w: &PackedDenseI8,
+    n: &Nibbles,
+    x: &[u8],
+    x_stride: usize,
+    rows: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) -> Result<(), Error> {
+    match kind {
+        KernelKind::Scalar => scalar::dense_i4(w, n, x, x_stride, rows, acc, acc_stride),
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx2 => {
+            let packed = n.avx2.get_or_init(|| {
+                let codes = crate::lowbit::unpack("", &n.rowmajor, w.outputs, w.inputs, 4)
+                    .expect("packed by PackedDenseI8::new_4bit");
+                avx2::pack(w.inputs, w.outputs, &codes)
+            });
+            // SAFETY: the caller (`dense_i8`) checked `kind` is available (AVX2 and POPCNT)
+            // and asserted the sizes of `x` and `acc` with `check_2d`. `packed` was built by
+            // `avx2::pack(w.inputs, w.outputs, ..)` for this layer: an `Aligned` buffer of the
+            // length the kernel reads.
+            unsafe { avx2::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512Vnni => {
+            let packed = n.vnni.as_ref().ok_or(Error::KernelUnavailable(kind))?;
+            // SAFETY: the caller (`dense_i8`) checked `kind` is available (AVX-512
+            // F/BW/VL/VNNI) and asserted the sizes of `x` and `acc` with `check_2d`. `packed`
+            // is `n.vnni`, built by `avx512::pack4(w.inputs, w.outputs, ..)` for this layer in
+            // `PackedDenseI8::new_4bit`: an `Aligned` (64-byte) buffer of the length the
+            // kernel reads.
+            unsafe { avx512::dense_i4(w, packed, x, x_stride, rows, acc, acc_stride) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => return Err(Error::KernelUnavailable(kind)),

@@ -12,7 +12,7 @@
 //! layer and block of rows, so the call costs nothing measurable.
 
 use super::conv::ConvGeometry;
-use super::{PackedDenseBin, PackedDenseI8, Requant};
+use super::{Nibbles, PackedDenseBin, PackedDenseI8, Requant};
 
 /// The `dense_i8` accumulator exactly as the format spec writes it:
 /// `acc[b][j] = Σ_k (x[b][k] − z_in)·W[j][k] + bias[j]`, with `W` row-major `[out, in]`.
@@ -186,6 +186,40 @@ pub(super) fn dense_i8(w: &PackedDenseI8, x: &[u8], x_stride: usize, rows: usize
             let mut s = w.bias[j];
             for (&xv, &wv) in xr.iter().zip(wr) {
                 s = s.wrapping_add(i32::from(xv) * i32::from(wv));
+            }
+            *o = s;
+        }
+    }
+}
+
+/// Scalar tier of the 4-bit dense layer: [`dense_i8`] on the row-major nibbles (two's
+/// complement, low nibble first), each sign-extended as it is read.
+#[inline(never)]
+pub(super) fn dense_i4(
+    w: &PackedDenseI8,
+    nib: &Nibbles,
+    x: &[u8],
+    x_stride: usize,
+    rows: usize,
+    acc: &mut [i32],
+    acc_stride: usize,
+) {
+    let (n, k, rb) = (w.outputs, w.inputs, nib.row_bytes);
+    for b in 0..rows {
+        let xr = &x[b * x_stride..b * x_stride + k];
+        let out = &mut acc[b * acc_stride..b * acc_stride + n];
+        for (j, o) in out.iter_mut().enumerate() {
+            let wr = &nib.rowmajor[j * rb..(j + 1) * rb];
+            let mut s = w.bias[j];
+            let mut pairs = xr.chunks_exact(2);
+            for (xp, &byte) in (&mut pairs).zip(wr) {
+                let lo = i32::from(((byte << 4) as i8) >> 4);
+                let hi = i32::from((byte as i8) >> 4);
+                s = s.wrapping_add(i32::from(xp[0]) * lo + i32::from(xp[1]) * hi);
+            }
+            if let [last] = pairs.remainder() {
+                let lo = i32::from(((wr[rb - 1] << 4) as i8) >> 4);
+                s = s.wrapping_add(i32::from(*last) * lo);
             }
             *o = s;
         }

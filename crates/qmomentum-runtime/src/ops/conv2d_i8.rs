@@ -30,6 +30,7 @@ use crate::error::Error;
 use crate::format::{tname, Fields, Tensors, TensorsOut};
 use crate::kernels::conv::{col_stride, im2col};
 use crate::kernels::{self, padded, ConvGeometry, KernelKind, PackedDenseI8, Window};
+use crate::lowbit;
 
 /// The `conv2d_i8` op.
 pub(crate) struct Conv2dI8;
@@ -126,6 +127,7 @@ impl Op for Conv2dI8 {
         let dilation = f.sizes("dilation")?;
         let groups = f.size("groups")?;
         let input_zero_point = f.uint("input_zero_point", 255)? as u8;
+        let bits = lowbit::read_bits(&mut f)?;
         let g = ConvGeometry {
             window: Window {
                 in_shape,
@@ -150,7 +152,7 @@ impl Op for Conv2dI8 {
             padding,
             dilation,
             groups,
-            weight: t.i8s(&tname(i, "weight"), &weight_shape)?,
+            weight: lowbit::read_codes(t, &tname(i, "weight"), bits, out_channels, g.patch(), &weight_shape)?,
             bias: t.i32s(&tname(i, "bias"), &[out_channels])?,
             input_zero_point,
             output,
@@ -170,7 +172,10 @@ impl Op for Conv2dI8 {
         doc.insert("groups".into(), json!(g.groups));
         doc.insert("input_zero_point".into(), json!(p.input_zero_point));
         let shape = vec![g.out_channels, w.kernel[0], w.kernel[1], g.group_in()];
-        t.i8s(tname(i, "weight"), shape, p.weight);
+        let bits = lowbit::write_codes(t, tname(i, "weight"), p.weight, g.out_channels, g.patch(), shape);
+        if bits != 8 {
+            doc.insert("weight_bits".into(), json!(bits));
+        }
         t.i32s(tname(i, "bias"), vec![g.out_channels], p.bias);
         output::write(i, p.output, doc, t);
     }
@@ -196,6 +201,13 @@ impl Op for Conv2dI8 {
     fn param_bytes(&self, layer: &Layer) -> usize {
         let p = parts(layer);
         p.weight.len() + 4 * p.bias.len() + output::param_bytes(p.output)
+    }
+
+    fn weight_storage(&self, layer: &Layer) -> (usize, u8, usize) {
+        let p = parts(layer);
+        let (rows, k) = (p.geometry.out_channels, p.geometry.patch());
+        let bits = lowbit::narrowest_bits(p.weight);
+        (p.weight.len(), bits, rows * lowbit::row_bytes(k, bits))
     }
 
     fn validate(&self, layer: &Layer, i: usize, input: &ActSpec) -> Result<ActSpec, Error> {
@@ -252,7 +264,7 @@ impl Op for Conv2dI8 {
                     dst[..k].copy_from_slice(src);
                 }
                 Ok((
-                    PackedDenseI8::new(k4, og, &w, &p.bias[ch.clone()], p.input_zero_point),
+                    PackedDenseI8::new_narrowest(k4, og, &w, &p.bias[ch.clone()], p.input_zero_point),
                     Epilogue::new(p.output, ch)?,
                 ))
             })

@@ -130,6 +130,11 @@ impl Op for DenseBin {
         8 * p.weight.len() + output::param_bytes(p.output)
     }
 
+    fn weight_storage(&self, layer: &Layer) -> (usize, u8, usize) {
+        let p = parts(layer);
+        (p.inputs.saturating_mul(p.outputs), 1, 8 * p.weight.len())
+    }
+
     fn compile(&self, layer: &Layer) -> Result<Arc<dyn Compiled>, Error> {
         let p = parts(layer);
         Ok(Arc::new(CompiledDenseBin {

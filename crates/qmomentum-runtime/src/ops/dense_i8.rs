@@ -1,7 +1,9 @@
 //! `dense_i8`: `acc[j] = Σ_k (x[k] − z_in)·W[j,k] + bias[j]` over u8 inputs, int8 weights.
 //!
-//! File: fields `in`, `out`, `input_zero_point` and the [`output`](super::output) fields;
-//! tensors `layers.i.weight` I8 `[out, in]` and `layers.i.bias` I32 `[out]`.
+//! File: fields `in`, `out`, `input_zero_point`, optional `weight_bits` (2, 4 or 8) and the
+//! [`output`](super::output) fields; tensors `layers.i.weight` (I8 `[out, in]` at 8 bits, U8
+//! `[out, ceil(in·bits/8)]` packed codes at 4 or 2, see [`crate::lowbit`]) and `layers.i.bias`
+//! I32 `[out]`.
 
 use std::sync::Arc;
 
@@ -12,6 +14,7 @@ use super::{ActSpec, Compiled, In, Layer, Op, Out, Output, Produces, Scratch, Sc
 use crate::error::Error;
 use crate::format::{tname, Fields, Tensors, TensorsOut};
 use crate::kernels::{self, padded, KernelKind, PackedDenseI8};
+use crate::lowbit;
 
 /// The `dense_i8` op.
 pub(crate) struct DenseI8;
@@ -81,12 +84,13 @@ impl Op for DenseI8 {
         let inputs = f.size("in")?;
         let outputs = f.size("out")?;
         let input_zero_point = f.uint("input_zero_point", 255)? as u8;
+        let bits = lowbit::read_bits(&mut f)?;
         let output = output::read(i, &mut f, t, outputs, After::I8(self.kind()))?;
         f.done()?;
         Ok(Layer::DenseI8 {
             inputs,
             outputs,
-            weight: t.i8s(&tname(i, "weight"), &[outputs, inputs])?,
+            weight: lowbit::read_codes(t, &tname(i, "weight"), bits, outputs, inputs, &[outputs, inputs])?,
             bias: t.i32s(&tname(i, "bias"), &[outputs])?,
             input_zero_point,
             output,
@@ -98,7 +102,11 @@ impl Op for DenseI8 {
         doc.insert("in".into(), json!(p.inputs));
         doc.insert("out".into(), json!(p.outputs));
         doc.insert("input_zero_point".into(), json!(p.input_zero_point));
-        t.i8s(tname(i, "weight"), vec![p.outputs, p.inputs], p.weight);
+        let shape8 = vec![p.outputs, p.inputs];
+        let bits = lowbit::write_codes(t, tname(i, "weight"), p.weight, p.outputs, p.inputs, shape8);
+        if bits != 8 {
+            doc.insert("weight_bits".into(), json!(bits));
+        }
         t.i32s(tname(i, "bias"), vec![p.outputs], p.bias);
         output::write(i, p.output, doc, t);
     }
@@ -143,10 +151,17 @@ impl Op for DenseI8 {
         p.weight.len() + 4 * p.bias.len() + output::param_bytes(p.output)
     }
 
+    fn weight_storage(&self, layer: &Layer) -> (usize, u8, usize) {
+        let p = parts(layer);
+        let (rows, k) = (p.outputs, p.inputs);
+        let bits = lowbit::narrowest_bits(p.weight);
+        (p.weight.len(), bits, rows * lowbit::row_bytes(k, bits))
+    }
+
     fn compile(&self, layer: &Layer) -> Result<Arc<dyn Compiled>, Error> {
         let p = parts(layer);
         Ok(Arc::new(CompiledDenseI8 {
-            w: PackedDenseI8::new(p.inputs, p.outputs, p.weight, p.bias, p.input_zero_point),
+            w: PackedDenseI8::new_narrowest(p.inputs, p.outputs, p.weight, p.bias, p.input_zero_point),
             epilogue: Epilogue::new(p.output, 0..p.outputs)?,
             produces: produces(p.output, p.outputs)?,
         }))

@@ -175,6 +175,53 @@ impl Layer {
     pub fn output(&self) -> &Output {
         self.op().output(self)
     }
+
+    /// What the layer's tensors take in the file as [`crate::Model::to_bytes`] writes it
+    /// (int8 layers at the narrowest `weight_bits` that holds their codes).
+    pub fn storage(&self) -> LayerStorage {
+        let op = self.op();
+        let (weights, weight_bits, weight_bytes) = op.weight_storage(self);
+        let bits = usize::from(weight_bits);
+        // `param_bytes` counts int8 codes one byte each and `dense_bin` weights as stored.
+        let counted = if bits >= 2 { weights } else { weight_bytes };
+        LayerStorage {
+            weights,
+            weight_bits,
+            weight_bytes,
+            tensor_bytes: op.param_bytes(self) - counted + weight_bytes,
+        }
+    }
+}
+
+/// What one layer's tensors take in the file ([`Layer::storage`], [`crate::Model::layer_storage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerStorage {
+    /// Weights (int8 codes; ±1 bits for `dense_bin`); 0 for pooling layers.
+    pub weights: usize,
+    /// Bits per stored weight: 8, 4 or 2 for `dense_i8` / `conv2d_i8`, 1 for `dense_bin`, 0
+    /// for layers without weights. (Row padding makes `weight_bytes` slightly more than
+    /// `weights · weight_bits / 8`.)
+    pub weight_bits: u8,
+    /// Bytes of the `layers.i.weight` tensor.
+    pub weight_bytes: usize,
+    /// Bytes of all the layer's tensors (weights, bias, output parameters).
+    pub tensor_bytes: usize,
+}
+
+impl LayerStorage {
+    /// Bytes the weights would take as f32 (4 per weight).
+    pub fn f32_weight_bytes(&self) -> usize {
+        4 * self.weights
+    }
+
+    /// `weight_bytes / f32_weight_bytes` (0 for layers without weights).
+    pub fn ratio_to_f32(&self) -> f64 {
+        if self.weights == 0 {
+            0.0
+        } else {
+            self.weight_bytes as f64 / self.f32_weight_bytes() as f64
+        }
+    }
 }
 
 /// Reads `layers[i]`: its `kind` picks the op in [`REGISTRY`], which reads the rest.
@@ -275,8 +322,15 @@ pub(crate) trait Op: Sync {
     /// The layer's output step.
     fn output<'a>(&self, layer: &'a Layer) -> &'a Output;
 
-    /// Bytes of the layer's tensors in the file (weights, biases, output parameters).
+    /// Bytes of the layer's tensors with one byte per int8 weight code, whatever its storage
+    /// width (the validation limits count these, so they do not depend on the packing).
     fn param_bytes(&self, layer: &Layer) -> usize;
+
+    /// The layer's weights as [`crate::Model::to_bytes`] stores them: `(count, bits per weight,
+    /// bytes)`; `(0, 0, 0)` for layers without weights.
+    fn weight_storage(&self, _layer: &Layer) -> (usize, u8, usize) {
+        (0, 0, 0)
+    }
 
     /// Checks layer `i` reading `input`, and returns what it produces. Errors name the field,
     /// tensor or channel and the values that do not fit.

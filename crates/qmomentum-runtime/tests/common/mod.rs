@@ -256,6 +256,75 @@ pub fn base_int8() -> RawFile {
     }
 }
 
+/// Packs rows of `k` codes at `bits` bits, low bits first, zero padding (written out here
+/// independently of the runtime's packer).
+pub fn pack_codes(codes: &[i8], k: usize, bits: usize) -> Vec<u8> {
+    let per = 8 / bits;
+    let mut out = Vec::new();
+    for row in codes.chunks(k) {
+        for chunk in row.chunks(per) {
+            let mut b = 0u8;
+            for (t, &c) in chunk.iter().enumerate() {
+                b |= ((c as u8) & ((1 << bits) - 1) as u8) << (t * bits);
+            }
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// A valid file with packed weights, 7 → 13 (4-bit, relu_u8) → 12 (2-bit, u8) → 3 (8-bit,
+/// logits): rows of 7 codes (4 bytes, a padding nibble) and of 13 codes (4 bytes, 6 padding
+/// bits).
+pub fn base_packed() -> RawFile {
+    let mut rng = Rng(17);
+    let doc = json!({
+        "format": "qmomentum-int",
+        "version": 1,
+        "input": { "size": 7, "scale": 0.003921569, "zero_point": 0 },
+        "layers": [
+            { "kind": "dense_i8", "in": 7, "out": 13, "input_zero_point": 0, "weight_bits": 4,
+              "output": "relu_u8", "output_zero_point": 0 },
+            { "kind": "dense_i8", "in": 13, "out": 12, "input_zero_point": 0, "weight_bits": 2,
+              "output": "u8", "output_zero_point": 3 },
+            { "kind": "dense_i8", "in": 12, "out": 3, "input_zero_point": 0,
+              "output": "logits" }
+        ]
+    });
+    let mut tensors = Vec::new();
+    for (i, (k, n, bits)) in [(7usize, 13usize, 4usize), (13, 12, 2), (12, 3, 8)]
+        .into_iter()
+        .enumerate()
+    {
+        let half = 1i64 << (bits - 1);
+        let codes: Vec<i8> = (0..k * n).map(|_| rng.range(-half, half - 1) as i8).collect();
+        let (dtype, shape, data) = if bits == 8 {
+            (Dtype::I8, vec![n, k], codes.iter().map(|&c| c as u8).collect())
+        } else {
+            (Dtype::U8, vec![n, (k * bits).div_ceil(8)], pack_codes(&codes, k, bits))
+        };
+        tensors.push((format!("layers.{i}.weight"), dtype, shape, data));
+        let b: Vec<i32> = (0..n).map(|_| rng.range(-50, 50) as i32).collect();
+        tensors.push((format!("layers.{i}.bias"), Dtype::I32, vec![n], i32s(&b)));
+        if i < 2 {
+            tensors.push((
+                format!("layers.{i}.multiplier"),
+                Dtype::I32,
+                vec![n],
+                i32s(&vec![1 << 30; n]),
+            ));
+            tensors.push((format!("layers.{i}.shift"), Dtype::I32, vec![n], i32s(&vec![2; n])));
+        } else {
+            tensors.push((format!("layers.{i}.scale"), Dtype::F32, vec![n], f32s(&vec![0.01; n])));
+        }
+    }
+    RawFile {
+        doc,
+        tensors,
+        metadata_key: "qmomentum".into(),
+    }
+}
+
 /// A valid binary file, 8 → 70 (dense_i8, sign_bits) → 3 (dense_bin, logits).
 pub fn base_binary() -> RawFile {
     let mut rng = Rng(11);
