@@ -198,6 +198,29 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
     if let Some(n) = m.class_names() {
         outln!("  classes        {}", n.join(", "))?;
     }
+    // Stored size per layer against the same weights in f32.
+    let storage = m.layer_storage();
+    let (mut total, mut total_f32) = (0usize, 0usize);
+    for (i, st) in storage.iter().enumerate() {
+        if st.weights == 0 {
+            continue;
+        }
+        total += st.weight_bytes;
+        total_f32 += st.f32_weight_bytes();
+        outln!(
+            "  layer {i} weights: {} at {} bit(s) = {} bytes ({:.3}× f32)",
+            st.weights,
+            st.weight_bits,
+            st.weight_bytes,
+            st.ratio_to_f32()
+        )?;
+    }
+    if total_f32 > 0 {
+        outln!(
+            "  weights        {total} bytes stored, {total_f32} as f32 ({:.3}×)",
+            total as f64 / total_f32 as f64
+        )?;
+    }
     let a = abits.iter().copied().min().unwrap_or(8);
     let hidden_w: Vec<&String> = if wbits.len() > 2 {
         wbits[1..wbits.len() - 1].iter().collect()
