@@ -69,6 +69,9 @@ pub struct Meta {
     /// Names of the classes, in label order (shown by `predict`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_names: Option<Vec<String>>,
+    /// Oscillation counters of the epoch in progress: `[layer, flips, oscillations, steps]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub oscillation_counts: Vec<[u64; 4]>,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -171,6 +174,14 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         observers,
         data: t.data.clone(),
         class_names: t.class_names.clone(),
+        oscillation_counts: t
+            .model
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.quant_parts().and_then(|(w, _)| w.tracker.as_ref()).map(|tr| (i, tr.counts())))
+            .map(|(i, [a, b, c])| [i as u64, a, b, c])
+            .collect(),
     };
     let json = serde_json::to_string(&meta).map_err(|e| Error::encode("checkpoint metadata", e))?;
     let views: Vec<(String, TensorView)> = owned
@@ -521,6 +532,17 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     t.history = meta.history;
     t.data = meta.data;
     t.class_names = meta.class_names;
+    for [i, a, b, c] in meta.oscillation_counts {
+        if let Some(tr) = t
+            .model
+            .layers
+            .get_mut(i as usize)
+            .and_then(|l| l.weight_quant_mut())
+            .and_then(|(_, w)| w.tracker.as_mut())
+        {
+            tr.set_counts([a, b, c]);
+        }
+    }
     Ok(t)
 }
 

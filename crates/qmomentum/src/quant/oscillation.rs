@@ -104,6 +104,17 @@ impl OscillationTracker {
         self.steps += 1;
     }
 
+    /// The epoch's counters `(flips, oscillations, steps)` (checkpointed, so a resumed epoch
+    /// reports what an uninterrupted one does).
+    pub fn counts(&self) -> [u64; 3] {
+        [self.flips, self.oscillations, self.steps]
+    }
+
+    /// Restore the epoch's counters.
+    pub fn set_counts(&mut self, c: [u64; 3]) {
+        [self.flips, self.oscillations, self.steps] = c;
+    }
+
     /// The epoch's figures for layer `layer`, and reset the epoch counters.
     pub fn take_epoch(&mut self, layer: usize, threshold: f32) -> LayerOscillation {
         let freq = &self.freq.value;
