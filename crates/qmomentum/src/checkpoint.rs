@@ -179,7 +179,11 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
             .layers
             .iter()
             .enumerate()
-            .filter_map(|(i, l)| l.quant_parts().and_then(|(w, _)| w.tracker.as_ref()).map(|tr| (i, tr.counts())))
+            .filter_map(|(i, l)| {
+                l.quant_parts()
+                    .and_then(|(w, _)| w.tracker.as_ref())
+                    .map(|tr| (i, tr.counts()))
+            })
             .map(|(i, [a, b, c])| [i as u64, a, b, c])
             .collect(),
     };
