@@ -5,6 +5,7 @@
 //! never leaves half a PNG behind.
 
 use anyhow::{anyhow, Context, Result};
+use plotters::coord::types::{RangedCoordf32, RangedCoordi32};
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use qmomentum::train::History;
@@ -54,6 +55,35 @@ fn y_range(values: &[f32]) -> (f32, f32) {
     }
 }
 
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type EpochChart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordi32, RangedCoordf32>>;
+
+/// A panel with whole-number epochs 1..=last on x (half an epoch of margin each side) and
+/// `[lo, hi]` on y, its mesh drawn.
+fn epoch_chart<'a, 'b>(area: &'a Area<'b>, last: i32, lo: f32, hi: f32, name: &str) -> Result<EpochChart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0i32..last + 1, lo..hi)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc(name)
+        .x_labels((last as usize + 2).min(12))
+        .x_label_formatter(&|x| {
+            if *x >= 1 && *x <= last {
+                x.to_string()
+            } else {
+                String::new()
+            }
+        })
+        .draw()
+        .map_err(err)?;
+    Ok(chart)
+}
+
 /// Loss and accuracy per epoch (train and validation), two panels. Points carry markers, so a
 /// one-epoch run still shows its values; epoch ticks are whole numbers.
 pub fn curves(h: &History, path: &Path, title: &str) -> Result<()> {
@@ -84,26 +114,7 @@ pub fn curves(h: &History, path: &Path, title: &str) -> Result<()> {
             let all: Vec<f32> = train.iter().chain(val.iter()).map(|p| p.1).collect();
             let (lo, hi) = y_range(&all);
             // Whole-number epochs from 1 to the last (half an epoch of margin each side).
-            let mut chart = ChartBuilder::on(area)
-                .margin(12)
-                .x_label_area_size(35)
-                .y_label_area_size(55)
-                .build_cartesian_2d(0i32..last + 1, lo..hi)
-                .map_err(err)?;
-            chart
-                .configure_mesh()
-                .x_desc("epoch")
-                .y_desc(name)
-                .x_labels((last as usize + 2).min(12))
-                .x_label_formatter(&|x| {
-                    if *x >= 1 && *x <= last {
-                        x.to_string()
-                    } else {
-                        String::new()
-                    }
-                })
-                .draw()
-                .map_err(err)?;
+            let mut chart = epoch_chart(area, last, lo, hi, name)?;
             for (points, colour, label) in [(train, BLUE, "train"), (val, RED, "validation")] {
                 if points.is_empty() {
                     continue;
@@ -285,26 +296,7 @@ pub fn oscillations(h: &History, path: &Path, title: &str) -> Result<()> {
                 .collect();
             let all: Vec<f32> = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).collect();
             let (_, hi) = y_range(&all);
-            let mut chart = ChartBuilder::on(area)
-                .margin(12)
-                .x_label_area_size(35)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0i32..last + 1, 0f32..hi.max(1e-6))
-                .map_err(err)?;
-            chart
-                .configure_mesh()
-                .x_desc("epoch")
-                .y_desc(name)
-                .x_labels((last as usize + 2).min(12))
-                .x_label_formatter(&|x| {
-                    if *x >= 1 && *x <= last {
-                        x.to_string()
-                    } else {
-                        String::new()
-                    }
-                })
-                .draw()
-                .map_err(err)?;
+            let mut chart = epoch_chart(area, last, 0.0, hi.max(1e-6), name)?;
             for (k, (l, pts)) in series.into_iter().enumerate() {
                 let c = colours[k % colours.len()];
                 chart

@@ -2,15 +2,15 @@
 //! images, the runtime's predictions equal the fake-quant model's on ≥ 99.9 % of samples and the
 //! accuracies differ by ≤ 0.1 point, for int8 (QAT and PTQ), 4-bit and binary models.
 
+mod common;
+
 use qmomentum::config::TrainConfig;
 use qmomentum::data::Dataset;
 use qmomentum::export::to_runtime;
-use qmomentum::metrics::argmax_rows;
 use qmomentum::optim::OptimizerConfig;
 use qmomentum::quant::ptq::{quantize_float_model, Calibration};
 use qmomentum::quant::Scheme;
 use qmomentum::train::Trainer;
-use qmomentum_runtime::KernelKind;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -38,41 +38,7 @@ fn trained(scheme: Scheme, epochs: usize) -> Trainer {
 }
 
 fn agreement(model: &mut qmomentum::model::Sequential, label: &str) {
-    let (_, test) = data();
-    let n = test.len();
-    let mut x = vec![0.0f32; test.images.len()];
-    qmomentum::data::normalise(&test.images, &mut x);
-    let probs = model.predict(&x, n);
-    let mut sim = Vec::new();
-    argmax_rows(&probs, 10, &mut sim);
-    let rt = to_runtime(model).unwrap();
-    // Round trip through the file format too.
-    let rt = qmomentum_runtime::Model::from_bytes(&rt.to_bytes().unwrap()).unwrap();
-    let mut per_kernel = Vec::new();
-    for k in KernelKind::ALL.into_iter().filter(|k| k.is_available()) {
-        let mut ws = rt.workspace(n);
-        let logits = rt.run_with(k, &mut ws, &test.images, n).unwrap().to_vec();
-        let mut p = Vec::new();
-        argmax_rows(&logits, 10, &mut p);
-        per_kernel.push(p);
-    }
-    for p in &per_kernel[1..] {
-        assert_eq!(p, &per_kernel[0], "{label}: kernels disagree");
-    }
-    let got = rt.predict(&test.images, n, 2).unwrap();
-    assert_eq!(got, per_kernel[0]);
-    let same = got.iter().zip(&sim).filter(|(a, b)| a == b).count();
-    let acc = |p: &[u32]| p.iter().zip(&test.labels).filter(|(a, &l)| **a == l as u32).count() as f64 / n as f64;
-    let (a_rt, a_sim) = (acc(&got), acc(&sim));
-    eprintln!("{label}: agreement {same}/{n}, accuracy runtime {a_rt:.4} simulation {a_sim:.4}");
-    assert!(
-        same as f64 >= 0.999 * n as f64,
-        "{label}: only {same}/{n} predictions agree"
-    );
-    assert!(
-        (a_rt - a_sim).abs() <= 0.001 + 1e-9,
-        "{label}: accuracy {a_rt} vs {a_sim}"
-    );
+    common::agreement(model, &data().1, label);
 }
 
 #[test]
