@@ -77,6 +77,10 @@ pub struct TrainArgs {
     /// Weight decay λ, on weights only (see the config's decay_biases / decay_scales) [default: 0].
     #[arg(long)]
     pub weight_decay: Option<f32>,
+    /// Bits of the momentum state: 32 or 8 (block-wise dynamic quantization, ≈ 0.25× the memory)
+    /// [default: 32].
+    #[arg(long)]
+    pub state_bits: Option<u32>,
     /// Decoupled weight decay (θ ← θ − ηλθ) instead of L2 in the gradient.
     #[arg(long)]
     pub decoupled: bool,
@@ -219,6 +223,7 @@ fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
     set!(a.momentum, c.optimizer.momentum);
     set!(a.dampening, c.optimizer.dampening);
     set!(a.weight_decay, c.optimizer.weight_decay);
+    set!(a.state_bits, c.optimizer.state_bits);
     set!(a.seed, c.seed);
     set!(a.validation_split, c.validation_split);
     set!(a.threads, c.threads);

@@ -91,12 +91,29 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
     }
     let params = t.model.params();
     for (st, p) in t.optimizer.state.iter().zip(&params) {
-        owned.push((
-            format!("optim.{}", p.name),
-            Dtype::F32,
-            p.shape.clone(),
-            f32_bytes(&st.buffer),
-        ));
+        match &st.q8 {
+            // 8-bit state: the codes and the block maxima, as they are (resume is bit-exact).
+            Some(q) => {
+                owned.push((
+                    format!("optim8.{}", p.name),
+                    Dtype::U8,
+                    vec![q.codes.len()],
+                    q.codes.clone(),
+                ));
+                owned.push((
+                    format!("optim8absmax.{}", p.name),
+                    Dtype::F32,
+                    vec![q.absmax.len()],
+                    f32_bytes(&q.absmax),
+                ));
+            }
+            None => owned.push((
+                format!("optim.{}", p.name),
+                Dtype::F32,
+                p.shape.clone(),
+                f32_bytes(&st.buffer),
+            )),
+        }
     }
     for b in t.model.buffers_iter() {
         owned.push((
@@ -307,6 +324,34 @@ fn read_f32(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Resul
     Ok(out)
 }
 
+/// An 8-bit optimizer state: `optim8.NAME` (U8 codes) and `optim8absmax.NAME` (F32 block maxima).
+fn read_q8(st: &SafeTensors, name: &str, n: usize, path: &Path) -> Result<crate::optim::state8::Quantized8> {
+    let codes_name = format!("optim8.{name}");
+    let v = st
+        .tensor(&codes_name)
+        .map_err(|_| Error::checkpoint(path, format!("missing tensor '{codes_name}'")))?;
+    if v.dtype() != Dtype::U8 || v.shape() != [n] {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "tensor '{codes_name}' is {:?} {:?}, expected U8 [{n}]",
+                v.dtype(),
+                v.shape()
+            ),
+        ));
+    }
+    let codes = v.data().to_vec();
+    let blocks = n.div_ceil(crate::optim::state8::BLOCK);
+    let absmax = read_f32(st, &format!("optim8absmax.{name}"), &[blocks], path)?;
+    if let Some(i) = absmax.iter().position(|a| *a < 0.0) {
+        return Err(Error::checkpoint(
+            path,
+            format!("tensor 'optim8absmax.{name}' is negative at block {i}"),
+        ));
+    }
+    Ok(crate::optim::state8::Quantized8 { codes, absmax })
+}
+
 /// A buffer tensor: like [`read_f32`], but NaN is allowed (the oscillation state marks "no code
 /// seen yet" with NaN); infinities are not.
 fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>> {
@@ -392,10 +437,19 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     let n_params = t.model.params().len();
     let mut values = Vec::with_capacity(n_params);
     let mut buffers = Vec::with_capacity(n_params);
+    let eight_bit = meta.config.optimizer.state_bits == 8;
+    let bop = matches!(meta.config.optimizer.binary, crate::optim::BinaryOptimizer::Bop { .. });
     for p in t.model.params() {
         values.push(read_f32(&st, &format!("param.{}", p.name), &p.shape, path)?);
         if !meta.optimizer_steps.is_empty() {
-            buffers.push(read_f32(&st, &format!("optim.{}", p.name), &p.shape, path)?);
+            let q8 = eight_bit
+                && p.len() >= crate::optim::state8::MIN_VALUES
+                && !(p.kind == crate::layers::ParamKind::Binary && bop);
+            if q8 {
+                buffers.push((Vec::new(), Some(read_q8(&st, &p.name, p.len(), path)?)));
+            } else {
+                buffers.push((read_f32(&st, &format!("optim.{}", p.name), &p.shape, path)?, None));
+            }
         }
     }
     for (p, v) in t.model.params_mut().into_iter().zip(values) {
@@ -417,9 +471,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             .iter()
             .zip(buffers)
             .zip(&meta.optimizer_steps)
-            .map(|((p, b), &s)| crate::optim::ParamState {
+            .map(|((p, (b, q8)), &s)| crate::optim::ParamState {
                 name: p.name.clone(),
                 buffer: b,
+                q8,
                 steps: s,
             })
             .collect();

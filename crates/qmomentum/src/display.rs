@@ -102,6 +102,9 @@ impl Display for OptimizerConfig {
         if let Some(c) = self.clip_norm {
             write!(f, ", global gradient norm clipped to {c}")?;
         }
+        if self.state_bits == 8 {
+            f.write_str(", 8-bit momentum state")?;
+        }
         Ok(())
     }
 }

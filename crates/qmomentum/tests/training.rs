@@ -156,6 +156,29 @@ fn resume_after_any_step_is_bit_identical() {
     }
 }
 
+/// With 8-bit momentum state the run resumes bit-exactly too (codes and block maxima are
+/// checkpointed as they are).
+#[test]
+fn eight_bit_state_resumes_bit_identically() {
+    let (train, _) = data();
+    let small = subset(train, 2560);
+    let mut c = cfg(Scheme::W8a8, 2, 0.01);
+    c.optimizer.state_bits = 8;
+    let mut full = Trainer::new(c.clone()).unwrap();
+    full.fit(&small, None, |_, _| {}).unwrap();
+    assert!(full.optimizer.state.iter().any(|s| s.q8.is_some()));
+    for k in [1u64, 13, 27] {
+        let mut t = Trainer::new(c.clone()).unwrap();
+        while t.global_step < k {
+            t.step(&small, None).unwrap();
+        }
+        let bytes = checkpoint::to_bytes(&t).unwrap();
+        let mut r = checkpoint::from_bytes(&bytes, Path::new("mem")).unwrap();
+        r.fit(&small, None, |_, _| {}).unwrap();
+        assert_eq!(weights(&r), weights(&full), "resumed after step {k}");
+    }
+}
+
 /// A batch-normalised CNN resumes bit-exactly too: the running statistics are checkpointed as
 /// buffers and move once per step with the statistics of the whole (split) batch.
 #[test]

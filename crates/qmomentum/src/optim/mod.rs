@@ -28,6 +28,7 @@ pub mod clip;
 pub mod decay;
 pub mod momentum;
 pub mod schedule;
+pub mod state8;
 
 use crate::error::{Error, Result};
 use crate::layers::{Param, ParamKind};
@@ -102,6 +103,9 @@ pub struct OptimizerConfig {
     pub schedule: Schedule,
     /// Optimizer of ±1 weights.
     pub binary: BinaryOptimizer,
+    /// Bits of the momentum state: 32 (f32) or 8 (block-wise dynamic quantization, see
+    /// [`state8`]).
+    pub state_bits: u32,
 }
 
 impl Default for OptimizerConfig {
@@ -121,6 +125,7 @@ impl Default for OptimizerConfig {
             clip_norm: None,
             schedule: Schedule::Constant,
             binary: BinaryOptimizer::default(),
+            state_bits: 32,
         }
     }
 }
@@ -184,17 +189,28 @@ impl OptimizerConfig {
             )?;
             f("binary.threshold", threshold, threshold >= 0.0, "Bop's τ must be ≥ 0")?;
         }
+        if self.state_bits != 8 && self.state_bits != 32 {
+            return Err(Error::config(
+                "optimizer.state_bits",
+                self.state_bits,
+                "the momentum state is kept in 32 (f32) or 8 bits",
+            ));
+        }
         self.schedule.validate()
     }
 }
 
-/// Per-parameter state: velocity (or Bop's gradient average) and step count.
+/// Per-parameter state: velocity (or Bop's gradient average) and step count, matched to its
+/// parameter by name.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamState {
-    /// Parameter name (checked on resume).
+    /// Parameter name (checked at every step and on resume).
     pub name: String,
-    /// Momentum velocity `v` (`LrInside`), buffer `b` (`LrOutside`) or Bop's `m`.
+    /// Momentum velocity `v` (`LrInside`), buffer `b` (`LrOutside`) or Bop's `m`, in f32
+    /// (empty when the state is 8-bit).
     pub buffer: Vec<f32>,
+    /// The same state in 8 bits (`optimizer.state_bits = 8`, tensors of 4096 values or more).
+    pub q8: Option<state8::Quantized8>,
     /// Steps taken on this parameter.
     pub steps: u64,
 }
@@ -213,6 +229,22 @@ pub struct Optimizer {
     /// Bop flips in the last step.
     pub last_flips: usize,
     scratch: Vec<f32>,
+    state_scratch: Vec<f32>,
+}
+
+impl ParamState {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.q8.as_ref().map_or(self.buffer.len(), |q| q.len())
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes of state held.
+    pub fn bytes(&self) -> usize {
+        self.q8.as_ref().map_or(4 * self.buffer.len(), |q| q.bytes())
+    }
 }
 
 impl Optimizer {
@@ -226,6 +258,7 @@ impl Optimizer {
             total_epochs: 1,
             last_flips: 0,
             scratch: Vec::new(),
+            state_scratch: Vec::new(),
         })
     }
 
@@ -297,21 +330,31 @@ impl Optimizer {
             convention: cfg.convention,
         };
         self.last_flips = 0;
+        let eight_bit = cfg.state_bits == 8;
         for (i, p) in params.enumerate() {
             if i == self.state.len() {
-                // First step: state is created as the parameters are first seen.
+                // First step: state is created as the parameters are first seen. Large tensors
+                // of the momentum groups keep an 8-bit state when asked (Bop's stays f32).
+                let q8 = eight_bit && p.len() >= state8::MIN_VALUES && !(p.kind == ParamKind::Binary && bop.is_some());
                 self.state.push(ParamState {
                     name: p.name.clone(),
-                    buffer: vec![0.0; p.len()],
+                    buffer: if q8 { Vec::new() } else { vec![0.0; p.len()] },
+                    q8: q8.then(|| state8::Quantized8::zeros(p.len())),
                     steps: 0,
                 });
             }
             let st = &mut self.state[i];
-            if st.buffer.len() != p.len() {
+            if st.name != p.name {
+                return Err(Error::Shape(format!(
+                    "optimizer state {i} belongs to {}, the parameter is {}",
+                    st.name, p.name
+                )));
+            }
+            if st.len() != p.len() {
                 return Err(Error::Shape(format!(
                     "optimizer state of {} has {} values, the parameter {}",
                     st.name,
-                    st.buffer.len(),
+                    st.len(),
                     p.len()
                 )));
             }
@@ -322,6 +365,15 @@ impl Optimizer {
                     continue;
                 }
             }
+            // The state in f32: the buffer itself, or the 8-bit state dequantized into scratch.
+            let v: &mut Vec<f32> = match &st.q8 {
+                Some(q) => {
+                    self.state_scratch.resize(q.len(), 0.0);
+                    q.dequantize(&mut self.state_scratch);
+                    &mut self.state_scratch
+                }
+                None => &mut st.buffer,
+            };
             let decays = cfg.weight_decay > 0.0
                 && match p.kind {
                     ParamKind::Weight | ParamKind::Binary => true,
@@ -331,26 +383,28 @@ impl Optimizer {
             let plain = norm_scale == 1.0 && cfg.clip_value.is_none() && !decays;
             if plain {
                 // Nothing to transform: update straight from the gradient (no copy).
-                mom.apply(&mut p.value, &p.grad, &mut st.buffer, lr, st.steps == 0);
-                st.steps = st.steps.saturating_add(1);
-                continue;
-            }
-            let g = &mut self.scratch;
-            g.clear();
-            g.extend_from_slice(&p.grad);
-            if norm_scale != 1.0 {
-                g.iter_mut().for_each(|v| *v *= norm_scale);
-            }
-            if let Some(c) = cfg.clip_value {
-                clip::clip_value(g, c);
-            }
-            if decays {
-                match cfg.decay_mode {
-                    DecayMode::Coupled => decay::couple(g, &p.value, cfg.weight_decay),
-                    DecayMode::Decoupled => decay::decouple(&mut p.value, lr, cfg.weight_decay),
+                mom.apply(&mut p.value, &p.grad, v, lr, st.steps == 0);
+            } else {
+                let g = &mut self.scratch;
+                g.clear();
+                g.extend_from_slice(&p.grad);
+                if norm_scale != 1.0 {
+                    g.iter_mut().for_each(|v| *v *= norm_scale);
                 }
+                if let Some(c) = cfg.clip_value {
+                    clip::clip_value(g, c);
+                }
+                if decays {
+                    match cfg.decay_mode {
+                        DecayMode::Coupled => decay::couple(g, &p.value, cfg.weight_decay),
+                        DecayMode::Decoupled => decay::decouple(&mut p.value, lr, cfg.weight_decay),
+                    }
+                }
+                mom.apply(&mut p.value, g, v, lr, st.steps == 0);
             }
-            mom.apply(&mut p.value, g, &mut st.buffer, lr, st.steps == 0);
+            if let Some(q) = st.q8.as_mut() {
+                q.quantize(&self.state_scratch);
+            }
             st.steps = st.steps.saturating_add(1);
         }
         Ok(())

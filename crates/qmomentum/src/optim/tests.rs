@@ -249,3 +249,38 @@ fn bop_group_flips_binary_weights_and_momentum_trains_the_rest() {
     assert!((b.value[0] + 0.1).abs() < 1e-7);
     assert_eq!(opt.last_flips, 1);
 }
+
+/// 8-bit state (Dettmers et al. 2021): a large tensor's trajectory follows the f32 one closely
+/// (the state is re-quantized every step), a small one (< 4096 values) is exactly f32, and the
+/// state takes about a quarter of the memory.
+#[test]
+fn eight_bit_state_tracks_the_f32_state() {
+    let n = 6000;
+    let theta0: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.01).sin()).collect();
+    let mut f32_run = run(base(Convention::LrInside), &theta0, 20);
+    let cfg8 = OptimizerConfig {
+        state_bits: 8,
+        ..base(Convention::LrInside)
+    };
+    let mut opt = Optimizer::new(cfg8.clone()).unwrap();
+    let mut p = Param::new("theta", ParamKind::Weight, vec![n], theta0.clone());
+    let mut last = Vec::new();
+    for t in 1..=20 {
+        p.grad.copy_from_slice(&p.value);
+        opt.step(&mut [&mut p], t).unwrap();
+        last = p.value.clone();
+    }
+    let want = f32_run.pop().unwrap();
+    let worst = last
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 0.02, "8-bit state drifted by {worst}");
+    assert!(last != want, "the state really is quantized");
+    assert_eq!(opt.state[0].bytes(), n + 4 * 3);
+    assert!(opt.state[0].bytes() * 10 < 4 * n * 3, "≈ 0.25× of f32");
+    // Small tensors keep f32: identical to the f32 optimizer.
+    let small = run(cfg8, &[1.0, -2.0], 5);
+    assert_eq!(small, run(base(Convention::LrInside), &[1.0, -2.0], 5));
+}
