@@ -44,9 +44,8 @@ pub fn dynamic_map() -> &'static [f32; 256] {
     })
 }
 
-/// Index of the entry of `map` nearest to `x` (ties: the lower one).
-#[inline]
-fn nearest(map: &[f32; 256], x: f32) -> u8 {
+/// The nearest entry by binary search (the definition; ties: the lower entry).
+fn nearest_search(map: &[f32; 256], x: f32) -> u8 {
     let i = map.partition_point(|&m| m < x);
     if i == 0 {
         0
@@ -57,6 +56,67 @@ fn nearest(map: &[f32; 256], x: f32) -> u8 {
     } else {
         i as u8
     }
+}
+
+/// f32 → u32 in value order (negative values below positive ones).
+fn ordered(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The inverse of [`ordered`].
+fn from_ordered(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k })
+}
+
+/// Per bfloat16 bucket (the top 16 bits of an f32): the code of the bucket's lowest value and the
+/// lowest value of the bucket that takes the next code (+∞ when none does). The map's entries,
+/// and so the midpoints between them, are further apart than a bucket is wide, so one threshold
+/// per bucket is exact: `code = lo + (x ≥ threshold)` equals the binary search for every f32
+/// (built by bisection against [`nearest_search`], checked by a test). This made the 8-bit state's
+/// step a table lookup and a compare instead of a search.
+fn bucket_table() -> &'static [(u8, f32)] {
+    static TABLE: OnceLock<Vec<(u8, f32)>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let map = dynamic_map();
+        (0..=u16::MAX as u32)
+            .map(|key| {
+                // The bucket's values in value order: from the bit patterns key<<16 .. +0xFFFF.
+                let (a, b) = ((key << 16), (key << 16) | 0xFFFF);
+                let (lo, hi) = {
+                    let (x, y) = (ordered(f32::from_bits(a)), ordered(f32::from_bits(b)));
+                    (x.min(y), x.max(y))
+                };
+                let code_lo = nearest_search(map, from_ordered(lo));
+                let code_hi = nearest_search(map, from_ordered(hi));
+                if code_lo == code_hi || from_ordered(lo).is_nan() {
+                    return (code_lo, f32::INFINITY);
+                }
+                // Bisection for the first value (in order) that leaves code_lo.
+                let (mut l, mut h) = (lo, hi);
+                while h - l > 1 {
+                    let m = l + (h - l) / 2;
+                    if nearest_search(map, from_ordered(m)) == code_lo {
+                        l = m;
+                    } else {
+                        h = m;
+                    }
+                }
+                (code_lo, from_ordered(h))
+            })
+            .collect()
+    })
+}
+
+/// Index of the entry of `map` nearest to `x` (ties: the lower one), by the bucket table.
+#[inline]
+fn nearest(_map: &[f32; 256], x: f32) -> u8 {
+    let (code, thr) = bucket_table()[(x.to_bits() >> 16) as usize];
+    code + (x >= thr) as u8
 }
 
 /// A buffer stored as 8-bit codes with one absmax per block.
@@ -106,6 +166,7 @@ impl Quantized8 {
     /// `self = quantize(x)`, block by block.
     pub fn quantize(&mut self, x: &[f32]) {
         let map = dynamic_map();
+        let _ = bucket_table();
         for ((xb, c), a) in x
             .chunks(BLOCK)
             .zip(self.codes.chunks_mut(BLOCK))
@@ -127,6 +188,39 @@ mod tests {
 
     /// The map of bitsandbytes' `create_dynamic_map(signed=True)`: 256 sorted values, 0 and 1
     /// included, the smallest magnitude 10⁻⁶·0.55, symmetric but for the extra +1.
+    /// The bucket table gives the same code as a binary search, for every bucket's edges and
+    /// for values between.
+    #[test]
+    fn bucket_lookup_equals_binary_search() {
+        let map = dynamic_map();
+        let brute = |x: f32| nearest_search(map, x);
+        let mut x = -1.0f32;
+        while x <= 1.0 {
+            assert_eq!(nearest(map, x), brute(x), "{x}");
+            x += 1.0 / 65_537.0;
+        }
+        // Every bucket at its ends, middle and around its threshold: one transition at most.
+        for (key, &(_, thr)) in bucket_table().iter().enumerate() {
+            let k = (key as u32) << 16;
+            for bits in [k, k | 0x7FFF, k | 0xFFFF] {
+                let x = f32::from_bits(bits);
+                if x.is_finite() && x.abs() <= 1.0 {
+                    assert_eq!(nearest(map, x), brute(x), "{x}");
+                }
+            }
+            if thr.is_finite() {
+                let before = from_ordered(ordered(thr) - 1);
+                assert_eq!(nearest(map, thr), brute(thr), "{thr}");
+                assert_eq!(nearest(map, before), brute(before), "{before}");
+            }
+        }
+        for &v in map.iter() {
+            for d in [-1e-7f32, 0.0, 1e-7] {
+                assert_eq!(nearest(map, v + d), brute(v + d), "{}", v + d);
+            }
+        }
+    }
+
     #[test]
     fn the_dynamic_map() {
         let m = dynamic_map();
