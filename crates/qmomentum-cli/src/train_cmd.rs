@@ -132,6 +132,10 @@ pub struct TrainArgs {
     /// Fashion-MNIST's names when the data are Fashion-MNIST].
     #[arg(long)]
     pub class_names: Option<PathBuf>,
+    /// Oscillation dampening: final λ of `λ·Σ(ŵ − w)²` on integer/ternary weights, cosine-annealed
+    /// from 0 over the run (Nagel et al. 2022) [default: 0, off].
+    #[arg(long)]
+    pub osc_dampening: Option<f32>,
     /// Do not track weight-code oscillations of quantized layers (tracked by default; written to
     /// history.csv/json and oscillations.png).
     #[arg(long)]
@@ -267,6 +271,7 @@ fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(n) = a.freeze_observers_after {
         c.freeze_observers_after = Some(n);
     }
+    set!(a.osc_dampening, c.oscillation.dampening);
     if a.no_oscillation_tracking {
         c.oscillation.track = false;
     }

@@ -672,6 +672,13 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&o.threshold) {
             return Err(Error::config("oscillation.threshold", o.threshold, "must be in [0, 1]"));
         }
+        if !(o.dampening >= 0.0 && o.dampening.is_finite()) {
+            return Err(Error::config(
+                "oscillation.dampening",
+                o.dampening,
+                "must be a finite λ ≥ 0",
+            ));
+        }
         self.model.validate()?;
         self.optimizer.validate()
     }

@@ -268,6 +268,17 @@ impl Trainer {
         // The batch is split in two contiguous halves, one per core; each replica computes the
         // gradient of its half (of the mean loss over the whole batch), and the halves are added
         // in a fixed order, so the result does not depend on thread timing.
+        // Oscillation dampening λ of this step, added to the main model's weight gradients only
+        // (the replicas' gradients are summed into it).
+        let total_steps = (self.config.schedule_epochs.unwrap_or(self.config.epochs) as u64).saturating_mul(spe as u64);
+        let lambda = self.config.oscillation.dampening_at(self.global_step, total_steps);
+        if self.config.oscillation.dampening > 0.0 {
+            for l in self.model.layers.iter_mut() {
+                if let Some((_, wq)) = l.weight_quant_mut() {
+                    wq.dampening = lambda;
+                }
+            }
+        }
         let split = self.config.threads >= 2 && batch >= 2;
         let half = if split { batch.div_ceil(2) } else { batch };
         let order = &self.order[start..end];
@@ -276,6 +287,11 @@ impl Trainer {
             let rep = self.replica.get_or_insert_with(|| {
                 let mut r = self.model.clone();
                 r.drop_trackers();
+                for l in r.layers.iter_mut() {
+                    if let Some((_, wq)) = l.weight_quant_mut() {
+                        wq.dampening = 0.0;
+                    }
+                }
                 Box::new((r, Vec::new()))
             });
             rep.0.sync_from(&self.model);

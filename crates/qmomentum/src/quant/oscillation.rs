@@ -25,6 +25,21 @@ pub struct OscillationConfig {
     pub momentum: f32,
     /// A weight "oscillates" when its frequency exceeds this.
     pub threshold: f32,
+    /// Oscillation dampening: the final λ of the regulariser `λ·Σ(ŵ − w)²` (ŵ detached) on
+    /// integer and ternary weights, annealed from 0 with a cosine over the run, as in the paper
+    /// (0: off). The reported loss does not include it.
+    pub dampening: f32,
+}
+
+impl OscillationConfig {
+    /// λ at 0-based step `t` of `total`: `λ·(1 − cos(π·t/total))/2`.
+    pub fn dampening_at(&self, t: u64, total: u64) -> f32 {
+        if self.dampening <= 0.0 {
+            return 0.0;
+        }
+        let x = (t as f64 / total.max(1) as f64).min(1.0);
+        (self.dampening as f64 * (1.0 - (std::f64::consts::PI * x).cos()) / 2.0) as f32
+    }
 }
 
 impl Default for OscillationConfig {
@@ -33,6 +48,7 @@ impl Default for OscillationConfig {
             track: true,
             momentum: 0.01,
             threshold: 0.02,
+            dampening: 0.0,
         }
     }
 }

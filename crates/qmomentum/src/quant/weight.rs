@@ -33,6 +33,9 @@ pub struct WeightFakeQuant {
     dw_hat: Vec<f32>,
     /// Oscillation tracking of the integer codes (quantized layers; see `quant::oscillation`).
     pub tracker: Option<OscillationTracker>,
+    /// Oscillation dampening λ of this step (0: off). Set by the trainer on the model that adds
+    /// it (once per step, not per replica).
+    pub dampening: f32,
     codes: Vec<f32>,
 }
 
@@ -49,6 +52,7 @@ impl WeightFakeQuant {
             tmp: vec![0.0; outputs],
             dw_hat: Vec::new(),
             tracker: None,
+            dampening: 0.0,
             codes: Vec::new(),
         }
     }
@@ -187,7 +191,18 @@ impl WeightFakeQuant {
                     }
                 }
             }
-            _ => grad_of_w_hat(&mut w.grad),
+            _ => {
+                grad_of_w_hat(&mut w.grad);
+                // Oscillation dampening (Nagel et al. 2022): the gradient of λ·Σ(ŵ − w)² with ŵ
+                // detached, 2λ(w − ŵ), pulls each latent weight toward its grid point (the
+                // max-scaled symmetric grid holds every weight, so clip(w) = w).
+                if self.dampening > 0.0 && self.quant.is_some() {
+                    let k = 2.0 * self.dampening;
+                    for ((g, &v), &q) in w.grad.iter_mut().zip(&w.value).zip(&self.w_hat) {
+                        *g += k * (v - q);
+                    }
+                }
+            }
         }
     }
 }
