@@ -96,25 +96,38 @@ impl OscillationTracker {
         }
     }
 
-    /// One step with the codes of this step (as f32 integers). Written without branches and with
-    /// integer counters so the compiler vectorises it (it runs over every weight at every step).
+    /// One step with the codes of this step (as f32 integers).
     pub fn update(&mut self, codes: &[f32], momentum: f32) {
-        let (mut flips, mut osc) = (0u32, 0u32);
-        let keep = 1.0 - momentum;
         let (prev, dir, freq) = (&mut self.prev.value, &mut self.dir.value, &mut self.freq.value);
-        for (((p, d), f), &c) in prev.iter_mut().zip(dir.iter_mut()).zip(freq.iter_mut()).zip(codes) {
-            // NaN before the first step: both comparisons are false, no change is seen.
-            let delta = c - *p;
-            let (up, down) = ((delta > 0.0) as u32, (delta < 0.0) as u32);
-            let step_dir = up as f32 - down as f32;
-            let changed = up | down;
-            let o = changed & ((step_dir == -*d) as u32);
-            flips += changed;
-            osc += o;
-            *f = momentum * o as f32 + keep * *f;
-            *d = if changed != 0 { step_dir } else { *d };
-            *p = c;
+        let (flips, osc) = step_block(prev, dir, freq, codes.iter().copied(), momentum);
+        self.count(flips, osc);
+    }
+
+    /// One step with the codes of a `[rows, outputs]` kernel on a per-column grid, computed on the
+    /// fly as `round(ŵ·inv[j])`: one pass over ŵ and the state, no codes buffer (this pass runs
+    /// at every step, so its memory traffic is its cost).
+    pub fn update_from_grid(&mut self, w_hat: &[f32], inv: &[f32], momentum: f32) {
+        let c = inv.len();
+        let (prev, dir, freq) = (&mut self.prev.value, &mut self.dir.value, &mut self.freq.value);
+        let (mut flips, mut osc) = (0u32, 0u32);
+        for (((row, p), d), f) in w_hat
+            .chunks_exact(c)
+            .zip(prev.chunks_exact_mut(c))
+            .zip(dir.chunks_exact_mut(c))
+            .zip(freq.chunks_exact_mut(c))
+        {
+            let codes = row
+                .iter()
+                .zip(inv)
+                .map(|(&v, &k)| super::affine::round_even_small(v * k));
+            let (a, b) = step_block(p, d, f, codes, momentum);
+            flips += a;
+            osc += b;
         }
+        self.count(flips, osc);
+    }
+
+    fn count(&mut self, flips: u32, osc: u32) {
         self.flips += flips as u64;
         self.oscillations += osc as u64;
         self.steps += 1;
@@ -150,6 +163,34 @@ impl OscillationTracker {
         self.steps = 0;
         r
     }
+}
+
+/// The per-weight step over one slice: `(flips, oscillations)`. Branch-free with integer
+/// counters so the compiler vectorises it; inlined into both callers.
+#[inline(always)]
+fn step_block(
+    prev: &mut [f32],
+    dir: &mut [f32],
+    freq: &mut [f32],
+    codes: impl Iterator<Item = f32>,
+    momentum: f32,
+) -> (u32, u32) {
+    let (mut flips, mut osc) = (0u32, 0u32);
+    let keep = 1.0 - momentum;
+    for (((p, d), f), c) in prev.iter_mut().zip(dir.iter_mut()).zip(freq.iter_mut()).zip(codes) {
+        // NaN before the first step: both comparisons are false, no change is seen.
+        let delta = c - *p;
+        let (up, down) = ((delta > 0.0) as u32, (delta < 0.0) as u32);
+        let step_dir = up as f32 - down as f32;
+        let changed = up | down;
+        let o = changed & ((step_dir == -*d) as u32);
+        flips += changed;
+        osc += o;
+        *f = momentum * o as f32 + keep * *f;
+        *d = if changed != 0 { step_dir } else { *d };
+        *p = c;
+    }
+    (flips, osc)
 }
 
 #[cfg(test)]

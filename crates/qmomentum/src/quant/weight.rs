@@ -12,7 +12,7 @@
 //! * Binary with Bop: `w` holds ±1, `ŵ = w/√fan_in` (a fixed scale; see [`WeightFakeQuant::configure`]),
 //!   so `∂L/∂w = ∂L/∂ŵ/√fan_in`.
 
-use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor, round_even_small};
+use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor};
 use super::binary::{binarize, sign, ternarize};
 use super::oscillation::OscillationTracker;
 use super::WeightQuant;
@@ -101,19 +101,13 @@ impl WeightFakeQuant {
                 }
             }
             Some(_) => {
-                // The reciprocal scales in `tmp` (scratch between steps).
+                // The reciprocal scales in `tmp` (scratch between steps); codes computed in the
+                // tracker's own pass.
                 for (i, &s) in self.tmp.iter_mut().zip(&self.scale) {
                     *i = 1.0 / s;
                 }
-                for (row, out) in self
-                    .w_hat
-                    .chunks_exact(self.outputs)
-                    .zip(self.codes.chunks_exact_mut(self.outputs))
-                {
-                    for ((c, &v), &inv) in out.iter_mut().zip(row).zip(&self.tmp) {
-                        *c = round_even_small(v * inv);
-                    }
-                }
+                t.update_from_grid(&self.w_hat, &self.tmp, momentum);
+                return;
             }
             None => return,
         }
