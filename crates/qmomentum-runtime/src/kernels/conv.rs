@@ -53,6 +53,12 @@ impl Window {
             pw.checked_sub(ew)?.checked_div(sw)? + 1,
         ])
     }
+
+    /// `[oh, ow, c]`: the output of a pooling window (channels unchanged).
+    pub fn pooled_shape(&self) -> Option<[usize; 3]> {
+        let [oh, ow] = self.out_hw()?;
+        Some([oh, ow, self.in_shape[2]])
+    }
 }
 
 /// A convolution: its window, output channels and channel groups.

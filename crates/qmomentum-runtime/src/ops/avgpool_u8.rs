@@ -67,14 +67,8 @@ impl Op for AvgPoolU8 {
         window(layer).in_shape.iter().product()
     }
 
-    fn outputs(&self, layer: &Layer) -> usize {
-        self.output_shape(layer).map_or(0, |s| s.iter().product())
-    }
-
     fn output_shape(&self, layer: &Layer) -> Option<[usize; 3]> {
-        let w = window(layer);
-        let [oh, ow] = w.out_hw()?;
-        Some([oh, ow, w.in_shape[2]])
+        window(layer).pooled_shape()
     }
 
     fn output<'a>(&self, _layer: &'a Layer) -> &'a Output {

@@ -184,10 +184,6 @@ impl Op for Conv2dI8 {
         parts(layer).geometry.window.in_shape.iter().product()
     }
 
-    fn outputs(&self, layer: &Layer) -> usize {
-        self.output_shape(layer).map_or(0, |s| s.iter().product())
-    }
-
     fn output_shape(&self, layer: &Layer) -> Option<[usize; 3]> {
         let g = parts(layer).geometry;
         let [oh, ow] = g.window.out_hw()?;

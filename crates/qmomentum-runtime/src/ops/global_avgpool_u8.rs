@@ -46,10 +46,6 @@ impl Op for GlobalAvgPoolU8 {
         in_shape(layer).iter().product()
     }
 
-    fn outputs(&self, layer: &Layer) -> usize {
-        in_shape(layer)[2]
-    }
-
     fn output_shape(&self, layer: &Layer) -> Option<[usize; 3]> {
         Some([1, 1, in_shape(layer)[2]])
     }

@@ -311,8 +311,11 @@ pub(crate) trait Op: Sync {
     /// Input values per sample.
     fn inputs(&self, layer: &Layer) -> usize;
 
-    /// Output values per sample.
-    fn outputs(&self, layer: &Layer) -> usize;
+    /// Output values per sample (by default the product of [`Op::output_shape`]; dense ops,
+    /// which have no image shape, give their width).
+    fn outputs(&self, layer: &Layer) -> usize {
+        self.output_shape(layer).map_or(0, |s| s.iter().product())
+    }
 
     /// The `[h, w, c]` shape of the output, for image outputs.
     fn output_shape(&self, _layer: &Layer) -> Option<[usize; 3]> {
