@@ -136,6 +136,15 @@ pub struct TrainArgs {
     /// from 0 over the run (Nagel et al. 2022) [default: 0, off].
     #[arg(long)]
     pub osc_dampening: Option<f32>,
+    /// Iterative freezing (Nagel et al. 2022): a quantized weight whose oscillation frequency
+    /// exceeds this threshold is frozen at the rounded EMA of its integer code and no longer
+    /// updated [default: 0, off]. The paper's rule of thumb: 2–3× the tracking EMA (0.01).
+    #[arg(long)]
+    pub osc_freeze: Option<f32>,
+    /// Start the freezing threshold here and anneal it (cosine) down to `--osc-freeze` over the
+    /// run [default: constant].
+    #[arg(long, requires = "osc_freeze")]
+    pub osc_freeze_start: Option<f32>,
     /// Do not track weight-code oscillations of quantized layers (tracked by default; written to
     /// history.csv/json and oscillations.png).
     #[arg(long)]
@@ -272,6 +281,10 @@ fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
         c.freeze_observers_after = Some(n);
     }
     set!(a.osc_dampening, c.oscillation.dampening);
+    set!(a.osc_freeze, c.oscillation.freeze_threshold);
+    if a.osc_freeze_start.is_some() {
+        c.oscillation.freeze_threshold_start = a.osc_freeze_start;
+    }
     if a.no_oscillation_tracking {
         c.oscillation.track = false;
     }

@@ -352,8 +352,8 @@ fn read_q8(st: &SafeTensors, name: &str, n: usize, path: &Path) -> Result<crate:
     Ok(crate::optim::state8::Quantized8 { codes, absmax })
 }
 
-/// A buffer tensor: like [`read_f32`], but NaN is allowed (the oscillation state marks "no code
-/// seen yet" with NaN); infinities are not.
+/// A buffer tensor: like [`read_f32`], but NaN is allowed in the oscillation state (it marks "no
+/// code seen yet" and "not frozen"); infinities are not.
 fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>> {
     let v = st
         .tensor(name)
@@ -373,7 +373,22 @@ fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Re
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    let nan_ok = name.ends_with(".osc_prev");
+    let nan_ok = name.ends_with(".osc_prev") || name.ends_with(".osc_frozen") || name.ends_with(".osc_ema_code");
+    if name.ends_with(".osc_frozen") {
+        // A frozen code is an integer on an 8-bit grid at most (NaN: not frozen).
+        if let Some(i) = out
+            .iter()
+            .position(|&c| !c.is_nan() && (c.fract() != 0.0 || c.abs() > 128.0))
+        {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensor '{name}' holds {} at index {i}, not an integer code in [-128, 127]",
+                    out[i]
+                ),
+            ));
+        }
+    }
     if let Some(i) = out.iter().position(|x| x.is_infinite() || (x.is_nan() && !nan_ok)) {
         return Err(Error::checkpoint(
             path,
@@ -494,6 +509,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             b.value = v;
         }
     }
+    t.model.refresh_freeze_masks();
     for o in &meta.observers {
         let a = t
             .model

@@ -679,6 +679,37 @@ impl TrainConfig {
                 "must be a finite λ ≥ 0",
             ));
         }
+        if o.freezing() {
+            if !(o.freeze_threshold < 1.0 && o.freeze_threshold.is_finite()) {
+                return Err(Error::config(
+                    "oscillation.freeze_threshold",
+                    o.freeze_threshold,
+                    "must be in [0, 1) (0: off)",
+                ));
+            }
+            if let Some(s) = o.freeze_threshold_start {
+                if !(s > 0.0 && s <= 1.0) {
+                    return Err(Error::config(
+                        "oscillation.freeze_threshold_start",
+                        s,
+                        "must be in (0, 1]",
+                    ));
+                }
+            }
+            if !o.track {
+                return Err(Error::config(
+                    "oscillation.freeze_threshold",
+                    o.freeze_threshold,
+                    "needs oscillation tracking (it freezes on the tracked frequencies): turn tracking on",
+                ));
+            }
+        } else if !(o.freeze_threshold == 0.0) {
+            return Err(Error::config(
+                "oscillation.freeze_threshold",
+                o.freeze_threshold,
+                "must be in [0, 1) (0: off)",
+            ));
+        }
         self.model.validate()?;
         self.optimizer.validate()
     }

@@ -405,6 +405,24 @@ impl Sequential {
         }
     }
 
+    /// Turn iterative freezing on for every quantized layer (after the trackers exist).
+    pub fn enable_freezing(&mut self) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if let Some((_, wq)) = l.weight_quant_mut() {
+                wq.enable_freezing(i);
+            }
+        }
+    }
+
+    /// Rebuild each weight's freeze mask from the frozen codes (after a checkpoint is loaded).
+    pub fn refresh_freeze_masks(&mut self) {
+        for l in self.layers.iter_mut() {
+            if let Some((w, wq)) = l.weight_quant_mut() {
+                wq.refresh_mask(w);
+            }
+        }
+    }
+
     /// Drop the oscillation trackers (a replica, or a run with tracking off).
     pub fn drop_trackers(&mut self) {
         for l in self.layers.iter_mut() {

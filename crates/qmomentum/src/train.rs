@@ -69,7 +69,7 @@ impl History {
             .unwrap_or_default();
         for l in &layers {
             s.push_str(&format!(
-                ",flips_per_step_l{l},oscillations_per_step_l{l},mean_osc_frequency_l{l},fraction_oscillating_l{l}"
+                ",flips_per_step_l{l},oscillations_per_step_l{l},mean_osc_frequency_l{l},fraction_oscillating_l{l},fraction_frozen_l{l}"
             ));
         }
         s.push('\n');
@@ -89,10 +89,14 @@ impl History {
             for l in &layers {
                 match r.oscillation.iter().find(|x| x.layer == *l) {
                     Some(x) => s.push_str(&format!(
-                        ",{},{},{},{}",
-                        x.flips_per_step, x.oscillations_per_step, x.mean_frequency, x.fraction_oscillating
+                        ",{},{},{},{},{}",
+                        x.flips_per_step,
+                        x.oscillations_per_step,
+                        x.mean_frequency,
+                        x.fraction_oscillating,
+                        x.fraction_frozen
                     )),
-                    None => s.push_str(",,,,"),
+                    None => s.push_str(",,,,,"),
                 }
             }
             s.push('\n');
@@ -184,6 +188,9 @@ impl Trainer {
         let mut model = Sequential::from_config(&config.model, config.quant, bop, config.seed)?;
         if !config.oscillation.track {
             model.drop_trackers();
+        }
+        if config.oscillation.freezing() {
+            model.enable_freezing();
         }
         model.check_loss_compatible()?;
         let optimizer = Optimizer::new(config.optimizer.clone())?;
@@ -347,9 +354,18 @@ impl Trainer {
                 if self.config.oscillation.track {
                     // The codes this step's forward pass used (the main model's ŵ).
                     let m = self.config.oscillation.momentum;
+                    // Iterative freezing decides on the frequencies this step updated.
+                    let freeze = self.config.oscillation.freezing().then(|| {
+                        self.config
+                            .oscillation
+                            .freeze_threshold_at(self.global_step, total_steps)
+                    });
                     for l in self.model.layers.iter_mut() {
                         if let Some((w, wq)) = l.weight_quant_mut() {
                             wq.track(&w.value, m);
+                            if let Some(th) = freeze {
+                                wq.freeze(w, th);
+                            }
                         }
                     }
                 }
@@ -451,9 +467,14 @@ impl Trainer {
             .iter_mut()
             .enumerate()
             .filter_map(|(i, l)| {
-                l.weight_quant_mut()
-                    .and_then(|(_, wq)| wq.tracker.as_mut())
-                    .map(|t| t.take_epoch(i, threshold))
+                l.weight_quant_mut().and_then(|(_, wq)| {
+                    let frozen = wq.frozen_count();
+                    wq.tracker.as_mut().map(|t| {
+                        let mut r = t.take_epoch(i, threshold);
+                        r.fraction_frozen = frozen as f32 / t.freq.value.len().max(1) as f32;
+                        r
+                    })
+                })
             })
             .collect()
     }

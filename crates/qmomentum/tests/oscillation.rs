@@ -1,5 +1,5 @@
-//! Oscillation tracking and dampening on a constructed case that oscillates: a weight whose
-//! optimum lies between two grid points (Nagel et al. 2022, section 3).
+//! Oscillation tracking, dampening and iterative freezing on a constructed case that oscillates:
+//! a weight whose optimum lies between two grid points (Nagel et al. 2022, sections 3 and 4).
 
 use qmomentum::layers::{Activation, Dense};
 use qmomentum::optim::{Optimizer, OptimizerConfig};
@@ -11,6 +11,12 @@ use qmomentum::rng::Rng;
 /// halfway between the grid points 0 and 1, so the STE gradient 2(ŵ₁ − 0.5) = ±1 pushes it back
 /// and forth across 0.5 with momentum. Returns (code flips, oscillations, final |w₁ − 0.5|).
 fn run(dampening: f32) -> (f32, f32, f32) {
+    let (flips, osc, dist, _) = run_with(dampening, None);
+    (flips, osc, dist)
+}
+
+/// [`run`] with iterative freezing at a constant threshold; also returns the layer.
+fn run_with(dampening: f32, freeze: Option<f32>) -> (f32, f32, f32, Dense) {
     let mut d = Dense::new(0, 2, 1, Activation::Linear, &mut Rng::new(0, 0));
     d.set_quant(
         LayerQuant {
@@ -25,6 +31,9 @@ fn run(dampening: f32) -> (f32, f32, f32) {
     );
     d.weight.value = vec![1.0, 0.3];
     d.bias.value = vec![0.0];
+    if freeze.is_some() {
+        d.wq.enable_freezing(0);
+    }
     let mut opt = Optimizer::new(OptimizerConfig {
         lr: 0.05,
         momentum: 0.9,
@@ -39,15 +48,63 @@ fn run(dampening: f32) -> (f32, f32, f32) {
         d.forward(&x, &mut y, 1, true, false);
         d.backward(&x, &[2.0 * (y[0] - 0.5)], None, 1);
         d.wq.track(&d.weight.value, 0.01);
+        if let Some(th) = freeze {
+            d.wq.freeze(&mut d.weight, th);
+        }
         opt.step(&mut [&mut d.weight], t).unwrap();
     }
     let r = d.wq.tracker.as_mut().unwrap().take_epoch(0, 0.02);
     let steps = steps as f32;
-    (
-        r.flips_per_step * steps,
-        r.oscillations_per_step * steps,
-        (d.weight.value[1] - 0.5).abs(),
-    )
+    let dist = (d.weight.value[1] - 0.5).abs();
+    (r.flips_per_step * steps, r.oscillations_per_step * steps, dist, d)
+}
+
+/// Iterative freezing: once weight 1's oscillation frequency passes the threshold it is frozen
+/// at the rounded EMA of its code (0 or 1: the EMA of a code that spends about as long at each
+/// is near 0.5), its latent value is put on that grid point, the optimizer no longer moves it,
+/// and its code stops flipping. Weight 0 (input 0, gradient 0) is never frozen.
+#[test]
+fn iterative_freezing_stops_the_constructed_oscillation() {
+    let (flips, _, _, _) = run_with(0.0, None);
+    let (flips_f, osc_f, _, d) = run_with(0.0, Some(0.03));
+    eprintln!("200 steps: {flips} flips without control, {flips_f} ({osc_f} oscillations) with freezing at 0.03");
+    let frozen = d.wq.frozen.as_ref().unwrap();
+    assert!(frozen.value[0].is_nan(), "weight 0 never oscillates");
+    let code = frozen.value[1];
+    assert!(code == 0.0 || code == 1.0, "frozen at code {code}");
+    assert_eq!(d.weight.frozen.as_deref(), Some(&[false, true][..]));
+    // The latent weight sits on its grid point (s = 1), and the forward pass uses that code.
+    assert_eq!(d.weight.value[1], code);
+    assert!(flips_f * 2.0 <= flips, "frozen run flips {flips_f} vs {flips}");
+    // The weight stays where it froze: 50 more steps change neither value nor code.
+    let mut d = d;
+    let mut opt = Optimizer::new(OptimizerConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 0.1,
+        ..Default::default()
+    })
+    .unwrap();
+    for t in 1..=50 {
+        let mut y = [0.0f32];
+        d.forward(&[0.0, 1.0], &mut y, 1, true, false);
+        d.backward(&[0.0, 1.0], &[2.0 * (y[0] - 0.5)], None, 1);
+        assert_eq!(d.weight.grad[1], 0.0, "a frozen weight has no gradient");
+        opt.step(&mut [&mut d.weight], t).unwrap();
+        assert_eq!(d.weight.value[1], code);
+    }
+    assert_eq!(opt.state[0].buffer[1], 0.0, "its momentum stays 0");
+}
+
+/// The frozen code survives a moving scale: ŵ = code·s with this step's s, not the s it froze on.
+#[test]
+fn a_frozen_code_follows_the_scale() {
+    let (_, _, _, mut d) = run_with(0.0, Some(0.03));
+    let code = d.wq.frozen.as_ref().unwrap().value[1];
+    d.weight.value[0] = 3.0; // s = 3 now (max-abs of the tensor, 2-bit narrow grid)
+    let mut y = [0.0f32];
+    d.forward(&[0.0, 1.0], &mut y, 1, true, false);
+    assert_eq!(y[0], code * 3.0 + d.bias.value[0]);
 }
 
 #[test]

@@ -179,6 +179,43 @@ fn eight_bit_state_resumes_bit_identically() {
     }
 }
 
+/// Iterative freezing resumes bit-exactly: the frozen codes and the code EMA are checkpointed
+/// buffers and the optimizer's freeze mask is rebuilt from them on load.
+#[test]
+fn iterative_freezing_resumes_bit_identically() {
+    let (train, _) = data();
+    let small = subset(train, 2560);
+    for scheme in [Scheme::W2a2, Scheme::Ternary] {
+        let mut c = cfg(scheme, 2, 0.05);
+        c.oscillation.freeze_threshold = 0.015;
+        c.oscillation.freeze_threshold_start = Some(0.05);
+        let mut full = Trainer::new(c.clone()).unwrap();
+        full.fit(&small, None, |_, _| {}).unwrap();
+        let frozen: Vec<f32> = full.history.epochs[1]
+            .oscillation
+            .iter()
+            .map(|o| o.fraction_frozen)
+            .collect();
+        assert!(
+            frozen.iter().any(|&f| f > 0.0),
+            "{scheme}: something froze ({frozen:?})"
+        );
+        for k in [13u64, 27] {
+            let mut t = Trainer::new(c.clone()).unwrap();
+            while t.global_step < k {
+                t.step(&small, None).unwrap();
+            }
+            let bytes = checkpoint::to_bytes(&t).unwrap();
+            let mut r = checkpoint::from_bytes(&bytes, Path::new("mem")).unwrap();
+            r.fit(&small, None, |_, _| {}).unwrap();
+            assert_eq!(weights(&r), weights(&full), "{scheme}: resumed after step {k}");
+            for (a, b) in r.history.epochs.iter().zip(&full.history.epochs) {
+                assert_eq!((a.loss, &a.oscillation), (b.loss, &b.oscillation), "{scheme}");
+            }
+        }
+    }
+}
+
 /// A batch-normalised CNN resumes bit-exactly too: the running statistics are checkpointed as
 /// buffers and move once per step with the statistics of the whole (split) batch.
 #[test]

@@ -209,32 +209,26 @@ impl Layer {
         slots.into_iter().flatten()
     }
 
-    /// State that is checkpointed but not optimized (batch norm's running statistics).
+    /// State that is checkpointed but not optimized, in a fixed order (no allocation): batch
+    /// norm's running statistics, and the oscillation/freezing state of a quantized kernel
+    /// ([`WeightFakeQuant::buffer_slots`]).
     pub fn buffers(&self) -> impl Iterator<Item = &Buffer> {
-        let slots: [Option<&Buffer>; 3] = match self {
-            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var), None],
-            Layer::Dense(_) | Layer::Conv2d(_) => match self.quant_parts().and_then(|(w, _)| w.tracker.as_ref()) {
-                Some(t) => [Some(&t.prev), Some(&t.dir), Some(&t.freq)],
-                None => [None, None, None],
-            },
-            _ => [None, None, None],
+        let slots: [Option<&Buffer>; 5] = match self {
+            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var), None, None, None],
+            Layer::Dense(d) => d.wq.buffer_slots(),
+            Layer::Conv2d(c) => c.wq.buffer_slots(),
+            _ => [None, None, None, None, None],
         };
         slots.into_iter().flatten()
     }
 
     /// [`Layer::buffers`], mutable.
     pub fn buffers_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
-        let slots: [Option<&mut Buffer>; 3] = match self {
-            Layer::BatchNorm(b) => [Some(&mut b.running_mean), Some(&mut b.running_var), None],
-            Layer::Dense(d) => match d.wq.tracker.as_mut() {
-                Some(t) => [Some(&mut t.prev), Some(&mut t.dir), Some(&mut t.freq)],
-                None => [None, None, None],
-            },
-            Layer::Conv2d(c) => match c.wq.tracker.as_mut() {
-                Some(t) => [Some(&mut t.prev), Some(&mut t.dir), Some(&mut t.freq)],
-                None => [None, None, None],
-            },
-            _ => [None, None, None],
+        let slots: [Option<&mut Buffer>; 5] = match self {
+            Layer::BatchNorm(b) => [Some(&mut b.running_mean), Some(&mut b.running_var), None, None, None],
+            Layer::Dense(d) => d.wq.buffer_slots_mut(),
+            Layer::Conv2d(c) => c.wq.buffer_slots_mut(),
+            _ => [None, None, None, None, None],
         };
         slots.into_iter().flatten()
     }

@@ -26,6 +26,10 @@ pub struct Param {
     pub value: Vec<f32>,
     /// Gradient (same length as `value`).
     pub grad: Vec<f32>,
+    /// Frozen entries (iterative freezing, `quant::oscillation`): the optimizer leaves their
+    /// values as they are and keeps their momentum at 0. Derived from the layer's
+    /// `osc_frozen` buffer (which the checkpoint holds), so it is never saved itself.
+    pub frozen: Option<Vec<bool>>,
 }
 
 impl Param {
@@ -39,6 +43,7 @@ impl Param {
             shape,
             value,
             grad,
+            frozen: None,
         }
     }
     /// Number of values.

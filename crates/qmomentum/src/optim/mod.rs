@@ -230,6 +230,8 @@ pub struct Optimizer {
     pub last_flips: usize,
     scratch: Vec<f32>,
     state_scratch: Vec<f32>,
+    /// Values of frozen entries, put back after an update (scratch).
+    held: Vec<(usize, f32)>,
 }
 
 impl ParamState {
@@ -259,6 +261,7 @@ impl Optimizer {
             last_flips: 0,
             scratch: Vec::new(),
             state_scratch: Vec::new(),
+            held: Vec::new(),
         })
     }
 
@@ -358,9 +361,25 @@ impl Optimizer {
                     p.len()
                 )));
             }
+            // Frozen entries (iterative freezing) are skipped: their values are put back after
+            // the update and their momentum is kept at 0.
+            self.held.clear();
+            if let Some(mask) = p.frozen.as_ref() {
+                self.held.extend(
+                    mask.iter()
+                        .enumerate()
+                        .filter(|(_, &m)| m)
+                        .map(|(i, _)| (i, p.value[i])),
+                );
+            }
             if p.kind == ParamKind::Binary {
                 if let Some(b) = bop {
                     self.last_flips += b.apply(&mut p.value, &p.grad, &mut st.buffer);
+                    for &(i, v) in &self.held {
+                        self.last_flips -= (p.value[i] != v) as usize;
+                        p.value[i] = v;
+                        st.buffer[i] = 0.0;
+                    }
                     st.steps = st.steps.saturating_add(1);
                     continue;
                 }
@@ -401,6 +420,10 @@ impl Optimizer {
                     }
                 }
                 mom.apply(&mut p.value, g, v, lr, st.steps == 0);
+            }
+            for &(i, x) in &self.held {
+                p.value[i] = x;
+                v[i] = 0.0;
             }
             if let Some(q) = st.q8.as_mut() {
                 q.quantize(&self.state_scratch);

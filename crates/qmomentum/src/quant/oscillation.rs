@@ -29,9 +29,30 @@ pub struct OscillationConfig {
     /// integer and ternary weights, annealed from 0 with a cosine over the run, as in the paper
     /// (0: off). The reported loss does not include it.
     pub dampening: f32,
+    /// Iterative freezing: a weight whose oscillation frequency exceeds this threshold is frozen
+    /// at the rounded EMA of its integer code, and the optimizer no longer moves it (0: off).
+    /// With `freeze_threshold_start`, the threshold is cosine-annealed from that value down to
+    /// this one over the run (a lenient start, a strict end).
+    pub freeze_threshold: f32,
+    /// The threshold at the first step (default: `freeze_threshold`, i.e. constant).
+    pub freeze_threshold_start: Option<f32>,
 }
 
 impl OscillationConfig {
+    /// Whether iterative freezing is on.
+    pub fn freezing(&self) -> bool {
+        self.freeze_threshold > 0.0
+    }
+
+    /// The freezing threshold at 0-based step `t` of `total`:
+    /// `end + (start − end)·(1 + cos(π·t/total))/2`.
+    pub fn freeze_threshold_at(&self, t: u64, total: u64) -> f32 {
+        let end = self.freeze_threshold as f64;
+        let start = self.freeze_threshold_start.unwrap_or(self.freeze_threshold) as f64;
+        let x = (t as f64 / total.max(1) as f64).min(1.0);
+        (end + (start - end) * (1.0 + (std::f64::consts::PI * x).cos()) / 2.0) as f32
+    }
+
     /// λ at 0-based step `t` of `total`: `λ·(1 − cos(π·t/total))/2`.
     pub fn dampening_at(&self, t: u64, total: u64) -> f32 {
         if self.dampening <= 0.0 {
@@ -49,6 +70,8 @@ impl Default for OscillationConfig {
             momentum: 0.01,
             threshold: 0.02,
             dampening: 0.0,
+            freeze_threshold: 0.0,
+            freeze_threshold_start: None,
         }
     }
 }
@@ -66,6 +89,9 @@ pub struct LayerOscillation {
     pub mean_frequency: f32,
     /// Fraction of weights whose frequency exceeds the threshold.
     pub fraction_oscillating: f32,
+    /// Fraction of weights frozen (iterative freezing; 0 when it is off).
+    #[serde(default)]
+    pub fraction_frozen: f32,
 }
 
 /// Per-weight state of one layer (buffers: checkpointed, never optimized).
@@ -77,6 +103,8 @@ pub struct OscillationTracker {
     pub dir: Buffer,
     /// Oscillation frequency (EMA).
     pub freq: Buffer,
+    /// EMA of the integer code (only with iterative freezing: the value a weight freezes at).
+    pub ema_code: Option<Buffer>,
     flips: u64,
     oscillations: u64,
     steps: u64,
@@ -90,16 +118,32 @@ impl OscillationTracker {
             prev: b("prev", f32::NAN),
             dir: b("dir", 0.0),
             freq: b("freq", 0.0),
+            ema_code: None,
             flips: 0,
             oscillations: 0,
             steps: 0,
         }
     }
 
+    /// Keep an EMA of each weight's code too (for iterative freezing), named
+    /// `layers.{index}.osc_ema_code`.
+    pub fn with_code_ema(mut self, index: usize) -> Self {
+        let n = self.freq.value.len();
+        self.ema_code = Some(Buffer::new(
+            format!("layers.{index}.osc_ema_code"),
+            vec![n],
+            vec![f32::NAN; n],
+        ));
+        self
+    }
+
     /// One step with the codes of this step (as f32 integers).
     pub fn update(&mut self, codes: &[f32], momentum: f32) {
         let (prev, dir, freq) = (&mut self.prev.value, &mut self.dir.value, &mut self.freq.value);
         let (flips, osc) = step_block(prev, dir, freq, codes.iter().copied(), momentum);
+        if let Some(e) = self.ema_code.as_mut() {
+            update_ema(&mut e.value, codes.iter().copied(), momentum);
+        }
         self.count(flips, osc);
     }
 
@@ -123,6 +167,10 @@ impl OscillationTracker {
             let (a, b) = step_block(p, d, f, codes, momentum);
             flips += a;
             osc += b;
+        }
+        if let Some(e) = self.ema_code.as_mut() {
+            // The codes again (a second pass, only when freezing is on): `prev` now holds them.
+            update_ema(&mut e.value, self.prev.value.iter().copied(), momentum);
         }
         self.count(flips, osc);
     }
@@ -157,11 +205,20 @@ impl OscillationTracker {
             oscillations_per_step: (self.oscillations as f64 / steps) as f32,
             mean_frequency: mean as f32,
             fraction_oscillating: above as f32,
+            fraction_frozen: 0.0,
         };
         self.flips = 0;
         self.oscillations = 0;
         self.steps = 0;
         r
+    }
+}
+
+/// `e ← m·code + (1 − m)·e`, starting from the first code.
+fn update_ema(ema: &mut [f32], codes: impl Iterator<Item = f32>, momentum: f32) {
+    let keep = 1.0 - momentum;
+    for (e, c) in ema.iter_mut().zip(codes) {
+        *e = if e.is_nan() { c } else { momentum * c + keep * *e };
     }
 }
 

@@ -16,7 +16,7 @@ use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tenso
 use super::binary::{binarize, sign, ternarize};
 use super::oscillation::OscillationTracker;
 use super::WeightQuant;
-use crate::layers::{Param, ParamKind};
+use crate::layers::{Buffer, Param, ParamKind};
 
 /// Fake quantization of one kernel, with its scratch (sized once, reused every step).
 #[derive(Clone, Debug)]
@@ -36,6 +36,9 @@ pub struct WeightFakeQuant {
     /// Oscillation dampening λ of this step (0: off). Set by the trainer on the model that adds
     /// it (once per step, not per replica).
     pub dampening: f32,
+    /// Iterative freezing: the frozen integer code of each weight (NaN: not frozen), a buffer
+    /// named `layers.{i}.osc_frozen`. A frozen weight's `ŵ` is `code·s` whatever its latent value.
+    pub frozen: Option<Buffer>,
     codes: Vec<f32>,
 }
 
@@ -53,6 +56,7 @@ impl WeightFakeQuant {
             dw_hat: Vec::new(),
             tracker: None,
             dampening: 0.0,
+            frozen: None,
             codes: Vec::new(),
         }
     }
@@ -88,6 +92,101 @@ impl WeightFakeQuant {
             (true, Some(i)) => Some(OscillationTracker::new(i, n)),
             _ => None,
         };
+        self.frozen = None;
+        w.frozen = None;
+    }
+
+    /// Turn iterative freezing on for this (quantized, tracked) layer `index`: the frozen codes
+    /// buffer and the code EMA are created, nothing is frozen yet. No-op on float weights or
+    /// without a tracker.
+    pub fn enable_freezing(&mut self, index: usize) {
+        let Some(t) = self.tracker.take() else { return };
+        let n = self.fan_in * self.outputs;
+        self.tracker = Some(t.with_code_ema(index));
+        self.frozen = Some(Buffer::new(
+            format!("layers.{index}.osc_frozen"),
+            vec![n],
+            vec![f32::NAN; n],
+        ));
+    }
+
+    /// The checkpointed state of this quantizer: frozen codes, then the tracker's buffers
+    /// (`None` slots for what is off).
+    pub fn buffer_slots(&self) -> [Option<&Buffer>; 5] {
+        let t = self.tracker.as_ref();
+        [
+            self.frozen.as_ref(),
+            t.map(|t| &t.prev),
+            t.map(|t| &t.dir),
+            t.map(|t| &t.freq),
+            t.and_then(|t| t.ema_code.as_ref()),
+        ]
+    }
+
+    /// [`WeightFakeQuant::buffer_slots`], mutable.
+    pub fn buffer_slots_mut(&mut self) -> [Option<&mut Buffer>; 5] {
+        let (a, b, c, d) = match self.tracker.as_mut() {
+            Some(t) => (
+                Some(&mut t.prev),
+                Some(&mut t.dir),
+                Some(&mut t.freq),
+                t.ema_code.as_mut(),
+            ),
+            None => (None, None, None, None),
+        };
+        [self.frozen.as_mut(), a, b, c, d]
+    }
+
+    /// The parameter's freeze mask from the frozen codes (after a checkpoint is loaded).
+    pub fn refresh_mask(&self, w: &mut Param) {
+        w.frozen = self
+            .frozen
+            .as_ref()
+            .filter(|f| f.value.iter().any(|c| !c.is_nan()))
+            .map(|f| f.value.iter().map(|c| !c.is_nan()).collect());
+    }
+
+    /// Iterative freezing, after [`WeightFakeQuant::track`] of this step: every free weight whose
+    /// oscillation frequency exceeds `threshold` is frozen at the rounded EMA of its code, its
+    /// latent value is set to `code·s` (so the max-scaled grid keeps it) and the optimizer skips
+    /// it from now on. Returns how many weights froze.
+    pub fn freeze(&mut self, w: &mut Param, threshold: f32) -> usize {
+        let (Some(frozen), Some(t)) = (self.frozen.as_mut(), self.tracker.as_ref()) else {
+            return 0;
+        };
+        let Some(ema) = t.ema_code.as_ref() else { return 0 };
+        let c = self.outputs;
+        let ((lo, hi), bop) = (self.quant.map(code_range).unwrap_or((0.0, 0.0)), self.bop);
+        let mut newly = 0;
+        for (i, ((f, &freq), &e)) in frozen.value.iter_mut().zip(&t.freq.value).zip(&ema.value).enumerate() {
+            if !f.is_nan() || freq <= threshold || e.is_nan() {
+                continue;
+            }
+            let code = super::affine::round_even_small(e).clamp(lo, hi);
+            // A binary code is never 0: an EMA that rounds to 0 keeps the current sign.
+            let code = if code == 0.0 && matches!(self.quant, Some(WeightQuant::Binary { .. })) {
+                sign(w.value[i])
+            } else {
+                code
+            };
+            *f = code;
+            w.value[i] = if bop { code } else { code * self.scale[i % c] };
+            newly += 1;
+        }
+        if newly > 0 {
+            let mask = w.frozen.get_or_insert_with(|| vec![false; frozen.value.len()]);
+            for (m, f) in mask.iter_mut().zip(&frozen.value) {
+                *m = !f.is_nan();
+            }
+        }
+        newly
+    }
+
+    /// Number of frozen weights (what `history` reports per layer).
+    pub fn frozen_count(&self) -> usize {
+        self.frozen
+            .as_ref()
+            .map_or(0, |f| f.value.iter().filter(|c| !c.is_nan()).count())
     }
 
     /// One step of oscillation tracking with the codes of the kernel the last forward pass used
@@ -151,6 +250,14 @@ impl WeightFakeQuant {
             }
             WeightQuant::Ternary { rule } => ternarize(w, out, rule, &mut self.w_hat, &mut self.scale, &mut self.tmp),
         }
+        // Frozen weights keep their code on this step's grid (the scale may have moved since).
+        if let Some(f) = self.frozen.as_ref() {
+            for (i, (o, &code)) in self.w_hat.iter_mut().zip(&f.value).enumerate() {
+                if !code.is_nan() {
+                    *o = code * self.scale[i % out];
+                }
+            }
+        }
     }
 
     /// The kernel the forward pass uses: `ŵ` (after [`WeightFakeQuant::quantize`]) or `w`.
@@ -171,6 +278,18 @@ impl WeightFakeQuant {
     /// `w.grad` as `∂L/∂w`. Without a transform (float, integer, ternary) the product is written
     /// straight into `w.grad` (no copy).
     pub fn backward(&mut self, w: &mut Param, grad_of_w_hat: impl FnOnce(&mut [f32])) {
+        self.backward_unfrozen(w, grad_of_w_hat);
+        // A frozen weight's ŵ does not depend on it: its gradient is 0.
+        if let Some(f) = self.frozen.as_ref().filter(|_| w.frozen.is_some()) {
+            for (g, c) in w.grad.iter_mut().zip(&f.value) {
+                if !c.is_nan() {
+                    *g = 0.0;
+                }
+            }
+        }
+    }
+
+    fn backward_unfrozen(&mut self, w: &mut Param, grad_of_w_hat: impl FnOnce(&mut [f32])) {
         match self.quant {
             Some(WeightQuant::Binary { .. }) => {
                 grad_of_w_hat(&mut self.dw_hat);
@@ -198,5 +317,16 @@ impl WeightFakeQuant {
                 }
             }
         }
+    }
+}
+
+/// The integer codes a rule can produce, `(lowest, highest)`.
+fn code_range(q: WeightQuant) -> (f32, f32) {
+    match q {
+        WeightQuant::Int { bits, narrow, .. } => {
+            let hi = ((1i32 << (bits - 1)) - 1) as f32;
+            (if narrow { -hi } else { -hi - 1.0 }, hi)
+        }
+        WeightQuant::Binary { .. } | WeightQuant::Ternary { .. } => (-1.0, 1.0),
     }
 }
