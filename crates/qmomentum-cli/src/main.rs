@@ -12,6 +12,7 @@ mod lock;
 mod peak;
 mod plot;
 mod predict;
+mod sweep;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,9 @@ enum Command {
     /// `bench infer` (latency, throughput).
     #[command(allow_negative_numbers = true)]
     Bench(bench::BenchArgs),
+    /// A grid of training runs (optimizer × momentum × lr × batch × bits × oscillation control ×
+    /// seeds), in parallel and resumable: results.csv, summary.md, heat maps.
+    Sweep(sweep::SweepArgs),
 }
 
 fn main() {
@@ -78,6 +82,7 @@ fn main() {
         Command::Infer(a) => deploy::infer(a),
         Command::Compare(a) => compare::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Sweep(a) => sweep::run(a),
     };
     if let Err(e) = res {
         if e.downcast_ref::<output::ClosedStdout>().is_some() {

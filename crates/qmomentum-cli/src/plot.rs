@@ -319,3 +319,128 @@ pub fn oscillations(h: &History, path: &Path, title: &str) -> Result<()> {
     }
     save_png(path, buf, (w, hgt))
 }
+
+/// A heat map: `values[r][c]` over `rows × cols` (None: no data, drawn grey), each cell coloured
+/// from the lowest to the highest value shown (viridis-like, from plotters' palette) and labelled
+/// with its value formatted as `fmt` (`{:.3}` or `{:.4}`).
+#[allow(clippy::too_many_arguments)]
+pub fn heatmap(
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<Option<f32>>],
+    path: &Path,
+    title: &str,
+    fmt: &str,
+) -> Result<()> {
+    init_font();
+    let (w, hgt) = (
+        (160 + 110 * cols.len() as u32).max(680),
+        (120 + 60 * rows.len() as u32).max(240),
+    );
+    let finite: Vec<f32> = values
+        .iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    let lo = finite.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = finite.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let digits = if fmt.contains(".4") { 4 } else { 3 };
+    let mut buf = vec![255u8; (w * hgt * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, hgt)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (nr, nc) = (rows.len().max(1) as i32, cols.len().max(1) as i32);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(90)
+            .build_cartesian_2d(0f32..nc as f32, 0f32..nr as f32)
+            .map_err(err)?;
+        let pos = |h, v| plotters::style::text_anchor::Pos::new(h, v);
+        use plotters::style::text_anchor::{HPos, VPos};
+        // Axis names at the centres of the cells, placed in pixels (plotters' mesh labels sit on
+        // tick positions, not between them). Row 0 at the top.
+        for (r, name) in rows.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(0.0, (nr - 1 - r as i32) as f32 + 0.5));
+            root.draw(&Text::new(
+                name.clone(),
+                (px - 8, py),
+                ("sans-serif", 15)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(pos(HPos::Right, VPos::Center)),
+            ))
+            .map_err(err)?;
+        }
+        for (c, name) in cols.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(c as f32 + 0.5, 0.0));
+            root.draw(&Text::new(
+                name.clone(),
+                (px, py + 8),
+                ("sans-serif", 15)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(pos(HPos::Center, VPos::Top)),
+            ))
+            .map_err(err)?;
+        }
+        for (r, row) in values.iter().enumerate() {
+            let y = (nr - 1 - r as i32) as f32;
+            for (c, v) in row.iter().enumerate() {
+                let x = c as f32;
+                let t = match v {
+                    Some(v) if v.is_finite() => Some(if hi > lo { ((v - lo) / (hi - lo)) as f64 } else { 0.5 }),
+                    _ => None,
+                };
+                let colour = t.map_or(RGBColor(200, 200, 200), viridis);
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(x, y), (x + 1.0, y + 1.0)],
+                        colour.filled(),
+                    )))
+                    .map_err(err)?;
+                let label = match v {
+                    Some(v) => format!("{v:.digits$}"),
+                    None => "–".into(),
+                };
+                let text_colour = if t.is_some_and(|t| t < 0.55) { WHITE } else { BLACK };
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        label,
+                        (x + 0.5, y + 0.5),
+                        ("sans-serif", 16)
+                            .into_font()
+                            .color(&text_colour)
+                            .pos(pos(HPos::Center, VPos::Center)),
+                    )))
+                    .map_err(err)?;
+            }
+        }
+        root.present().map_err(err)?;
+    }
+    save_png(path, buf, (w, hgt))
+}
+
+/// Viridis, interpolated between five of its anchors (plotters' colour maps are behind a feature
+/// this build does not need otherwise).
+fn viridis(t: f64) -> RGBColor {
+    const A: [(f64, f64, f64); 5] = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let x = t.clamp(0.0, 1.0) * 4.0;
+    let i = (x.floor() as usize).min(3);
+    let f = x - i as f64;
+    let mix = |a: f64, b: f64| (a + (b - a) * f).round() as u8;
+    RGBColor(
+        mix(A[i].0, A[i + 1].0),
+        mix(A[i].1, A[i + 1].1),
+        mix(A[i].2, A[i + 1].2),
+    )
+}

@@ -94,7 +94,7 @@ pub struct TrainArgs {
     /// cosine[:WARMUP_EPOCHS[:MIN_LR]] [default: constant].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Quantization: fp32 | w8a8 | w4a8 | w4a4 | w2a2 | ternary | binary | binary-all
+    /// Quantization: fp32 | w8a8 | w4a8 | w4a4 | w3a3 | w2a2 | ternary | binary | binary-all
     /// [default: fp32].
     #[arg(long)]
     pub quant: Option<String>,

@@ -130,6 +130,8 @@ pub enum Scheme {
     W4a8,
     /// 4-bit weights and activations.
     W4a4,
+    /// 3-bit weights and activations.
+    W3a3,
     /// 2-bit weights and activations.
     W2a2,
     /// Ternary weights (TWN), 8-bit activations.
@@ -148,6 +150,7 @@ impl std::str::FromStr for Scheme {
             "w8a8" | "int8" => Scheme::W8a8,
             "w4a8" => Scheme::W4a8,
             "w4a4" => Scheme::W4a4,
+            "w3a3" => Scheme::W3a3,
             "w2a2" => Scheme::W2a2,
             "ternary" => Scheme::Ternary,
             "binary" => Scheme::Binary,
@@ -156,7 +159,7 @@ impl std::str::FromStr for Scheme {
                 return Err(Error::config(
                     "quant",
                     s,
-                    "expected fp32, w8a8, w4a8, w4a4, w2a2, ternary, binary or binary-all",
+                    "expected fp32, w8a8, w4a8, w4a4, w3a3, w2a2, ternary, binary or binary-all",
                 ))
             }
         })
@@ -170,6 +173,7 @@ impl std::fmt::Display for Scheme {
             Scheme::W8a8 => "w8a8",
             Scheme::W4a8 => "w4a8",
             Scheme::W4a4 => "w4a4",
+            Scheme::W3a3 => "w3a3",
             Scheme::W2a2 => "w2a2",
             Scheme::Ternary => "ternary",
             Scheme::Binary => "binary",
@@ -181,11 +185,12 @@ impl std::fmt::Display for Scheme {
 
 impl Scheme {
     /// All presets, in order of decreasing precision.
-    pub const ALL: [Scheme; 8] = [
+    pub const ALL: [Scheme; 9] = [
         Scheme::Fp32,
         Scheme::W8a8,
         Scheme::W4a8,
         Scheme::W4a4,
+        Scheme::W3a3,
         Scheme::W2a2,
         Scheme::Ternary,
         Scheme::Binary,
@@ -235,6 +240,7 @@ impl Scheme {
                     Scheme::W8a8 => (w8, act(8)),
                     Scheme::W4a8 => (if first || last { w8 } else { int(4) }, act(8)),
                     Scheme::W4a4 => (if first || last { w8 } else { int(4) }, act(4)),
+                    Scheme::W3a3 => (if first || last { w8 } else { int(3) }, act(3)),
                     Scheme::W2a2 => (if first || last { w8 } else { int(2) }, act(2)),
                     Scheme::Ternary => (
                         if first || last {
