@@ -110,6 +110,10 @@ pub struct TrainArgs {
     /// Freeze activation observers after this many epochs [default: never].
     #[arg(long)]
     pub freeze_observers_after: Option<usize>,
+    /// Fix the per-channel scales of integer weight grids after this many epochs (then weights
+    /// beyond the range clip) [default: never; max-abs scales recomputed every step].
+    #[arg(long)]
+    pub freeze_weight_scales_after: Option<usize>,
     /// Seed of initialisation, shuffling and dropout [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -279,6 +283,9 @@ fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(n) = a.freeze_observers_after {
         c.freeze_observers_after = Some(n);
+    }
+    if let Some(n) = a.freeze_weight_scales_after {
+        c.freeze_weight_scales_after = Some(n);
     }
     set!(a.osc_dampening, c.oscillation.dampening);
     set!(a.osc_freeze, c.oscillation.freeze_threshold);

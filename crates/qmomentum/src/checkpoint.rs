@@ -373,7 +373,23 @@ fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Re
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    let nan_ok = name.ends_with(".osc_prev") || name.ends_with(".osc_frozen") || name.ends_with(".osc_ema_code");
+    let nan_ok = name.ends_with(".osc_prev")
+        || name.ends_with(".osc_frozen")
+        || name.ends_with(".osc_ema_code")
+        || name.ends_with(".w_scale");
+    if name.ends_with(".w_scale") {
+        // Not fixed yet (all NaN), or positive finite scales.
+        let all_nan = out.iter().all(|s| s.is_nan());
+        if let Some(i) = out.iter().position(|&s| !all_nan && !(s > 0.0 && s.is_finite())) {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensor '{name}' holds the scale {} at index {i}: a scale is a finite number > 0",
+                    out[i]
+                ),
+            ));
+        }
+    }
     if name.ends_with(".osc_frozen") {
         // A frozen code is an integer on an 8-bit grid at most (NaN: not frozen).
         if let Some(i) = out
@@ -498,7 +514,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     for b in t.model.buffers_iter() {
         let name = format!("buffer.{}", b.name);
         // Oscillation state is new in this version: older checkpoints start tracking afresh.
-        if b.name.contains(".osc_") && st.tensor(&name).is_err() {
+        if (b.name.contains(".osc_") || b.name.ends_with(".w_scale")) && st.tensor(&name).is_err() {
             buffer_values.push(None);
             continue;
         }

@@ -589,6 +589,11 @@ pub struct TrainConfig {
     pub quant: Scheme,
     /// Freeze activation observers after this many epochs.
     pub freeze_observers_after: Option<usize>,
+    /// Fix the per-channel scales of integer weight grids after this many epochs (default:
+    /// never; the max-abs scale is recomputed at every step). Recomputed scales move every code
+    /// of a channel when its largest weight moves; fixed ones clip instead.
+    #[serde(default)]
+    pub freeze_weight_scales_after: Option<usize>,
     /// Length of the learning-rate schedule in epochs (the cosine's horizon); `None` = `epochs`.
     /// A run extended with `--resume --epochs N` keeps its original horizon here, so the
     /// schedule does not change under the epochs already trained.
@@ -618,6 +623,7 @@ impl Default for TrainConfig {
             validation_split: 0.0,
             quant: Scheme::Fp32,
             freeze_observers_after: None,
+            freeze_weight_scales_after: None,
             schedule_epochs: None,
             model: ModelConfig::default(),
             optimizer: OptimizerConfig::default(),

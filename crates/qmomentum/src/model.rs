@@ -393,10 +393,15 @@ impl Sequential {
             p.value.copy_from_slice(&q.value);
         }
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
-            // Per layer: a replica holds no oscillation state (only the main model tracks).
-            for (b, c) in l.buffers_mut().zip(s.buffers()) {
-                if b.value.len() == c.value.len() {
-                    b.value.copy_from_slice(&c.value);
+            // A replica holds no oscillation tracker (only the main model tracks), but it needs
+            // the frozen codes and fixed scales its forward pass uses.
+            if let (Some((_, a)), Some((b, _))) = (l.weight_quant_mut(), s.quant_parts()) {
+                a.sync_state_from(b);
+            } else {
+                for (b, c) in l.buffers_mut().zip(s.buffers()) {
+                    if b.value.len() == c.value.len() {
+                        b.value.copy_from_slice(&c.value);
+                    }
                 }
             }
             if let (Some(a), Some(b)) = (l.act_quant_mut(), s.act_quant()) {
@@ -410,6 +415,24 @@ impl Sequential {
         for (i, l) in self.layers.iter_mut().enumerate() {
             if let Some((_, wq)) = l.weight_quant_mut() {
                 wq.enable_freezing(i);
+            }
+        }
+    }
+
+    /// Make room for fixed weight scales in every layer on an integer grid.
+    pub fn enable_fixed_scales(&mut self) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if let Some((_, wq)) = l.weight_quant_mut() {
+                wq.enable_fixed_scales(i);
+            }
+        }
+    }
+
+    /// Fix the weight scales of every integer layer at their current values.
+    pub fn fix_weight_scales(&mut self) {
+        for l in self.layers.iter_mut() {
+            if let Some((_, wq)) = l.weight_quant_mut() {
+                wq.fix_scales();
             }
         }
     }

@@ -192,6 +192,9 @@ impl Trainer {
         if config.oscillation.freezing() {
             model.enable_freezing();
         }
+        if config.freeze_weight_scales_after.is_some() {
+            model.enable_fixed_scales();
+        }
         model.check_loss_compatible()?;
         let optimizer = Optimizer::new(config.optimizer.clone())?;
         Ok(Trainer {
@@ -414,6 +417,9 @@ impl Trainer {
             self.history.epochs.push(rec.clone());
             self.epoch += 1;
             self.step_in_epoch = 0;
+            if self.config.freeze_weight_scales_after.is_some_and(|k| self.epoch >= k) {
+                self.model.fix_weight_scales();
+            }
             if let Some(k) = self.config.freeze_observers_after {
                 if self.epoch >= k {
                     for a in self.model.layers.iter_mut().filter_map(|l| l.act_quant_mut()) {

@@ -152,3 +152,41 @@ fn dampening_gradient_by_definition() {
         d.weight.grad
     );
 }
+
+/// Fixed weight scales: once fixed, ŵ = s·clamp(round(w/s)) with the fixed s whatever the
+/// largest weight does (max-abs scales would move every code of the channel), and the STE passes
+/// the gradient inside the grid's range only (PyTorch's FakeQuantize rule).
+#[test]
+fn fixed_scales_stop_moving_with_the_largest_weight_and_clip() {
+    let mut d = Dense::new(0, 3, 1, Activation::Linear, &mut Rng::new(0, 0));
+    d.set_quant(
+        LayerQuant {
+            weights: Some(WeightQuant::Int {
+                bits: 2,
+                per_channel: true,
+                narrow: true,
+            }),
+            activations: None,
+        },
+        false,
+    );
+    d.bias.value = vec![0.0];
+    d.weight.value = vec![1.0, 0.6, 0.4]; // s = 1: codes 1, 1, 0
+    d.wq.enable_fixed_scales(0);
+    let x = [1.0f32, 1.0, 1.0];
+    let mut y = [0.0f32];
+    d.forward(&x, &mut y, 1, true, false);
+    assert_eq!(y[0], 2.0);
+    d.wq.fix_scales();
+    // The largest weight doubles: with max-abs scales s = 2 and the codes become 1, 0, 0 (ŵ sum
+    // 2); with the fixed s = 1 the first weight clips at code 1 and the others keep theirs.
+    d.weight.value[0] = 2.0;
+    d.forward(&x, &mut y, 1, true, false);
+    assert_eq!(y[0], 2.0);
+    d.weight.value[1] = 0.4;
+    d.forward(&x, &mut y, 1, true, false);
+    assert_eq!(y[0], 1.0, "codes 1, 0, 0 on the fixed grid");
+    d.backward(&x, &[1.0], None, 1);
+    // dL/dŵ = x = 1 for each; weight 0 (2.0) lies beyond the range [−1, 1]: no gradient.
+    assert_eq!(d.weight.grad, vec![0.0, 1.0, 1.0]);
+}

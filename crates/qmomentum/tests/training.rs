@@ -179,8 +179,9 @@ fn eight_bit_state_resumes_bit_identically() {
     }
 }
 
-/// Iterative freezing resumes bit-exactly: the frozen codes and the code EMA are checkpointed
-/// buffers and the optimizer's freeze mask is rebuilt from them on load.
+/// Iterative freezing and fixed weight scales resume bit-exactly: the frozen codes, the code EMA
+/// and the fixed scales are checkpointed buffers and the optimizer's freeze mask is rebuilt from
+/// them on load.
 #[test]
 fn iterative_freezing_resumes_bit_identically() {
     let (train, _) = data();
@@ -189,6 +190,8 @@ fn iterative_freezing_resumes_bit_identically() {
         let mut c = cfg(scheme, 2, 0.05);
         c.oscillation.freeze_threshold = 0.015;
         c.oscillation.freeze_threshold_start = Some(0.05);
+        // Integer grids also fix their weight scales after the first epoch (a buffer too).
+        c.freeze_weight_scales_after = Some(1);
         let mut full = Trainer::new(c.clone()).unwrap();
         full.fit(&small, None, |_, _| {}).unwrap();
         let frozen: Vec<f32> = full.history.epochs[1]

@@ -12,7 +12,7 @@
 //! * Binary with Bop: `w` holds ±1, `ŵ = w/√fan_in` (a fixed scale; see [`WeightFakeQuant::configure`]),
 //!   so `∂L/∂w = ∂L/∂ŵ/√fan_in`.
 
-use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor};
+use super::affine::{fake_quant_weights_per_channel, fake_quant_weights_per_tensor, fake_quant_weights_with_scales};
 use super::binary::{binarize, sign, ternarize};
 use super::oscillation::OscillationTracker;
 use super::WeightQuant;
@@ -39,6 +39,11 @@ pub struct WeightFakeQuant {
     /// Iterative freezing: the frozen integer code of each weight (NaN: not frozen), a buffer
     /// named `layers.{i}.osc_frozen`. A frozen weight's `ŵ` is `code·s` whatever its latent value.
     pub frozen: Option<Buffer>,
+    /// Fixed per-channel scales of an integer grid (`freeze_weight_scales_after`): NaN until they
+    /// are fixed, then `ŵ = s·clamp(round(w/s))` with these `s` instead of this step's max-abs
+    /// scales, and the STE passes the gradient only inside the grid's range. A buffer named
+    /// `layers.{i}.w_scale`.
+    pub fixed_scale: Option<Buffer>,
     codes: Vec<f32>,
 }
 
@@ -57,6 +62,7 @@ impl WeightFakeQuant {
             tracker: None,
             dampening: 0.0,
             frozen: None,
+            fixed_scale: None,
             codes: Vec::new(),
         }
     }
@@ -93,7 +99,51 @@ impl WeightFakeQuant {
             _ => None,
         };
         self.frozen = None;
+        self.fixed_scale = None;
         w.frozen = None;
+    }
+
+    /// Make room for fixed scales on an integer grid (`layers.{index}.w_scale`, not fixed yet).
+    pub fn enable_fixed_scales(&mut self, index: usize) {
+        if let Some(WeightQuant::Int { .. }) = self.quant {
+            let c = self.outputs;
+            self.fixed_scale = Some(Buffer::new(
+                format!("layers.{index}.w_scale"),
+                vec![c],
+                vec![f32::NAN; c],
+            ));
+        }
+    }
+
+    /// Fix the scales at their current values (the last forward pass's max-abs scales); once.
+    pub fn fix_scales(&mut self) {
+        if let Some(b) = self.fixed_scale.as_mut() {
+            if b.value.iter().any(|s| s.is_nan()) {
+                b.value.copy_from_slice(&self.scale);
+            }
+        }
+    }
+
+    /// The fixed scales, if they are fixed.
+    fn fixed(&self) -> Option<&[f32]> {
+        self.fixed_scale
+            .as_ref()
+            .filter(|b| b.value.first().is_some_and(|s| !s.is_nan()))
+            .map(|b| &b.value[..])
+    }
+
+    /// Copy the state a replica needs from the main model's quantizer: frozen codes and fixed
+    /// scales (the tracker stays with the main model).
+    pub fn sync_state_from(&mut self, src: &WeightFakeQuant) {
+        for (d, s) in [
+            (&mut self.frozen, &src.frozen),
+            (&mut self.fixed_scale, &src.fixed_scale),
+        ] {
+            match (d.as_mut(), s) {
+                (Some(d), Some(s)) if d.value.len() == s.value.len() => d.value.copy_from_slice(&s.value),
+                (_, s) => d.clone_from(s),
+            }
+        }
     }
 
     /// Turn iterative freezing on for this (quantized, tracked) layer `index`: the frozen codes
@@ -110,11 +160,12 @@ impl WeightFakeQuant {
         ));
     }
 
-    /// The checkpointed state of this quantizer: frozen codes, then the tracker's buffers
+    /// The checkpointed state of this quantizer: fixed scales, frozen codes, then the tracker's buffers
     /// (`None` slots for what is off).
-    pub fn buffer_slots(&self) -> [Option<&Buffer>; 5] {
+    pub fn buffer_slots(&self) -> [Option<&Buffer>; 6] {
         let t = self.tracker.as_ref();
         [
+            self.fixed_scale.as_ref(),
             self.frozen.as_ref(),
             t.map(|t| &t.prev),
             t.map(|t| &t.dir),
@@ -124,7 +175,7 @@ impl WeightFakeQuant {
     }
 
     /// [`WeightFakeQuant::buffer_slots`], mutable.
-    pub fn buffer_slots_mut(&mut self) -> [Option<&mut Buffer>; 5] {
+    pub fn buffer_slots_mut(&mut self) -> [Option<&mut Buffer>; 6] {
         let (a, b, c, d) = match self.tracker.as_mut() {
             Some(t) => (
                 Some(&mut t.prev),
@@ -134,7 +185,7 @@ impl WeightFakeQuant {
             ),
             None => (None, None, None, None),
         };
-        [self.frozen.as_mut(), a, b, c, d]
+        [self.fixed_scale.as_mut(), self.frozen.as_mut(), a, b, c, d]
     }
 
     /// The parameter's freeze mask from the frozen codes (after a checkpoint is loaded).
@@ -222,6 +273,16 @@ impl WeightFakeQuant {
     pub fn quantize(&mut self, w: &[f32]) {
         let Some(wq) = self.quant else { return };
         let out = self.outputs;
+        let fixed = self
+            .fixed_scale
+            .as_ref()
+            .filter(|b| b.value.first().is_some_and(|s| !s.is_nan()));
+        if let (WeightQuant::Int { bits, narrow, .. }, Some(f)) = (wq, fixed) {
+            self.scale.copy_from_slice(&f.value);
+            fake_quant_weights_with_scales(w, out, bits, narrow, &self.scale, &mut self.tmp, &mut self.w_hat);
+            self.apply_frozen();
+            return;
+        }
         match wq {
             WeightQuant::Int {
                 bits,
@@ -250,7 +311,12 @@ impl WeightFakeQuant {
             }
             WeightQuant::Ternary { rule } => ternarize(w, out, rule, &mut self.w_hat, &mut self.scale, &mut self.tmp),
         }
-        // Frozen weights keep their code on this step's grid (the scale may have moved since).
+        self.apply_frozen();
+    }
+
+    /// Frozen weights keep their code on this step's grid (the scale may have moved since).
+    fn apply_frozen(&mut self) {
+        let out = self.outputs;
         if let Some(f) = self.frozen.as_ref() {
             for (i, (o, &code)) in self.w_hat.iter_mut().zip(&f.value).enumerate() {
                 if !code.is_nan() {
@@ -306,6 +372,22 @@ impl WeightFakeQuant {
             }
             _ => {
                 grad_of_w_hat(&mut w.grad);
+                if let (Some(q), Some(f)) = (self.quant, self.fixed()) {
+                    // Fixed scales clip: the STE passes the gradient inside the grid's range
+                    // only, and dampening pulls toward ŵ from clip(w) = w there.
+                    let (lo, hi) = code_range(q);
+                    let k = 2.0 * self.dampening;
+                    let c = self.outputs;
+                    for (i, ((g, &v), &q)) in w.grad.iter_mut().zip(&w.value).zip(&self.w_hat).enumerate() {
+                        let s = f[i % c];
+                        *g = if v >= lo * s && v <= hi * s {
+                            *g + k * (v - q)
+                        } else {
+                            0.0
+                        };
+                    }
+                    return;
+                }
                 // Oscillation dampening (Nagel et al. 2022): the gradient of λ·Σ(ŵ − w)² with ŵ
                 // detached, 2λ(w − ŵ), pulls each latent weight toward its grid point (the
                 // max-scaled symmetric grid holds every weight, so clip(w) = w).
