@@ -364,9 +364,9 @@ struct Outcome {
     test_loss: f32,
     epoch_seconds: f64,
     wall_seconds: f64,
-    /// Mean over quantized layers of the fraction of weights oscillating, last epoch.
+    /// Mean over the hidden quantized layers of the fraction of weights oscillating, last epoch.
     oscillating: Option<f32>,
-    /// Mean code flips per step and weight... over quantized layers, last epoch (per step).
+    /// Mean code flips per step over the hidden quantized layers, last epoch.
     flips_per_step: Option<f32>,
     frozen: Option<f32>,
 }
@@ -387,7 +387,15 @@ fn read_outcome(cell: &Cell, dir: &Path, wall: f64) -> Result<Outcome> {
             .unwrap_or(f32::NAN)
     };
     let last = hist.epochs.last();
-    let osc = last.map(|r| &r.oscillation).filter(|o| !o.is_empty());
+    // The hidden layers: the low-bit presets keep the first and last layers at 8 bits, whose
+    // fine grids flip codes often and would drown the low-bit layers' figures.
+    let osc = last.map(|r| &r.oscillation).filter(|o| !o.is_empty()).map(|o| {
+        if o.len() >= 3 {
+            &o[1..o.len() - 1]
+        } else {
+            &o[..]
+        }
+    });
     let mean = |g: &dyn Fn(&qmomentum::quant::oscillation::LayerOscillation) -> f32| {
         osc.map(|o| o.iter().map(g).sum::<f32>() / o.len() as f32)
     };
@@ -639,9 +647,9 @@ fn write_results(out: &Path, grid: &Grid, outcomes: &[Outcome]) -> Result<()> {
     let mut md = format!(
         "# Sweep: {} cells × {} seed(s), {} epochs{}\n\n\
          Test accuracy on the 10,000 Fashion-MNIST test images, mean ± std over seeds (n = seeds \
-         that finished). η/(1−μ) is the effective learning rate. Oscillating: mean over quantized \
-         layers of the fraction of weights whose oscillation frequency exceeds the threshold, last \
-         epoch.\n\n\
+         that finished). η/(1−μ) is the effective learning rate. Oscillating and frozen: fraction \
+         of the weights of the hidden layers (the low-bit presets keep the first and last layers at \
+         8 bits) whose oscillation frequency exceeds the threshold / that are frozen, last epoch.\n\n\
          | quant | optimizer | μ | η | η/(1−μ) | batch | control | test accuracy | n | oscillating | frozen | epoch s |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         gs.len(),
