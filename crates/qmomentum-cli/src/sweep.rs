@@ -22,7 +22,8 @@
 //! batch_size = [128]
 //! quant = ["fp32", "w8a8", "w4a4", "w2a2", "binary"]
 //! control = ["none", "dampen:0.5", "freeze:0.02"]
-//! bop_gamma = [1e-4]                  # only for optimizer "bop" (binary schemes)
+//! bop_gamma = [1e-4]                  # only for optimizer "bop" (binary schemes); momentum
+//!                                     # and lr then train the latent parameters (biases)
 //! ```
 
 use crate::plot;
@@ -123,11 +124,12 @@ pub struct Cell {
 
 impl Cell {
     /// η/(1−μ): the step size momentum converges to under a constant gradient.
+    /// For Bop cells it is that of the latent parameters (biases, scales), which momentum trains.
     pub fn effective_lr(&self) -> f32 {
-        if self.optimizer == "bop" || self.optimizer == "sgd" {
+        if self.optimizer == "sgd" {
             self.lr
         } else {
-            round6(self.lr as f64 / (1.0 - self.momentum as f64))
+            round6(self.lr as f64 / (1.0 - decimal(self.momentum)))
         }
     }
 
@@ -203,6 +205,11 @@ impl Cell {
 /// `x` to 6 significant digits (so η = 0.05·(1 − 0.9) is 0.005, not 0.0050000013).
 fn round6(x: f64) -> f32 {
     format!("{x:.5e}").parse::<f64>().unwrap_or(x) as f32
+}
+
+/// An f32 as the decimal it was written as (0.99, not 0.9900000095367432).
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
 }
 
 fn is_binary(q: &str) -> bool {
@@ -317,8 +324,8 @@ impl Grid {
                         continue; // at μ = 0 both are plain SGD: the heavy-ball μ = 0 cell is it
                     }
                     for &lr in &self.lr {
-                        let lr = if self.effective_lr && o != "bop" {
-                            round6(lr as f64 * (1.0 - m as f64))
+                        let lr = if self.effective_lr {
+                            round6(decimal(lr) * (1.0 - decimal(m)))
                         } else {
                             lr
                         };
