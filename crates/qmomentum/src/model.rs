@@ -196,6 +196,16 @@ impl Sequential {
         self.cap = batch;
     }
 
+    /// The batch size evaluation uses: up to 1000 rows, but no more than fit 32 MiB of
+    /// activations and gradients, unless the buffers already hold more (a CNN's training batch).
+    /// The MLP evaluates 1000 rows at a time; cnn-small (≈126 k activations per sample) would
+    /// need ~1 GB at 1000 rows and evaluates at its training batch instead.
+    pub fn evaluation_batch(&self) -> usize {
+        const BUDGET: usize = 32 << 20;
+        let per_sample: usize = self.shapes().map(|s| s.len()).sum::<usize>().max(1) * 2 * 4;
+        (BUDGET / per_sample).max(self.cap).clamp(1, 1000)
+    }
+
     /// The input buffer of a batch of `batch` rows, to be filled by the caller.
     pub fn input_mut(&mut self, batch: usize) -> &mut [f32] {
         self.ensure(batch);

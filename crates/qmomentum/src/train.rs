@@ -491,7 +491,7 @@ impl Trainer {
     }
 }
 
-/// `(mean loss, accuracy)` of `model` on `data`, in batches of 1000.
+/// `(mean loss, accuracy)` of `model` on `data`, in batches of [`Sequential::evaluation_batch`].
 pub fn evaluate(model: &mut Sequential, data: &Dataset) -> Result<(f32, f32)> {
     check_fits(model, data)?;
     let n = data.len();
@@ -499,7 +499,7 @@ pub fn evaluate(model: &mut Sequential, data: &Dataset) -> Result<(f32, f32)> {
     let (mut loss, mut correct) = (0.0f64, 0usize);
     let mut labels = Vec::new();
     let idx: Vec<usize> = (0..n).collect();
-    for chunk in idx.chunks(1000) {
+    for chunk in idx.chunks(model.evaluation_batch()) {
         labels.resize(chunk.len(), 0);
         let x = model.input_mut(chunk.len());
         data.gather_normalised(chunk, x, &mut labels);
