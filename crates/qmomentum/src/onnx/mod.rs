@@ -426,15 +426,46 @@ fn lower_linear(li: usize, layer: &mut Layer, val: Val, in_shape: Shape, last: b
                     codes[k * outputs + j] = if plus { 1 } else { -1 };
                 }
             }
-            let scales = scales.iter().map(|s| s.abs()).collect();
-            (
-                Weights::Int {
-                    codes,
-                    scales,
-                    int4: false,
-                },
-                Bias::Float(bias),
-            )
+            let alpha: Vec<f32> = scales.iter().map(|s| s.abs()).collect();
+            if sign_out && !last {
+                // `α·dot + b ≥ 0 ⇔ dot ≥ ⌈−b/α⌉` for α > 0: the layer is exported divided by α,
+                // as `dot − t` with the integer threshold `t` of the `.qmm` export. With ±1
+                // inputs and weights every value is an integer below 2^24, exact in float, so
+                // the signs are the integer runtime's.
+                let lim = fan_in as f64 + 1.0;
+                let bias = alpha
+                    .iter()
+                    .zip(&bias)
+                    .map(|(&a, &b)| {
+                        let t = if a > 0.0 {
+                            (-(b as f64) / a as f64).ceil()
+                        } else if b >= 0.0 {
+                            -lim
+                        } else {
+                            lim
+                        };
+                        -(t.clamp(-lim, lim) as f32)
+                    })
+                    .collect();
+                let scales = vec![1.0; outputs];
+                (
+                    Weights::Int {
+                        codes,
+                        scales,
+                        int4: false,
+                    },
+                    Bias::Float(bias),
+                )
+            } else {
+                (
+                    Weights::Int {
+                        codes,
+                        scales: alpha,
+                        int4: false,
+                    },
+                    Bias::Float(bias),
+                )
+            }
         }
     };
     let out = if last {
@@ -752,10 +783,12 @@ impl Builder {
                 self.node("Conv", &out, &[&x.name, &w, &b], &out, attrs)
             }
         };
-        y = self.activation(l.activation, &y, &p);
-        if l.out == Out::Sign {
-            y = self.sign(&y, &p);
-        }
+        // A 1-bit output replaces the activation by the sign (as the simulation does).
+        y = if l.out == Out::Sign {
+            self.sign(&y, &p)
+        } else {
+            self.activation(l.activation, &y, &p)
+        };
         let v = Value {
             name: y,
             q: None,
