@@ -872,50 +872,23 @@ impl Ir {
                 Step::MaxPool(w) | Step::AvgPool(w) => {
                     let p = format!("pool{}", b.nodes.len());
                     let x = b.to_nchw(&v, &p);
-                    let max = matches!(step, Step::MaxPool(_));
-                    // Max pooling runs on the codes; average pooling on the real values, then
-                    // back onto the input's grid.
-                    let xin = if max { x.clone() } else { b.float(&x, &p) };
                     let mut attrs = vec![
                         attr_ints("kernel_shape", &w.kernel),
                         attr_ints("strides", &w.stride),
                         attr_ints("pads", &w.pad),
                     ];
-                    let op = if max {
+                    let op = if matches!(step, Step::MaxPool(_)) {
                         "MaxPool"
                     } else {
                         attrs.push(attr_i("count_include_pad", 0));
                         "AveragePool"
                     };
-                    let out = format!("{p}.{}", op.to_lowercase());
-                    b.node(op, &out, &[&xin.name], &out, attrs);
-                    let y = Value {
-                        name: out,
-                        q: if max { x.q.clone() } else { None },
-                        nchw: true,
-                        shape: *shape,
-                    };
-                    match (&x.q, max) {
-                        (Some((g, _, _)), false) => b.quantize(&y, *g, &p),
-                        _ => y,
-                    }
+                    b.pool(op, attrs, &x, *shape, &p)
                 }
                 Step::GlobalAvgPool => {
                     let p = format!("gap{}", b.nodes.len());
                     let x = b.to_nchw(&v, &p);
-                    let xin = b.float(&x, &p);
-                    let out = format!("{p}.globalaveragepool");
-                    b.node("GlobalAveragePool", &out, &[&xin.name], &out, vec![]);
-                    let y = Value {
-                        name: out,
-                        q: None,
-                        nchw: true,
-                        shape: *shape,
-                    };
-                    match &x.q {
-                        Some((g, _, _)) => b.quantize(&y, *g, &p),
-                        None => y,
-                    }
+                    b.pool("GlobalAveragePool", vec![], &x, *shape, &p)
                 }
                 Step::BatchNorm {
                     index,
@@ -994,6 +967,38 @@ impl Ir {
 }
 
 impl Builder {
+    /// A pooling operator on `x` (NCHW). Max pooling runs on the codes of a quantized value (the
+    /// max commutes with the quantizer). Average pooling of codes is the integer runtime's
+    /// `⌊(Σq + ⌊n/2⌋)/n⌋` (round half up), written as `Floor(AveragePool(q) + 0.5)` in float —
+    /// exact, since the sums are integers below 2^24 and a tie `k + ½` is representable — rather
+    /// than `QuantizeLinear`'s round half to even, which moved one code in 1 of 8 windows of 4.
+    fn pool(&mut self, op: &str, attrs: Vec<AttributeProto>, x: &Value, shape: Shape, p: &str) -> Value {
+        let out = format!("{p}.{}", op.to_lowercase());
+        let q = x.q.clone();
+        let name = match (&q, op) {
+            (Some((g, _, _)), "AveragePool" | "GlobalAveragePool") => {
+                let to = if g.signed() { data_type::INT8 } else { data_type::UINT8 };
+                let f = format!("{p}.codes");
+                self.node("Cast", &f, &[&x.name], &f, vec![attr_i("to", data_type::FLOAT as i64)]);
+                self.node(op, &out, &[&f], &out, attrs);
+                let half = self.f32s("const.half", &[], &[0.5]);
+                let a = format!("{p}.plus_half");
+                self.node("Add", &a, &[&out, &half], &a, vec![]);
+                let fl = format!("{p}.floor");
+                self.node("Floor", &fl, &[&a], &fl, vec![]);
+                let c = format!("{p}.rounded");
+                self.node("Cast", &c, &[&fl], &c, vec![attr_i("to", to as i64)])
+            }
+            _ => self.node(op, &out, &[&x.name], &out, attrs),
+        };
+        Value {
+            name,
+            q,
+            nchw: true,
+            shape,
+        }
+    }
+
     /// The binarized input: `+1` where `x ≥ t`, else `−1`.
     fn sign_input(&mut self, x: &str, t: f32) -> String {
         let th = self.f32s("input.binarize_at", &[], &[t]);
