@@ -46,7 +46,13 @@ fn f32s(t: &TensorProto) -> Vec<f32> {
 }
 
 fn ops(m: &ModelProto) -> Vec<String> {
-    m.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.clone().unwrap()).collect()
+    m.graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type.clone().unwrap())
+        .collect()
 }
 
 /// The design document's MLP, untrained (Glorot weights, zero biases).
@@ -76,24 +82,44 @@ fn float_mlp_is_gemm_relu_with_float_initializers() {
             t.elem_type,
         )
     };
-    assert_eq!(io(&g.input[0]), ("input".into(), Some("batch".into()), Some(784), Some(data_type::FLOAT)));
-    assert_eq!(io(&g.output[0]), ("logits".into(), Some("batch".into()), Some(10), Some(data_type::FLOAT)));
+    assert_eq!(
+        io(&g.input[0]),
+        ("input".into(), Some("batch".into()), Some(784), Some(data_type::FLOAT))
+    );
+    assert_eq!(
+        io(&g.output[0]),
+        ("logits".into(), Some("batch".into()), Some(10), Some(data_type::FLOAT))
+    );
     assert_eq!(io(&g.output[1]).0, "probabilities");
     // Every parameter is there once, as f32, in our [in, out] layout (Gemm's B).
-    let n: usize = g.initializer.iter().map(|t| t.raw_data.as_ref().unwrap().len() / 4).sum();
+    let n: usize = g
+        .initializer
+        .iter()
+        .map(|t| t.raw_data.as_ref().unwrap().len() / 4)
+        .sum();
     assert_eq!(n, 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10);
     let w0 = init(&m, "layers.0.weight");
     assert_eq!(w0.dims, [784, 128]);
-    let Some(qmomentum::layers::Layer::Dense(d)) = model.layers.first() else { panic!() };
+    let Some(qmomentum::layers::Layer::Dense(d)) = model.layers.first() else {
+        panic!()
+    };
     assert_eq!(f32s(w0), d.weight.value);
     assert_eq!(m.metadata_props[0].value.as_deref(), Some("fp32"));
 }
 
 fn ptq(scheme: Scheme) -> Sequential {
     let (train, _) = data();
-    quantize_float_model(&float_mlp(), &ModelConfig::default(), scheme, train, 2, 128, Calibration::MinMax)
-        .unwrap()
-        .1
+    quantize_float_model(
+        &float_mlp(),
+        &ModelConfig::default(),
+        scheme,
+        train,
+        2,
+        128,
+        Calibration::MinMax,
+    )
+    .unwrap()
+    .1
 }
 
 #[test]
@@ -103,19 +129,32 @@ fn w8a8_mlp_stores_int8_weights_int32_biases_and_real_scales() {
     let m = decode(&bytes);
     let o = ops(&m);
     assert_eq!(o.iter().filter(|s| *s == "Gemm").count(), 3);
-    assert_eq!(o.iter().filter(|s| *s == "QuantizeLinear").count(), 3, "the input and two hidden grids");
+    assert_eq!(
+        o.iter().filter(|s| *s == "QuantizeLinear").count(),
+        3,
+        "the input and two hidden grids"
+    );
     // Layer 0: int8 codes [784, 128] (one byte each), 128 per-channel scales, int32 bias.
     let w = init(&m, "layers.0.weight_q");
-    assert_eq!((w.data_type, w.dims.as_slice()), (Some(data_type::INT8), &[784i64, 128][..]));
+    assert_eq!(
+        (w.data_type, w.dims.as_slice()),
+        (Some(data_type::INT8), &[784i64, 128][..])
+    );
     assert_eq!(w.raw_data.as_ref().unwrap().len(), 784 * 128);
     let scales = f32s(init(&m, "layers.0.weight_scale"));
-    let Some(qmomentum::layers::Layer::Dense(d)) = model.layers.first_mut() else { panic!() };
+    let Some(qmomentum::layers::Layer::Dense(d)) = model.layers.first_mut() else {
+        panic!()
+    };
     let (w_hat, s_w) = d.effective_weights();
     assert_eq!(scales, s_w, "the quantizer's own per-channel scales");
     let codes = w.raw_data.as_ref().unwrap();
     for (k, row) in w_hat.chunks_exact(128).enumerate().step_by(97) {
         for (j, &v) in row.iter().enumerate() {
-            assert_eq!(codes[k * 128 + j] as i8 as f32 * s_w[j], v, "code·scale = ŵ at [{k}, {j}]");
+            assert_eq!(
+                codes[k * 128 + j] as i8 as f32 * s_w[j],
+                v,
+                "code·scale = ŵ at [{k}, {j}]"
+            );
         }
     }
     let s_w = s_w.to_vec();
@@ -138,7 +177,10 @@ fn w8a8_mlp_stores_int8_weights_int32_biases_and_real_scales() {
     let qp = d.output_qparams().unwrap();
     assert_eq!(f32s(init(&m, "layers.0.output.scale")), [qp.scale]);
     let z = init(&m, "layers.0.output.zero_point");
-    assert_eq!((z.data_type, z.raw_data.as_deref()), (Some(data_type::UINT8), Some(&[qp.zero_point as u8][..])));
+    assert_eq!(
+        (z.data_type, z.raw_data.as_deref()),
+        (Some(data_type::UINT8), Some(&[qp.zero_point as u8][..]))
+    );
     // Integer initializers: the file is about a quarter of the float one.
     let float = to_onnx(&float_mlp(), &[]).unwrap();
     let ratio = bytes.len() as f64 / float.len() as f64;
@@ -152,10 +194,15 @@ fn w4a8_weights_are_int4_two_per_byte_low_nibble_first() {
     // The presets keep the first and last layers at 8 bits: layer 1 is the 4-bit one.
     assert_eq!(init(&m, "layers.0.weight_q").data_type, Some(data_type::INT8));
     let w = init(&m, "layers.1.weight_q");
-    assert_eq!((w.data_type, w.dims.as_slice()), (Some(data_type::INT4), &[128i64, 64][..]));
+    assert_eq!(
+        (w.data_type, w.dims.as_slice()),
+        (Some(data_type::INT4), &[128i64, 64][..])
+    );
     let raw = w.raw_data.as_ref().unwrap();
     assert_eq!(raw.len(), 128 * 64 / 2);
-    let Some(qmomentum::layers::Layer::Dense(d)) = model.layers.get_mut(1) else { panic!() };
+    let Some(qmomentum::layers::Layer::Dense(d)) = model.layers.get_mut(1) else {
+        panic!()
+    };
     let (w_hat, s_w) = d.effective_weights();
     let mut nonzero = 0;
     for (i, &v) in w_hat.iter().enumerate() {

@@ -260,7 +260,11 @@ pub fn lower(model: &Sequential) -> Result<Ir> {
             Layer::Flatten => Step::Flatten,
             Layer::Pool2d(p) => {
                 if val == Val::Sign {
-                    return Err(Error::config(what, "sign inputs", "pooling of sign (±1) activations has no mapping"));
+                    return Err(Error::config(
+                        what,
+                        "sign inputs",
+                        "pooling of sign (±1) activations has no mapping",
+                    ));
                 }
                 let w = Window {
                     kernel: p.geo.kernel,
@@ -275,7 +279,11 @@ pub fn lower(model: &Sequential) -> Result<Ir> {
             }
             Layer::GlobalAvgPool(_) => {
                 if val == Val::Sign {
-                    return Err(Error::config(what, "sign inputs", "pooling of sign (±1) activations has no mapping"));
+                    return Err(Error::config(
+                        what,
+                        "sign inputs",
+                        "pooling of sign (±1) activations has no mapping",
+                    ));
                 }
                 Step::GlobalAvgPool
             }
@@ -306,7 +314,11 @@ pub fn lower(model: &Sequential) -> Result<Ir> {
                 }
                 if *a == Activation::Softmax {
                     if li + 1 != n_layers {
-                        return Err(Error::config(what, "softmax", "softmax is exported only as the last layer"));
+                        return Err(Error::config(
+                            what,
+                            "softmax",
+                            "softmax is exported only as the last layer",
+                        ));
                     }
                     softmax = true;
                     continue;
@@ -318,7 +330,11 @@ pub fn lower(model: &Sequential) -> Result<Ir> {
                 let step = lower_linear(li, layer, val, in_shape, last)?;
                 if step.activation == Activation::Softmax {
                     if !last {
-                        return Err(Error::config(what, "softmax", "softmax is exported only on the last layer"));
+                        return Err(Error::config(
+                            what,
+                            "softmax",
+                            "softmax is exported only on the last layer",
+                        ));
                     }
                     softmax = true;
                 }
@@ -373,7 +389,11 @@ fn lower_linear(li: usize, layer: &mut Layer, val: Val, in_shape: Shape, last: b
                 dilation: g.dilation,
             };
             if g.input != in_shape {
-                return Err(Error::config(what, in_shape, "the layer's input shape does not match the model"));
+                return Err(Error::config(
+                    what,
+                    in_shape,
+                    "the layer's input shape does not match the model",
+                ));
             }
             (
                 c.index,
@@ -396,7 +416,11 @@ fn lower_linear(li: usize, layer: &mut Layer, val: Val, in_shape: Shape, last: b
         Val::Grid(g) => Some(g),
         Val::Float | Val::Sign => None,
     };
-    let code_of = |k: usize, j: usize| (w_hat[k * outputs + j] / scales[j]).round_ties_even().clamp(-128.0, 127.0) as i8;
+    let code_of = |k: usize, j: usize| {
+        (w_hat[k * outputs + j] / scales[j])
+            .round_ties_even()
+            .clamp(-128.0, 127.0) as i8
+    };
     let (weights, bias) = match wq {
         None => (Weights::Float(w_hat.clone()), Bias::Float(bias)),
         Some(WeightQuant::Int { .. } | WeightQuant::Ternary { .. }) => {
@@ -410,7 +434,11 @@ fn lower_linear(li: usize, layer: &mut Layer, val: Val, in_shape: Shape, last: b
             let bias = match input {
                 // The bias as the simulation and the integer runtime add it.
                 Some(g) => Bias::Int {
-                    codes: bias.iter().zip(&scales).map(|(&b, &s_w)| bias_on_grid(b, g.scale, s_w).0).collect(),
+                    codes: bias
+                        .iter()
+                        .zip(&scales)
+                        .map(|(&b, &s_w)| bias_on_grid(b, g.scale, s_w).0)
+                        .collect(),
                     scales: scales.iter().map(|&s_w| (g.scale as f64 * s_w as f64) as f32).collect(),
                 },
                 None => Bias::Float(bias),
@@ -486,7 +514,11 @@ fn lower_linear(li: usize, layer: &mut Layer, val: Val, in_shape: Shape, last: b
         }
     };
     if !last && activation == Activation::Softmax {
-        return Err(Error::config(what, "softmax", "softmax is exported only on the last layer"));
+        return Err(Error::config(
+            what,
+            "softmax",
+            "softmax is exported only on the last layer",
+        ));
     }
     Ok(Linear {
         index,
@@ -582,15 +614,30 @@ impl Builder {
     }
 
     fn f32s(&mut self, name: &str, d: &[usize], v: &[f32]) -> String {
-        self.init(name, data_type::FLOAT, d, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        self.init(
+            name,
+            data_type::FLOAT,
+            d,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
     }
 
     fn i32s(&mut self, name: &str, d: &[usize], v: &[i32]) -> String {
-        self.init(name, data_type::INT32, d, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        self.init(
+            name,
+            data_type::INT32,
+            d,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
     }
 
     fn i64s(&mut self, name: &str, d: &[usize], v: &[i64]) -> String {
-        self.init(name, data_type::INT64, d, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        self.init(
+            name,
+            data_type::INT64,
+            d,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
     }
 
     /// One scale for all channels when they agree (per-tensor), else one per channel.
@@ -641,8 +688,16 @@ impl Builder {
         let f = self.float(v, &format!("{prefix}.in"));
         let mut name = f.name.clone();
         if g.narrower_than_storage() {
-            let lo = self.f32s(&format!("{prefix}.clip_lo"), &[], &[(g.qmin - g.zero_point) as f32 * g.scale]);
-            let hi = self.f32s(&format!("{prefix}.clip_hi"), &[], &[(g.qmax - g.zero_point) as f32 * g.scale]);
+            let lo = self.f32s(
+                &format!("{prefix}.clip_lo"),
+                &[],
+                &[(g.qmin - g.zero_point) as f32 * g.scale],
+            );
+            let hi = self.f32s(
+                &format!("{prefix}.clip_hi"),
+                &[],
+                &[(g.qmax - g.zero_point) as f32 * g.scale],
+            );
             let out = format!("{prefix}.clip");
             name = self.node("Clip", &out, &[&name, &lo, &hi], &out, vec![]);
         }
@@ -657,12 +712,16 @@ impl Builder {
     }
 
     /// `v` as NCHW `[batch, c, h, w]`.
-    fn to_nchw(&mut self, v: &Value, prefix: &str) -> Value {
+    fn as_nchw(&mut self, v: &Value, prefix: &str) -> Value {
         if v.nchw {
             return v.clone();
         }
         let s = v.shape;
-        let shape = self.i64s(&format!("{prefix}.nhwc_shape"), &[4], &[-1, s.h as i64, s.w as i64, s.c as i64]);
+        let shape = self.i64s(
+            &format!("{prefix}.nhwc_shape"),
+            &[4],
+            &[-1, s.h as i64, s.w as i64, s.c as i64],
+        );
         let r = format!("{prefix}.nhwc");
         self.node("Reshape", &r, &[&v.name, &shape], &r, vec![]);
         let t = format!("{prefix}.nchw");
@@ -675,7 +734,7 @@ impl Builder {
     }
 
     /// `v` as flat NHWC rows `[batch, h·w·c]`.
-    fn to_flat(&mut self, v: &Value, prefix: &str) -> Value {
+    fn as_flat(&mut self, v: &Value, prefix: &str) -> Value {
         if !v.nchw {
             return v.clone();
         }
@@ -694,8 +753,8 @@ impl Builder {
         let p = format!("layers.{}", l.index);
         // The input: on the layer's grid (quantized) or float, in the layout of the operator.
         let x = match l.conv {
-            Some(_) => self.to_nchw(x, &p),
-            None => self.to_flat(x, &p),
+            Some(_) => self.as_nchw(x, &p),
+            None => self.as_flat(x, &p),
         };
         let x = match l.input {
             Some(g) => self.quantize(&x, g, &format!("{p}.input")),
@@ -737,7 +796,12 @@ impl Builder {
                     }
                     self.init(&format!("{p}.weight_q"), data_type::INT4, &wdims, raw)
                 } else {
-                    self.init(&format!("{p}.weight_q"), data_type::INT8, &wdims, data.iter().map(|&c| c as u8).collect())
+                    self.init(
+                        &format!("{p}.weight_q"),
+                        data_type::INT8,
+                        &wdims,
+                        data.iter().map(|&c| c as u8).collect(),
+                    )
                 };
                 let (s, per_channel) = self.scales(&format!("{p}.weight_scale"), scales);
                 // Explicit zero points (0, of the codes' type): onnxruntime fuses the QDQ pattern
@@ -745,12 +809,21 @@ impl Builder {
                 let n = per_channel.unwrap_or(1);
                 let zd: Vec<usize> = per_channel.into_iter().collect();
                 let z = if *int4 {
-                    self.init(&format!("{p}.weight_zero_point"), data_type::INT4, &zd, vec![0; n.div_ceil(2)])
+                    self.init(
+                        &format!("{p}.weight_zero_point"),
+                        data_type::INT4,
+                        &zd,
+                        vec![0; n.div_ceil(2)],
+                    )
                 } else {
                     self.init(&format!("{p}.weight_zero_point"), data_type::INT8, &zd, vec![0; n])
                 };
                 let out = format!("{p}.weight");
-                let attrs = if per_channel.is_some() { vec![attr_i("axis", axis)] } else { vec![] };
+                let attrs = if per_channel.is_some() {
+                    vec![attr_i("axis", axis)]
+                } else {
+                    vec![]
+                };
                 self.node("DequantizeLinear", &out, &[&q, &s, &z], &out, attrs)
             }
         };
@@ -762,7 +835,11 @@ impl Builder {
                 let zd: Vec<usize> = per_channel.into_iter().collect();
                 let z = self.i32s(&format!("{p}.bias_zero_point"), &zd, &vec![0; per_channel.unwrap_or(1)]);
                 let out = format!("{p}.bias");
-                let attrs = if per_channel.is_some() { vec![attr_i("axis", 0)] } else { vec![] };
+                let attrs = if per_channel.is_some() {
+                    vec![attr_i("axis", 0)]
+                } else {
+                    vec![]
+                };
                 self.node("DequantizeLinear", &out, &[&q, &s, &z], &out, attrs)
             }
         };
@@ -866,12 +943,12 @@ impl Ir {
             v = match step {
                 Step::Linear(l) => b.linear(l, &v, *shape),
                 Step::Flatten => {
-                    let f = b.to_flat(&v, &format!("flatten{}", b.nodes.len()));
+                    let f = b.as_flat(&v, &format!("flatten{}", b.nodes.len()));
                     Value { shape: *shape, ..f }
                 }
                 Step::MaxPool(w) | Step::AvgPool(w) => {
                     let p = format!("pool{}", b.nodes.len());
-                    let x = b.to_nchw(&v, &p);
+                    let x = b.as_nchw(&v, &p);
                     let mut attrs = vec![
                         attr_ints("kernel_shape", &w.kernel),
                         attr_ints("strides", &w.stride),
@@ -887,7 +964,7 @@ impl Ir {
                 }
                 Step::GlobalAvgPool => {
                     let p = format!("gap{}", b.nodes.len());
-                    let x = b.to_nchw(&v, &p);
+                    let x = b.as_nchw(&v, &p);
                     b.pool("GlobalAveragePool", vec![], &x, *shape, &p)
                 }
                 Step::BatchNorm {
@@ -899,7 +976,11 @@ impl Ir {
                     epsilon,
                 } => {
                     let p = format!("layers.{index}");
-                    let x = if v.shape.h * v.shape.w > 1 { b.to_nchw(&v, &p) } else { v.clone() };
+                    let x = if v.shape.h * v.shape.w > 1 {
+                        b.as_nchw(&v, &p)
+                    } else {
+                        v.clone()
+                    };
                     let x = b.float(&x, &p);
                     let c = gamma.len();
                     let g = b.f32s(&format!("{p}.gamma"), &[c], gamma);
@@ -928,13 +1009,19 @@ impl Ir {
                 }
             };
         }
-        let v = b.to_flat(&v, "output");
+        let v = b.as_flat(&v, "output");
         let v = b.float(&v, "output");
         let classes = v.shape.len();
         b.node("Identity", "logits", &[&v.name], "logits", vec![]);
         let mut outputs = vec![value_info("logits", data_type::FLOAT, &[classes])];
         if self.softmax {
-            b.node("Softmax", "probabilities", &["logits"], "probabilities", vec![attr_i("axis", -1)]);
+            b.node(
+                "Softmax",
+                "probabilities",
+                &["logits"],
+                "probabilities",
+                vec![attr_i("axis", -1)],
+            );
             outputs.push(value_info("probabilities", data_type::FLOAT, &[classes]));
         }
         let graph = GraphProto {
