@@ -178,7 +178,7 @@ pub enum Step {
         /// ε.
         epsilon: f32,
     },
-    /// A stand-alone element-wise activation on float values (softmax: last layer only).
+    /// A stand-alone element-wise activation on float values (a final softmax is `Ir::softmax`).
     Activation(Activation),
     /// Flatten (NHWC order).
     Flatten,
