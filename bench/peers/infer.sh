@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side integer inference (not part of CI): TFLite int8 and onnxruntime int8 (static QDQ,
-# U8S8) against qmomentum-runtime int8 and fully binary, on the design document's MLP and the
+# Side-by-side integer inference (not part of CI): TFLite int8, onnxruntime int8 (static QDQ,
+# U8S8) and onnxruntime running qmomentum's own W8A8 ONNX export against qmomentum-runtime int8
+# and fully binary, on the design document's MLP and the
 # 10 000 Fashion-MNIST test images, 2 threads, each runtime in a fresh process, interleaved.
 #   bash bench/peers/infer.sh [ROUNDS]     (default 3)
 # Prints one JSON line per runtime and round, then medians over the rounds.
@@ -22,10 +23,13 @@ for q in w8a8 binary-all; do
     $QM train --quant "$q" --lr 0.01 --epochs 1 --out "$OUT/$q" --quiet --data "$DATA" >/dev/null
     $QM export "$OUT/$q/checkpoint.safetensors" -o "$OUT/$q.qmm" >/dev/null
 done
+$QM export "$OUT/w8a8/checkpoint.safetensors" --format onnx -o "$OUT/w8a8.onnx" >/dev/null
 for _ in $(seq "$ROUNDS"); do
     for r in tflite ort; do
         (cd bench/peers && "$VENV/bin/python" infer_ref.py time --runtime $r --out "$OUT/peers" --data "../../$DATA" 2>/dev/null | grep '^{')
     done
+    (cd bench/peers && "$VENV/bin/python" infer_ref.py time --runtime ort-qmomentum --model "$OUT/w8a8.onnx" \
+        --out "$OUT/peers" --data "../../$DATA" 2>/dev/null | grep '^{')
     for q in w8a8 binary-all; do
         $QM bench runtime --model "$OUT/$q.qmm" --data "$DATA" --threads 2 --rounds 7 |
             sed "s/^{/{\"runtime\": \"qmomentum_$q\", /"

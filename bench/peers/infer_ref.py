@@ -6,6 +6,9 @@ comparison with `qmomentum bench runtime` (driven by bench/peers/infer.sh).
                                     out) and DIR/model_int8.onnx (onnxruntime static QDQ, U8S8,
                                     per-channel weights), both calibrated on 1000 train images
   infer_ref.py time --runtime tflite|ort --out DIR
+  infer_ref.py time --runtime ort-qmomentum --model M.onnx --out DIR
+                                    (ort-qmomentum: onnxruntime running qmomentum's own ONNX
+                                    export, `qmomentum export --format onnx`, input `input`)
                                     prints one JSON line: batch-1 latency (median of 2000 calls
                                     after 200 warm-up), batch-10000 samples/s (median of 7 calls
                                     after 1 warm-up), test accuracy; 2 threads
@@ -26,7 +29,8 @@ from common import load  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("mode", choices=["prepare", "time"])
-ap.add_argument("--runtime", choices=["tflite", "ort"])
+ap.add_argument("--runtime", choices=["tflite", "ort", "ort-qmomentum"])
+ap.add_argument("--model", help="the ONNX file of --runtime ort-qmomentum")
 ap.add_argument("--out", required=True)
 ap.add_argument("--data", default="data/fashion-mnist")
 a = ap.parse_args()
@@ -138,18 +142,19 @@ def time_tflite():
     return timed(call, 2000), thr, acc
 
 
-def time_ort():
+def time_ort(path, name):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
-    s = ort.InferenceSession(os.path.join(a.out, "model_int8.onnx"), so, providers=["CPUExecutionProvider"])
-    s.run(None, {"x": xte})
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    outs = None if name == "x" else ["logits"]  # our export also has `probabilities`
+    s.run(outs, {name: xte})
     res = [None]
 
     def big():
-        res[0] = s.run(None, {"x": xte})[0]
+        res[0] = s.run(outs, {name: xte})[0]
 
     thr = len(xte) / timed(big, 7)
     acc = float((res[0].argmax(1) == yte).mean())
@@ -158,7 +163,7 @@ def time_ort():
     def call():
         r = k[0] % len(xte)
         k[0] += 1
-        s.run(None, {"x": xte[r:r + 1]})
+        s.run(outs, {name: xte[r:r + 1]})
 
     for _ in range(200):
         call()
@@ -168,5 +173,10 @@ def time_ort():
 if a.mode == "prepare":
     prepare()
 else:
-    lat, thr, acc = time_tflite() if a.runtime == "tflite" else time_ort()
-    print(json.dumps({"runtime": a.runtime + "_int8", "latency_s": lat, "samples_per_s": thr, "accuracy": acc}))
+    if a.runtime == "tflite":
+        lat, thr, acc = time_tflite()
+    elif a.runtime == "ort":
+        lat, thr, acc = time_ort(os.path.join(a.out, "model_int8.onnx"), "x")
+    else:
+        lat, thr, acc = time_ort(a.model, "input")
+    print(json.dumps({"runtime": a.runtime.replace("-", "_") + "_int8", "latency_s": lat, "samples_per_s": thr, "accuracy": acc}))

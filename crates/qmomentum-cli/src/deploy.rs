@@ -143,32 +143,67 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The file `export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// The integer model of `qmomentum-runtime` (`doc/model-format.md`).
+    Qmm,
+    /// ONNX (opset 21): float operators for a float model, QDQ with integer initializers for a
+    /// quantized one (`doc/onnx.md`).
+    Onnx,
+}
+
+impl ExportFormat {
+    fn default_output(self) -> &'static str {
+        match self {
+            ExportFormat::Qmm => "model.qmm",
+            ExportFormat::Onnx => "model.onnx",
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// A quantized checkpoint (QAT or PTQ).
+    /// A checkpoint: quantized (QAT or PTQ) for `qmm`; float or quantized for `onnx`.
     checkpoint: PathBuf,
-    /// The integer model file to write (`-` is stdout).
-    #[arg(long, short, default_value = "model.qmm")]
-    output: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value = "qmm")]
+    format: ExportFormat,
+    /// The file to write (`-` is stdout) [default: model.qmm, or model.onnx with --format onnx].
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    crate::output::refuse_if_input(&a.output, &[&a.checkpoint])?;
+    let output = a.output.clone().unwrap_or_else(|| a.format.default_output().into());
+    crate::output::refuse_if_input(&output, &[&a.checkpoint])?;
     let t = checkpoint_only(&a.checkpoint, "export")?;
-    let m = qmomentum::export::to_runtime(&t.model)
-        .with_context(|| format!("cannot export {}", a.checkpoint.display()))?
-        .with_class_names(t.class_names.clone());
-    let bytes = m.to_bytes()?;
-    write_output(&a.output, &bytes)?;
+    let (bytes, what) = match a.format {
+        ExportFormat::Qmm => {
+            let m = qmomentum::export::to_runtime(&t.model)
+                .with_context(|| format!("cannot export {}", a.checkpoint.display()))?
+                .with_class_names(t.class_names.clone());
+            (m.to_bytes()?, format!("{} layers", m.layers().len()))
+        }
+        ExportFormat::Onnx => {
+            let mut meta = vec![("scheme".to_string(), t.config.quant.to_string())];
+            if let Some(names) = &t.class_names {
+                meta.push(("class_names".to_string(), serde_json::to_string(names)?));
+            }
+            let bytes = qmomentum::onnx::to_onnx(&t.model, &meta)
+                .with_context(|| format!("cannot export {} to ONNX", a.checkpoint.display()))?;
+            (bytes, format!("ONNX opset {}", qmomentum::onnx::OPSET))
+        }
+    };
+    write_output(&output, &bytes)?;
     let msg = format!(
-        "wrote {} ({} bytes, {} layers, {} scheme)",
-        a.output.display(),
+        "wrote {} ({} bytes, {what}, {} scheme)",
+        output.display(),
         bytes.len(),
-        m.layers().len(),
         t.config.quant
     );
     // With the model itself on stdout, the summary goes to stderr.
-    if crate::output::is_stdout(&a.output) {
+    if crate::output::is_stdout(&output) {
         eprintln!("{msg}");
         Ok(())
     } else {

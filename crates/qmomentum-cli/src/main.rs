@@ -46,7 +46,7 @@ enum Command {
     /// Post-training quantization of a float checkpoint (optionally followed by QAT fine-tuning).
     #[command(allow_negative_numbers = true)]
     Quantize(deploy::QuantizeArgs),
-    /// Write the integer model file that `qmomentum-runtime` runs.
+    /// Write the integer model file that `qmomentum-runtime` runs (`--format onnx`: an ONNX model).
     Export(deploy::ExportArgs),
     /// Run an exported integer model on the test set: accuracy, samples/s.
     #[command(allow_negative_numbers = true)]

@@ -36,6 +36,10 @@ pub struct PredictArgs {
     /// Output format.
     #[arg(long, default_value = "csv", value_parser = ["csv", "json"])]
     format: String,
+    /// Also write the logits (before any softmax) to this file, a float32 `.npy` array of shape
+    /// [samples, classes].
+    #[arg(long)]
+    logits: Option<PathBuf>,
     /// Class names, one per line in label order (default: those stored in the model file).
     #[arg(long)]
     class_names: Option<PathBuf>,
@@ -215,8 +219,16 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         inputs.push(&a.model);
         crate::output::refuse_if_input(o, &inputs)?;
     }
+    if let Some(o) = &a.logits {
+        let mut inputs: Vec<&std::path::Path> = a.inputs.iter().map(|p| p.as_path()).collect();
+        inputs.push(&a.model);
+        crate::output::refuse_if_input(o, &inputs)?;
+    }
     let n = sources.len();
     let (mut lg, c) = logits(&mut model, &pixels, n)?;
+    if let Some(p) = &a.logits {
+        write_output(p, &npy_f32(&lg, n, c))?;
+    }
     if let Some(names) = &names {
         if names.len() != c {
             warn(format!(
@@ -271,6 +283,25 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         None => crate::output::stdout_bytes(out.as_bytes())?,
     }
     Ok(())
+}
+
+/// A little-endian float32 `.npy` file (format version 1.0) of shape `[rows, cols]`.
+fn npy_f32(v: &[f32], rows: usize, cols: usize) -> Vec<u8> {
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64,
+    // ending in a newline.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * v.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
 }
 
 /// A CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).

@@ -411,4 +411,38 @@ fn quantize_export_infer() {
         "{}",
         text(&o)
     );
+    // ONNX: both checkpoints export (onnxruntime runs them in tests/onnx/check_onnx.py, CI); the
+    // int8 file is about a quarter of the float one.
+    let mut sizes = Vec::new();
+    for (ck, name) in [(&fp, "fp.onnx"), (&ptq, "ptq.onnx")] {
+        let f = out.join(name);
+        let o = run(&[
+            "export",
+            s(&ck.join("checkpoint.safetensors")),
+            "--format",
+            "onnx",
+            "-o",
+            s(&f),
+        ]);
+        assert!(o.status.success() && text(&o).contains("ONNX opset 21"), "{}", text(&o));
+        sizes.push(std::fs::metadata(&f).unwrap().len() as f64);
+    }
+    assert!(sizes[1] / sizes[0] <= 0.3, "{sizes:?}");
+    // `predict --logits`: a float32 .npy of [2000, 10] (128-byte header).
+    let npy = out.join("logits.npy");
+    let o = run(&[
+        "predict",
+        s(&model),
+        "--data",
+        s(&data),
+        "--logits",
+        s(&npy),
+        "-o",
+        s(&out.join("p.csv")),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = std::fs::read(&npy).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    assert!(String::from_utf8_lossy(&bytes[10..128]).contains("'shape': (2000, 10)"));
+    assert_eq!(bytes.len(), 128 + 2000 * 10 * 4);
 }

@@ -44,6 +44,7 @@ pub mod layers;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod onnx;
 pub mod optim;
 pub mod quant;
 pub mod rng;
