@@ -143,32 +143,55 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// The integer model file that `qmomentum-runtime` runs (a quantized checkpoint).
+    #[default]
+    Qmm,
+    /// A PyTorch state_dict in safetensors, with the matching nn.Sequential (any checkpoint).
+    Torch,
+}
+
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// A quantized checkpoint (QAT or PTQ).
+    /// A quantized checkpoint (QAT or PTQ); any checkpoint for --format torch.
     checkpoint: PathBuf,
-    /// The integer model file to write (`-` is stdout).
-    #[arg(long, short, default_value = "model.qmm")]
-    output: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Qmm)]
+    format: ExportFormat,
+    /// The file to write (`-` is stdout) [default: model.qmm; state_dict.safetensors with
+    /// --format torch].
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    crate::output::refuse_if_input(&a.output, &[&a.checkpoint])?;
+    let output = a.output.clone().unwrap_or_else(|| {
+        PathBuf::from(match a.format {
+            ExportFormat::Qmm => "model.qmm",
+            ExportFormat::Torch => "state_dict.safetensors",
+        })
+    });
+    crate::output::refuse_if_input(&output, &[&a.checkpoint])?;
     let t = checkpoint_only(&a.checkpoint, "export")?;
+    if a.format == ExportFormat::Torch {
+        return crate::torch_io::export(&t, &a.checkpoint, &output);
+    }
     let m = qmomentum::export::to_runtime(&t.model)
         .with_context(|| format!("cannot export {}", a.checkpoint.display()))?
         .with_class_names(t.class_names.clone());
     let bytes = m.to_bytes()?;
-    write_output(&a.output, &bytes)?;
+    write_output(&output, &bytes)?;
     let msg = format!(
         "wrote {} ({} bytes, {} layers, {} scheme)",
-        a.output.display(),
+        output.display(),
         bytes.len(),
         m.layers().len(),
         t.config.quant
     );
     // With the model itself on stdout, the summary goes to stderr.
-    if crate::output::is_stdout(&a.output) {
+    if crate::output::is_stdout(&output) {
         eprintln!("{msg}");
         Ok(())
     } else {
