@@ -91,7 +91,7 @@ pub fn export(t: &Trainer, checkpoint: &Path, output: &Path) -> Result<()> {
         warn(n);
     }
     let msg = format!(
-        "wrote {} ({} bytes, {} tensors, PyTorch state_dict); the matching module (also in the file's metadata, '{}'):\nimport torch.nn as nn\nmodel = {}\nmodel.load_state_dict(safetensors.torch.load_file({:?}))",
+        "wrote {} ({} bytes, {} tensors, PyTorch state_dict); the matching module (also in the file's metadata, '{}'):\nimport safetensors.torch\nimport torch.nn as nn\nmodel = {}\nmodel.load_state_dict(safetensors.torch.load_file({:?}))",
         output.display(),
         e.bytes.len(),
         e.tensors,
