@@ -118,7 +118,7 @@ impl Torch {
         let eps = 1e-5f32;
         let norm = |v: f32, b: &[Vec<f32>; 4], i: usize| (v - b[2][i]) / (b[3][i] + eps).sqrt() * b[0][i] + b[1][i];
         // Conv → BN2d → ReLU, NCHW [4, 2, 2], flattened as (c, h, w).
-        let mut flat = vec![0.0f32; 16];
+        let mut flat = [0.0f32; 16];
         for o in 0..4 {
             for oy in 0..h - 1 {
                 for ox in 0..w - 1 {
@@ -487,4 +487,67 @@ fn half_and_double_precision_are_converted() {
         [0x3c00u16, 0x7c00, 0].iter().flat_map(|h| h.to_le_bytes()).collect(),
     );
     assert!(err(&serialize(&ts)).contains("'5.bias' [3]: a non-finite value (inf) at index 1"));
+}
+
+/// The state_dict has no ε: a config whose batch norm does not use PyTorch's 1e-5 is imported
+/// with a warning, and computes with its own ε.
+#[test]
+fn a_batch_norm_epsilon_other_than_pytorchs_is_reported() {
+    let tm = Torch::new();
+    let bytes = serialize(&tm.tensors(""));
+    let mut cfg = config();
+    if let qmomentum::config::LayerConfig::BatchNorm { epsilon, .. } = &mut cfg.model.layers[1] {
+        *epsilon = 1e-3;
+    }
+    let imp = import_state_dict(&bytes, Path::new("sd.safetensors"), cfg, None).unwrap();
+    assert_eq!(imp.notes.len(), 1, "{:?}", imp.notes);
+    assert!(imp.notes[0].starts_with("layer 1 (batch_norm): the config's epsilon is 0.001, PyTorch's BatchNorm default is 1e-5"));
+    let clean = import_state_dict(&bytes, Path::new("sd.safetensors"), config(), None).unwrap();
+    assert!(clean.notes.is_empty());
+}
+
+/// The definition of layers PyTorch pads differently: TensorFlow's `same` with an even kernel
+/// or a stride pads more at the bottom/right, written as an explicit pad module before the
+/// layer (which shifts the indices of the tensors' names accordingly).
+#[test]
+fn asymmetric_padding_gets_an_explicit_pad_module() {
+    let cfg: TrainConfig = toml::from_str(
+        r#"
+        [model]
+        input = 64
+        input_shape = [8, 8, 1]
+        layers = [
+          { type = "conv2d", filters = 2, kernel_size = 2, padding = "same", activation = "relu" },
+          { type = "max_pool2d", pool_size = 3, strides = 2, padding = "same" },
+          { type = "global_avg_pool" },
+          { type = "dense", units = 3, activation = "softmax" },
+        ]
+        "#,
+    )
+    .unwrap();
+    let (def, index_of, notes) = qmomentum::torch::sequential_definition(&cfg.model).unwrap();
+    assert!(notes.is_empty(), "{notes:?}");
+    let lines: Vec<&str> = def.lines().collect();
+    assert_eq!(lines[1], "    nn.ZeroPad2d((0, 1, 0, 1)),  # 0: qmomentum layer 0: asymmetric padding");
+    assert!(lines[2].starts_with("    nn.Conv2d(1, 2, kernel_size=(2, 2), stride=(1, 1), padding=(0, 0)),  # 1"), "{def}");
+    assert!(lines[4].starts_with("    nn.ConstantPad2d((0, 1, 0, 1), float('-inf')),  # 3"), "{def}");
+    assert!(lines[5].starts_with("    nn.MaxPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(0, 0)),  # 4"), "{def}");
+    assert!(lines[6].starts_with("    nn.AdaptiveAvgPool2d(1),  # 5"), "{def}");
+    assert!(lines[8].starts_with("    nn.Linear(2, 3),  # 7"), "{def}");
+    assert_eq!(index_of[&0], 1);
+    assert_eq!(index_of[&3], 7);
+    // And the export uses those indices, which import back.
+    let mut t = Trainer::new(cfg.clone()).unwrap();
+    for (i, p) in t.model.params_iter_mut().enumerate() {
+        p.value = vals(p.value.len(), 80 + i as u32);
+    }
+    let e = export_state_dict(&t).unwrap();
+    let st = SafeTensors::deserialize(&e.bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    assert_eq!(names, ["1.bias", "1.weight", "7.bias", "7.weight"]);
+    let back = import_state_dict(&e.bytes, Path::new("x.safetensors"), cfg, None).unwrap().trainer;
+    for (a, b) in t.model.params_iter().zip(back.model.params_iter()) {
+        assert_eq!(a.value, b.value, "{}", a.name);
+    }
 }
