@@ -622,8 +622,9 @@ pub fn sequential_definition(cfg: &ModelConfig) -> Result<(String, HashMap<usize
             } => {
                 let m = match (torch_momentum, momentum) {
                     (Some(p), _) => *p,
-                    (None, Some(k)) => 1.0 - k,
-                    (None, None) => 1.0 - 0.99,
+                    // 1 − 0.9 in f32 is 0.100000024: rounded to 6 digits, as a user would write it.
+                    (None, Some(k)) => format!("{:.6e}", 1.0 - *k as f64).parse().unwrap_or(1.0 - k),
+                    (None, None) => 0.01,
                 };
                 if torch_momentum.is_none() {
                     notes.push(format!(

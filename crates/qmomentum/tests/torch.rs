@@ -501,7 +501,8 @@ fn a_batch_norm_epsilon_other_than_pytorchs_is_reported() {
     }
     let imp = import_state_dict(&bytes, Path::new("sd.safetensors"), cfg, None).unwrap();
     assert_eq!(imp.notes.len(), 1, "{:?}", imp.notes);
-    assert!(imp.notes[0].starts_with("layer 1 (batch_norm): the config's epsilon is 0.001, PyTorch's BatchNorm default is 1e-5"));
+    assert!(imp.notes[0]
+        .starts_with("layer 1 (batch_norm): the config's epsilon is 0.001, PyTorch's BatchNorm default is 1e-5"));
     let clean = import_state_dict(&bytes, Path::new("sd.safetensors"), config(), None).unwrap();
     assert!(clean.notes.is_empty());
 }
@@ -528,10 +529,22 @@ fn asymmetric_padding_gets_an_explicit_pad_module() {
     let (def, index_of, notes) = qmomentum::torch::sequential_definition(&cfg.model).unwrap();
     assert!(notes.is_empty(), "{notes:?}");
     let lines: Vec<&str> = def.lines().collect();
-    assert_eq!(lines[1], "    nn.ZeroPad2d((0, 1, 0, 1)),  # 0: qmomentum layer 0: asymmetric padding");
-    assert!(lines[2].starts_with("    nn.Conv2d(1, 2, kernel_size=(2, 2), stride=(1, 1), padding=(0, 0)),  # 1"), "{def}");
-    assert!(lines[4].starts_with("    nn.ConstantPad2d((0, 1, 0, 1), float('-inf')),  # 3"), "{def}");
-    assert!(lines[5].starts_with("    nn.MaxPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(0, 0)),  # 4"), "{def}");
+    assert_eq!(
+        lines[1],
+        "    nn.ZeroPad2d((0, 1, 0, 1)),  # 0: qmomentum layer 0: asymmetric padding"
+    );
+    assert!(
+        lines[2].starts_with("    nn.Conv2d(1, 2, kernel_size=(2, 2), stride=(1, 1), padding=(0, 0)),  # 1"),
+        "{def}"
+    );
+    assert!(
+        lines[4].starts_with("    nn.ConstantPad2d((0, 1, 0, 1), float('-inf')),  # 3"),
+        "{def}"
+    );
+    assert!(
+        lines[5].starts_with("    nn.MaxPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(0, 0)),  # 4"),
+        "{def}"
+    );
     assert!(lines[6].starts_with("    nn.AdaptiveAvgPool2d(1),  # 5"), "{def}");
     assert!(lines[8].starts_with("    nn.Linear(2, 3),  # 7"), "{def}");
     assert_eq!(index_of[&0], 1);
@@ -546,7 +559,9 @@ fn asymmetric_padding_gets_an_explicit_pad_module() {
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
     assert_eq!(names, ["1.bias", "1.weight", "7.bias", "7.weight"]);
-    let back = import_state_dict(&e.bytes, Path::new("x.safetensors"), cfg, None).unwrap().trainer;
+    let back = import_state_dict(&e.bytes, Path::new("x.safetensors"), cfg, None)
+        .unwrap()
+        .trainer;
     for (a, b) in t.model.params_iter().zip(back.model.params_iter()) {
         assert_eq!(a.value, b.value, "{}", a.name);
     }
