@@ -358,7 +358,7 @@ pub fn import_state_dict(bytes: &[u8], path: &Path, config: TrainConfig, names: 
     }
     for slot in slots.iter().skip(order.len()) {
         problems.push(format!(
-            "missing a module for layer {} ({}): {} (the file has {} modules with tensors, the config {} layers with parameters)",
+            "missing a module for layer {} ({}): {} ({} module(s) of the file matched, {} layers with parameters in the config)",
             slot.layer,
             slot.what,
             slot.tensors
@@ -403,8 +403,16 @@ pub fn import_state_dict(bytes: &[u8], path: &Path, config: TrainConfig, names: 
                 let ts = modules
                     .get(m)
                     .map(|v| {
+                        // PyTorch's order of a module's tensors, then any others by name.
+                        let rank = |t: &str| {
+                            ["weight", "bias", "running_mean", "running_var"]
+                                .iter()
+                                .position(|n| *n == t)
+                                .unwrap_or(4)
+                        };
+                        let mut v: Vec<_> = v.iter().filter(|(t, _)| t != "num_batches_tracked").collect();
+                        v.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0)));
                         v.iter()
-                            .filter(|(t, _)| t != "num_batches_tracked")
                             .map(|(t, v)| format!("{t} {}", shape_str(v.shape())))
                             .collect::<Vec<_>>()
                             .join(", ")

@@ -353,7 +353,7 @@ fn missing_extra_and_misshaped_tensors_are_each_named() {
     );
     // The file's modules and the config's layers are listed side by side.
     assert!(
-        e.contains("the file's modules, in the order used: '0' (")
+        e.contains("the file's modules, in the order used: '0' (weight [4, 3, 2, 2], bias [4]); '1' (weight [4], bias [4], running_mean [4], running_var [4]);")
             && e.contains("the config's layers with parameters: 0 conv2d 4 2×2 (weight [4, 2, 2, 2]"),
         "{e}"
     );
@@ -408,7 +408,7 @@ fn another_architecture_lists_the_first_mismatches_with_both_shapes() {
     assert!(e.contains("5 dense 3 (weight [3, 16], bias [3])"), "{e}");
     // Fewer modules than layers: the layers left without one are named.
     let e = err(&serialize(&[f32t("1.weight", &[8, 18], &vals(144, 1))]));
-    assert!(e.contains("missing a module for layer 5 (dense 3): weight [3, 16], bias [3] (the file has 1 modules with tensors, the config 4 layers with parameters)"), "{e}");
+    assert!(e.contains("missing a module for layer 5 (dense 3): weight [3, 16], bias [3] (1 module(s) of the file matched, 4 layers with parameters in the config)"), "{e}");
 }
 
 /// f16, bf16 and f64 tensors are converted (exactly, for values these types hold).
