@@ -151,6 +151,9 @@ pub enum ExportFormat {
     /// ONNX (opset 21): float operators for a float model, QDQ with integer initializers for a
     /// quantized one (`doc/onnx.md`).
     Onnx,
+    /// A PyTorch state_dict in safetensors, with the matching nn.Sequential (any checkpoint;
+    /// `doc/pytorch.md`).
+    Torch,
 }
 
 impl ExportFormat {
@@ -158,18 +161,20 @@ impl ExportFormat {
         match self {
             ExportFormat::Qmm => "model.qmm",
             ExportFormat::Onnx => "model.onnx",
+            ExportFormat::Torch => "state_dict.safetensors",
         }
     }
 }
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// A checkpoint: quantized (QAT or PTQ) for `qmm`; float or quantized for `onnx`.
+    /// A checkpoint: quantized (QAT or PTQ) for `qmm`; float or quantized for `onnx` and `torch`.
     checkpoint: PathBuf,
     /// What to write.
     #[arg(long, value_enum, default_value = "qmm")]
     format: ExportFormat,
-    /// The file to write (`-` is stdout) [default: model.qmm, or model.onnx with --format onnx].
+    /// The file to write (`-` is stdout) [default: model.qmm, model.onnx with --format onnx,
+    /// state_dict.safetensors with --format torch].
     #[arg(long, short)]
     output: Option<PathBuf>,
 }
@@ -179,6 +184,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
     crate::output::refuse_if_input(&output, &[&a.checkpoint])?;
     let t = checkpoint_only(&a.checkpoint, "export")?;
     let (bytes, what) = match a.format {
+        ExportFormat::Torch => return crate::torch_io::export(&t, &a.checkpoint, &output),
         ExportFormat::Qmm => {
             let m = qmomentum::export::to_runtime(&t.model)
                 .with_context(|| format!("cannot export {}", a.checkpoint.display()))?

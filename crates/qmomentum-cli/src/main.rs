@@ -13,6 +13,7 @@ mod peak;
 mod plot;
 mod predict;
 mod sweep;
+mod torch_io;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -46,8 +47,11 @@ enum Command {
     /// Post-training quantization of a float checkpoint (optionally followed by QAT fine-tuning).
     #[command(allow_negative_numbers = true)]
     Quantize(deploy::QuantizeArgs),
-    /// Write the integer model file that `qmomentum-runtime` runs (`--format onnx`: an ONNX model).
+    /// Write the integer model file that `qmomentum-runtime` runs (`--format qmm`), an ONNX model
+    /// (`--format onnx`) or a PyTorch state_dict (`--format torch`).
     Export(deploy::ExportArgs),
+    /// Read a PyTorch state_dict (safetensors) into a checkpoint, for the architecture of a config.
+    Import(torch_io::ImportArgs),
     /// Run an exported integer model on the test set: accuracy, samples/s.
     #[command(allow_negative_numbers = true)]
     Infer(deploy::InferArgs),
@@ -79,6 +83,7 @@ fn main() {
         Command::Info(a) => info::run(a),
         Command::Quantize(a) => deploy::quantize(a),
         Command::Export(a) => deploy::export(a),
+        Command::Import(a) => torch_io::import(a),
         Command::Infer(a) => deploy::infer(a),
         Command::Compare(a) => compare::run(a),
         Command::Bench(a) => bench::run(a),

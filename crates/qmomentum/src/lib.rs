@@ -17,6 +17,7 @@
 //! | [`checkpoint`] | atomic safetensors checkpoints, exact resume |
 //! | [`export`] | integer model files for `qmomentum-runtime` |
 //! | [`config`] | TOML configuration |
+//! | [`torch`] | PyTorch `state_dict`s (safetensors) in and out |
 //!
 //! The design document's Keras program, in Rust (see `examples/design_doc.rs`):
 //!
@@ -48,6 +49,7 @@ pub mod onnx;
 pub mod optim;
 pub mod quant;
 pub mod rng;
+pub mod torch;
 pub mod train;
 
 pub use error::{Error, Result};
