@@ -78,7 +78,9 @@ impl ArrayView {
             _ => 1,
         };
         if ptr % align != 0 {
-            return Err(PyValueError::new_err(format!("{what}: the array's data are not aligned")));
+            return Err(PyValueError::new_err(format!(
+                "{what}: the array's data are not aligned"
+            )));
         }
         Ok((ArrayView { ptr, shape, readonly }, typestr))
     }
@@ -103,7 +105,9 @@ impl ArrayView {
         unsafe { std::slice::from_raw_parts(self.ptr as *const T, n) }
     }
 
-    /// The elements, writable.
+    /// The elements, writable. (`mut_from_ref`: the `&mut` comes from the array's own memory,
+    /// not from the shared borrow of the owner, which only bounds its lifetime.)
+    #[allow(clippy::mut_from_ref)]
     fn slice_mut<'a, T>(&self, _owner: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a mut [T]> {
         if self.readonly {
             return Err(PyValueError::new_err(format!("{what}: the array is read-only")));
@@ -200,6 +204,9 @@ impl PyDataset {
         self.inner.len()
     }
 }
+
+/// `(index, kind, output shape, parameters, MACs per sample)` of a layer.
+type PlanRow = (usize, String, Vec<usize>, usize, usize);
 
 /// A training run: model, optimizer, position, history (the library's `Trainer`).
 #[pyclass(name = "Trainer", module = "qmomentum._native")]
@@ -330,7 +337,7 @@ impl PyTrainer {
         if px.len() != n * f {
             return Err(PyValueError::new_err(format!(
                 "shape mismatch: the data have {} features per sample, the model reads {f}",
-                if n == 0 { 0 } else { px.len() / n }
+                px.len().checked_div(n).unwrap_or(0)
             )));
         }
         let classes = self.inner.model.classes();
@@ -466,7 +473,7 @@ impl PyTrainer {
     }
 
     /// `[(index, kind, output shape, parameters, MACs per sample)]` of every layer.
-    fn plan(&self) -> PyResult<Vec<(usize, String, Vec<usize>, usize, usize)>> {
+    fn plan(&self) -> PyResult<Vec<PlanRow>> {
         let cfg = &self.inner.config.model;
         let plan = cfg.plan().map_err(to_py)?;
         Ok(plan
@@ -566,11 +573,7 @@ struct PyRuntime {
 impl PyRuntime {
     /// The u8 input of `x` (uint8 read in place; float32 quantized on the model's input grid)
     /// and the number of samples.
-    fn with_input<R>(
-        &self,
-        x: &Bound<'_, PyAny>,
-        f: impl FnOnce(&[u8], usize) -> PyResult<R>,
-    ) -> PyResult<R> {
+    fn with_input<R>(&self, x: &Bound<'_, PyAny>, f: impl FnOnce(&[u8], usize) -> PyResult<R>) -> PyResult<R> {
         let (v, t) = ArrayView::of(x, &["|u1", "<f4"], "x")?;
         let size = self.model.input().size;
         let n = v.shape.first().copied().unwrap_or(0);
