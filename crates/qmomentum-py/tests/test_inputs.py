@@ -128,3 +128,21 @@ def test_datasets(monkeypatch, tmp_path):
 
     d = datasets.find_data_dir()  # falls back to the repository copy the package was built from
     assert (d / "t10k-images-idx3-ubyte.gz").is_file()
+
+
+def test_divergence_is_a_runtime_error_naming_the_step(small):
+    x, y, _, _ = small
+    m = mlp(keras)
+    m.compile(optimizer=keras.optimizers.Momentum(lr=1e5, momentum=0.9), loss="sparse_categorical_crossentropy")
+    with pytest.raises(RuntimeError, match=r"training diverged at epoch 1, step \d+ .*lower learning rate"):
+        m.fit(x, y, epochs=1, verbose=0)
+
+
+def test_summary_of_the_design_doc_mlp(model):
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    for row in ("dense_0 (dense)", "(None, 128)", "100,480", "(None, 64)", "8,256", "(None, 10)", "650"):
+        assert row in text, text
+    assert "Total params: 109,386" in text
+    assert "momentum 0.9 (lr inside the velocity" in text
