@@ -86,3 +86,25 @@ def test_cnn_layers(fmnist, tmp_path):
     rt = qmomentum.Runtime(tmp_path / "cnn.qmm")
     agree = (rt.predict(xt[:500]) == m.predict(xt[:500].reshape(-1, 28, 28, 1)).argmax(1)).mean()
     assert agree >= 0.99
+
+
+def test_per_layer_quantization_and_binary(small, tmp_path):
+    x, y, xt, yt = small
+    four = {"weights": {"kind": "int", "bits": 4}, "activations": {"bits": 8}}
+    m = keras.Sequential([
+        keras.layers.Dense(128, activation="relu", input_shape=(784,)),
+        keras.layers.Dense(64, activation="relu", quant=four),
+        keras.layers.Dense(10, activation="softmax"),
+    ], quant="w8a8")
+    m.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    m.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    m.export(tmp_path / "mixed.qmm")
+    rt = qmomentum.Runtime(tmp_path / "mixed.qmm")
+    assert (rt.predict(xt) == m.predict(xt).argmax(1)).mean() >= 0.99
+    # Binary (Bop) QAT exports to the XNOR-popcount runtime.
+    b = mlp(keras, quant="binary")
+    b.compile(optimizer=keras.optimizers.Momentum(lr=0.01, momentum=0.9), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    b.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    b.export(tmp_path / "bin.qmm")
+    rb = qmomentum.Runtime(tmp_path / "bin.qmm")
+    assert (rb.predict(xt) == b.predict(xt).argmax(1)).mean() >= 0.99
