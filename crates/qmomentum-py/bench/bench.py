@@ -55,12 +55,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cli", default=cli_path())
+    ap.add_argument("--threads", type=int, default=2, help="threads of the runtime measurements")
+    ap.add_argument("--skip-train", action="store_true", help="only the runtime measurements")
     a = ap.parse_args()
     (x, y), (xt, yt) = qmomentum.datasets.fashion_mnist.load_data(DATA)
     x, xt = x.reshape(-1, 784), xt.reshape(-1, 784)
     tmp = Path(tempfile.mkdtemp())
     py_wall, py_step, cli_step = [], [], []
-    for r in range(a.rounds):
+    for r in range(0 if a.skip_train else a.rounds):
         out = tmp / f"cli{r}"
         subprocess.run([a.cli, "train", "--lr", "0.001", "--seed", "0", "--data", str(DATA), "--out", str(out), "--quiet"],
                        check=True, capture_output=True)
@@ -69,10 +71,19 @@ def main():
         py_wall += w[1:]
         py_step += s[1:]
     m = lambda v: statistics.median(v)  # noqa: E731
+    if not a.skip_train:
+        print_train(a, m, cli_step, py_step, py_wall)
+    runtime(a, m, x, y, xt, yt, tmp)
+
+
+def print_train(a, m, cli_step, py_step, py_wall):
     print(f"design document's program, median epoch s over epochs 2-10 of {a.rounds} interleaved rounds:")
     print(f"  qmomentum train (CLI, step time)     {m(cli_step):.3f}")
     print(f"  Python fit, step time                {m(py_step):.3f}  ({m(py_step) / m(cli_step):.3f}x CLI)")
     print(f"  Python fit, wall clock per epoch     {m(py_wall):.3f}  ({m(py_wall) / m(cli_step):.3f}x CLI)")
+
+
+def runtime(a, m, x, y, xt, yt, tmp):
 
     # Integer runtime: a W8A8 model trained for one epoch here.
     q = keras.Sequential([keras.layers.Dense(128, activation="relu", input_shape=(784,)),
@@ -81,10 +92,10 @@ def main():
     q.fit(x, y, epochs=1, batch_size=128, verbose=0)
     path = tmp / "m.qmm"
     q.export(path)
-    rt = qmomentum.Runtime(path, threads=2)
+    rt = qmomentum.Runtime(path, threads=a.threads)
     cli_thr, cli_lat, py_thr, py_lat = [], [], [], []
     for r in range(a.rounds):
-        p = subprocess.run([a.cli, "bench", "runtime", "--model", str(path), "--data", str(DATA), "--threads", "2", "--rounds", "7"],
+        p = subprocess.run([a.cli, "bench", "runtime", "--model", str(path), "--data", str(DATA), "--threads", str(a.threads), "--rounds", "7"],
                            check=True, capture_output=True, text=True)
         j = json.loads(p.stdout)
         cli_thr.append(j["samples_per_s"])
@@ -103,7 +114,7 @@ def main():
             lat.append(time.perf_counter() - t0)
         py_lat.append(m(lat))
     acc = float((rt.predict(xt) == yt).mean())
-    print(f"Runtime.predict, 10,000 test images, 2 threads, kernels {rt.kernel}, accuracy {acc:.4f}; median of {a.rounds} rounds:")
+    print(f"Runtime.predict, 10,000 test images, {a.threads} thread(s), kernels {rt.kernel}, accuracy {acc:.4f}; median of {a.rounds} rounds:")
     print(f"  qmomentum bench runtime   {m(cli_thr):,.0f} samples/s   batch-1 {m(cli_lat) * 1e6:.2f} µs (Model::run)")
     print(f"  Python Runtime.predict    {m(py_thr):,.0f} samples/s ({m(py_thr) / m(cli_thr):.3f}x)   batch-1 {m(py_lat) * 1e6:.2f} µs per call")
     print(f"  batch-1 overhead of the Python call: {(m(py_lat) - m(cli_lat)) * 1e6:.2f} µs")

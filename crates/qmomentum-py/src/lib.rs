@@ -49,7 +49,6 @@ fn rt_to_py(e: rt::Error) -> PyErr {
 struct ArrayView {
     ptr: usize,
     shape: Vec<usize>,
-    readonly: bool,
 }
 
 impl ArrayView {
@@ -70,7 +69,7 @@ impl ArrayView {
                 "{what}: the array is not C-contiguous (pass numpy.ascontiguousarray(x))"
             )));
         }
-        let (ptr, readonly): (usize, bool) = ai.get_item("data")?.extract()?;
+        let (ptr, _readonly): (usize, bool) = ai.get_item("data")?.extract()?;
         let shape: Vec<usize> = ai.get_item("shape")?.extract()?;
         let align = match typestr.as_str() {
             "<f4" | "<u4" => 4,
@@ -82,7 +81,7 @@ impl ArrayView {
                 "{what}: the array's data are not aligned"
             )));
         }
-        Ok((ArrayView { ptr, shape, readonly }, typestr))
+        Ok((ArrayView { ptr, shape }, typestr))
     }
 
     fn len(&self) -> usize {
@@ -103,23 +102,6 @@ impl ArrayView {
         // reference to it exists). Concurrent writes from another Python thread are the
         // caller's business, as with any buffer-protocol consumer.
         unsafe { std::slice::from_raw_parts(self.ptr as *const T, n) }
-    }
-
-    /// The elements, writable. (`mut_from_ref`: the `&mut` comes from the array's own memory,
-    /// not from the shared borrow of the owner, which only bounds its lifetime.)
-    #[allow(clippy::mut_from_ref)]
-    fn slice_mut<'a, T>(&self, _owner: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a mut [T]> {
-        if self.readonly {
-            return Err(PyValueError::new_err(format!("{what}: the array is read-only")));
-        }
-        let n = self.len();
-        if n == 0 {
-            return Ok(&mut []);
-        }
-        // SAFETY: as in `slice`; the array reported itself writable, and the only arrays passed
-        // here are the output arrays that the Python layer has just created with numpy.empty
-        // for this call, so nothing else aliases them.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, n) })
     }
 }
 
@@ -153,6 +135,26 @@ fn floats_to_pixels(xs: impl Iterator<Item = f64>, shape: &[usize], dtype: &str)
         out.push((x * 255.0).round() as u8);
     }
     Ok(out)
+}
+
+/// The bytes of 4-byte numbers in native order (what numpy's `uint32`/`float32` read).
+fn ne_bytes<T: Copy + NeBytes>(v: &[T]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.ne()).collect()
+}
+
+/// `to_ne_bytes` of the 4-byte numbers handed to numpy.
+trait NeBytes {
+    fn ne(self) -> [u8; 4];
+}
+impl NeBytes for u32 {
+    fn ne(self) -> [u8; 4] {
+        self.to_ne_bytes()
+    }
+}
+impl NeBytes for f32 {
+    fn ne(self) -> [u8; 4] {
+        self.to_ne_bytes()
+    }
 }
 
 /// A data set held by the native side: pixels as u8 (`features` per sample), labels as u8.
@@ -329,8 +331,8 @@ impl PyTrainer {
     }
 
     /// Outputs (probabilities of a softmax head) of the samples of `x` (uint8, or floats in
-    /// [0, 1]), written into `out`, a C-contiguous float32 array of `n × classes`.
-    fn predict(&mut self, py: Python<'_>, x: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// [0, 1]): `n × classes` float32 values as the bytes of a bytearray (numpy wraps it).
+    fn predict<'py>(&mut self, py: Python<'py>, x: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyByteArray>> {
         let (px, shape) = pixels(x, "x")?;
         let f = self.inner.model.input_size;
         let n = shape.first().copied().unwrap_or(0);
@@ -340,19 +342,13 @@ impl PyTrainer {
                 px.len().checked_div(n).unwrap_or(0)
             )));
         }
-        let classes = self.inner.model.classes();
-        let (ov, _) = ArrayView::of(out, &["<f4"], "out")?;
-        if ov.len() != n * classes {
-            return Err(PyValueError::new_err(format!("out: expected {} values", n * classes)));
-        }
-        let dst = ov.slice_mut::<f32>(out, "out")?;
         let model = &mut self.inner.model;
-        py.detach(|| {
+        let out = py.detach(|| {
             let mut xf = vec![0f32; px.len()];
             qmomentum::data::normalise(&px, &mut xf);
-            dst.copy_from_slice(&model.predict(&xf, n));
+            ne_bytes(&model.predict(&xf, n))
         });
-        Ok(())
+        Ok(PyByteArray::new(py, &out))
     }
 
     /// Post-training quantization (the CLI's `quantize`): batch norms folded, activations
@@ -606,46 +602,26 @@ impl PyRuntime {
         Ok(PyRuntime { model })
     }
 
-    /// Class indices into `out` (uint32, n values), `threads` threads (0 = one per core).
-    fn predict_into(
-        &self,
-        py: Python<'_>,
-        x: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        threads: usize,
-    ) -> PyResult<()> {
-        let (ov, _) = ArrayView::of(out, &["<u4"], "out")?;
-        let dst = ov.slice_mut::<u32>(out, "out")?;
+    /// Class indices (u32, native byte order) of the samples of `x`, as a bytearray, on
+    /// `threads` threads (0 = one per core).
+    fn predict<'py>(&self, py: Python<'py>, x: &Bound<'_, PyAny>, threads: usize) -> PyResult<Bound<'py, PyByteArray>> {
         self.with_input(x, |input, n| {
-            if dst.len() != n {
-                return Err(PyValueError::new_err(format!("out: expected {n} values")));
-            }
             let m = &self.model;
-            let p = py.detach(|| m.predict(input, n, threads)).map_err(rt_to_py)?;
-            dst.copy_from_slice(&p);
-            Ok(())
+            let p = py
+                .detach(|| m.predict(input, n, threads).map(|p| ne_bytes(&p)))
+                .map_err(rt_to_py)?;
+            Ok(PyByteArray::new(py, &p))
         })
     }
 
-    /// Logits into `out` (float32, n × classes).
-    fn logits_into(
-        &self,
-        py: Python<'_>,
-        x: &Bound<'_, PyAny>,
-        out: &Bound<'_, PyAny>,
-        threads: usize,
-    ) -> PyResult<()> {
-        let (ov, _) = ArrayView::of(out, &["<f4"], "out")?;
-        let dst = ov.slice_mut::<f32>(out, "out")?;
-        let classes = self.model.num_classes();
+    /// Logits (f32, native byte order, `n × classes`) as a bytearray.
+    fn logits<'py>(&self, py: Python<'py>, x: &Bound<'_, PyAny>, threads: usize) -> PyResult<Bound<'py, PyByteArray>> {
         self.with_input(x, |input, n| {
-            if dst.len() != n * classes {
-                return Err(PyValueError::new_err(format!("out: expected {} values", n * classes)));
-            }
             let m = &self.model;
-            let l = py.detach(|| m.logits(input, n, threads)).map_err(rt_to_py)?;
-            dst.copy_from_slice(&l);
-            Ok(())
+            let l = py
+                .detach(|| m.logits(input, n, threads).map(|l| ne_bytes(&l)))
+                .map_err(rt_to_py)?;
+            Ok(PyByteArray::new(py, &l))
         })
     }
 

@@ -783,9 +783,7 @@ class Sequential:
         on the exported file for integer inference)."""
         t = self._built()
         x = _check_x(x, self._shape(), t.input_size)
-        out = np.empty((x.shape[0], t.classes), dtype=np.float32)
-        t.predict(x, out)
-        return out
+        return np.frombuffer(t.predict(x), dtype=np.float32).reshape(-1, t.classes)
 
     # -- quantization and files ----------------------------------------------------------
 

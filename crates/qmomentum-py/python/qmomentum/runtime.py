@@ -57,17 +57,12 @@ class Runtime:
         """Predicted class of each sample (argmax of the logits, lowest index on ties): ``uint32``
         array of shape ``(n,)``. Unlike Keras's ``predict`` (probabilities), this is the integer
         runtime's answer; use :meth:`logits` for the scores."""
-        x = self._input(x)
-        out = np.empty(x.shape[0], dtype=np.uint32)
-        self._m.predict_into(x, out, self.threads)
-        return out
+        return np.frombuffer(self._m.predict(self._input(x), self.threads), dtype=np.uint32)
 
     def logits(self, x):
         """The dequantized logits, ``float32`` of shape ``(n, classes)``."""
-        x = self._input(x)
-        out = np.empty((x.shape[0], self._m.classes), dtype=np.float32)
-        self._m.logits_into(x, out, self.threads)
-        return out
+        b = self._m.logits(self._input(x), self.threads)
+        return np.frombuffer(b, dtype=np.float32).reshape(-1, self._m.classes)
 
     @property
     def input_size(self):
