@@ -6,8 +6,8 @@
    10 epochs): epoch time of `model.fit` (wall clock per epoch around the whole Python call, and
    the trainer's own step time) against `qmomentum train --lr 0.001 --seed 0` (its history's
    step time per epoch); medians over epochs 2–10 of all rounds.
-2. `Runtime.predict` on the 10,000 test images (2 threads, median of 7) against
-   `qmomentum bench runtime` (same file, same threads, fresh process), and the batch-1 call
+2. `Runtime.predict` on the 10,000 test images (2 threads, median of 7, in a fresh Python
+   process) against `qmomentum bench runtime` (same file, same threads, fresh process), and the batch-1 call
    (median of 20,000 `predict` calls on one image) against the runtime's batch-1 `run`.
 """
 
@@ -51,13 +51,36 @@ def design_doc(x, y):
     return wall, h.seconds
 
 
+def py_runtime(path, threads):
+    """Time `Runtime.predict` as `qmomentum bench runtime` times the runtime: batch-1 median of
+    20,000 calls, then the test set, median of 7; prints JSON."""
+    (_, _), (xt, _) = qmomentum.datasets.fashion_mnist.load_data(DATA)
+    xt = xt.reshape(-1, 784)
+    rt = qmomentum.Runtime(path, threads=threads)
+    lat = []
+    for i in range(20000):
+        one = xt[i % 10000: i % 10000 + 1]
+        t0 = time.perf_counter()
+        rt.predict(one)
+        lat.append(time.perf_counter() - t0)
+    thr = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        rt.predict(xt)
+        thr.append(len(xt) / (time.perf_counter() - t0))
+    print(json.dumps({"latency_s": statistics.median(lat), "samples_per_s": statistics.median(thr)}))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--py-runtime", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cli", default=cli_path())
     ap.add_argument("--threads", type=int, default=2, help="threads of the runtime measurements")
     ap.add_argument("--skip-train", action="store_true", help="only the runtime measurements")
     a = ap.parse_args()
+    if a.py_runtime:
+        return py_runtime(a.py_runtime, a.threads)
     (x, y), (xt, yt) = qmomentum.datasets.fashion_mnist.load_data(DATA)
     x, xt = x.reshape(-1, 784), xt.reshape(-1, 784)
     tmp = Path(tempfile.mkdtemp())
@@ -100,19 +123,12 @@ def runtime(a, m, x, y, xt, yt, tmp):
         j = json.loads(p.stdout)
         cli_thr.append(j["samples_per_s"])
         cli_lat.append(j["latency_s"])
-        thr = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            rt.predict(xt)
-            thr.append(len(xt) / (time.perf_counter() - t0))
-        py_thr.append(m(thr))
-        lat = []
-        for i in range(20000):
-            one = xt[i % 10000: i % 10000 + 1]
-            t0 = time.perf_counter()
-            rt.predict(one)
-            lat.append(time.perf_counter() - t0)
-        py_lat.append(m(lat))
+        # Python in a fresh process too, as `bench runtime` is (no trainer threads around).
+        p = subprocess.run([sys.executable, __file__, "--py-runtime", str(path), "--threads", str(a.threads)],
+                           check=True, capture_output=True, text=True)
+        j = json.loads(p.stdout)
+        py_thr.append(j["samples_per_s"])
+        py_lat.append(j["latency_s"])
     acc = float((rt.predict(xt) == yt).mean())
     print(f"Runtime.predict, 10,000 test images, {a.threads} thread(s), kernels {rt.kernel}, accuracy {acc:.4f}; median of {a.rounds} rounds:")
     print(f"  qmomentum bench runtime   {m(cli_thr):,.0f} samples/s   batch-1 {m(cli_lat) * 1e6:.2f} µs (Model::run)")
