@@ -146,3 +146,24 @@ def test_summary_of_the_design_doc_mlp(model):
         assert row in text, text
     assert "Total params: 109,386" in text
     assert "momentum 0.9 (lr inside the velocity" in text
+
+
+def test_every_public_name_is_documented():
+    import inspect
+
+    import qmomentum.datasets as ds
+    import qmomentum.keras as k
+
+    missing = []
+    objs = [qmomentum.Runtime, k.Sequential, k.load_model, ds.fashion_mnist.load_data, ds.find_data_dir]
+    for ns in (k.layers, k.optimizers, k.callbacks):
+        objs += [v for n, v in vars(ns).items() if not n.startswith("_")]
+    for o in objs:
+        if not (o.__doc__ or "").strip():
+            missing.append(getattr(o, "__qualname__", repr(o)))
+        if inspect.isclass(o):
+            for n, f in vars(o).items():
+                # inspect.getdoc: an override without its own docstring shows its base's, as help() does.
+                if not n.startswith("_") and callable(f) and not (inspect.getdoc(getattr(o, n)) or "").strip():
+                    missing.append(f"{o.__qualname__}.{n}")
+    assert not missing, missing

@@ -99,6 +99,7 @@ class InputLayer(Layer):
         super().__init__(input_shape=shape, name=name)
 
     def get_config(self):
+        """The input's shape (not a layer of the trainer's configuration)."""
         return {"type": "input", "shape": list(self.input_shape)}
 
 
@@ -421,22 +422,25 @@ class Callback:
         self.params = {}
 
     def set_model(self, model):
+        """Called by ``fit`` with the model being trained."""
         self.model = model
 
     def set_params(self, params):
+        """Called by ``fit`` with ``{"epochs", "steps", "verbose"}``."""
         self.params = params
 
     def on_train_begin(self, logs=None):
-        pass
+        """Called once when ``fit`` starts."""
 
     def on_train_end(self, logs=None):
-        pass
+        """Called once when ``fit`` ends (not after an exception)."""
 
     def on_epoch_begin(self, epoch, logs=None):
-        pass
+        """Called before each epoch (``epoch`` 0-based, counted from the start of the run)."""
 
     def on_epoch_end(self, epoch, logs=None):
-        pass
+        """Called after each epoch with its figures: ``loss``, ``accuracy``, ``val_loss``,
+        ``val_accuracy`` (those that apply)."""
 
 
 class LambdaCallback(Callback):
@@ -462,6 +466,7 @@ class History(Callback):
         self.seconds = []
 
     def on_epoch_end(self, epoch, logs=None):
+        """Appends the epoch's figures to ``history``."""
         self.epoch.append(epoch)
         for k, v in (logs or {}).items():
             self.history.setdefault(k, []).append(v)
