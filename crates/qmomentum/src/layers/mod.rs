@@ -213,29 +213,22 @@ impl Layer {
     /// norm's running statistics, and the oscillation/freezing state of a quantized kernel
     /// ([`WeightFakeQuant::buffer_slots`]).
     pub fn buffers(&self) -> impl Iterator<Item = &Buffer> {
-        let slots: [Option<&Buffer>; 6] = match self {
-            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var), None, None, None, None],
+        let slots: [Option<&Buffer>; 5] = match self {
+            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var), None, None, None],
             Layer::Dense(d) => d.wq.buffer_slots(),
             Layer::Conv2d(c) => c.wq.buffer_slots(),
-            _ => [None, None, None, None, None, None],
+            _ => [None, None, None, None, None],
         };
         slots.into_iter().flatten()
     }
 
     /// [`Layer::buffers`], mutable.
     pub fn buffers_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
-        let slots: [Option<&mut Buffer>; 6] = match self {
-            Layer::BatchNorm(b) => [
-                Some(&mut b.running_mean),
-                Some(&mut b.running_var),
-                None,
-                None,
-                None,
-                None,
-            ],
+        let slots: [Option<&mut Buffer>; 5] = match self {
+            Layer::BatchNorm(b) => [Some(&mut b.running_mean), Some(&mut b.running_var), None, None, None],
             Layer::Dense(d) => d.wq.buffer_slots_mut(),
             Layer::Conv2d(c) => c.wq.buffer_slots_mut(),
-            _ => [None, None, None, None, None, None],
+            _ => [None, None, None, None, None],
         };
         slots.into_iter().flatten()
     }

@@ -97,10 +97,11 @@ pub struct LayerOscillation {
 /// Per-weight state of one layer (buffers: checkpointed, never optimized).
 #[derive(Clone, Debug)]
 pub struct OscillationTracker {
-    /// Code of the previous step (NaN before the first step).
-    pub prev: Buffer,
-    /// Direction of the last change (−1, 0, +1).
-    pub dir: Buffer,
+    /// The code of the previous step and the direction of the weight's last change, packed in
+    /// one value `4·code + (direction + 1)` (direction −1, 0, +1; exact in f32 for every code of
+    /// an 8-bit grid); NaN before the first step. One value instead of two: this state is read
+    /// and written for every weight at every step, so its size is the pass's cost.
+    pub state: Buffer,
     /// Oscillation frequency (EMA).
     pub freq: Buffer,
     /// EMA of the integer code (only with iterative freezing: the value a weight freezes at).
@@ -115,8 +116,7 @@ impl OscillationTracker {
     pub fn new(index: usize, n: usize) -> Self {
         let b = |what: &str, v: f32| Buffer::new(format!("layers.{index}.osc_{what}"), vec![n], vec![v; n]);
         OscillationTracker {
-            prev: b("prev", f32::NAN),
-            dir: b("dir", 0.0),
+            state: b("state", f32::NAN),
             freq: b("freq", 0.0),
             ema_code: None,
             flips: 0,
@@ -139,8 +139,8 @@ impl OscillationTracker {
 
     /// One step with the codes of this step (as f32 integers).
     pub fn update(&mut self, codes: &[f32], momentum: f32) {
-        let (prev, dir, freq) = (&mut self.prev.value, &mut self.dir.value, &mut self.freq.value);
-        let (flips, osc) = step_block(prev, dir, freq, codes.iter().copied(), momentum);
+        let (state, freq) = (&mut self.state.value, &mut self.freq.value);
+        let (flips, osc) = step_block(state, freq, codes.iter().copied(), momentum);
         if let Some(e) = self.ema_code.as_mut() {
             update_ema(&mut e.value, codes.iter().copied(), momentum);
         }
@@ -151,23 +151,23 @@ impl OscillationTracker {
     /// fly as `round(ŵ·inv[j])`: one pass over ŵ and the state, no codes buffer (this pass runs
     /// at every step, so its memory traffic is its cost).
     pub fn update_from_grid(&mut self, w_hat: &[f32], inv: &[f32], momentum: f32) {
-        let (prev, dir, freq) = (&mut self.prev.value, &mut self.dir.value, &mut self.freq.value);
+        let (state, freq) = (&mut self.state.value, &mut self.freq.value);
         #[cfg(target_arch = "x86_64")]
         let (flips, osc) = if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked on the line above), the only requirement
             // of `grid_pass_avx512`; its body is safe Rust.
-            unsafe { grid_pass_avx512(w_hat, inv, prev, dir, freq, momentum) }
+            unsafe { grid_pass_avx512(w_hat, inv, state, freq, momentum) }
         } else if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: as above, for AVX2.
-            unsafe { grid_pass_avx2(w_hat, inv, prev, dir, freq, momentum) }
+            unsafe { grid_pass_avx2(w_hat, inv, state, freq, momentum) }
         } else {
-            grid_pass(w_hat, inv, prev, dir, freq, momentum)
+            grid_pass(w_hat, inv, state, freq, momentum)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let (flips, osc) = grid_pass(w_hat, inv, prev, dir, freq, momentum);
+        let (flips, osc) = grid_pass(w_hat, inv, state, freq, momentum);
         if let Some(e) = self.ema_code.as_mut() {
-            // The codes again (a second pass, only when freezing is on): `prev` now holds them.
-            update_ema(&mut e.value, self.prev.value.iter().copied(), momentum);
+            // The codes again (a second pass, only when freezing is on): `state` now holds them.
+            update_ema(&mut e.value, self.state.value.iter().map(|&s| code_of(s)), momentum);
         }
         self.count(flips, osc);
     }
@@ -217,27 +217,19 @@ impl OscillationTracker {
 /// exist because this pass runs over every weight at every step and the baseline build only
 /// vectorises it with SSE2.
 #[inline(always)]
-fn grid_pass(
-    w_hat: &[f32],
-    inv: &[f32],
-    prev: &mut [f32],
-    dir: &mut [f32],
-    freq: &mut [f32],
-    momentum: f32,
-) -> (u32, u32) {
+fn grid_pass(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
     let c = inv.len();
     let (mut flips, mut osc) = (0u32, 0u32);
-    for (((row, p), d), f) in w_hat
+    for ((row, st), f) in w_hat
         .chunks_exact(c)
-        .zip(prev.chunks_exact_mut(c))
-        .zip(dir.chunks_exact_mut(c))
+        .zip(state.chunks_exact_mut(c))
         .zip(freq.chunks_exact_mut(c))
     {
         let codes = row
             .iter()
             .zip(inv)
             .map(|(&v, &k)| super::affine::round_even_small(v * k));
-        let (a, b) = step_block(p, d, f, codes, momentum);
+        let (a, b) = step_block(st, f, codes, momentum);
         flips += a;
         osc += b;
     }
@@ -247,29 +239,15 @@ fn grid_pass(
 /// [`grid_pass`] compiled for AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn grid_pass_avx512(
-    w_hat: &[f32],
-    inv: &[f32],
-    prev: &mut [f32],
-    dir: &mut [f32],
-    freq: &mut [f32],
-    momentum: f32,
-) -> (u32, u32) {
-    grid_pass(w_hat, inv, prev, dir, freq, momentum)
+fn grid_pass_avx512(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
+    grid_pass(w_hat, inv, state, freq, momentum)
 }
 
 /// [`grid_pass`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn grid_pass_avx2(
-    w_hat: &[f32],
-    inv: &[f32],
-    prev: &mut [f32],
-    dir: &mut [f32],
-    freq: &mut [f32],
-    momentum: f32,
-) -> (u32, u32) {
-    grid_pass(w_hat, inv, prev, dir, freq, momentum)
+fn grid_pass_avx2(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
+    grid_pass(w_hat, inv, state, freq, momentum)
 }
 
 /// `e ← m·code + (1 − m)·e`, starting from the first code.
@@ -280,30 +258,34 @@ fn update_ema(ema: &mut [f32], codes: impl Iterator<Item = f32>, momentum: f32) 
     }
 }
 
+/// The code held in a packed state value (NaN stays NaN): `(s − 1)/4` is the code ± 1/4.
+#[inline(always)]
+fn code_of(s: f32) -> f32 {
+    super::affine::round_even_small((s - 1.0) * 0.25)
+}
+
 /// The per-weight step over one slice: `(flips, oscillations)`. Branch-free with integer
 /// counters so the compiler vectorises it; inlined into both callers.
 #[inline(always)]
-fn step_block(
-    prev: &mut [f32],
-    dir: &mut [f32],
-    freq: &mut [f32],
-    codes: impl Iterator<Item = f32>,
-    momentum: f32,
-) -> (u32, u32) {
+fn step_block(state: &mut [f32], freq: &mut [f32], codes: impl Iterator<Item = f32>, momentum: f32) -> (u32, u32) {
     let (mut flips, mut osc) = (0u32, 0u32);
     let keep = 1.0 - momentum;
-    for (((p, d), f), c) in prev.iter_mut().zip(dir.iter_mut()).zip(freq.iter_mut()).zip(codes) {
-        // NaN before the first step: both comparisons are false, no change is seen.
-        let delta = c - *p;
+    for ((s, f), c) in state.iter_mut().zip(freq.iter_mut()).zip(codes) {
+        // Unpack: previous code and direction (NaN before the first step: both comparisons
+        // below are false, no change is seen, and the direction starts at 0).
+        let p = code_of(*s);
+        let d = *s - 4.0 * p - 1.0;
+        let d = if d.is_nan() { 0.0 } else { d };
+        let delta = c - p;
         let (up, down) = ((delta > 0.0) as u32, (delta < 0.0) as u32);
         let step_dir = up as f32 - down as f32;
         let changed = up | down;
-        let o = changed & ((step_dir == -*d) as u32);
+        let o = changed & ((step_dir == -d) as u32);
         flips += changed;
         osc += o;
         *f = momentum * o as f32 + keep * *f;
-        *d = if changed != 0 { step_dir } else { *d };
-        *p = c;
+        let nd = if changed != 0 { step_dir } else { d };
+        *s = 4.0 * c + (nd + 1.0);
     }
     (flips, osc)
 }

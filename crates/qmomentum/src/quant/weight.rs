@@ -162,30 +162,24 @@ impl WeightFakeQuant {
 
     /// The checkpointed state of this quantizer: fixed scales, frozen codes, then the tracker's buffers
     /// (`None` slots for what is off).
-    pub fn buffer_slots(&self) -> [Option<&Buffer>; 6] {
+    pub fn buffer_slots(&self) -> [Option<&Buffer>; 5] {
         let t = self.tracker.as_ref();
         [
             self.fixed_scale.as_ref(),
             self.frozen.as_ref(),
-            t.map(|t| &t.prev),
-            t.map(|t| &t.dir),
+            t.map(|t| &t.state),
             t.map(|t| &t.freq),
             t.and_then(|t| t.ema_code.as_ref()),
         ]
     }
 
     /// [`WeightFakeQuant::buffer_slots`], mutable.
-    pub fn buffer_slots_mut(&mut self) -> [Option<&mut Buffer>; 6] {
-        let (a, b, c, d) = match self.tracker.as_mut() {
-            Some(t) => (
-                Some(&mut t.prev),
-                Some(&mut t.dir),
-                Some(&mut t.freq),
-                t.ema_code.as_mut(),
-            ),
-            None => (None, None, None, None),
+    pub fn buffer_slots_mut(&mut self) -> [Option<&mut Buffer>; 5] {
+        let (a, b, c) = match self.tracker.as_mut() {
+            Some(t) => (Some(&mut t.state), Some(&mut t.freq), t.ema_code.as_mut()),
+            None => (None, None, None),
         };
-        [self.fixed_scale.as_mut(), self.frozen.as_mut(), a, b, c, d]
+        [self.fixed_scale.as_mut(), self.frozen.as_mut(), a, b, c]
     }
 
     /// The parameter's freeze mask from the frozen codes (after a checkpoint is loaded).
