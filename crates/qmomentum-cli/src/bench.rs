@@ -34,7 +34,8 @@ struct TrainBench {
     /// Epochs per configuration, at least 2 (the first is reported separately as warm-up).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=1000))]
     epochs: u16,
-    /// Schemes to time (fp32 first: the reference of the ratios).
+    /// Schemes to time (fp32 first: the reference of the ratios). A scheme ending in `-notrack`
+    /// runs without oscillation tracking (`w8a8,w8a8-notrack` measures what tracking costs).
     #[arg(long, value_delimiter = ',', default_value = "fp32,w8a8,w4a4,binary")]
     schemes: Vec<String>,
     /// A model by name: mlp | cnn-small | lenet5.
@@ -98,13 +99,24 @@ fn train(b: TrainBench) -> Result<()> {
     };
     let model = qmomentum::config::ModelConfig::named(&b.model)?;
     let (_, train, _) = b.data.load()?;
-    let schemes: Vec<Scheme> = b.schemes.iter().map(|s| s.parse()).collect::<qmomentum::Result<_>>()?;
-    for (i, s) in schemes.iter().enumerate() {
-        if schemes[..i].contains(s) {
+    // (scheme, oscillation tracking on)
+    let schemes: Vec<(Scheme, bool)> = b
+        .schemes
+        .iter()
+        .map(|s| match s.strip_suffix("-notrack") {
+            Some(q) => q.parse().map(|q| (q, false)),
+            None => s.parse().map(|q| (q, true)),
+        })
+        .collect::<qmomentum::Result<_>>()?;
+    let names: Vec<String> = schemes
+        .iter()
+        .map(|(s, track)| if *track { s.to_string() } else { format!("{s}-notrack") })
+        .collect();
+    for (i, s) in names.iter().enumerate() {
+        if names[..i].contains(s) {
             anyhow::bail!("--schemes: {s} is listed twice");
         }
     }
-    let names: Vec<String> = schemes.iter().map(|s| s.to_string()).collect();
     outln!(
         "bench train: {}, {} training samples, batch 128, momentum 0.9, {} threads; \
          {} rounds of [{}] interleaved, {} epochs each; median over rounds of epochs 2..; peak {:.0} GFLOP/s ({})",
@@ -121,8 +133,8 @@ fn train(b: TrainBench) -> Result<()> {
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
     let mut flops = 0.0;
     for _ in 0..b.rounds {
-        for (i, &scheme) in schemes.iter().enumerate() {
-            let cfg = TrainConfig {
+        for (i, &(scheme, track)) in schemes.iter().enumerate() {
+            let mut cfg = TrainConfig {
                 model: model.clone(),
                 epochs: b.epochs as usize,
                 quant: scheme,
@@ -133,6 +145,7 @@ fn train(b: TrainBench) -> Result<()> {
                 },
                 ..Default::default()
             };
+            cfg.oscillation.track = track;
             let mut t = Trainer::new(cfg)?;
             t.fit(&train, None, |_, _| {})?;
             first[i].extend(t.history.epochs.first().map(|r| r.seconds));
@@ -147,7 +160,7 @@ fn train(b: TrainBench) -> Result<()> {
     )?;
     outln!("|---|---|---|---|---|---|---|")?;
     let base = med(epochs[0].clone());
-    for (i, s) in schemes.iter().enumerate() {
+    for (i, s) in names.iter().enumerate() {
         let m = med(epochs[i].clone());
         let f = med(first[i].clone());
         let gf = flops / m / 1e9;
