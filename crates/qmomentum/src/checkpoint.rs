@@ -380,7 +380,8 @@ fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Re
     if name.ends_with(".w_scale") {
         // Not fixed yet (all NaN), or positive finite scales.
         let all_nan = out.iter().all(|s| s.is_nan());
-        if let Some(i) = out.iter().position(|&s| !all_nan && !(s > 0.0 && s.is_finite())) {
+        let ok = |s: f32| all_nan || (s > 0.0 && s.is_finite());
+        if let Some(i) = out.iter().position(|&s| !ok(s)) {
             return Err(Error::checkpoint(
                 path,
                 format!(
