@@ -50,8 +50,8 @@ pub struct SweepArgs {
     /// Cells trained at the same time [default: the cores divided by --threads].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     jobs: Option<u64>,
-    /// Threads of each cell's trainer.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    /// Threads of each cell's trainer (1 or 2).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=2))]
     threads: u64,
     /// List the cells and exit.
     #[arg(long)]
@@ -705,11 +705,12 @@ fn write_results(out: &Path, grid: &Grid, outcomes: &[Outcome]) -> Result<()> {
         let c = &g.cell;
         let eff = if grid.effective_lr { c.effective_lr() } else { c.lr };
         let name = format!(
-            "{}_lr{}_b{}_{}",
+            "{}_lr{}_b{}_{}{}",
             c.optimizer,
             eff,
             c.batch_size,
-            c.control.replace(':', "")
+            c.control.replace(':', ""),
+            c.bop_gamma.map(|g| format!("_g{g}")).unwrap_or_default()
         );
         match slices.iter_mut().find(|(n, _)| *n == name) {
             Some((_, v)) => v.push(g),

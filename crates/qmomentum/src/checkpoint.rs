@@ -395,7 +395,7 @@ fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Re
         // A frozen code is an integer on an 8-bit grid at most (NaN: not frozen).
         if let Some(i) = out
             .iter()
-            .position(|&c| !c.is_nan() && (c.fract() != 0.0 || c.abs() > 128.0))
+            .position(|&c| !c.is_nan() && (c.fract() != 0.0 || !(-128.0..=127.0).contains(&c)))
         {
             return Err(Error::checkpoint(
                 path,
@@ -524,6 +524,20 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     for (b, v) in t.model.buffers_iter_mut().zip(buffer_values) {
         if let Some(v) = v {
             b.value = v;
+        }
+    }
+    for l in t.model.layers.iter_mut() {
+        if let Some((w, wq)) = l.weight_quant_mut() {
+            if let Some((i, c)) = wq.invalid_frozen_code() {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensor 'buffer.{}' holds the frozen code {c} at index {i}, outside the grid of {}",
+                        wq.frozen.as_ref().map_or("", |f| f.name.as_str()),
+                        w.name
+                    ),
+                ));
+            }
         }
     }
     t.model.refresh_freeze_masks();

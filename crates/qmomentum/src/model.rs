@@ -401,6 +401,9 @@ impl Sequential {
     pub fn sync_from(&mut self, src: &Sequential) {
         for (p, q) in self.params_iter_mut().zip(src.params_iter()) {
             p.value.copy_from_slice(&q.value);
+            // The freeze mask too: the replica's backward zeroes frozen weights' gradients like
+            // the main model's (no allocation once both hold a mask).
+            p.frozen.clone_from(&q.frozen);
         }
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
             // A replica holds no oscillation tracker (only the main model tracks), but it needs

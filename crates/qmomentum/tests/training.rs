@@ -190,8 +190,11 @@ fn iterative_freezing_resumes_bit_identically() {
         let mut c = cfg(scheme, 2, 0.05);
         c.oscillation.freeze_threshold = 0.015;
         c.oscillation.freeze_threshold_start = Some(0.05);
-        // Integer grids also fix their weight scales after the first epoch (a buffer too).
+        // Integer grids also fix their weight scales after the first epoch (a buffer too), and
+        // the gradient is clipped by its global norm: the replica's frozen gradients must be 0
+        // as the main model's are, or the norm differs between a fresh and a resumed run.
         c.freeze_weight_scales_after = Some(1);
+        c.optimizer.clip_norm = Some(1.0);
         let mut full = Trainer::new(c.clone()).unwrap();
         full.fit(&small, None, |_, _| {}).unwrap();
         let frozen: Vec<f32> = full.history.epochs[1]

@@ -227,6 +227,17 @@ impl WeightFakeQuant {
         newly
     }
 
+    /// Frozen codes read from a checkpoint must lie on this layer's grid: the first that does
+    /// not, as `(index, code)`.
+    pub fn invalid_frozen_code(&self) -> Option<(usize, f32)> {
+        let f = self.frozen.as_ref()?;
+        let (lo, hi) = self.quant.map(code_range).unwrap_or((0.0, 0.0));
+        f.value
+            .iter()
+            .position(|&c| !(c.is_nan() || (c >= lo && c <= hi && c.fract() == 0.0)))
+            .map(|i| (i, f.value[i]))
+    }
+
     /// Number of frozen weights (what `history` reports per layer).
     pub fn frozen_count(&self) -> usize {
         self.frozen
@@ -236,7 +247,8 @@ impl WeightFakeQuant {
 
     /// One step of oscillation tracking with the codes of the kernel the last forward pass used
     /// (`ŵ/s` for integer and ternary weights, the sign for binary ones): no quantization again.
-    pub fn track(&mut self, w: &[f32], momentum: f32) {
+    /// `parallel`: the run may use two cores (large kernels are tracked on both).
+    pub fn track(&mut self, w: &[f32], momentum: f32, parallel: bool) {
         let Some(t) = self.tracker.as_mut() else { return };
         match self.quant {
             Some(WeightQuant::Binary { .. }) => {
@@ -250,7 +262,7 @@ impl WeightFakeQuant {
                 for (i, &s) in self.tmp.iter_mut().zip(&self.scale) {
                     *i = 1.0 / s;
                 }
-                t.update_from_grid(&self.w_hat, &self.tmp, momentum);
+                t.update_from_grid(&self.w_hat, &self.tmp, momentum, parallel);
                 return;
             }
             None => return,
