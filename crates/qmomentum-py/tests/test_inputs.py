@@ -73,7 +73,7 @@ def test_bad_model_settings():
     with pytest.raises(ValueError, match="sparse_categorical_crossentropy"):
         mlp(keras).compile(loss="mse")
     with pytest.raises(ValueError, match=r"invalid quant|unknown variant"):
-        mlp(keras).compile(quant="w3a3")
+        mlp(keras).compile(quant="w5a5")
     with pytest.raises(ValueError, match="invalid batch_size"):
         m = mlp(keras)
         m.fit(X, Y, batch_size=0)
