@@ -357,7 +357,6 @@ impl Trainer {
                 if self.config.oscillation.track {
                     // The codes this step's forward pass used (the main model's ŵ).
                     let m = self.config.oscillation.momentum;
-                    let parallel = self.config.threads >= 2;
                     // Iterative freezing decides on the frequencies this step updated.
                     let freeze = self.config.oscillation.freezing().then(|| {
                         self.config
@@ -366,7 +365,7 @@ impl Trainer {
                     });
                     for l in self.model.layers.iter_mut() {
                         if let Some((w, wq)) = l.weight_quant_mut() {
-                            wq.track(&w.value, m, parallel);
+                            wq.track(&w.value, m);
                             if let Some(th) = freeze {
                                 wq.freeze(w, th);
                             }

@@ -150,24 +150,11 @@ impl OscillationTracker {
     /// One step with the codes of a `[rows, outputs]` kernel on a per-column grid, computed on the
     /// fly as `round(ŵ·inv[j])`: one pass over ŵ and the state, no codes buffer (this pass runs
     /// at every step, so its memory traffic is its cost).
-    /// With `parallel`, a large kernel's rows are split in two halves tracked on two cores (the
-    /// pass is per weight and the counts are integer sums, so the result does not depend on it).
-    pub fn update_from_grid(&mut self, w_hat: &[f32], inv: &[f32], momentum: f32, parallel: bool) {
+    pub fn update_from_grid(&mut self, w_hat: &[f32], inv: &[f32], momentum: f32) {
         let (state, freq) = (&mut self.state.value, &mut self.freq.value);
-        let c = inv.len().max(1);
-        let (flips, osc) = if parallel && w_hat.len() >= PARALLEL_FROM && w_hat.len() / c >= 2 {
-            let mid = (w_hat.len() / c / 2) * c;
-            let (w0, w1) = w_hat.split_at(mid);
-            let (s0, s1) = state.split_at_mut(mid);
-            let (f0, f1) = freq.split_at_mut(mid);
-            let ((a0, b0), (a1, b1)) = rayon::join(
-                || grid_pass_best(w0, inv, s0, f0, momentum),
-                || grid_pass_best(w1, inv, s1, f1, momentum),
-            );
-            (a0 + a1, b0 + b1)
-        } else {
-            grid_pass_best(w_hat, inv, state, freq, momentum)
-        };
+        // One pass on one core: splitting it over both (rayon::join per step) measured no
+        // faster (`bench train --schemes w8a8,w8a8-notrack`: +26 % split, +22 % not).
+        let (flips, osc) = grid_pass_best(w_hat, inv, state, freq, momentum);
         if let Some(e) = self.ema_code.as_mut() {
             // The codes again (a second pass, only when freezing is on): `state` now holds them.
             update_ema(&mut e.value, self.state.value.iter().map(|&s| code_of(s)), momentum);
@@ -213,9 +200,6 @@ impl OscillationTracker {
         r
     }
 }
-
-/// Kernels with at least this many weights are tracked on two cores.
-const PARALLEL_FROM: usize = 32 * 1024;
 
 /// [`grid_pass`] on the widest instruction set this CPU has.
 fn grid_pass_best(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {

@@ -247,8 +247,7 @@ impl WeightFakeQuant {
 
     /// One step of oscillation tracking with the codes of the kernel the last forward pass used
     /// (`ŵ/s` for integer and ternary weights, the sign for binary ones): no quantization again.
-    /// `parallel`: the run may use two cores (large kernels are tracked on both).
-    pub fn track(&mut self, w: &[f32], momentum: f32, parallel: bool) {
+    pub fn track(&mut self, w: &[f32], momentum: f32) {
         let Some(t) = self.tracker.as_mut() else { return };
         match self.quant {
             Some(WeightQuant::Binary { .. }) => {
@@ -262,7 +261,7 @@ impl WeightFakeQuant {
                 for (i, &s) in self.tmp.iter_mut().zip(&self.scale) {
                     *i = 1.0 / s;
                 }
-                t.update_from_grid(&self.w_hat, &self.tmp, momentum, parallel);
+                t.update_from_grid(&self.w_hat, &self.tmp, momentum);
                 return;
             }
             None => return,
