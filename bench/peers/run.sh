@@ -13,11 +13,15 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q 'tensorflow-cpu==2.21.*' torch numpy
 fi
+# qmomentum's Python bindings, built from this checkout (the design document's program as Python
+# users run it: bench/peers/python_ref.py).
+"$VENV/bin/pip" install -q ./crates/qmomentum-py
 cargo build --release -q
 OUT=$(mktemp -d)
 for s in $SEEDS; do
     "$VENV/bin/python" bench/peers/keras_ref.py --lr "$LR" --seed "$s" >> "$OUT/peers.jsonl"
     "$VENV/bin/python" bench/peers/torch_ref.py --lr "$LR" --seed "$s" >> "$OUT/peers.jsonl"
+    QMOMENTUM_DATA="$PWD/data/fashion-mnist" "$VENV/bin/python" bench/peers/python_ref.py --lr "$LR" --seed "$s" >> "$OUT/peers.jsonl"
     ./target/release/qmomentum train --lr "$LR" --seed "$s" --out "$OUT/qm-$s" --quiet > /dev/null
     python3 - "$OUT/qm-$s" "$LR" "$s" >> "$OUT/peers.jsonl" <<'PY'
 import json, sys, csv
