@@ -55,7 +55,8 @@ struct Row {
     epoch_s: Vec<f64>,
 }
 
-fn mean_std(v: &[f32]) -> (f32, f32) {
+/// Mean and sample standard deviation (n − 1; 0 for one value).
+pub(crate) fn mean_std(v: &[f32]) -> (f32, f32) {
     let n = v.len().max(1) as f32;
     let m = v.iter().sum::<f32>() / n;
     let var = v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / (v.len().saturating_sub(1).max(1)) as f32;

@@ -26,6 +26,7 @@
 //!                                     # and lr then train the latent parameters (biases)
 //! ```
 
+use crate::compare::mean_std;
 use crate::plot;
 use crate::DataArgs;
 use anyhow::{bail, Context, Result};
@@ -575,13 +576,6 @@ fn run_cell(exe: &Path, cell: &Cell, dir: &Path, grid: &Grid, data: &Path, threa
         bail!("train failed ({}): {}", out.status, err.trim());
     }
     Ok(true)
-}
-
-fn mean_std(v: &[f32]) -> (f32, f32) {
-    let n = v.len().max(1) as f32;
-    let m = v.iter().sum::<f32>() / n;
-    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / (v.len().saturating_sub(1).max(1)) as f32;
-    (m, var.sqrt())
 }
 
 /// One summary row: a cell over its seeds.

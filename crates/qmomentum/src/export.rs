@@ -296,21 +296,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     }
                 } else if sign_out {
                     next_grid = Some(Grid::Bits);
-                    let lim = inputs as i64 + 1;
-                    let threshold = alpha
-                        .iter()
-                        .zip(&bias)
-                        .map(|(&a, &b)| {
-                            let t = if a > 0.0 {
-                                (-(b as f64) / a as f64).ceil()
-                            } else if b >= 0.0 {
-                                -(lim as f64)
-                            } else {
-                                lim as f64
-                            };
-                            t.clamp(-(lim as f64), lim as f64) as i32
-                        })
-                        .collect();
+                    let threshold = crate::quant::binary::sign_thresholds(&alpha, &bias, inputs);
                     rt::Output::SignBits {
                         threshold: Some(threshold),
                     }

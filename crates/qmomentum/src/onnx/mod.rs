@@ -460,20 +460,9 @@ fn lower_linear(li: usize, layer: &mut Layer, val: Val, in_shape: Shape, last: b
                 // as `dot − t` with the integer threshold `t` of the `.qmm` export. With ±1
                 // inputs and weights every value is an integer below 2^24, exact in float, so
                 // the signs are the integer runtime's.
-                let lim = fan_in as f64 + 1.0;
-                let bias = alpha
-                    .iter()
-                    .zip(&bias)
-                    .map(|(&a, &b)| {
-                        let t = if a > 0.0 {
-                            (-(b as f64) / a as f64).ceil()
-                        } else if b >= 0.0 {
-                            -lim
-                        } else {
-                            lim
-                        };
-                        -(t.clamp(-lim, lim) as f32)
-                    })
+                let bias = crate::quant::binary::sign_thresholds(&alpha, &bias, fan_in)
+                    .into_iter()
+                    .map(|t| -(t as f32))
                     .collect();
                 let scales = vec![1.0; outputs];
                 (

@@ -106,6 +106,28 @@ pub fn ternarize(w: &[f32], outputs: usize, rule: TernaryRule, w_hat: &mut [f32]
     }
 }
 
+/// The integer thresholds of a binary layer followed by a sign: `α_j·dot + b_j ≥ 0 ⇔ dot ≥ t_j`
+/// with `t_j = ⌈−b_j/α_j⌉` for `α_j > 0` (a non-positive α never fires or always fires, by the
+/// bias's sign), clamped to `±(fan_in + 1)`, beyond which every ±1 dot product lies. The one rule
+/// the `.qmm` exporter (`dot ≥ t`) and the ONNX exporter (`dot − t`) both use.
+pub fn sign_thresholds(alpha: &[f32], bias: &[f32], fan_in: usize) -> Vec<i32> {
+    let lim = fan_in as f64 + 1.0;
+    alpha
+        .iter()
+        .zip(bias)
+        .map(|(&a, &b)| {
+            let t = if a > 0.0 {
+                (-(b as f64) / a as f64).ceil()
+            } else if b >= 0.0 {
+                -lim
+            } else {
+                lim
+            };
+            t.clamp(-lim, lim) as i32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
