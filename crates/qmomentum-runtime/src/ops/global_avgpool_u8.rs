@@ -54,10 +54,6 @@ impl Op for GlobalAvgPoolU8 {
         &INPUT_GRID
     }
 
-    fn param_bytes(&self, _layer: &Layer) -> usize {
-        0
-    }
-
     fn validate(&self, layer: &Layer, i: usize, input: &ActSpec) -> Result<ActSpec, Error> {
         let s = in_shape(layer);
         check_dims(i, "in_shape", s, 1)?;

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::output::INPUT_GRID;
 use super::spatial::{check_input, check_window, product, read_window};
@@ -56,11 +56,7 @@ impl Op for MaxPoolU8 {
     }
 
     fn write(&self, layer: &Layer, _i: usize, doc: &mut Map<String, Value>, _t: &mut TensorsOut) {
-        let w = window(layer);
-        doc.insert("in_shape".into(), json!(w.in_shape));
-        doc.insert("kernel".into(), json!(w.kernel));
-        doc.insert("stride".into(), json!(w.stride));
-        doc.insert("padding".into(), json!(w.padding));
+        super::spatial::write_window(doc, &window(layer), true);
     }
 
     fn inputs(&self, layer: &Layer) -> usize {
@@ -73,10 +69,6 @@ impl Op for MaxPoolU8 {
 
     fn output<'a>(&self, _layer: &'a Layer) -> &'a Output {
         &INPUT_GRID
-    }
-
-    fn param_bytes(&self, _layer: &Layer) -> usize {
-        0
     }
 
     fn validate(&self, layer: &Layer, i: usize, input: &ActSpec) -> Result<ActSpec, Error> {

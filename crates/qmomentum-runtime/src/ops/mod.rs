@@ -326,8 +326,11 @@ pub(crate) trait Op: Sync {
     fn output<'a>(&self, layer: &'a Layer) -> &'a Output;
 
     /// Bytes of the layer's tensors with one byte per int8 weight code, whatever its storage
-    /// width (the validation limits count these, so they do not depend on the packing).
-    fn param_bytes(&self, layer: &Layer) -> usize;
+    /// width (the validation limits count these, so they do not depend on the packing). None
+    /// by default (pooling).
+    fn param_bytes(&self, _layer: &Layer) -> usize {
+        0
+    }
 
     /// The layer's weights as [`crate::Model::to_bytes`] stores them: `(count, bits per weight,
     /// bytes)`; `(0, 0, 0)` for layers without weights.

@@ -121,3 +121,13 @@ pub(super) fn read_window(f: &mut Fields<'_>, in_shape: [usize; 3], padded: bool
 pub(super) fn product(v: &[usize]) -> u128 {
     v.iter().map(|&d| d as u128).product()
 }
+
+/// The window fields of a pooling layer in the model file (`padding` only where the op has it).
+pub(crate) fn write_window(doc: &mut serde_json::Map<String, serde_json::Value>, w: &Window, padding: bool) {
+    doc.insert("in_shape".into(), serde_json::json!(w.in_shape));
+    doc.insert("kernel".into(), serde_json::json!(w.kernel));
+    doc.insert("stride".into(), serde_json::json!(w.stride));
+    if padding {
+        doc.insert("padding".into(), serde_json::json!(w.padding));
+    }
+}
