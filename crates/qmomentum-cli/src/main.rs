@@ -6,6 +6,7 @@ mod output;
 mod bench;
 mod compare;
 mod deploy;
+mod distributed;
 mod info;
 mod inputs;
 mod lock;
@@ -89,13 +90,20 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Sweep(a) => sweep::run(a),
     };
+    // Data-parallel runs end MPI here: cleanly, or by aborting the job when only this rank failed
+    // (after its message is printed).
     if let Err(e) = res {
+        let follower = output::FOLLOWER.load(std::sync::atomic::Ordering::Relaxed);
+        let quiet = follower && e.downcast_ref::<train_cmd::Interrupted>().is_some();
+        if !quiet && e.downcast_ref::<output::ClosedStdout>().is_none() {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+        }
+        distributed::finish(Some(&e));
         if e.downcast_ref::<output::ClosedStdout>().is_some() {
             // The reader went away (`qmomentum info … | head -3`): end quietly, as Unix tools do.
             std::process::exit(141);
         }
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "error: {e:#}");
         let code = if e.downcast_ref::<train_cmd::Interrupted>().is_some() {
             130
         } else {
@@ -103,4 +111,5 @@ fn main() {
         };
         std::process::exit(code);
     }
+    distributed::finish(None);
 }

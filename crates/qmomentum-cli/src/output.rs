@@ -30,8 +30,19 @@ pub fn stdout_bytes(bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// Set on the ranks other than 0 of a data-parallel run: only rank 0 reports (status lines and
+/// warnings; errors are printed by every rank).
+pub static FOLLOWER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn follower() -> bool {
+    FOLLOWER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `println!` that returns an error instead of panicking (use through [`outln!`]).
 pub fn stdout_line(args: std::fmt::Arguments<'_>) -> Result<()> {
+    if follower() {
+        return Ok(());
+    }
     let mut s = args.to_string();
     s.push('\n');
     stdout_bytes(s.as_bytes())
@@ -96,5 +107,8 @@ pub fn is_stdout(path: &Path) -> bool {
 
 /// A warning on stderr (the run goes on).
 pub fn warn(msg: impl std::fmt::Display) {
+    if follower() {
+        return;
+    }
     let _ = writeln!(std::io::stderr(), "warning: {msg}");
 }

@@ -159,6 +159,21 @@ pub struct TrainArgs {
     /// Stop after this many steps in total (for tests of interruption; the checkpoint is written).
     #[arg(long, hide = true)]
     pub stop_after_steps: Option<u64>,
+    /// Data-parallel training over MPI: run as `mpirun -np N qmomentum train … --distributed`
+    /// (also on when an MPI launcher starts more than one process). --batch-size is the global
+    /// batch, shared evenly among the ranks; rank 0 writes the files. Needs a build with
+    /// `--features mpi`. See doc/distributed.md.
+    #[arg(long)]
+    pub distributed: bool,
+    /// With --distributed: add the ranks' gradients in rank order (gather, sum, broadcast)
+    /// instead of MPI_Allreduce, so runs on the same number of ranks are bit-identical whatever
+    /// the MPI library's algorithm.
+    #[arg(long)]
+    pub reduce_in_rank_order: bool,
+    /// With --resume: continue a run on another number of ranks than it was started with (the
+    /// gradient sums are then formed in another order; see doc/distributed.md).
+    #[arg(long, requires = "resume")]
+    pub allow_world_size_change: bool,
 }
 
 fn parse_schedule(s: &str) -> Result<Schedule> {
@@ -520,7 +535,155 @@ fn prepare_resume(a: &TrainArgs, files: &RunFiles, identity: &DataIdentity) -> R
     Ok(Some(t))
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
+pub fn run(mut a: TrainArgs) -> Result<()> {
+    let comm = crate::distributed::start(a.distributed, a.reduce_in_rank_order)?;
+    let res = match &comm {
+        None => run_with(&a, None),
+        Some(c) => {
+            let c = c.clone();
+            if c.rank() > 0 {
+                crate::output::FOLLOWER.store(true, Ordering::Relaxed);
+            }
+            // The cores of this machine are shared among its ranks (one thread each on 2 cores
+            // with 2 ranks), unless --threads says otherwise.
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let per_rank = (cores / crate::distributed::local_ranks()).clamp(1, 2);
+            if a.threads.is_none() && a.config.is_none() {
+                a.threads = Some(per_rank);
+            }
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(a.threads.unwrap_or(per_rank))
+                .build_global();
+            run_with(&a, Some(c))
+        }
+    };
+    drop(comm);
+    res
+}
+
+/// What a run needs once its inputs are read and checked (nothing written yet).
+struct Prepared {
+    t: Trainer,
+    data_dir: PathBuf,
+    train: Dataset,
+    val: Option<Dataset>,
+    test: Dataset,
+    lock: Option<RunLock>,
+    fresh: bool,
+    identity: DataIdentity,
+}
+
+fn run_with(a: &TrainArgs, comm: Option<Arc<dyn qmomentum::distributed::Collective>>) -> Result<()> {
+    let lead = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    let files = RunFiles::new(&a.out);
+    // Every rank reads and checks its inputs; only when all succeeded does rank 0 touch the
+    // output folder.
+    let prepared = prepare(a, &files, lead);
+    let prepared = match &comm {
+        Some(c) => crate::distributed::agree(c.as_ref(), "read and check their inputs", prepared)?,
+        None => prepared?,
+    };
+    let Some(Prepared {
+        mut t,
+        data_dir,
+        train,
+        val,
+        test,
+        lock,
+        fresh,
+        identity,
+    }) = prepared
+    else {
+        return Ok(());
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(c) = &comm {
+        check_ranks_agree(c.as_ref(), a, &t, &identity, train.len())?;
+        let n = c.size();
+        if t.global_step > 0 && t.world_size != n {
+            if !a.allow_world_size_change {
+                return Err(crate::distributed::AllRanks(format!(
+                    "rank {} of {n}: the run in {} was trained on {} rank(s) and is resumed on {n}; pass --allow-world-size-change to continue anyway (the sample order, schedule and every state continue exactly; each step's gradient is then summed in another order, so the weights differ from an uninterrupted run in the last bits and drift slowly from there)",
+                    c.rank(),
+                    a.out.display(),
+                    t.world_size
+                ))
+                .into());
+            }
+            warn(format!(
+                "continuing a run of {} rank(s) on {n} (--allow-world-size-change): from here on each step's gradient is summed in another order, so the weights are not bit-identical to an uninterrupted run",
+                t.world_size
+            ));
+        }
+        t.set_collective(c.clone(), Some(stop.clone()))
+            .map_err(|e| crate::distributed::AllRanks(format!("rank {} of {n}: {e}", c.rank())))?;
+    }
+    let validation = if a.validate_on_test { Some(&test) } else { val.as_ref() };
+    let created = !a.out.exists();
+    let lock = if lead {
+        let made = std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("{}: cannot create the output folder", a.out.display()))
+            .and_then(|_| match lock {
+                Some(l) => Ok(Some(l)),
+                None => RunLock::acquire(&a.out).map(Some),
+            });
+        match &comm {
+            Some(c) => crate::distributed::agree(c.as_ref(), "create the output folder", made)?,
+            None => made?,
+        }
+    } else {
+        crate::distributed::agree(
+            comm.as_deref().expect("a follower has a communicator"),
+            "create the output folder",
+            Ok(None),
+        )?
+    };
+    let res = train_in(a, &data_dir, &files, &mut t, &train, validation, &test, stop, lead);
+    drop(lock);
+    // A fresh run that failed before its first checkpoint leaves no folder behind (only when
+    // this command created it: an existing folder is never removed).
+    if lead && res.is_err() && fresh && created && !files.checkpoint.exists() {
+        let _ = std::fs::remove_dir_all(&a.out);
+    }
+    res
+}
+
+/// Ranks started with other configurations, data or checkpoints would silently train different
+/// models: every rank compares a digest of what it is about to run with rank 0's.
+fn check_ranks_agree(
+    c: &dyn qmomentum::distributed::Collective,
+    a: &TrainArgs,
+    t: &Trainer,
+    identity: &DataIdentity,
+    train_len: usize,
+) -> Result<()> {
+    let what = serde_json::json!({
+        "config": t.config,
+        "data": identity.files,
+        "train_samples": train_len,
+        "position": [t.epoch, t.step_in_epoch, t.global_step],
+        "out": a.out,
+        "reduce_in_rank_order": a.reduce_in_rank_order,
+    });
+    let digest = qmomentum::distributed::digest(what.to_string().as_bytes());
+    let all = c.gather_u64(digest)?;
+    let odd = qmomentum::distributed::disagreeing(&all);
+    if !odd.is_empty() {
+        return Err(crate::distributed::AllRanks(format!(
+            "rank {} of {}: rank(s) {} were started with another configuration, data set, output folder or checkpoint than rank 0 (digests {}); every rank must run the same command on the same files",
+            c.rank(),
+            c.size(),
+            odd.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
+            all.iter().map(|d| format!("{d:016x}")).collect::<Vec<_>>().join(" ")
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Read and check everything a run needs, writing nothing (`None`: the resumed run is already
+/// finished). `lead`: this process owns the output folder (the only process, or rank 0).
+fn prepare(a: &TrainArgs, files: &RunFiles, lead: bool) -> Result<Option<Prepared>> {
     // Everything is read and checked before the output folder is touched, so a mistaken command
     // leaves nothing behind.
     let data_dir = a.data.resolve()?;
@@ -530,9 +693,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Some(p) => Some(qmomentum::data::read_class_names(p)?),
         None => qmomentum::data::class_names_for(&data_dir, Some(&identity))?,
     };
-    let files = RunFiles::new(&a.out);
     // A folder in use by another run is reported as such before anything else about it.
-    let lock = if a.out.is_dir() {
+    let lock = if lead && a.out.is_dir() {
         Some(RunLock::acquire(&a.out)?)
     } else {
         None
@@ -546,9 +708,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 files.checkpoint.display()
             );
         }
-        match prepare_resume(&a, &files, &identity)? {
+        match prepare_resume(a, files, &identity)? {
             Some(t) => t,
-            None => return Ok(()),
+            None => return Ok(None),
         }
     } else {
         if files.checkpoint.exists() {
@@ -575,7 +737,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 if others.len() > 3 { ", …" } else { "" }
             );
         }
-        let mut t = Trainer::new(build_config(&a)?)?;
+        let mut t = Trainer::new(build_config(a)?)?;
         t.data = Some(identity.clone());
         t.class_names = class_names;
         t
@@ -598,24 +760,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     qmomentum::train::check_fits(&t.model, &train)?;
     if fresh {
-        warnings(&t.config, &a, train.len());
+        warnings(&t.config, a, train.len());
     }
-    let validation = if a.validate_on_test { Some(&test) } else { val.as_ref() };
-
-    let created = !a.out.exists();
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
-    let lock = match lock {
-        Some(l) => l,
-        None => RunLock::acquire(&a.out)?,
-    };
-    let res = train_in(&a, &data_dir, &files, &mut t, &train, validation, &test);
-    drop(lock);
-    // A fresh run that failed before its first checkpoint leaves no folder behind (only when
-    // this command created it: an existing folder is never removed).
-    if res.is_err() && fresh && created && !files.checkpoint.exists() {
-        let _ = std::fs::remove_dir_all(&a.out);
-    }
-    res
+    Ok(Some(Prepared {
+        t,
+        data_dir,
+        train,
+        val,
+        test,
+        lock,
+        fresh,
+        identity,
+    }))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -627,7 +783,22 @@ fn train_in(
     train: &Dataset,
     validation: Option<&Dataset>,
     test: &Dataset,
+    stop: Arc<AtomicBool>,
+    lead: bool,
 ) -> Result<()> {
+    // Data-parallel runs: rank 0 writes every file; a failure every rank meets at the same step
+    // (divergence, an agreed stop) is an `AllRanks` error, so the job ends cleanly.
+    let (rank, ranks) = t.rank();
+    let all_ranks = |e: qmomentum::Error| -> anyhow::Error {
+        if ranks > 1 {
+            crate::distributed::AllRanks(format!("rank {rank} of {ranks}: {e}")).into()
+        } else {
+            e.into()
+        }
+    };
+    if !lead {
+        return follow(a, t, train, validation, test, &stop, all_ranks);
+    }
     remove_stale_temporaries(&a.out);
     // Timings are not in the checkpoint (it stays byte-identical across identical runs); a
     // resumed run takes those of the epochs already done from the history it wrote.
@@ -637,13 +808,13 @@ fn train_in(
                 if r.epoch == old.epoch {
                     r.seconds = old.seconds;
                     r.samples_per_sec = old.samples_per_sec;
+                    r.comm_seconds = old.comm_seconds;
                 }
             }
         }
     }
     qmomentum::checkpoint::write_atomic(&files.config, toml::to_string(&t.config)?.as_bytes())?;
 
-    let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
         // A second Ctrl-C while the checkpoint is written is ignored; the run ends right after.
@@ -654,7 +825,7 @@ fn train_in(
     let mut bar: Option<ProgressBar> = None;
     if t.epoch == 0 && t.step_in_epoch == 0 {
         outln!(
-            "training {} on {} ({} samples, {} steps/epoch), {} params, quant {}, {}, batch {}, {} epochs, seed {}",
+            "training {} on {} ({} samples, {} steps/epoch), {} params, quant {}, {}, batch {}{}, {} epochs, seed {}",
             a.out.display(),
             data_dir.display(),
             train.len(),
@@ -663,6 +834,20 @@ fn train_in(
             t.config.quant,
             t.config.optimizer,
             t.config.batch_size,
+            if ranks > 1 {
+                format!(
+                    " ({ranks} ranks × {}, {} thread(s) each{})",
+                    t.config.batch_size / ranks,
+                    t.config.threads,
+                    if a.reduce_in_rank_order {
+                        ", sums in rank order"
+                    } else {
+                        ""
+                    }
+                )
+            } else {
+                String::new()
+            },
             t.config.epochs,
             t.config.seed
         )?;
@@ -693,7 +878,7 @@ fn train_in(
             if let Some(b) = bar.take() {
                 b.abandon();
             }
-            anyhow::Error::from(e)
+            all_ranks(e)
         })?
         else {
             break;
@@ -731,8 +916,12 @@ fn train_in(
             } else {
                 String::new()
             };
+            let comm = match r.comm_seconds {
+                Some(s) => format!(" - allreduce {s:.2}s"),
+                None => String::new(),
+            };
             outln!(
-                "epoch {}/{} - {:.2}s - {:.0} samples/s - loss {:.4} - accuracy {:.4}{val} - lr {:.3e}{skipped}",
+                "epoch {}/{} - {:.2}s{comm} - {:.0} samples/s - loss {:.4} - accuracy {:.4}{val} - lr {:.3e}{skipped}",
                 r.epoch,
                 t.config.epochs,
                 r.seconds,
@@ -746,7 +935,14 @@ fn train_in(
             qmomentum::checkpoint::save(t, &files.checkpoint)?;
         }
         let halt = a.stop_after_steps.is_some_and(|n| t.global_step >= n);
-        if stop.load(Ordering::SeqCst) || halt {
+        // Data-parallel: the stop every rank agreed on at this step's reduction (a signal that
+        // arrives later is seen at the next step), never this rank's flag alone.
+        let stopping = if ranks > 1 {
+            t.stop_agreed()
+        } else {
+            stop.load(Ordering::SeqCst)
+        };
+        if stopping || halt {
             if let Some(b) = bar.take() {
                 b.abandon();
             }
@@ -759,22 +955,27 @@ fn train_in(
                 .as_ref()
                 .map(|d| format!(" --data {}", d.display()))
                 .unwrap_or_default();
+            let (launch, dist) = if ranks > 1 {
+                (format!("mpirun -np {ranks} "), " --distributed")
+            } else {
+                (String::new(), "")
+            };
             let msg = format!(
-                "interrupted at epoch {}, step {} (global step {}); checkpoint written to {}. Continue with: qmomentum train --out {}{data_flag} --resume",
+                "interrupted at epoch {}, step {} (global step {}); checkpoint written to {}. Continue with: {launch}qmomentum train --out {}{data_flag}{dist} --resume",
                 t.epoch + 1,
                 t.step_in_epoch,
                 t.global_step,
                 files.checkpoint.display(),
                 a.out.display()
             );
-            if halt && !stop.load(Ordering::SeqCst) {
+            if halt && !stopping {
                 outln!("{msg}")?;
                 return Ok(());
             }
             return Err(Interrupted(msg).into());
         }
     }
-    let (test_loss, test_acc) = t.evaluate(test)?;
+    let (test_loss, test_acc) = t.evaluate(test).map_err(all_ranks)?;
     let total: f64 = t.history.epochs.iter().map(|r| r.seconds).sum();
     let result = serde_json::json!({
         "test_loss": crate::predict::json_f32(test_loss),
@@ -795,6 +996,37 @@ fn train_in(
         files.plot.display(),
         files.result.display()
     )?;
+    Ok(())
+}
+
+/// The loop of a rank other than 0: the same steps, stops and final evaluation as rank 0 (whose
+/// collective calls it matches one for one), writing nothing.
+fn follow(
+    a: &TrainArgs,
+    t: &mut Trainer,
+    train: &Dataset,
+    validation: Option<&Dataset>,
+    test: &Dataset,
+    stop: &Arc<AtomicBool>,
+    all_ranks: impl Fn(qmomentum::Error) -> anyhow::Error,
+) -> Result<()> {
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    while !t.finished() {
+        if t.step(train, validation).map_err(&all_ranks)?.is_none() {
+            break;
+        }
+        let halt = a.stop_after_steps.is_some_and(|n| t.global_step >= n);
+        if t.stop_agreed() {
+            return Err(Interrupted(format!("rank {}: stopped with rank 0", t.rank().0)).into());
+        }
+        if halt {
+            return Ok(());
+        }
+    }
+    t.evaluate(test).map_err(all_ranks)?;
     Ok(())
 }
 

@@ -72,6 +72,17 @@ pub struct Meta {
     /// Oscillation counters of the epoch in progress: `[layer, flips, oscillations, steps]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub oscillation_counts: Vec<[u64; 4]>,
+    /// Processes of the data-parallel run that wrote it (absent: 1, a single process).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -169,6 +180,7 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         epoch: t.epoch,
         step_in_epoch: t.step_in_epoch,
         global_step: t.global_step,
+        world_size: t.world_size,
         optimizer_steps: t.optimizer.state.iter().map(|s| s.steps).collect(),
         // Wall-clock timings stay out of the checkpoint (they live in history.csv/json), so two
         // runs of the same command write byte-identical checkpoints.
@@ -184,6 +196,7 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
                 .map(|r| crate::train::EpochRecord {
                     seconds: 0.0,
                     samples_per_sec: 0.0,
+                    comm_seconds: None,
                     ..r.clone()
                 })
                 .collect(),
@@ -634,6 +647,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     t.epoch = meta.epoch;
     t.step_in_epoch = meta.step_in_epoch;
     t.global_step = meta.global_step;
+    t.world_size = meta.world_size.max(1);
     t.progress = meta.progress;
     t.history = meta.history;
     t.data = meta.data;

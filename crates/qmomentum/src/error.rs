@@ -30,6 +30,9 @@ pub enum Error {
         context: String,
         error: qmomentum_runtime::Error,
     },
+    /// Data-parallel training cannot start or go on (world size, ranks that disagree, MPI).
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// A checkpoint or other output could not be encoded (serialisation failed).
     #[error("cannot encode {what}: {why}")]
     Encode { what: String, why: String },

@@ -14,6 +14,7 @@
 //! | [`quant`] | quantizers, observers, LSQ, schemes, post-training calibration |
 //! | [`model`] | `Sequential` |
 //! | [`train`] | `Trainer`: fit / evaluate, history, NaN handling |
+//! | [`distributed`] | data-parallel training: the collectives a step needs (MPI with feature `mpi`) |
 //! | [`checkpoint`] | atomic safetensors checkpoints, exact resume |
 //! | [`export`] | integer model files for `qmomentum-runtime` |
 //! | [`config`] | TOML configuration |
@@ -38,6 +39,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod display;
+pub mod distributed;
 pub mod error;
 pub mod export;
 pub mod gemm;

@@ -481,6 +481,13 @@ impl Sequential {
     /// over `parts` (this model's share and the replicas'), and move every batch norm's running
     /// statistics with the whole batch's sums.
     pub fn finish_step(&mut self, parts: &[&Sequential]) {
+        self.merge_step_stats(parts);
+        self.apply_step_stats();
+    }
+
+    /// Merge the batch statistics of `parts` (replicas that computed other rows of the same
+    /// batch) into this model's: activation ranges and sums, batch-norm sums.
+    pub fn merge_step_stats(&mut self, parts: &[&Sequential]) {
         for (k, l) in self.layers.iter_mut().enumerate() {
             if let Some(a) = l.act_quant_mut() {
                 let mut stats = a.stats;
@@ -489,21 +496,76 @@ impl Sequential {
                         stats = stats.merge(o.stats);
                     }
                 }
-                a.observe(stats);
+                a.stats = stats;
             }
             if let Layer::BatchNorm(b) = l {
-                // Taken out and put back: no allocation in the step.
-                let (mut s1, mut s2, mut n) = std::mem::take(&mut b.batch_sums);
+                let (s1, s2, n) = &mut b.batch_sums;
                 for p in parts {
                     if let Some(Layer::BatchNorm(o)) = p.layers.get(k) {
                         let (t1, t2, m) = &o.batch_sums;
                         s1.iter_mut().zip(t1).for_each(|(a, b)| *a += b);
                         s2.iter_mut().zip(t2).for_each(|(a, b)| *a += b);
-                        n += m;
+                        *n += m;
                     }
                 }
+            }
+        }
+    }
+
+    /// Feed every observer this model's (merged) batch statistics and move every batch norm's
+    /// running statistics with its (merged) batch sums.
+    pub fn apply_step_stats(&mut self) {
+        for l in self.layers.iter_mut() {
+            if let Some(a) = l.act_quant_mut() {
+                a.observe(a.stats);
+            }
+            if let Layer::BatchNorm(b) = l {
+                // Taken out and put back: no allocation in the step.
+                let (s1, s2, n) = std::mem::take(&mut b.batch_sums);
                 b.update_running(&s1, &s2, n);
                 b.batch_sums = (s1, s2, n);
+            }
+        }
+    }
+
+    /// The batch statistics that data-parallel ranks must agree on, written to (`pack`) or read
+    /// from (`!pack`) flat buffers: `sums` gets Σ|a| and the count of every quantized activation
+    /// and the Σx, Σx² and count of every batch norm; `maxes` gets `−min` and `max` of every
+    /// quantized activation (so one `max` reduction gives both ends of the range).
+    pub fn visit_step_stats(&mut self, sums: &mut Vec<f64>, maxes: &mut Vec<f32>, pack: bool) {
+        let (mut i, mut j) = (0usize, 0usize);
+        if pack {
+            sums.clear();
+            maxes.clear();
+        }
+        for l in self.layers.iter_mut() {
+            if let Some(a) = l.act_quant_mut() {
+                let st = &mut a.stats;
+                if pack {
+                    sums.extend([st.sum_abs, st.count as f64]);
+                    maxes.extend([-st.lo, st.hi]);
+                } else {
+                    st.sum_abs = sums[i];
+                    st.count = sums[i + 1] as u64;
+                    st.lo = -maxes[j];
+                    st.hi = maxes[j + 1];
+                    i += 2;
+                    j += 2;
+                }
+            }
+            if let Layer::BatchNorm(b) = l {
+                let (s1, s2, n) = &mut b.batch_sums;
+                if pack {
+                    sums.extend_from_slice(s1);
+                    sums.extend_from_slice(s2);
+                    sums.push(*n as f64);
+                } else {
+                    let c = s1.len();
+                    s1.copy_from_slice(&sums[i..i + c]);
+                    s2.copy_from_slice(&sums[i + c..i + 2 * c]);
+                    *n = sums[i + 2 * c] as u64;
+                    i += 2 * c + 1;
+                }
             }
         }
     }

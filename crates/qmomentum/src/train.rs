@@ -16,12 +16,15 @@
 
 use crate::config::{OnNonFinite, TrainConfig};
 use crate::data::Dataset;
+use crate::distributed::{shard, Collective};
 use crate::error::{Error, Result};
 use crate::layers::ParamKind;
 use crate::model::Sequential;
 use crate::optim::{BinaryOptimizer, Optimizer};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One epoch's figures (the rows of `history.csv`).
@@ -48,6 +51,9 @@ pub struct EpochRecord {
     /// Oscillation figures of each quantized layer (see `quant::oscillation`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub oscillation: Vec<crate::quant::oscillation::LayerOscillation>,
+    /// Data-parallel runs: seconds of the epoch's steps spent in collective calls (this rank's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_seconds: Option<f64>,
 }
 
 /// Per-epoch history, as Keras's `History`.
@@ -178,6 +184,23 @@ pub struct Trainer {
     labels: Vec<u32>,
     replica: Option<Box<(Sequential, Vec<u32>)>>,
     fits_checked: Option<(usize, usize, usize)>,
+    /// The number of processes whose shares made up each step (1: a single process; set by
+    /// [`Trainer::set_collective`], checkpointed, so a resume can tell what would change).
+    pub world_size: usize,
+    dist: Option<Box<Distributed>>,
+}
+
+/// A data-parallel run's link to the other ranks, and the buffers of its reductions (kept
+/// between steps: the step allocates nothing).
+#[derive(Clone, Debug)]
+struct Distributed {
+    comm: Arc<dyn Collective>,
+    stop: Option<Arc<AtomicBool>>,
+    stop_agreed: bool,
+    grads: Vec<f32>,
+    sums: Vec<f64>,
+    maxes: Vec<f32>,
+    seconds: f64,
 }
 
 impl Trainer {
@@ -213,7 +236,56 @@ impl Trainer {
             labels: Vec::new(),
             replica: None,
             fits_checked: None,
+            world_size: 1,
+            dist: None,
         })
+    }
+
+    /// Train data-parallel with the other ranks of `comm` (see [`crate::distributed`]): each
+    /// step computes this rank's share of the global batch (`config.batch_size`, which must
+    /// divide evenly among the ranks) and sums the gradients and batch statistics with the
+    /// others before the update, so every rank holds the same weights. `stop` is this process's
+    /// stop request (its signal handler's flag): a request on any rank is seen by all after the
+    /// same step ([`Trainer::stop_agreed`]). The world size is recorded in checkpoints.
+    pub fn set_collective(&mut self, comm: Arc<dyn Collective>, stop: Option<Arc<AtomicBool>>) -> Result<()> {
+        let n = comm.size();
+        let bs = self.config.batch_size;
+        if n == 0 || !bs.is_multiple_of(n) {
+            return Err(Error::config(
+                "batch_size",
+                bs,
+                format!(
+                    "the global batch must divide evenly among the {n} ranks; choose a multiple of {n} (e.g. {})",
+                    (bs / n.max(1)).max(1) * n
+                ),
+            ));
+        }
+        self.world_size = n;
+        self.fits_checked = None;
+        self.dist = Some(Box::new(Distributed {
+            comm,
+            stop,
+            stop_agreed: false,
+            grads: Vec::new(),
+            sums: Vec::new(),
+            maxes: Vec::new(),
+            seconds: 0.0,
+        }));
+        Ok(())
+    }
+
+    /// `(rank, world size)`: `(0, 1)` for a single process.
+    pub fn rank(&self) -> (usize, usize) {
+        self.dist
+            .as_ref()
+            .map(|d| (d.comm.rank(), d.comm.size()))
+            .unwrap_or((0, 1))
+    }
+
+    /// Data-parallel runs: whether some rank asked to stop before the last step's reduction
+    /// (every rank sees the same answer after the same step).
+    pub fn stop_agreed(&self) -> bool {
+        self.dist.as_ref().is_some_and(|d| d.stop_agreed)
     }
 
     /// Steps in an epoch of `n` samples.
@@ -250,6 +322,18 @@ impl Trainer {
         let key = (train.images.as_ptr() as usize, train.len(), train.features);
         if self.fits_checked != Some(key) {
             check_fits(&self.model, train)?;
+            let (_, ranks) = self.rank();
+            let last = train.len() - (self.steps_per_epoch(train.len()).max(1) - 1) * self.config.batch_size;
+            if ranks > 1 && last < ranks && !train.is_empty() {
+                return Err(Error::config(
+                    "batch_size",
+                    self.config.batch_size,
+                    format!(
+                        "the epoch's last batch would hold {last} of the {} training samples, fewer than the {ranks} ranks; choose a batch size that leaves at least {ranks} samples for it",
+                        train.len()
+                    ),
+                ));
+            }
             self.fits_checked = Some(key);
         }
         if train.is_empty() {
@@ -273,15 +357,27 @@ impl Trainer {
         let t0 = Instant::now();
         let step_no = self.global_step.saturating_add(1);
         let seed = self.config.seed;
-        // Dropout draws are a pure function of (seed, step, replica): nothing to checkpoint.
-        let rng_for = |r: u64| Rng::new(seed ^ step_no.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0xD0 + r);
-        // The batch is split in two contiguous halves, one per core; each replica computes the
-        // gradient of its half (of the mean loss over the whole batch), and the halves are added
-        // in a fixed order, so the result does not depend on thread timing.
+        // Dropout draws are a pure function of (seed, step, first row of the part within the
+        // batch): nothing to checkpoint, and two ranks of one thread draw what one process of two
+        // threads draws.
+        let rng_for = |row: usize| Rng::new(seed ^ step_no.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0xD0 + row as u64);
+        // Data-parallel runs: this rank computes rows `mine` of the global batch (see
+        // `distributed::shard`); the rest of the step is the single-process one on those rows,
+        // then the sums of all ranks replace this rank's.
+        let (rank, ranks) = self.rank();
+        let mine = shard(batch, rank, ranks);
+        // Within a process, its rows are split in two contiguous halves, one per core; each
+        // replica computes the gradient of its half (of the mean loss over the whole batch), and
+        // the halves are added in a fixed order, so the result does not depend on thread timing.
         // Oscillation dampening λ of this step, added to the main model's weight gradients only
         // (the replicas' gradients are summed into it).
         let total_steps = (self.config.schedule_epochs.unwrap_or(self.config.epochs) as u64).saturating_mul(spe as u64);
-        let lambda = self.config.oscillation.dampening_at(self.global_step, total_steps);
+        // (Only rank 0 adds it: the ranks' gradients are summed.)
+        let lambda = if rank == 0 {
+            self.config.oscillation.dampening_at(self.global_step, total_steps)
+        } else {
+            0.0
+        };
         if self.config.oscillation.dampening > 0.0 {
             for l in self.model.layers.iter_mut() {
                 if let Some((_, wq)) = l.weight_quant_mut() {
@@ -289,9 +385,10 @@ impl Trainer {
                 }
             }
         }
-        let split = self.config.threads >= 2 && batch >= 2;
-        let half = if split { batch.div_ceil(2) } else { batch };
-        let order = &self.order[start..end];
+        let order = &self.order[start + mine.start..start + mine.end];
+        let (first_row, batch_here) = (mine.start, mine.len());
+        let split = self.config.threads >= 2 && batch_here >= 2;
+        let half = if split { batch_here.div_ceil(2) } else { batch_here };
         self.labels.resize(half, 0);
         let (loss_sum, correct) = if split {
             let rep = self.replica.get_or_insert_with(|| {
@@ -305,25 +402,31 @@ impl Trainer {
                 Box::new((r, Vec::new()))
             });
             rep.0.sync_from(&self.model);
-            rep.1.resize(batch - half, 0);
+            rep.1.resize(batch_here - half, 0);
             let (m0, l0) = (&mut self.model, &mut self.labels);
             let (m1, l1) = (&mut rep.0, &mut rep.1);
             let ((s0, c0), (s1, c1)) = rayon::join(
                 || {
                     train.gather_normalised(&order[..half], m0.input_mut(half), l0);
-                    m0.forward_backward(l0, batch, &mut rng_for(0))
+                    m0.forward_backward(l0, batch, &mut rng_for(first_row))
                 },
                 || {
-                    train.gather_normalised(&order[half..], m1.input_mut(batch - half), l1);
-                    m1.forward_backward(l1, batch, &mut rng_for(1))
+                    train.gather_normalised(&order[half..], m1.input_mut(batch_here - half), l1);
+                    m1.forward_backward(l1, batch, &mut rng_for(first_row + half))
                 },
             );
             self.model.add_grads(&rep.0);
+            self.model.merge_step_stats(&[&rep.0]);
             (s0 + s1, c0 + c1)
         } else {
-            let x = self.model.input_mut(batch);
+            let x = self.model.input_mut(batch_here);
             train.gather_normalised(order, x, &mut self.labels);
-            self.model.forward_backward(&self.labels, batch, &mut rng_for(0))
+            self.model
+                .forward_backward(&self.labels, batch, &mut rng_for(first_row))
+        };
+        let (loss_sum, correct) = match self.dist.as_deref_mut() {
+            Some(d) => d.reduce_step(&mut self.model, loss_sum, correct)?,
+            None => (loss_sum, correct),
         };
         let loss = (loss_sum / batch as f64) as f32;
         let bad = if !loss.is_finite() {
@@ -350,10 +453,8 @@ impl Trainer {
             }
             (None, _) => {
                 // Only a step that is taken feeds the observers: a skipped batch changes nothing.
-                match self.replica.as_deref() {
-                    Some((r, _)) if split => self.model.finish_step(&[r]),
-                    _ => self.model.finish_step(&[]),
-                }
+                // (The replica's statistics were merged above, and other ranks' reduced in.)
+                self.model.apply_step_stats();
                 if self.config.oscillation.track {
                     // The codes this step's forward pass used (the main model's ŵ).
                     let m = self.config.oscillation.momentum;
@@ -413,6 +514,10 @@ impl Trainer {
                 samples_per_sec: (p.seen as f64 / p.seconds.max(1e-9)).round(),
                 skipped_steps: p.skipped,
                 oscillation: self.take_oscillation(),
+                comm_seconds: self.dist.as_deref_mut().map(|d| {
+                    d.seconds += d.comm.take_seconds();
+                    (std::mem::take(&mut d.seconds) * 1e6).round() / 1e6
+                }),
             };
             self.history.epochs.push(rec.clone());
             self.epoch += 1;
@@ -457,9 +562,22 @@ impl Trainer {
         Ok(self.history.clone())
     }
 
-    /// `(mean loss, accuracy)` on `data` (no training, observers untouched).
+    /// `(mean loss, accuracy)` on `data` (no training, observers untouched). Data-parallel
+    /// runs share the samples among the ranks and sum their results (collective: every rank
+    /// calls it).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<(f32, f32)> {
-        evaluate(&mut self.model, data)
+        match self.dist.as_deref() {
+            None => evaluate(&mut self.model, data),
+            Some(d) => {
+                check_fits(&self.model, data)?;
+                let n = data.len();
+                let rows = shard(n, d.comm.rank(), d.comm.size());
+                let (l, c) = evaluate_rows(&mut self.model, data, rows);
+                let mut sums = [l, c as f64];
+                d.comm.sum_f64(&mut sums)?;
+                Ok(((sums[0] / n.max(1) as f64) as f32, (sums[1] / n.max(1) as f64) as f32))
+            }
+        }
     }
 
     /// The oscillation figures of the epoch that ends (and reset the epoch counters).
@@ -495,10 +613,16 @@ impl Trainer {
 pub fn evaluate(model: &mut Sequential, data: &Dataset) -> Result<(f32, f32)> {
     check_fits(model, data)?;
     let n = data.len();
+    let (loss, correct) = evaluate_rows(model, data, 0..n);
+    Ok(((loss / n.max(1) as f64) as f32, correct as f32 / n.max(1) as f32))
+}
+
+/// `(Σ loss, correct)` of `model` on the samples `rows` of `data` (already checked to fit).
+fn evaluate_rows(model: &mut Sequential, data: &Dataset, rows: std::ops::Range<usize>) -> (f64, usize) {
     let mut rng = Rng::new(0, 0);
     let (mut loss, mut correct) = (0.0f64, 0usize);
     let mut labels = Vec::new();
-    let idx: Vec<usize> = (0..n).collect();
+    let idx: Vec<usize> = rows.collect();
     for chunk in idx.chunks(model.evaluation_batch()) {
         labels.resize(chunk.len(), 0);
         let x = model.input_mut(chunk.len());
@@ -507,7 +631,46 @@ pub fn evaluate(model: &mut Sequential, data: &Dataset) -> Result<(f32, f32)> {
         loss += l as f64 * chunk.len() as f64;
         correct += c;
     }
-    Ok(((loss / n.max(1) as f64) as f32, correct as f32 / n.max(1) as f32))
+    (loss, correct)
+}
+
+impl Distributed {
+    /// Replace this rank's gradients, batch statistics, loss and accuracy sums by those of all
+    /// ranks (three collective calls: the gradients in one `f32` buffer, the sums in one `f64`
+    /// buffer, the ranges and the stop request in one `max`). Returns the summed `(loss,
+    /// correct)`.
+    fn reduce_step(&mut self, model: &mut Sequential, loss_sum: f64, correct: usize) -> Result<(f64, usize)> {
+        let Distributed {
+            comm,
+            stop,
+            stop_agreed,
+            grads,
+            sums,
+            maxes,
+            ..
+        } = self;
+        grads.clear();
+        for p in model.params_iter() {
+            grads.extend_from_slice(&p.grad);
+        }
+        model.visit_step_stats(sums, maxes, true);
+        sums.extend([loss_sum, correct as f64]);
+        let asked = stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        maxes.push(if asked { 1.0 } else { 0.0 });
+        comm.sum_f32(grads)?;
+        comm.sum_f64(sums)?;
+        comm.max_f32(maxes)?;
+        let mut at = 0;
+        for p in model.params_iter_mut() {
+            let n = p.grad.len();
+            p.grad.copy_from_slice(&grads[at..at + n]);
+            at += n;
+        }
+        model.visit_step_stats(sums, maxes, false);
+        *stop_agreed = maxes.last().is_some_and(|&v| v > 0.0);
+        let k = sums.len();
+        Ok((sums[k - 2], sums[k - 1] as usize))
+    }
 }
 
 /// The data fit the model: as many features per sample as it reads, and every label below its
