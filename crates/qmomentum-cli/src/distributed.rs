@@ -23,10 +23,13 @@ impl std::fmt::Display for AllRanks {
 }
 impl std::error::Error for AllRanks {}
 
+/// Where MPI launchers announce the world size.
+pub const LAUNCHER_WORLD_SIZE: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
+
 /// The world size an MPI launcher announced in the environment (Open MPI, MPICH/Hydra, PMIx,
 /// Slurm's srun), if any.
 pub fn launcher_world_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
+    LAUNCHER_WORLD_SIZE
         .iter()
         .find_map(|k| std::env::var(k).ok())
         .and_then(|v| v.parse().ok())
@@ -89,7 +92,8 @@ mod imp {
 }
 
 /// Start MPI when the run is data-parallel: `--distributed`, or a launcher that started more
-/// than one process. `None` for a single-process run.
+/// than one process. `None` for a single-process run. (`qmomentum sweep` removes the launcher's
+/// variables from its cells' environment: each cell is a single-process run.)
 pub fn start(distributed: bool, rank_order: bool) -> Result<Option<Arc<dyn Collective>>> {
     let launched = launcher_world_size();
     match (distributed, launched) {

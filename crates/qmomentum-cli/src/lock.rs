@@ -14,8 +14,12 @@ pub struct RunLock {
 
 fn alive(pid: u32) -> bool {
     // Linux: a running process has /proc/PID. Elsewhere we cannot tell: treat it as alive.
+    // A zombie (killed, not yet reaped: a rank whose mpirun has gone) holds no lock.
     if cfg!(target_os = "linux") {
-        Path::new(&format!("/proc/{pid}")).exists()
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"),
+            Err(_) => false,
+        }
     } else {
         true
     }

@@ -545,6 +545,10 @@ fn run_cell(exe: &Path, cell: &Cell, dir: &Path, grid: &Grid, data: &Path, threa
         return Ok(false);
     }
     let mut cmd = Command::new(exe);
+    // A cell is one process even when the sweep itself was started by an MPI launcher.
+    for k in crate::distributed::LAUNCHER_WORLD_SIZE {
+        cmd.env_remove(k);
+    }
     cmd.arg("train")
         .arg("--quiet")
         .arg("--out")

@@ -15,7 +15,32 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// The run was interrupted (SIGINT) after writing a checkpoint.
+/// Set by SIGTERM (what `mpirun` sends its ranks when it gets Ctrl-C, and what batch schedulers
+/// send before they kill a job): the run checkpoints and stops as on Ctrl-C.
+static TERMINATED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    TERMINATED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM set `stop` (read through [`stop_requested`]).
+fn install_stop_handlers(stop: &Arc<AtomicBool>) {
+    let s = stop.clone();
+    // A second Ctrl-C while the checkpoint is written is ignored; the run ends right after.
+    let _ = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst));
+    #[cfg(unix)]
+    // SAFETY: the handler only stores to a static atomic, which is async-signal-safe; installed
+    // before the training loop, replacing the default disposition (termination).
+    unsafe {
+        libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t);
+    }
+}
+
+fn stop_requested(stop: &AtomicBool) -> bool {
+    stop.load(Ordering::SeqCst) || TERMINATED.load(Ordering::SeqCst)
+}
+
+/// The run was interrupted (SIGINT, SIGTERM) after writing a checkpoint.
 #[derive(Debug)]
 pub struct Interrupted(pub String);
 impl std::fmt::Display for Interrupted {
@@ -452,7 +477,9 @@ fn config_conflicts(was: &TrainConfig, now: &TrainConfig) -> Vec<String> {
     let a = serde_json::to_value(was).unwrap_or_default();
     let b = serde_json::to_value(now).unwrap_or_default();
     walk("", &a, &b, &mut out);
-    out.retain(|c| !c.starts_with("epochs:") && !c.starts_with("schedule_epochs:"));
+    // Not settings of the run: its length (extended with --epochs) and the threads a step uses
+    // (an execution setting, like the number of ranks; it changes the order of the sums).
+    out.retain(|c| !c.starts_with("epochs:") && !c.starts_with("schedule_epochs:") && !c.starts_with("threads:"));
     out
 }
 
@@ -472,6 +499,13 @@ fn prepare_resume(a: &TrainArgs, files: &RunFiles, identity: &DataIdentity) -> R
              Drop those flags (or use another --out for a new run).",
             conflicts.join("\n  ")
         );
+    }
+    if a.threads.is_some() && wanted.threads != t.config.threads {
+        warn(format!(
+            "--threads {} (the run used {}): each step's sums are formed in another order from here on, so the weights are not bit-identical to an uninterrupted run",
+            wanted.threads, t.config.threads
+        ));
+        t.config.threads = wanted.threads;
     }
     match &t.data {
         Some(d) if !d.same_data(identity) => {
@@ -535,7 +569,14 @@ fn prepare_resume(a: &TrainArgs, files: &RunFiles, identity: &DataIdentity) -> R
     Ok(Some(t))
 }
 
-pub fn run(mut a: TrainArgs) -> Result<()> {
+/// The threads each rank of a data-parallel run uses unless `--threads` says: this machine's
+/// cores shared among its ranks (one each for two ranks on two cores), at most 2.
+fn threads_per_rank() -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / crate::distributed::local_ranks()).clamp(1, 2)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
     let comm = crate::distributed::start(a.distributed, a.reduce_in_rank_order)?;
     let res = match &comm {
         None => run_with(&a, None),
@@ -546,13 +587,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             }
             // The cores of this machine are shared among its ranks (one thread each on 2 cores
             // with 2 ranks), unless --threads says otherwise.
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            let per_rank = (cores / crate::distributed::local_ranks()).clamp(1, 2);
-            if a.threads.is_none() && a.config.is_none() {
-                a.threads = Some(per_rank);
-            }
             let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(a.threads.unwrap_or(per_rank))
+                .num_threads(a.threads.unwrap_or_else(threads_per_rank))
                 .build_global();
             run_with(&a, Some(c))
         }
@@ -597,26 +633,37 @@ fn run_with(a: &TrainArgs, comm: Option<Arc<dyn qmomentum::distributed::Collecti
         return Ok(());
     };
     let stop = Arc::new(AtomicBool::new(false));
+    // A data-parallel rank uses its share of the machine's cores unless --threads says (an
+    // execution setting, like the world size: it changes the order of the sums, not the run).
+    if comm.is_some() && a.threads.is_none() {
+        t.config.threads = threads_per_rank();
+    }
+    let (rank, n) = comm.as_ref().map(|c| (c.rank(), c.size())).unwrap_or((0, 1));
+    if t.global_step > 0 && t.world_size != n {
+        let why = format!(
+            "the run in {} was trained on {} process(es) and is resumed on {n}",
+            a.out.display(),
+            t.world_size
+        );
+        if !a.allow_world_size_change {
+            let msg = format!(
+                "{why}; pass --allow-world-size-change to continue anyway (the sample order, the schedule and every state continue exactly, but each step's gradient is then summed in another order, and with dropout or batch norm the shares each rank draws and normalises over change: the weights leave those of an uninterrupted run from there on)"
+            );
+            return Err(match &comm {
+                Some(_) => crate::distributed::AllRanks(format!("rank {rank} of {n}: {msg}")).into(),
+                None => anyhow::anyhow!(msg),
+            });
+        }
+        warn(format!(
+            "{why} (--allow-world-size-change): from here on each step's gradient is summed in another order, so the weights are not bit-identical to an uninterrupted run"
+        ));
+    }
+    t.world_size = n;
     if let Some(c) = &comm {
         check_ranks_agree(c.as_ref(), a, &t, &identity, train.len())?;
-        let n = c.size();
-        if t.global_step > 0 && t.world_size != n {
-            if !a.allow_world_size_change {
-                return Err(crate::distributed::AllRanks(format!(
-                    "rank {} of {n}: the run in {} was trained on {} rank(s) and is resumed on {n}; pass --allow-world-size-change to continue anyway (the sample order, schedule and every state continue exactly; each step's gradient is then summed in another order, so the weights differ from an uninterrupted run in the last bits and drift slowly from there)",
-                    c.rank(),
-                    a.out.display(),
-                    t.world_size
-                ))
-                .into());
-            }
-            warn(format!(
-                "continuing a run of {} rank(s) on {n} (--allow-world-size-change): from here on each step's gradient is summed in another order, so the weights are not bit-identical to an uninterrupted run",
-                t.world_size
-            ));
-        }
-        t.set_collective(c.clone(), Some(stop.clone()))
-            .map_err(|e| crate::distributed::AllRanks(format!("rank {} of {n}: {e}", c.rank())))?;
+        let asked = stop.clone();
+        t.set_collective(c.clone(), Some(Arc::new(move || stop_requested(&asked))))
+            .map_err(|e| crate::distributed::AllRanks(format!("rank {rank} of {n}: {e}")))?;
     }
     let validation = if a.validate_on_test { Some(&test) } else { val.as_ref() };
     let created = !a.out.exists();
@@ -657,13 +704,20 @@ fn check_ranks_agree(
     identity: &DataIdentity,
     train_len: usize,
 ) -> Result<()> {
+    // Everything that decides which collective calls a rank makes and what it computes; not
+    // `threads` (each node may have its own number of cores).
+    let mut config = serde_json::to_value(&t.config)?;
+    if let Some(m) = config.as_object_mut() {
+        m.remove("threads");
+    }
     let what = serde_json::json!({
-        "config": t.config,
+        "config": config,
         "data": identity.files,
         "train_samples": train_len,
-        "position": [t.epoch, t.step_in_epoch, t.global_step],
+        "position": [t.epoch, t.step_in_epoch, t.global_step, t.world_size],
         "out": a.out,
-        "reduce_in_rank_order": a.reduce_in_rank_order,
+        "flags": [a.reduce_in_rank_order, a.validate_on_test, a.allow_world_size_change, a.reschedule, a.force_data],
+        "stop_after_steps": a.stop_after_steps,
     });
     let digest = qmomentum::distributed::digest(what.to_string().as_bytes());
     let all = c.gather_u64(digest)?;
@@ -815,11 +869,7 @@ fn train_in(
     }
     qmomentum::checkpoint::write_atomic(&files.config, toml::to_string(&t.config)?.as_bytes())?;
 
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while the checkpoint is written is ignored; the run ends right after.
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
+    install_stop_handlers(&stop);
     let fancy = !a.quiet && std::io::stderr().is_terminal();
     let spe = t.steps_per_epoch(train.len());
     let mut bar: Option<ProgressBar> = None;
@@ -905,7 +955,7 @@ fn train_in(
                 b.finish_and_clear();
             }
             // Saved first, printed after: a reader that goes away cannot cost the epoch.
-            qmomentum::checkpoint::save(t, &files.checkpoint)?;
+            save_checkpoint(t, &files.checkpoint, &all_ranks)?;
             write_history(t, files)?;
             let val = match (r.val_loss, r.val_accuracy) {
                 (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
@@ -932,7 +982,7 @@ fn train_in(
             )?;
         }
         if every > 0 && t.global_step.is_multiple_of(every) && !epoch_ended {
-            qmomentum::checkpoint::save(t, &files.checkpoint)?;
+            save_checkpoint(t, &files.checkpoint, &all_ranks)?;
         }
         let halt = a.stop_after_steps.is_some_and(|n| t.global_step >= n);
         // Data-parallel: the stop every rank agreed on at this step's reduction (a signal that
@@ -940,14 +990,14 @@ fn train_in(
         let stopping = if ranks > 1 {
             t.stop_agreed()
         } else {
-            stop.load(Ordering::SeqCst)
+            stop_requested(&stop)
         };
         if stopping || halt {
             if let Some(b) = bar.take() {
                 b.abandon();
             }
             if !epoch_ended {
-                qmomentum::checkpoint::save(t, &files.checkpoint)?;
+                save_checkpoint(t, &files.checkpoint, &all_ranks)?;
             }
             let data_flag = a
                 .data
@@ -1010,15 +1060,20 @@ fn follow(
     stop: &Arc<AtomicBool>,
     all_ranks: impl Fn(qmomentum::Error) -> anyhow::Error,
 ) -> Result<()> {
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
+    install_stop_handlers(stop);
+    let every = t.config.checkpoint.every_steps;
     while !t.finished() {
-        if t.step(train, validation).map_err(&all_ranks)?.is_none() {
+        let Some(report) = t.step(train, validation).map_err(&all_ranks)? else {
             break;
-        }
+        };
         let halt = a.stop_after_steps.is_some_and(|n| t.global_step >= n);
+        // Where rank 0 writes a checkpoint, this rank makes the test the writing makes (weights
+        // that became non-finite), so a divergence ends every rank alike.
+        let saves =
+            report.epoch.is_some() || (every > 0 && t.global_step.is_multiple_of(every)) || halt || t.stop_agreed();
+        if saves {
+            qmomentum::checkpoint::check_weights_finite(t, Path::new("checkpoint.safetensors")).map_err(&all_ranks)?;
+        }
         if t.stop_agreed() {
             return Err(Interrupted(format!("rank {}: stopped with rank 0", t.rank().0)).into());
         }
@@ -1028,6 +1083,15 @@ fn follow(
     }
     t.evaluate(test).map_err(all_ranks)?;
     Ok(())
+}
+
+/// Write the checkpoint; weights that became non-finite are a divergence every rank of a
+/// data-parallel run meets at this step ([`follow`] makes the same test).
+fn save_checkpoint(t: &Trainer, path: &Path, all_ranks: &impl Fn(qmomentum::Error) -> anyhow::Error) -> Result<()> {
+    qmomentum::checkpoint::save(t, path).map_err(|e| match e {
+        qmomentum::Error::Diverged(_) => all_ranks(e),
+        other => other.into(),
+    })
 }
 
 /// Temporary files of atomic writes that a killed run left behind (`.NAME.tmp.PID`); safe to

@@ -446,3 +446,30 @@ fn quantize_export_infer() {
     assert!(String::from_utf8_lossy(&bytes[10..128]).contains("'shape': (2000, 10)"));
     assert_eq!(bytes.len(), 128 + 2000 * 10 * 4);
 }
+
+/// `--distributed` outside an MPI launcher, and a launcher's environment for a build without
+/// MPI: clear errors before anything is read or written.
+#[test]
+fn distributed_training_needs_a_launcher_and_an_mpi_build() {
+    let data = small_data(3000, 1000);
+    let out = tmp("dist-nolauncher");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = train(&data, &out, &["--distributed"]);
+    assert!(
+        !o.status.success() && text(&o).contains("--distributed needs an MPI launcher") && !out.exists(),
+        "{}",
+        text(&o)
+    );
+    if cfg!(not(feature = "mpi")) {
+        let o = Command::new(bin())
+            .args(["train", "--data", s(&data), "--out", s(&out), "--quiet"])
+            .env("OMPI_COMM_WORLD_SIZE", "2")
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success() && text(&o).contains("built without MPI support") && !out.exists(),
+            "{}",
+            text(&o)
+        );
+    }
+}

@@ -241,6 +241,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Save a checkpoint atomically. Weights that became NaN or infinite (an update too large for
 /// f32, even with finite gradients) are refused, so the previous checkpoint stays loadable.
 pub fn save(t: &Trainer, path: &Path) -> Result<()> {
+    check_weights_finite(t, path)?;
+    write_atomic(path, &to_bytes(t)?)
+}
+
+/// The test [`save`] makes before writing `path`: every weight is finite (a `Diverged` error
+/// otherwise). Data-parallel ranks that write nothing make it at the same steps, so that a
+/// divergence ends every rank the same way.
+pub fn check_weights_finite(t: &Trainer, path: &Path) -> Result<()> {
     for p in t.model.params_iter() {
         if let Some(i) = p.value.iter().position(|v| !v.is_finite()) {
             return Err(Error::Diverged(format!(
@@ -254,7 +262,7 @@ pub fn save(t: &Trainer, path: &Path) -> Result<()> {
             )));
         }
     }
-    write_atomic(path, &to_bytes(t)?)
+    Ok(())
 }
 
 /// Read the metadata of a checkpoint.

@@ -23,7 +23,6 @@ use crate::model::Sequential;
 use crate::optim::{BinaryOptimizer, Optimizer};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -190,17 +189,29 @@ pub struct Trainer {
     dist: Option<Box<Distributed>>,
 }
 
+/// Polled once per step by a data-parallel run: whether this process was asked to stop.
+pub type StopRequest = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// A data-parallel run's link to the other ranks, and the buffers of its reductions (kept
 /// between steps: the step allocates nothing).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Distributed {
     comm: Arc<dyn Collective>,
-    stop: Option<Arc<AtomicBool>>,
+    stop: Option<StopRequest>,
     stop_agreed: bool,
     grads: Vec<f32>,
     sums: Vec<f64>,
     maxes: Vec<f32>,
     seconds: f64,
+}
+
+impl std::fmt::Debug for Distributed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Distributed")
+            .field("comm", &self.comm)
+            .field("stop_agreed", &self.stop_agreed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Trainer {
@@ -244,10 +255,11 @@ impl Trainer {
     /// Train data-parallel with the other ranks of `comm` (see [`crate::distributed`]): each
     /// step computes this rank's share of the global batch (`config.batch_size`, which must
     /// divide evenly among the ranks) and sums the gradients and batch statistics with the
-    /// others before the update, so every rank holds the same weights. `stop` is this process's
-    /// stop request (its signal handler's flag): a request on any rank is seen by all after the
-    /// same step ([`Trainer::stop_agreed`]). The world size is recorded in checkpoints.
-    pub fn set_collective(&mut self, comm: Arc<dyn Collective>, stop: Option<Arc<AtomicBool>>) -> Result<()> {
+    /// others before the update, so every rank holds the same weights. `stop` tells whether this
+    /// process was asked to stop (its signal handler's flag): a request on any rank is seen by
+    /// all after the same step ([`Trainer::stop_agreed`]). The world size is recorded in
+    /// checkpoints.
+    pub fn set_collective(&mut self, comm: Arc<dyn Collective>, stop: Option<StopRequest>) -> Result<()> {
         let n = comm.size();
         let bs = self.config.batch_size;
         if n == 0 || !bs.is_multiple_of(n) {
@@ -357,10 +369,11 @@ impl Trainer {
         let t0 = Instant::now();
         let step_no = self.global_step.saturating_add(1);
         let seed = self.config.seed;
-        // Dropout draws are a pure function of (seed, step, first row of the part within the
-        // batch): nothing to checkpoint, and two ranks of one thread draw what one process of two
-        // threads draws.
-        let rng_for = |row: usize| Rng::new(seed ^ step_no.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0xD0 + row as u64);
+        // Dropout draws are a pure function of (seed, step, part), a part being one thread's
+        // share (`rank × threads + thread`): nothing to checkpoint, and two ranks of one thread
+        // draw what one process of two threads draws.
+        let threads = self.config.threads as u64;
+        let rng_for = |part: u64| Rng::new(seed ^ step_no.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0xD0 + part);
         // Data-parallel runs: this rank computes rows `mine` of the global batch (see
         // `distributed::shard`); the rest of the step is the single-process one on those rows,
         // then the sums of all ranks replace this rank's.
@@ -386,7 +399,7 @@ impl Trainer {
             }
         }
         let order = &self.order[start + mine.start..start + mine.end];
-        let (first_row, batch_here) = (mine.start, mine.len());
+        let (first_part, batch_here) = (rank as u64 * threads, mine.len());
         let split = self.config.threads >= 2 && batch_here >= 2;
         let half = if split { batch_here.div_ceil(2) } else { batch_here };
         self.labels.resize(half, 0);
@@ -408,11 +421,11 @@ impl Trainer {
             let ((s0, c0), (s1, c1)) = rayon::join(
                 || {
                     train.gather_normalised(&order[..half], m0.input_mut(half), l0);
-                    m0.forward_backward(l0, batch, &mut rng_for(first_row))
+                    m0.forward_backward(l0, batch, &mut rng_for(first_part))
                 },
                 || {
                     train.gather_normalised(&order[half..], m1.input_mut(batch_here - half), l1);
-                    m1.forward_backward(l1, batch, &mut rng_for(first_row + half))
+                    m1.forward_backward(l1, batch, &mut rng_for(first_part + 1))
                 },
             );
             self.model.add_grads(&rep.0);
@@ -422,7 +435,7 @@ impl Trainer {
             let x = self.model.input_mut(batch_here);
             train.gather_normalised(order, x, &mut self.labels);
             self.model
-                .forward_backward(&self.labels, batch, &mut rng_for(first_row))
+                .forward_backward(&self.labels, batch, &mut rng_for(first_part))
         };
         let (loss_sum, correct) = match self.dist.as_deref_mut() {
             Some(d) => d.reduce_step(&mut self.model, loss_sum, correct)?,
@@ -519,6 +532,9 @@ impl Trainer {
                     (std::mem::take(&mut d.seconds) * 1e6).round() / 1e6
                 }),
             };
+            if let Some(d) = self.dist.as_deref() {
+                self.check_ranks_hold_the_same_model(d.comm.as_ref())?;
+            }
             self.history.epochs.push(rec.clone());
             self.epoch += 1;
             self.step_in_epoch = 0;
@@ -578,6 +594,30 @@ impl Trainer {
                 Ok(((sums[0] / n.max(1) as f64) as f32, (sums[1] / n.max(1) as f64) as f32))
             }
         }
+    }
+
+    /// Data-parallel runs, at the end of every epoch: every rank's weights and buffers must
+    /// equal rank 0's, bit for bit (they do when every rank receives the same sums; MPI does not
+    /// promise that for every algorithm, `--reduce-in-rank-order` does). Collective.
+    fn check_ranks_hold_the_same_model(&self, comm: &dyn Collective) -> Result<()> {
+        let mut bytes = Vec::new();
+        for v in self
+            .model
+            .params_iter()
+            .map(|p| &p.value)
+            .chain(self.model.buffers_iter().map(|b| &b.value))
+        {
+            bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        let all = comm.gather_u64(crate::distributed::digest(&bytes))?;
+        let odd = crate::distributed::disagreeing(&all);
+        if odd.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Distributed(format!(
+            "after epoch {}, rank(s) {odd:?} hold other weights than rank 0: the MPI library did not give every rank the same sums; run with --reduce-in-rank-order",
+            self.epoch + 1
+        )))
     }
 
     /// The oscillation figures of the epoch that ends (and reset the epoch counters).
@@ -655,7 +695,7 @@ impl Distributed {
         }
         model.visit_step_stats(sums, maxes, true);
         sums.extend([loss_sum, correct as f64]);
-        let asked = stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let asked = stop.as_ref().is_some_and(|s| s());
         maxes.push(if asked { 1.0 } else { 0.0 });
         comm.sum_f32(grads)?;
         comm.sum_f64(sums)?;

@@ -20,9 +20,11 @@
 //!
 //! ```
 //! use qmomentum::distributed::shard;
-//! // A global batch of 128 on 3 ranks: 43 + 43 + 42 rows (the first ranks take the extra row,
-//! // as the single-process two-thread split gives its first half the odd row).
-//! assert_eq!((0..3).map(|r| shard(128, r, 3)).collect::<Vec<_>>(), vec![0..43, 43..86, 86..128]);
+//! // A global batch of 129 on 3 ranks: 43 rows each.
+//! assert_eq!((0..3).map(|r| shard(129, r, 3)).collect::<Vec<_>>(), vec![0..43, 43..86, 86..129]);
+//! // An epoch's last, partial batch of 127 rows: the first ranks take the extra rows, as the
+//! // single-process two-thread split gives its first half the odd row.
+//! assert_eq!((0..3).map(|r| shard(127, r, 3)).collect::<Vec<_>>(), vec![0..43, 43..85, 85..127]);
 //! ```
 
 #[cfg(feature = "mpi")]

@@ -31,6 +31,8 @@ pub enum Reduction {
 pub struct MpiCollective {
     // Dropped last (fields drop in order): finalizes MPI after the communicator is gone.
     world: SimpleCommunicator,
+    rank: usize,
+    size: usize,
     reduction: Reduction,
     scratch: Mutex<Scratch>,
     _universe: mpi::environment::Universe,
@@ -44,17 +46,21 @@ struct Scratch {
 }
 
 // SAFETY: the communicator is a handle MPI lets any thread use once MPI is initialised with at
-// least `Threading::Serialized`, which `MpiCollective::init` requires; every call that uses it
-// goes through `&self` methods that hold the `scratch` mutex, so no two threads call MPI at once.
+// least `Threading::Serialized`, which `MpiCollective::init` requires. Every MPI call made
+// through `&self` (the collectives, `barrier`, `abort`) holds the `scratch` mutex, so no two
+// threads call MPI at once; rank and size are cached at init and read without MPI.
+// Finalization (the drop of `_universe`) happens where the last `Arc` is dropped: the
+// `qmomentum` command keeps one in `main`'s thread, which also initialised MPI, and drops it
+// last.
 unsafe impl Send for MpiCollective {}
-// SAFETY: as above — all MPI calls are serialised by the `scratch` mutex.
+// SAFETY: as above — all MPI calls through `&self` are serialised by the `scratch` mutex.
 unsafe impl Sync for MpiCollective {}
 
 impl std::fmt::Debug for MpiCollective {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MpiCollective")
-            .field("rank", &self.world.rank())
-            .field("size", &self.world.size())
+            .field("rank", &self.rank)
+            .field("size", &self.size)
             .field("reduction", &self.reduction)
             .finish()
     }
@@ -73,6 +79,8 @@ impl MpiCollective {
         }
         let world = universe.world();
         Ok(MpiCollective {
+            rank: world.rank() as usize,
+            size: world.size() as usize,
             world,
             reduction,
             scratch: Mutex::new(Scratch::default()),
@@ -88,6 +96,7 @@ impl MpiCollective {
     /// End the whole job now (every rank), with `code`: for a failure on one rank that the others
     /// cannot know of (they would wait in the next collective forever).
     pub fn abort(&self, code: i32) -> ! {
+        let _g = self.lock();
         self.world.abort(code)
     }
 
@@ -113,9 +122,9 @@ impl MpiCollective {
                 self.world.all_reduce_into(&scratch[..], buf, SystemOperation::sum());
             }
             Reduction::RankOrder => {
-                let n = self.world.size() as usize;
+                let n = self.size;
                 let root = self.world.process_at_rank(0);
-                if self.world.rank() == 0 {
+                if self.rank == 0 {
                     scratch.resize(buf.len() * n, T::default());
                     root.gather_into_root(&buf[..], &mut scratch[..]);
                     let len = buf.len();
@@ -137,10 +146,10 @@ impl MpiCollective {
 
 impl Collective for MpiCollective {
     fn rank(&self) -> usize {
-        self.world.rank() as usize
+        self.rank
     }
     fn size(&self) -> usize {
-        self.world.size() as usize
+        self.size
     }
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
         let mut g = self.lock();
