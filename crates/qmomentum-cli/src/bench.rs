@@ -22,6 +22,9 @@ enum BenchWhat {
     Train(TrainBench),
     /// Batch-1 latency and batch-10000 throughput: our f32 path, the int8 and the binary runtime.
     Infer(crate::deploy::InferBench),
+    /// Under `mpirun -np N` (build with `--features mpi`): time of one gradient allreduce per
+    /// buffer size, with MPI_Allreduce and with the rank-order sum; rank 0 prints a table.
+    Allreduce(AllreduceBench),
     /// (internal) time one integer model in this fresh process; prints JSON.
     #[command(hide = true)]
     Runtime(crate::deploy::RuntimeTiming),
@@ -53,8 +56,83 @@ struct TrainBench {
     peak_gflops: Option<f64>,
 }
 
+#[derive(Args, Debug)]
+struct AllreduceBench {
+    /// Buffer sizes in bytes (f32 values): by default the design document's MLP gradient
+    /// (109,386 parameters = 437,544 B), cnn-small's (50,378 = 201,512 B) and a range around them.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "4096,65536,201512,437544,1048576,16777216"
+    )]
+    bytes: Vec<usize>,
+    /// Timed calls per size and mode (after 10 untimed ones); the median is reported.
+    #[arg(long, default_value_t = 200)]
+    calls: usize,
+}
+
+#[cfg(feature = "mpi")]
+fn allreduce(b: AllreduceBench) -> Result<()> {
+    use qmomentum::distributed::mpi::{MpiCollective, Reduction};
+    use qmomentum::distributed::Collective;
+    let mut rows = Vec::new();
+    // One MPI initialisation per process: the two modes share the world communicator.
+    let mut c = MpiCollective::init(Reduction::Mpi)?;
+    let n = c.size();
+    for mode in [Reduction::Mpi, Reduction::RankOrder] {
+        c.set_reduction(mode);
+        for &bytes in &b.bytes {
+            let mut buf = vec![1.0f32; bytes.div_ceil(4)];
+            let mut times = Vec::with_capacity(b.calls);
+            for i in 0..b.calls + 10 {
+                c.barrier();
+                let t = std::time::Instant::now();
+                c.sum_f32(&mut buf)?;
+                if i >= 10 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                buf.iter_mut().for_each(|v| *v = 1.0);
+            }
+            times.sort_by(f64::total_cmp);
+            let med = times[times.len() / 2];
+            let p90 = times[times.len() * 9 / 10];
+            rows.push((mode, bytes, med, p90));
+        }
+    }
+    if c.rank() == 0 {
+        outln!(
+            "allreduce of f32 gradients on {n} rank(s) (median of {} calls, each after a barrier)",
+            b.calls
+        )?;
+        outln!("| bytes | reduction | median µs | p90 µs | bus GB/s (2(N−1)/N · bytes / t) |")?;
+        outln!("|---:|---|---:|---:|---:|")?;
+        for (mode, bytes, med, p90) in rows {
+            let bus = 2.0 * (n as f64 - 1.0) / n as f64 * bytes as f64 / med / 1e9;
+            outln!(
+                "| {bytes} | {} | {:.1} | {:.1} | {bus:.2} |",
+                match mode {
+                    Reduction::Mpi => "MPI_Allreduce",
+                    Reduction::RankOrder => "rank order",
+                },
+                med * 1e6,
+                p90 * 1e6
+            )?;
+        }
+    }
+    drop(c);
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn allreduce(_b: AllreduceBench) -> Result<()> {
+    anyhow::bail!(
+        "bench allreduce needs a build with MPI support: cargo build --release -p qmomentum-cli --features mpi, then mpirun -np N qmomentum bench allreduce"
+    )
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
+        BenchWhat::Allreduce(b) => allreduce(b),
         BenchWhat::Train(b) => train(b),
         BenchWhat::Infer(b) => crate::deploy::bench_infer(b),
         BenchWhat::Runtime(r) => crate::deploy::runtime_timing(r),

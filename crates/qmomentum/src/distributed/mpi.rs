@@ -93,6 +93,12 @@ impl MpiCollective {
         self.reduction
     }
 
+    /// Form sums another way from now on (every rank must make the same change at the same
+    /// point).
+    pub fn set_reduction(&mut self, reduction: Reduction) {
+        self.reduction = reduction;
+    }
+
     /// End the whole job now (every rank), with `code`: for a failure on one rank that the others
     /// cannot know of (they would wait in the next collective forever).
     pub fn abort(&self, code: i32) -> ! {
