@@ -71,7 +71,7 @@ mod kind;
 pub mod lowbit;
 mod model;
 mod ops;
-mod pool;
+pub mod pool;
 pub mod requant;
 
 pub use engine::{argmax, Workspace};

@@ -10,7 +10,9 @@
 //! next call of a loop of calls starts at once, and an idle process uses no CPU.
 //!
 //! One job runs at a time; the caller always takes part, and a caller that finds the pool busy
-//! (another thread's job) simply runs its job alone. Jobs borrow the caller's stack: [`run`]
+//! (another thread's job) simply runs its job alone. The pool is the process's one pool for
+//! splitting work over the cores: the integer engine's row chunks and the trainer's two halves
+//! of a batch ([`join`]) both run on it, so a training step pays no futex wake-up either. Jobs borrow the caller's stack: [`run`]
 //! returns only once no worker can touch the job any more (see the invariant on `Slot::job`).
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -136,11 +138,71 @@ fn worker(pool: &'static Pool) {
         if let Some(job) = job {
             // SAFETY: `run` keeps the job alive until `active` is back to 0 (`Slot::job`).
             let f = unsafe { &*job.0 };
-            if catch_unwind(AssertUnwindSafe(f)).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| in_job(f))).is_err() {
                 pool.panicked.store(true, Ordering::Relaxed);
             }
             pool.active.fetch_sub(1, Ordering::Release);
         }
+    }
+}
+
+thread_local! {
+    static IN_JOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with [`inside_job`] true on this thread (restored after, also on unwinding).
+fn in_job(f: &(dyn Fn() + Sync)) {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_JOB.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(IN_JOB.with(|c| c.replace(true)));
+    f();
+}
+
+/// Whether this thread is running a share of a pool job (its other cores are busy: code that
+/// would split its own work further should not).
+pub fn inside_job() -> bool {
+    IN_JOB.with(|c| c.get())
+}
+
+/// `(a(), b())`, run on two cores when the pool has a free worker (the caller runs whichever
+/// it takes first, a worker the other; alone, the caller runs both, `a` first). Like
+/// `rayon::join`, but on this pool's spinning workers: the trainer calls it twice per step,
+/// and a worker woken from sleep costs tens of microseconds. A panic in either is resumed here.
+pub fn join<A: Send, B: Send>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+    use std::sync::Mutex as M;
+    let fa = M::new(Some(a));
+    let fb = M::new(Some(b));
+    let ra: M<Option<A>> = M::new(None);
+    let rb: M<Option<B>> = M::new(None);
+    let next = AtomicUsize::new(0);
+    fn take<T>(m: &std::sync::Mutex<Option<T>>) -> Option<T> {
+        m.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    let job = || loop {
+        match next.fetch_add(1, Ordering::Relaxed) {
+            0 => {
+                if let Some(f) = take(&fa) {
+                    let r = f();
+                    *ra.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            }
+            1 => {
+                if let Some(f) = take(&fb) {
+                    let r = f();
+                    *rb.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            }
+            _ => break,
+        }
+    };
+    let ok = run(2, &job);
+    match (take(&ra), take(&rb)) {
+        (Some(x), Some(y)) if ok => (x, y),
+        _ => panic!("a share of a pool::join panicked on a worker thread"),
     }
 }
 
@@ -151,7 +213,7 @@ fn worker(pool: &'static Pool) {
 /// resumed).
 pub fn run(threads: usize, job: &(dyn Fn() + Sync)) -> bool {
     if threads <= 1 {
-        job();
+        in_job(job);
         return true;
     }
     let pool = pool();
@@ -162,7 +224,7 @@ pub fn run(threads: usize, job: &(dyn Fn() + Sync)) -> bool {
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
         // Another thread's batch holds the workers: run this one alone.
         Err(TryLockError::WouldBlock) => {
-            job();
+            in_job(job);
             return true;
         }
     };
@@ -181,7 +243,7 @@ pub fn run(threads: usize, job: &(dyn Fn() + Sync)) -> bool {
             pool.wake.notify_all();
         }
     }
-    let mine = catch_unwind(AssertUnwindSafe(job));
+    let mine = catch_unwind(AssertUnwindSafe(|| in_job(job)));
     lock(&pool.slot).job = None;
     let start = Instant::now();
     let mut spins = 0u32;
@@ -202,6 +264,32 @@ pub fn run(threads: usize, job: &(dyn Fn() + Sync)) -> bool {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn join_returns_both_results_in_order_and_marks_its_shares() {
+        for i in 0..200u64 {
+            let (a, b) = join(|| (i * 2, inside_job()), || (i * 3, inside_job()));
+            assert_eq!((a.0, b.0), (i * 2, i * 3));
+            assert!(a.1 && b.1, "both shares run as pool shares");
+        }
+        assert!(!inside_job(), "the flag is reset after the job");
+        // Borrowed, mutable state on both sides (the trainer's two replicas).
+        let (mut x, mut y) = (vec![1u32; 1000], vec![2u32; 1000]);
+        join(
+            || x.iter_mut().for_each(|v| *v += 1),
+            || y.iter_mut().for_each(|v| *v *= 3),
+        );
+        assert!(x.iter().all(|&v| v == 2) && y.iter().all(|&v| v == 6));
+    }
+
+    #[test]
+    fn a_panic_in_a_join_share_reaches_the_caller() {
+        let r = std::panic::catch_unwind(|| join(|| 1, || -> u32 { panic!("share b") }));
+        assert!(r.is_err());
+        assert!(!inside_job());
+        // The pool still works afterwards.
+        assert_eq!(join(|| 5, || 6), (5, 6));
+    }
 
     #[test]
     fn every_piece_runs_exactly_once_and_the_caller_takes_part() {

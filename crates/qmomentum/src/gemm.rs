@@ -23,8 +23,12 @@ pub enum Op {
 }
 
 fn threads_for(m: usize, n: usize, k: usize) -> Parallelism {
-    // Inside a rayon task (a training replica) the other core is busy already.
-    if 2 * m * n * k >= PARALLEL_MIN_FLOP && rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none()
+    // Inside a share of a pool job (a training replica) or a rayon task the other core is busy
+    // already.
+    if 2 * m * n * k >= PARALLEL_MIN_FLOP
+        && rayon::current_num_threads() > 1
+        && rayon::current_thread_index().is_none()
+        && !qmomentum_runtime::pool::inside_job()
     {
         Parallelism::Rayon(2)
     } else {

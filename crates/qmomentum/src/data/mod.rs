@@ -114,7 +114,7 @@ impl Dataset {
             ));
         }
         Ok(Dataset {
-            images: im.data,
+            images: huge_page_copy(im.data),
             labels: lb.data,
             features,
             classes,
@@ -186,6 +186,37 @@ pub fn test_files(dir: &Path) -> Vec<PathBuf> {
         .iter()
         .filter_map(|s| find(dir, s).ok())
         .collect()
+}
+
+/// `data` in memory the kernel is asked to back with 2 MiB pages (`MADV_HUGEPAGE`, Linux; this
+/// machine's transparent huge pages are in `madvise` mode): a shuffled batch reads rows
+/// scattered over the whole set (47 MB for Fashion-MNIST), and with 4 KiB pages nearly every
+/// row costs a TLB miss and a page walk. Measured (MLP epoch, 6 interleaved rounds): 0.2246 s →
+/// 0.2005 s; the gather fell from 14 % to 6 % of a profile. A software prefetch of the next
+/// batch's rows was tried too and measured no gain (0.2025 vs 0.2035 s): not kept. Small sets
+/// are returned as they are.
+fn huge_page_copy(data: Vec<u8>) -> Vec<u8> {
+    const HUGE: usize = 2 << 20;
+    if data.len() < 4 * HUGE {
+        return data;
+    }
+    let mut v: Vec<u8> = Vec::with_capacity(data.len());
+    #[cfg(target_os = "linux")]
+    {
+        let start = v.as_ptr() as usize;
+        let first = start.next_multiple_of(HUGE);
+        let last = (start + data.len()) / HUGE * HUGE;
+        if last > first {
+            // SAFETY: [first, last) lies inside `v`'s allocation (capacity `data.len()`), which
+            // is untouched so far; madvise only changes how the kernel backs those pages, and
+            // its failure (THP disabled) is harmless: the copy below works either way.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v.extend_from_slice(&data);
+    v
 }
 
 /// Pixels to model inputs: `x = p · PIXEL_SCALE`.
