@@ -492,7 +492,7 @@ impl Trainer {
                     });
                     for l in self.model.layers.iter_mut() {
                         if let Some((w, wq)) = l.weight_quant_mut() {
-                            wq.track(&w.value, m);
+                            wq.track(&w.value, m, self.config.threads);
                             if let Some(th) = freeze {
                                 wq.freeze(w, th);
                             }

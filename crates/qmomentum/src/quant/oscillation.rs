@@ -150,7 +150,7 @@ impl OscillationTracker {
     /// One step with the codes of a `[rows, outputs]` kernel on a per-column grid, computed on the
     /// fly as `round(ŵ·inv[j])`: one pass over ŵ and the state, no codes buffer (this pass runs
     /// at every step, so its memory traffic is its cost).
-    pub fn update_from_grid(&mut self, w_hat: &[f32], inv: &[f32], momentum: f32) {
+    pub fn update_from_grid(&mut self, w_hat: &[f32], inv: &[f32], momentum: f32, threads: usize) {
         let (state, freq) = (&mut self.state.value, &mut self.freq.value);
         // Large kernels: the rows in two halves, one per core, on the runtime's spinning pool.
         // Measured (4 interleaved rounds, 4 epochs): W8A8 epoch 0.2683 → 0.2539 s, W2A2
@@ -158,7 +158,7 @@ impl OscillationTracker {
         // measured no faster. Identical results (the halves' counts are added).
         let c = inv.len().max(1);
         let rows = w_hat.len() / c;
-        let (flips, osc) = if rows >= 2 && w_hat.len() >= SPLIT_MIN {
+        let (flips, osc) = if threads >= 2 && rows >= 2 && w_hat.len() >= SPLIT_MIN {
             let at = rows.div_ceil(2) * c;
             let (w0, w1) = w_hat.split_at(at);
             let (s0, s1) = state.split_at_mut(at);

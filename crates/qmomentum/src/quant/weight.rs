@@ -247,7 +247,7 @@ impl WeightFakeQuant {
 
     /// One step of oscillation tracking with the codes of the kernel the last forward pass used
     /// (`ŵ/s` for integer and ternary weights, the sign for binary ones): no quantization again.
-    pub fn track(&mut self, w: &[f32], momentum: f32) {
+    pub fn track(&mut self, w: &[f32], momentum: f32, threads: usize) {
         let Some(t) = self.tracker.as_mut() else { return };
         match self.quant {
             Some(WeightQuant::Binary { .. }) => {
@@ -261,7 +261,7 @@ impl WeightFakeQuant {
                 for (i, &s) in self.tmp.iter_mut().zip(&self.scale) {
                     *i = 1.0 / s;
                 }
-                t.update_from_grid(&self.w_hat, &self.tmp, momentum);
+                t.update_from_grid(&self.w_hat, &self.tmp, momentum, threads);
                 return;
             }
             None => return,
