@@ -170,8 +170,10 @@ pub fn inside_job() -> bool {
 
 /// `(a(), b())`, run on two cores when the pool has a free worker (the caller runs whichever
 /// it takes first, a worker the other; alone, the caller runs both, `a` first). Like
-/// `rayon::join`, but on this pool's spinning workers: the trainer calls it twice per step,
-/// and a worker woken from sleep costs tens of microseconds. A panic in either is resumed here.
+/// `rayon::join`, but on this pool's spinning workers: the trainer calls it at every step, and a
+/// worker woken from sleep costs tens of microseconds. A panic of the caller's share is resumed
+/// here; a panic of the worker's share is printed by that thread and raised here as a new panic
+/// naming `pool::join`.
 pub fn join<A: Send, B: Send>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
     use std::sync::Mutex as M;
     let fa = M::new(Some(a));

@@ -217,10 +217,10 @@ impl OscillationTracker {
     }
 }
 
-/// [`grid_pass`] on the widest instruction set this CPU has.
 /// Kernels of at least this many weights are tracked on two cores.
 const SPLIT_MIN: usize = 16 * 1024;
 
+/// [`grid_pass`] on the widest instruction set this CPU has.
 fn grid_pass_best(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
     #[cfg(target_arch = "x86_64")]
     {
