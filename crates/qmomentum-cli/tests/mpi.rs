@@ -42,7 +42,7 @@ fn is_root() -> bool {
 }
 
 /// `mpirun -np N qmomentum train --distributed --data D --out O --quiet EXTRA…`
-fn train_np(np: usize, data: &Path, out: &Path, extra: &[&str]) -> Output {
+fn train_command(np: usize, data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = mpirun(np);
     c.args([
         bin(),
@@ -55,7 +55,26 @@ fn train_np(np: usize, data: &Path, out: &Path, extra: &[&str]) -> Output {
         "--quiet",
     ]);
     c.args(extra);
-    c.output().unwrap()
+    c
+}
+
+/// [`train_command`], run to its end.
+fn train_np(np: usize, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    train_command(np, data, out, extra).output().unwrap()
+}
+
+/// [`train_command`] started in the background, once it has written its first checkpoint.
+fn started_np(np: usize, data: &Path, out: &Path, extra: &[&str]) -> std::process::Child {
+    let child = train_command(np, data, out, extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ckpt(out).exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 /// Parameters and buffers of a checkpoint, by name.
@@ -196,28 +215,8 @@ fn sigint_to_mpirun_checkpoints_once_and_resume_is_bit_exact() {
     let data = shipped();
     let (out, reference) = (tmp("sigint"), tmp("sigint-ref"));
     let extra = ["--epochs", "6"];
-    let mut c = mpirun(2);
-    c.args([
-        bin(),
-        "train",
-        "--distributed",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--quiet",
-    ]);
-    let child = c
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // After the first epoch's checkpoint, mid-run.
-    let t0 = Instant::now();
-    while !ckpt(&out).exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Stopped after the first epoch's checkpoint, mid-run.
+    let child = started_np(2, &data, &out, &extra);
     std::thread::sleep(Duration::from_millis(150));
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -249,27 +248,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
     let _g = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let data = shipped();
     let out = tmp("killed");
-    let mut c = mpirun(2);
-    c.args([
-        bin(),
-        "train",
-        "--distributed",
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--quiet",
-    ]);
-    let child = c
-        .args(["--epochs", "30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !ckpt(&out).exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = started_np(2, &data, &out, &["--epochs", "30"]);
     // Rank 1: mpirun's child whose environment says so.
     let pid = std::fs::read_dir("/proc")
         .unwrap()
