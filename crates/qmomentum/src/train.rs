@@ -202,7 +202,6 @@ struct Distributed {
     grads: Vec<f32>,
     sums: Vec<f64>,
     maxes: Vec<f32>,
-    seconds: f64,
 }
 
 impl std::fmt::Debug for Distributed {
@@ -281,7 +280,6 @@ impl Trainer {
             grads: Vec::new(),
             sums: Vec::new(),
             maxes: Vec::new(),
-            seconds: 0.0,
         }));
         Ok(())
     }
@@ -540,10 +538,10 @@ impl Trainer {
                 samples_per_sec: (p.seen as f64 / p.seconds.max(1e-9)).round(),
                 skipped_steps: p.skipped,
                 oscillation: self.take_oscillation(),
-                comm_seconds: self.dist.as_deref_mut().map(|d| {
-                    d.seconds += d.comm.take_seconds();
-                    (std::mem::take(&mut d.seconds) * 1e6).round() / 1e6
-                }),
+                comm_seconds: self
+                    .dist
+                    .as_deref()
+                    .map(|d| (d.comm.take_seconds() * 1e6).round() / 1e6),
             };
             if let Some(d) = self.dist.as_deref() {
                 self.check_ranks_hold_the_same_model(d.comm.as_ref())?;
