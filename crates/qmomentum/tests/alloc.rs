@@ -1,8 +1,14 @@
 //! The training step allocates nothing of its own once warmed up. What allocates in it is the
 //! `gemm` crate, which takes a packing buffer per call (`dyn_stack::MemBuffer::new` in
-//! gemm-common); so the test counts the allocations of 40 steps (both cores, the batch split over
-//! two replicas on the runtime's worker pool) and asserts they equal those of the same GEMM calls
-//! made on their own.
+//! gemm-common); so the test counts the allocations of each of 40 steps (both cores, the batch
+//! split over two replicas on the runtime's worker pool) and compares them with those of the
+//! same GEMM calls made on their own.
+//!
+//! gemm also makes a thread-local slab on a thread's first product. Which thread runs which half
+//! depends on the scheduler (on a loaded machine the caller may run both halves for a while), so
+//! a slab can appear in any step, the reference's included: the reference is the least count of
+//! several rounds, and up to two steps (one slab per thread) may count more. An allocation of our
+//! own in the step would show in every step.
 
 use qmomentum::config::TrainConfig;
 use qmomentum::data::Dataset;
@@ -79,9 +85,14 @@ fn gemm_allocations_per_step() -> usize {
     for _ in 0..3 {
         qmomentum_runtime::pool::join(|| run(&mut a), || run(&mut b));
     }
-    counted(|| {
-        qmomentum_runtime::pool::join(|| run(&mut a), || run(&mut b));
-    })
+    (0..10)
+        .map(|_| {
+            counted(|| {
+                qmomentum_runtime::pool::join(|| run(&mut a), || run(&mut b));
+            })
+        })
+        .min()
+        .unwrap_or(0)
 }
 
 #[test]
@@ -104,19 +115,20 @@ fn training_steps_allocate_nothing_of_their_own() {
         for _ in 0..5 {
             t.step(&train, None).unwrap();
         }
-        let n = counted(|| {
-            for _ in 0..40 {
-                t.step(&train, None).unwrap();
-            }
-        });
-        eprintln!("{scheme}: {n} allocations in 40 steps");
-        // Any allocation of our own in the step would add 40. (The tolerance of 2 is for gemm's
-        // thread-local slab, made on a thread's first product, should a share of the warm-up
-        // steps all have run on the same thread.)
+        let steps: Vec<usize> = (0..40)
+            .map(|_| {
+                counted(|| {
+                    t.step(&train, None).unwrap();
+                })
+            })
+            .collect();
+        eprintln!("{scheme}: allocations per step {steps:?}");
+        let fewer = steps.iter().filter(|&&n| n < per_step).count();
+        let more = steps.iter().filter(|&&n| n > per_step).count();
         assert!(
-            (40 * per_step..=40 * per_step + 2).contains(&n),
-            "{scheme}: the training step allocated {n} times in 40 steps, its GEMMs {}",
-            40 * per_step
+            fewer == 0 && more <= 2,
+            "{scheme}: allocations per step {steps:?}, its GEMMs {per_step} \
+             ({more} steps allocated more, {fewer} fewer)"
         );
     }
 }
