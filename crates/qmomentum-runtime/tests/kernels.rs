@@ -33,7 +33,7 @@ struct DenseCase {
 }
 
 fn dense_case() -> impl Strategy<Value = DenseCase> {
-    (1usize..300, 1usize..70, 1usize..9, 0usize..5, 0usize..20, any::<u8>())
+    (1usize..300, 1usize..70, 1usize..20, 0usize..5, 0usize..20, any::<u8>())
         .prop_flat_map(|(inputs, outputs, rows, x_pad, acc_pad, zp)| {
             let x_len = rows * (inputs + x_pad);
             (

@@ -17,9 +17,12 @@
 //! and pair `p` the 64 bytes hold in byte `4c + t` the weight `W[16g + c][8p + t]` in the low
 //! nibble and `W[16g + c][8p + 4 + t]` in the high nibble, each stored as `code + 8` (0..15;
 //! padding nibbles hold 8, a zero weight). [`dense_i4`] loads one such vector and expands it in
-//! registers: `(v & 0x0f) − 8` (`vpandd`, `vpsubb`) is step `2p`'s int8 weight vector and
-//! `((v >> 4) & 0x0f) − 8` (`vpsrlw`, `vpandd`, `vpsubb`) step `2p + 1`'s, both fed to
-//! `vpdpbusd` exactly as in the int8 kernel, so the results are identical.
+//! registers: `v & 0x0f` (`vpandd`) is step `2p`'s vector of `code + 8` and `(v >> 4) & 0x0f`
+//! (`vpsrlw`, `vpandd`) step `2p + 1`'s, both in 0..15 and so valid `vpdpbusd` i8 operands.
+//! The `+ 8` is not subtracted per weight: `Σ x·(w + 8) = Σ x·w + 8·Σ x`, so each row's
+//! accumulators start at `bias − 8·Σx` (the row's byte sum, taken once per row and shared by
+//! every output channel). Inputs past the row's end read as zero, so padding nibbles add
+//! nothing. All sums are exact in i32, so the results equal the int8 kernel's.
 //!
 //! `vpdpbusd` multiplies u8 by i8 into i16 products and adds them in i32 without saturation
 //! (unlike `vpmaddubsw`), so the result equals the scalar tier's exactly.
@@ -31,6 +34,11 @@ use crate::aligned::Aligned;
 
 const ROWS: usize = 4;
 const GROUPS: usize = 4;
+/// The 4-bit kernel's tile: 8 rows × 2 groups (16 accumulators, as the int8 tile), so each
+/// weight vector expanded from nibbles serves 8 rows instead of 4. Measured against 4 × 4 and
+/// 16 × 1 with `bench_lowbit`: see "4-bit weights on the VNNI tier" in `doc/runtime.md`.
+const ROWS4: usize = 8;
+const GROUPS4: usize = 2;
 
 /// Packs `[out, in]` row-major weights into the layout described in the module doc.
 pub(super) fn pack(inputs: usize, outputs: usize, weight: &[i8]) -> Aligned<i8> {
@@ -100,10 +108,17 @@ pub(super) unsafe fn dense_i4(
     };
     let mut r0 = 0;
     while r0 < rows {
-        let nr = ROWS.min(rows - r0);
+        let nr = ROWS4.min(rows - r0);
+        // 8·Σx of each row of the block (see the module doc): at most 8·255·inputs, which the
+        // kernel's i32 accumulators hold as they hold Σ x·w.
+        let mut eight_xsum = [0i32; ROWS4];
+        for (r, e) in eight_xsum.iter_mut().enumerate().take(nr) {
+            let row = &x[(r0 + r) * x_stride..][..w.inputs];
+            *e = 8 * row.iter().map(|&b| i32::from(b)).sum::<i32>();
+        }
         let mut g0 = 0;
         while g0 < groups {
-            let ng = GROUPS.min(groups - g0);
+            let ng = GROUPS4.min(groups - g0);
             // SAFETY: every offset is inside its buffer (so `add` stays in bounds):
             // - `g0 < groups`, so `g0·gstride < groups·pairs·64 = packed.len()` (precondition);
             // - `16·g0 < 16·groups = w.bias.len()`;
@@ -130,12 +145,12 @@ pub(super) unsafe fn dense_i4(
                 macro_rules! go {
                     ($($r:literal $g:literal),*) => {
                         match (nr, ng) {
-                            $(($r, $g) => tile4::<$r, $g>(&shape, &t),)*
+                            $(($r, $g) => tile4::<$r, $g>(&shape, &t, &eight_xsum),)*
                             _ => unreachable!(),
                         }
                     };
                 }
-                go!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
+                go!(1 1, 1 2, 2 1, 2 2, 3 1, 3 2, 4 1, 4 2, 5 1, 5 2, 6 1, 6 2, 7 1, 7 2, 8 1, 8 2);
             }
             g0 += ng;
         }
@@ -151,18 +166,17 @@ pub(super) unsafe fn dense_i4(
 /// (64-byte aligned) of `⌈(s.full + (s.tail > 0))/2⌉` vectors of 64 bytes per group,
 /// `s.gstride` bytes apart, with `G` groups from there.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile4<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
+unsafe fn tile4<const R: usize, const G: usize>(s: &Shape, t: &Tile, eight_xsum: &[i32; ROWS4]) {
     let mut c = [[_mm512_setzero_si512(); G]; R];
     for g in 0..G {
         // SAFETY: `16·g + 16 ≤ 16·G` values are readable from `t.bias`; the offset is a
         // multiple of 64 bytes from a 64-byte aligned pointer, as `_mm512_load_si512` requires.
         let b = unsafe { _mm512_load_si512(t.bias.add(g * LANES).cast()) };
-        for row in c.iter_mut() {
-            row[g] = b;
+        for (row, &e) in c.iter_mut().zip(eight_xsum) {
+            row[g] = _mm512_sub_epi32(b, _mm512_set1_epi32(e));
         }
     }
     let low = _mm512_set1_epi8(0x0f);
-    let eight = _mm512_set1_epi8(8);
     let steps = s.full + usize::from(s.tail > 0);
     // Pairs of two complete steps: no tail handling in the hot loop.
     let whole = s.full / 2;
@@ -175,8 +189,8 @@ unsafe fn tile4<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
             // `wp + g·gstride` is pair `p` of group `g < G`: 64 readable bytes on a 64-byte
             // boundary (pairs are 64 bytes, `gstride = 64·pairs`, the buffer is aligned).
             let v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
-            lo[g] = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
-            hi[g] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight);
+            lo[g] = _mm512_and_si512(v, low);
+            hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
         }
         for (r, row) in c.iter_mut().enumerate() {
             // SAFETY: bytes `8p..8p + 8` of row `r < R` are readable since `2p + 1 < full`
@@ -206,8 +220,8 @@ unsafe fn tile4<const R: usize, const G: usize>(s: &Shape, t: &Tile) {
         for g in 0..G {
             // SAFETY: `2·whole < steps`, so pair `whole < ⌈steps/2⌉` exists; as above.
             let v = unsafe { _mm512_load_si512(wp.add(g * s.gstride).cast()) };
-            lo[g] = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
-            hi[g] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight);
+            lo[g] = _mm512_and_si512(v, low);
+            hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
         }
         for k in 2 * whole..steps {
             let wv = if k % 2 == 0 { &lo } else { &hi };
