@@ -116,3 +116,36 @@ fn binary_all_runtime_agrees_with_simulation() {
     assert_eq!(rt.input().binarize_at, Some(128), "x = p/255 ≥ 0.5 ⇔ p ≥ 128");
     agreement(&mut t.model, "binary-all (input binarized)");
 }
+
+/// The configs of `configs/lowbit_all/` put every layer at the low width: after one epoch the
+/// runtime model agrees with the simulation and its file is within issue 12's size targets
+/// against the same model written with one byte per weight (4 bits ≤ 0.55×, 2-bit and ternary
+/// ≤ 0.3×; `doc/model-format.md`, "Sizes", has the trained figures).
+#[test]
+fn lowbit_all_configs_are_small_and_agree() {
+    let (train, _) = data();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/lowbit_all");
+    for (name, bits, limit) in [("w4a4", 4, 0.55), ("w2a2", 2, 0.3), ("ternary", 2, 0.3)] {
+        let mut cfg = TrainConfig::from_toml_file(&dir.join(format!("{name}.toml"))).unwrap();
+        cfg.epochs = 1;
+        let mut t = Trainer::new(cfg).unwrap();
+        t.fit(train, None, |_, _| {}).unwrap();
+        let rt = to_runtime(&t.model).unwrap();
+        let packed = rt.to_bytes().unwrap().len() as f64;
+        let bytewide = rt.to_bytes_min_weight_bits(8).unwrap().len() as f64;
+        let codes: Vec<i8> = rt
+            .layers()
+            .iter()
+            .flat_map(|l| match l {
+                qmomentum_runtime::Layer::DenseI8 { weight, .. } => weight.clone(),
+                other => panic!("{name}: unexpected layer {other:?}"),
+            })
+            .collect();
+        assert_eq!(qmomentum_runtime::lowbit::narrowest_bits(&codes), bits, "{name}");
+        assert!(
+            packed <= limit * bytewide,
+            "{name}: {packed} bytes packed, {bytewide} at one byte per weight"
+        );
+        agreement(&mut t.model, name);
+    }
+}
