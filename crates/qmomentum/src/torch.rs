@@ -860,10 +860,41 @@ pub fn export_state_dict(t: &Trainer) -> Result<Exported> {
         meta.insert("qmomentum.notes".to_string(), notes.join("\n"));
     }
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::encode("state_dict", e))?;
+    let bytes = sorted_header(bytes)?;
     Ok(Exported {
         bytes,
         definition,
         tensors,
         notes,
     })
+}
+
+/// The same safetensors file with its JSON header written in a fixed order (entries and metadata
+/// keys sorted), padded with spaces to a multiple of 8 bytes as the format asks. `safetensors`
+/// takes the metadata as a `HashMap`, whose order changes from run to run, so without this the
+/// same checkpoint exported twice gave different bytes. The tensor data and its offsets are
+/// untouched.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = |why: &str| Error::encode("state_dict header", why.to_string());
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .ok_or_else(|| bad("shorter than its length field"))?;
+    let header = bytes.get(8..8 + n).ok_or_else(|| bad("shorter than its header"))?;
+    let mut entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| Error::encode("state_dict header", e))?;
+    if let Some(m) = entries.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, String> =
+            serde_json::from_value(m.take()).map_err(|e| Error::encode("state_dict metadata", e))?;
+        *m = serde_json::to_value(sorted).map_err(|e| Error::encode("state_dict metadata", e))?;
+    }
+    let mut json = serde_json::to_string(&entries).map_err(|e| Error::encode("state_dict header", e))?;
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
