@@ -433,7 +433,7 @@ impl Trainer {
                     m1.forward_backward(l1, batch, &mut rng_for(first_part + 1))
                 },
             );
-            grads_finite = self.model.add_grads(&rep.0);
+            grads_finite = self.model.add_grads(&rep.0, self.config.threads);
             self.model.merge_step_stats(&[&rep.0]);
             (s0 + s1, c0 + c1)
         } else {
@@ -501,6 +501,7 @@ impl Trainer {
                     .optimizer
                     .needs_grad_norm()
                     .then(|| self.optimizer.grad_sq_norm(self.model.params_iter()));
+                self.optimizer.threads = self.config.threads;
                 self.optimizer.step_iter(self.model.params_iter_mut(), sq, step_no)?;
                 self.progress.loss_sum += loss_sum;
                 self.progress.correct += correct as u64;

@@ -200,6 +200,16 @@ impl OptimizerConfig {
     }
 }
 
+/// Tensors of at least this many values have their gradient sum and momentum update split over
+/// two cores at [`split_point`] when the trainer runs two threads.
+pub const SPLIT_MIN: usize = 32 * 1024;
+
+/// Where a tensor of `n` values is split in two: the first multiple of 16 values (64 bytes, a
+/// cache line) at or after the middle, so the two cores never write the same line.
+pub fn split_point(n: usize) -> usize {
+    n.div_ceil(2).next_multiple_of(16).min(n)
+}
+
 /// Per-parameter state: velocity (or Bop's gradient average) and step count, matched to its
 /// parameter by name.
 #[derive(Clone, Debug, PartialEq)]
@@ -228,6 +238,10 @@ pub struct Optimizer {
     pub total_epochs: usize,
     /// Bop flips in the last step.
     pub last_flips: usize,
+    /// Cores the momentum update of a tensor of [`SPLIT_MIN`] values or more is split over (the
+    /// trainer sets its thread count; 1 by default). The update is element-wise, so the result
+    /// does not depend on it.
+    pub threads: usize,
     scratch: Vec<f32>,
     state_scratch: Vec<f32>,
     /// Values of frozen entries, put back after an update (scratch).
@@ -259,6 +273,7 @@ impl Optimizer {
             steps_per_epoch: 1,
             total_epochs: 1,
             last_flips: 0,
+            threads: 1,
             scratch: Vec::new(),
             state_scratch: Vec::new(),
             held: Vec::new(),
@@ -400,7 +415,15 @@ impl Optimizer {
                     ParamKind::Scale => cfg.decay_scales,
                 };
             let plain = norm_scale == 1.0 && cfg.clip_value.is_none() && !decays;
-            if plain {
+            if plain && self.threads >= 2 && p.len() >= SPLIT_MIN {
+                // The two halves on two cores, the same halves whose gradients each core just
+                // summed (`Sequential::add_grads`): each core updates what is in its own cache.
+                let (first, at) = (st.steps == 0, split_point(p.len()));
+                let (t0, t1) = p.value.split_at_mut(at);
+                let (g0, g1) = p.grad.split_at(at);
+                let (v0, v1) = v.split_at_mut(at);
+                qmomentum_runtime::pool::join(|| mom.apply(t0, g0, v0, lr, first), || mom.apply(t1, g1, v1, lr, first));
+            } else if plain {
                 // Nothing to transform: update straight from the gradient (no copy).
                 mom.apply(&mut p.value, &p.grad, v, lr, st.steps == 0);
             } else {
