@@ -398,9 +398,17 @@ impl Sequential {
     }
 
     /// Copy the parameter values, buffers and observer states of `src` (same architecture).
-    pub fn sync_from(&mut self, src: &Sequential) {
+    pub fn sync_from(&mut self, src: &Sequential, threads: usize) {
         for (p, q) in self.params_iter_mut().zip(src.params_iter()) {
-            p.value.copy_from_slice(&q.value);
+            if threads >= 2 && p.value.len() >= crate::optim::SPLIT_MIN {
+                // The halves each core updated (`Optimizer::threads`), copied by that core.
+                let at = crate::optim::split_point(p.value.len());
+                let (a0, a1) = p.value.split_at_mut(at);
+                let (b0, b1) = q.value.split_at(at);
+                qmomentum_runtime::pool::join(|| a0.copy_from_slice(b0), || a1.copy_from_slice(b1));
+            } else {
+                p.value.copy_from_slice(&q.value);
+            }
             // The freeze mask too: the replica's backward zeroes frozen weights' gradients like
             // the main model's (no allocation once both hold a mask).
             p.frozen.clone_from(&q.frozen);

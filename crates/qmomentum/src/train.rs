@@ -415,7 +415,7 @@ impl Trainer {
                 }
                 Box::new((r, Vec::new()))
             });
-            rep.0.sync_from(&self.model);
+            rep.0.sync_from(&self.model, self.config.threads);
             rep.1.resize(batch_here - half, 0);
             let (m0, l0) = (&mut self.model, &mut self.labels);
             let (m1, l1) = (&mut rep.0, &mut rep.1);
