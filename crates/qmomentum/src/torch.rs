@@ -880,7 +880,8 @@ fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
         .get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
         .ok_or_else(|| bad("shorter than its length field"))?;
-    let header = bytes.get(8..8 + n).ok_or_else(|| bad("shorter than its header"))?;
+    let end = n.checked_add(8).ok_or_else(|| bad("header length overflows"))?;
+    let header = bytes.get(8..end).ok_or_else(|| bad("shorter than its header"))?;
     let mut entries: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(header).map_err(|e| Error::encode("state_dict header", e))?;
     if let Some(m) = entries.get_mut("__metadata__") {
@@ -892,9 +893,9 @@ fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
     while json.len() % 8 != 0 {
         json.push(' ');
     }
-    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(json.as_bytes());
-    out.extend_from_slice(&bytes[8 + n..]);
+    out.extend_from_slice(&bytes[end..]);
     Ok(out)
 }

@@ -7,8 +7,8 @@
 //! gemm also makes a thread-local slab on a thread's first product. Which thread runs which half
 //! depends on the scheduler (on a loaded machine the caller may run both halves for a while), so
 //! a slab can appear in any step, the reference's included: the reference is the least count of
-//! several rounds, and up to two steps (one slab per thread) may count more. An allocation of our
-//! own in the step would show in every step.
+//! several rounds, and as many steps as there are pool threads (one slab each, a few allocations)
+//! may count more. An allocation of our own in the step would show in every step.
 
 use qmomentum::config::TrainConfig;
 use qmomentum::data::Dataset;
@@ -95,6 +95,9 @@ fn gemm_allocations_per_step() -> usize {
         .unwrap_or(0)
 }
 
+/// The most allocations a thread's first gemm product was seen to add (7, on a loaded machine).
+const SLAB_ALLOCATIONS: usize = 8;
+
 #[test]
 fn training_steps_allocate_nothing_of_their_own() {
     let per_step = gemm_allocations_per_step();
@@ -123,12 +126,15 @@ fn training_steps_allocate_nothing_of_their_own() {
             })
             .collect();
         eprintln!("{scheme}: allocations per step {steps:?}");
+        // One gemm slab per thread that can run a share: the pool's workers and the caller.
+        let threads = qmomentum_runtime::pool::threads().max(2);
         let fewer = steps.iter().filter(|&&n| n < per_step).count();
         let more = steps.iter().filter(|&&n| n > per_step).count();
+        let extra: usize = steps.iter().map(|&n| n.saturating_sub(per_step)).sum();
         assert!(
-            fewer == 0 && more <= 2,
+            fewer == 0 && more <= threads && extra <= SLAB_ALLOCATIONS * threads,
             "{scheme}: allocations per step {steps:?}, its GEMMs {per_step} \
-             ({more} steps allocated more, {fewer} fewer)"
+             ({more} steps allocated more, {extra} allocations in all; {fewer} steps fewer)"
         );
     }
 }

@@ -10,7 +10,9 @@
 //!
 //! # Register blocking
 //! A tile of up to 4 rows × 4 groups (4 × 64 channels) keeps 16 accumulators in registers;
-//! each weight vector loaded is used 4 times, each broadcast input 4 times.
+//! each weight vector loaded is used 4 times, each broadcast input 4 times. The 4-bit kernel
+//! uses 8 rows × 2 groups (the same 16 accumulators), so that each weight vector expanded from
+//! nibbles serves 8 rows.
 //!
 //! # 4-bit layers
 //! [`pack4`] keeps half a byte per weight: input steps are taken in pairs, and for group `g`
@@ -22,7 +24,9 @@
 //! The `+ 8` is not subtracted per weight: `Σ x·(w + 8) = Σ x·w + 8·Σ x`, so each row's
 //! accumulators start at `bias − 8·Σx` (the row's byte sum, taken once per row and shared by
 //! every output channel). Inputs past the row's end read as zero, so padding nibbles add
-//! nothing. All sums are exact in i32, so the results equal the int8 kernel's.
+//! nothing. The arithmetic is i32 modulo 2³² like the int8 kernel's (and exact whenever the
+//! int8 kernel's is: every `x·(w + 8)` is ≥ 0, so the accumulator climbs from `bias − 8·Σx` to
+//! its final value), so the results equal the int8 kernel's.
 //!
 //! `vpdpbusd` multiplies u8 by i8 into i16 products and adds them in i32 without saturation
 //! (unlike `vpmaddubsw`), so the result equals the scalar tier's exactly.
@@ -109,12 +113,14 @@ pub(super) unsafe fn dense_i4(
     let mut r0 = 0;
     while r0 < rows {
         let nr = ROWS4.min(rows - r0);
-        // 8·Σx of each row of the block (see the module doc): at most 8·255·inputs, which the
-        // kernel's i32 accumulators hold as they hold Σ x·w.
+        // 8·Σx of each row of the block (see the module doc), modulo 2³² like the accumulators.
         let mut eight_xsum = [0i32; ROWS4];
         for (r, e) in eight_xsum.iter_mut().enumerate().take(nr) {
             let row = &x[(r0 + r) * x_stride..][..w.inputs];
-            *e = 8 * row.iter().map(|&b| i32::from(b)).sum::<i32>();
+            *e = row
+                .iter()
+                .fold(0i32, |a, &b| a.wrapping_add(i32::from(b)))
+                .wrapping_mul(8);
         }
         let mut g0 = 0;
         while g0 < groups {
@@ -159,7 +165,8 @@ pub(super) unsafe fn dense_i4(
 }
 
 /// [`tile`] on [`pack4`]ed weights: each 64-byte vector holds two input steps as nibbles,
-/// expanded to int8 in registers.
+/// expanded in registers to `code + 8`; row `r`'s accumulators start at the folded bias minus
+/// `eight_xsum[r]` (8·Σx of the row, see the module doc).
 ///
 /// # Safety
 /// As [`tile`], except that `t.w` points at the first pair of a group in a [`pack4`]ed buffer

@@ -204,8 +204,9 @@ impl OptimizerConfig {
 /// two cores at [`split_point`] when the trainer runs two threads.
 pub const SPLIT_MIN: usize = 32 * 1024;
 
-/// Where a tensor of `n` values is split in two: the first multiple of 16 values (64 bytes, a
-/// cache line) at or after the middle, so the two cores never write the same line.
+/// Where a tensor of `n` values is split in two: the first multiple of 16 values (64 bytes) at or
+/// after the middle, so that with a 64-byte aligned buffer the two cores never write the same
+/// cache line (a `Vec<f32>` is only 16-byte aligned in general: then they share one line).
 pub fn split_point(n: usize) -> usize {
     n.div_ceil(2).next_multiple_of(16).min(n)
 }
@@ -416,8 +417,9 @@ impl Optimizer {
                 };
             let plain = norm_scale == 1.0 && cfg.clip_value.is_none() && !decays;
             if plain && self.threads >= 2 && p.len() >= SPLIT_MIN {
-                // The two halves on two cores, the same halves whose gradients each core just
-                // summed (`Sequential::add_grads`): each core updates what is in its own cache.
+                // The two halves on two cores, the halves whose gradients were just summed in two
+                // (`Sequential::add_grads`): usually each core updates what is in its own cache
+                // (`pool::join` gives the caller the first share it takes, normally the first).
                 let (first, at) = (st.steps == 0, split_point(p.len()));
                 let (t0, t1) = p.value.split_at_mut(at);
                 let (g0, g1) = p.grad.split_at(at);
