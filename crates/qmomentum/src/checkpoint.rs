@@ -135,8 +135,7 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         ));
     }
     let mut observers = Vec::new();
-    let mut model = t.model.clone();
-    for (index, l) in model.layers.iter_mut().enumerate() {
+    for (index, l) in t.model.layers.iter().enumerate() {
         if let Some(a) = l.act_quant() {
             if let Some(o) = &a.observer {
                 observers.push(ObserverState {
@@ -150,8 +149,12 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
                 });
             }
         }
-        if let Some((w, wq)) = l.weight_quant_mut() {
+        if let Some((w, wq)) = l.weight_quant() {
             if wq.quant.is_some() {
+                // The codes from a copy of the quantizer alone (the trainer's state is not
+                // touched; cloning the whole model here also copied every activation buffer,
+                // +120 MB at each checkpoint of a cnn-small run).
+                let mut wq = wq.clone();
                 wq.quantize(&w.value);
                 let outputs = w.shape[1];
                 let (w_hat, scales) = (wq.weights(&w.value), wq.scales());

@@ -251,6 +251,15 @@ impl Layer {
         }
     }
 
+    /// The kernel and its weight fake-quantizer, for layers that have them.
+    pub fn weight_quant(&self) -> Option<(&Param, &WeightFakeQuant)> {
+        match self {
+            Layer::Dense(d) => Some((&d.weight, &d.wq)),
+            Layer::Conv2d(c) => Some((&c.weight, &c.wq)),
+            _ => None,
+        }
+    }
+
     /// The kernel and its fake-quantizer, mutable (disjoint borrows).
     pub fn weight_quant_mut(&mut self) -> Option<(&mut Param, &mut WeightFakeQuant)> {
         match self {
