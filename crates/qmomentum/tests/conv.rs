@@ -227,7 +227,7 @@ fn batch_norm_backward_matches_finite_differences() {
     let n = rows * c;
     bn.forward(&x, &mut y, n, true);
     let mut dx = vec![0.0; n];
-    bn.backward(&r, Some(&mut dx), n);
+    bn.backward(&x, &r, Some(&mut dx), n);
     let (gg, gb) = (bn.gamma.grad.clone(), bn.beta.grad.clone());
     let eval = |bn: &mut BatchNorm, x: &[f32]| {
         let mut y = vec![0.0; n];

@@ -56,7 +56,6 @@ pub struct BatchNorm {
     /// Statistics of the last training batch this replica saw: Σx, Σx² per channel (f64) and the
     /// rows counted (merged over replicas by the model, then [`BatchNorm::update_running`]).
     pub batch_sums: (Vec<f64>, Vec<f64>, u64),
-    x_hat: Vec<f32>,
     inv_std: Vec<f32>,
     mean: Vec<f32>,
     dsum: Vec<f64>,
@@ -122,7 +121,6 @@ impl BatchNorm {
                 vec![1.0; channels],
             ),
             batch_sums: (vec![0.0; channels], vec![0.0; channels], 0),
-            x_hat: Vec::new(),
             inv_std: vec![0.0; channels],
             mean: vec![0.0; channels],
             dsum: vec![0.0; channels],
@@ -148,9 +146,6 @@ impl BatchNorm {
                 self.mean[ch] = m as f32;
                 self.inv_std[ch] = (1.0 / (var + self.epsilon as f64).sqrt()) as f32;
             }
-            if self.x_hat.len() < n {
-                self.x_hat.resize(n, 0.0);
-            }
         } else {
             for ch in 0..c {
                 self.mean[ch] = self.running_mean.value[ch];
@@ -159,54 +154,36 @@ impl BatchNorm {
         }
         let (g, b) = (&self.gamma.value, &self.beta.value);
         let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
-        if training {
-            for ((xr, yr), hr) in x[..n]
-                .chunks_exact(c)
-                .zip(y[..n].chunks_exact_mut(c))
-                .zip(self.x_hat[..n].chunks_exact_mut(c))
-            {
-                for (((((h, y), &x), &m), &s), (&g, &b)) in hr
-                    .iter_mut()
-                    .zip(yr.iter_mut())
-                    .zip(xr)
-                    .zip(mean)
-                    .zip(inv_std)
-                    .zip(g.iter().zip(b))
-                {
-                    let xh = (x - m) * s;
-                    *h = xh;
-                    *y = g * xh + b;
-                }
-            }
-        } else {
-            for (xr, yr) in x[..n].chunks_exact(c).zip(y[..n].chunks_exact_mut(c)) {
-                for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b))
-                {
-                    *y = g * ((x - m) * s) + b;
-                }
+        // `x̂ = (x − μ)·(1/σ)` is not stored: the backward pass computes it again from `x` (the
+        // same f32 operations, so the same values), which saves a buffer as large as the
+        // activations (for cnn-small's two replicas, 19 MB).
+        for (xr, yr) in x[..n].chunks_exact(c).zip(y[..n].chunks_exact_mut(c)) {
+            for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b)) {
+                *y = g * ((x - m) * s) + b;
             }
         }
     }
 
-    /// Backward (training mode) over `n` values:
+    /// Backward (training mode) over `n` values of the forward input `x`, with
+    /// `x̂ = (x − μ)/σ` of that forward pass:
     /// `dx = (γ/σ)·(dy − mean(dy) − x̂·mean(dy·x̂))`, `dγ = Σ dy·x̂`, `dβ = Σ dy`.
-    pub fn backward(&mut self, dy: &[f32], dx: Option<&mut [f32]>, n: usize) {
+    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, n: usize) {
         let c = self.channels;
         let rows = (n / c).max(1) as f64;
+        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
         // Σ dy and Σ dy·x̂ per channel, vectorised over channels in f32 blocks, summed in f64.
         self.dsum.fill(0.0);
         self.dsum_xhat.fill(0.0);
-        for (gb, xb) in dy[..n]
-            .chunks(BLOCK_ROWS * c)
-            .zip(self.x_hat[..n].chunks(BLOCK_ROWS * c))
-        {
+        for (gb, xb) in dy[..n].chunks(BLOCK_ROWS * c).zip(x[..n].chunks(BLOCK_ROWS * c)) {
             let (a, b) = (&mut self.dsum_f32[..c], &mut self.dsum_xhat_f32[..c]);
             a.fill(0.0);
             b.fill(0.0);
             for (gr, xr) in gb.chunks_exact(c).zip(xb.chunks_exact(c)) {
-                for (((a, b), &g), &x) in a.iter_mut().zip(b.iter_mut()).zip(gr).zip(xr) {
+                for (((((a, b), &g), &x), &m), &s) in
+                    a.iter_mut().zip(b.iter_mut()).zip(gr).zip(xr).zip(mean).zip(inv_std)
+                {
                     *a += g;
-                    *b += g * x;
+                    *b += g * ((x - m) * s);
                 }
             }
             for ch in 0..c {
@@ -229,11 +206,20 @@ impl BatchNorm {
             for ((dxr, gr), xr) in dx[..n]
                 .chunks_exact_mut(c)
                 .zip(dy[..n].chunks_exact(c))
-                .zip(self.x_hat[..n].chunks_exact(c))
+                .zip(x[..n].chunks_exact(c))
             {
                 // Zipped slices (no index): the compiler drops the bounds checks and vectorises.
-                for (((((d, &g), &x), &k), &m1), &m2) in dxr.iter_mut().zip(gr).zip(xr).zip(k).zip(m1).zip(m2) {
-                    *d = k * (g - m1 - x * m2);
+                for (((((((d, &g), &x), &k), &m1), &m2), &m), &s) in dxr
+                    .iter_mut()
+                    .zip(gr)
+                    .zip(xr)
+                    .zip(k)
+                    .zip(m1)
+                    .zip(m2)
+                    .zip(mean)
+                    .zip(inv_std)
+                {
+                    *d = k * (g - m1 - ((x - m) * s) * m2);
                 }
             }
         }

@@ -213,7 +213,6 @@ pub struct Conv2d {
     /// The grid of the input (see [`crate::layers::Dense::input_scale`]).
     pub input_scale: Option<f32>,
     col: Vec<f32>,
-    dcol: Vec<f32>,
 }
 
 impl Conv2d {
@@ -271,7 +270,6 @@ impl Conv2d {
             out: Epilogue::new(cfg.filters, activation),
             input_scale: None,
             col: Vec::new(),
-            dcol: Vec::new(),
         })
     }
 
@@ -377,7 +375,7 @@ impl Conv2d {
             self.im2col(x, batch, g, &mut col[g * rows * kg..(g + 1) * rows * kg]);
         }
         let w = self.wq.weights(&self.weight.value);
-        let z = self.out.z_mut(n);
+        let z = self.out.product_target(y, n);
         for g in 0..self.groups {
             // z[:, g·og..] (row stride cout) = col_g (rows × kg) · Ŵ[:, g·og..] (row stride cout).
             matmul_strided(
@@ -405,7 +403,7 @@ impl Conv2d {
         let n = rows * cout;
         let features = self.geo.output.len();
         self.out.backward(dy, &mut self.bias, n, features);
-        let dz = self.out.dz(n);
+        let dz = self.out.dz(dy, n);
         let (groups, col) = (self.groups, &self.col);
         self.wq.backward(&mut self.weight, |gw| {
             for g in 0..groups {
@@ -426,10 +424,10 @@ impl Conv2d {
         });
         if let Some(dx) = dx {
             dx.fill(0.0);
-            if self.dcol.len() < rows * kg {
-                self.dcol.resize(rows * kg, 0.0);
-            }
-            let mut dcol = std::mem::take(&mut self.dcol);
+            // The columns are not needed any more (the weight gradient is done): their buffer
+            // takes `∂L/∂col` (one buffer of the layer's largest size instead of two: for
+            // cnn-small's two replicas, 29 MB).
+            let mut dcol = std::mem::take(&mut self.col);
             let w = self.wq.weights(&self.weight.value);
             for g in 0..self.groups {
                 // dcol_g (rows × kg) = dz[:, g·og..] · Ŵ[:, g·og..]ᵀ.
@@ -447,7 +445,7 @@ impl Conv2d {
                 );
                 self.col2im(&dcol[..rows * kg], batch, g, dx);
             }
-            self.dcol = dcol;
+            self.col = dcol;
         }
     }
 }

@@ -131,7 +131,7 @@ impl Dense {
         let n = batch * self.outputs;
         self.wq.quantize(&self.weight.value);
         let w = self.wq.weights(&self.weight.value);
-        let z = self.out.z_mut(n);
+        let z = self.out.product_target(y, n);
         matmul(batch, self.outputs, self.inputs, x, Op::N, w, Op::N, z, false);
         self.out
             .forward(&self.bias, &self.wq, self.input_scale, y, n, training, logits);
@@ -142,7 +142,7 @@ impl Dense {
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, batch: usize) {
         let n = batch * self.outputs;
         self.out.backward(dy, &mut self.bias, n, self.outputs);
-        let dz = self.out.dz(n);
+        let dz = self.out.dz(dy, n);
         let (inputs, outputs) = (self.inputs, self.outputs);
         // Weight gradient dŴ = Xᵀ·dZ, then the weight quantizer's backward.
         self.wq.backward(&mut self.weight, |g| {

@@ -44,8 +44,19 @@ impl Epilogue {
         }
     }
 
-    /// The buffer the matrix product writes `z` into (`n` values; grown once).
-    pub fn z_mut(&mut self, n: usize) -> &mut [f32] {
+    /// Whether `y = z + b` exactly: a linear activation and float outputs (a convolution before
+    /// batch norm, say). Then the product is written straight into `y`, `∂L/∂z = ∂L/∂y`, and no
+    /// copy of `z` or `∂L/∂z` is kept (for cnn-small's two replicas: 38 MB).
+    pub fn passthrough(&self) -> bool {
+        self.activation == Activation::Linear && self.act.quant.is_none()
+    }
+
+    /// The buffer the matrix product writes `z` into (`n` values): `y` itself when
+    /// [`Epilogue::passthrough`], else a buffer of this stage (grown once).
+    pub fn product_target<'a>(&'a mut self, y: &'a mut [f32], n: usize) -> &'a mut [f32] {
+        if self.passthrough() {
+            return &mut y[..n];
+        }
         if self.z.len() < n {
             self.z.resize(n, 0.0);
             self.dz.resize(n, 0.0);
@@ -53,12 +64,16 @@ impl Epilogue {
         &mut self.z[..n]
     }
 
-    /// `∂L/∂z` of the last backward pass.
-    pub fn dz(&self, n: usize) -> &[f32] {
-        &self.dz[..n]
+    /// `∂L/∂z` of the last backward pass from `dy` (which it is, when [`Epilogue::passthrough`]).
+    pub fn dz<'a>(&'a self, dy: &'a [f32], n: usize) -> &'a [f32] {
+        if self.passthrough() {
+            &dy[..n]
+        } else {
+            &self.dz[..n]
+        }
     }
 
-    /// Forward over the `n = rows·channels` values in [`Epilogue::z_mut`], writing `y`.
+    /// Forward over the `n = rows·channels` values in [`Epilogue::product_target`], writing `y`.
     /// `input_scale` is the grid of the layer's input (`s_in`); `training` records the range
     /// statistics; `logits` leaves a final softmax to the loss.
     #[allow(clippy::too_many_arguments)]
@@ -82,6 +97,23 @@ impl Epilogue {
             }
             _ => &bias.value,
         };
+        if self.passthrough() {
+            // The product is in `y` already: add the bias (no statistics: no observer).
+            for yr in y[..n].chunks_exact_mut(self.channels) {
+                for (yv, &b) in yr.iter_mut().zip(bias) {
+                    *yv += b;
+                }
+            }
+            if training {
+                self.act.stats = BatchStats {
+                    lo: f32::INFINITY,
+                    hi: f32::NEG_INFINITY,
+                    sum_abs: 0.0,
+                    count: n as u64,
+                };
+            }
+            return;
+        }
         // Pass 1: bias + activation (+ range statistics).
         let act = self.activation;
         let sign_out = self.act.sign();
@@ -125,6 +157,17 @@ impl Epilogue {
     /// Backward from `dy` (`n` values): writes `∂L/∂z` (read it with [`Epilogue::dz`]), the
     /// bias gradient, and the LSQ step gradient (`features` = output values per sample).
     pub fn backward(&mut self, dy: &[f32], bias: &mut Param, n: usize, features: usize) {
+        if self.passthrough() {
+            // `∂L/∂z = dy`: only the bias gradient, `Σ_rows dy` per channel.
+            let db = &mut bias.grad;
+            db.fill(0.0);
+            for row in dy[..n].chunks_exact(self.channels) {
+                for (b, &g) in db.iter_mut().zip(row) {
+                    *b += g;
+                }
+            }
+            return;
+        }
         let act = self.activation;
         let sign_out = self.act.sign();
         let ste = self.act.ste();

@@ -148,7 +148,7 @@ impl Layer {
         match self {
             Layer::Dense(d) => d.backward(x, dy, dx, batch),
             Layer::Conv2d(c) => c.backward(x, dy, dx, batch),
-            Layer::BatchNorm(b) => b.backward(dy, dx, dy.len()),
+            Layer::BatchNorm(b) => b.backward(x, dy, dx, dy.len()),
             Layer::Pool2d(p) => {
                 if let Some(dx) = dx {
                     p.backward(dy, dx, batch)
