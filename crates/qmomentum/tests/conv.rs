@@ -388,3 +388,74 @@ fn folding_batch_norm_keeps_the_outputs() {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 }
+
+/// The model shares one gradient buffer across layers whose backward runs in place (batch norm,
+/// activations, dropout, flatten). Reference: the same forward pass, then every layer's
+/// out-of-place `Layer::backward` with a buffer per activation (what the model did before the
+/// sharing): the parameter gradients must be bit-identical.
+#[test]
+fn shared_gradient_buffers_give_the_out_of_place_gradients() {
+    use qmomentum::config::ModelConfig;
+    use qmomentum::model::Sequential;
+    use qmomentum::quant::Scheme;
+    let cfg: ModelConfig = toml::from_str(
+        r#"
+        input = 72
+        input_shape = [6, 6, 2]
+        [[layers]]
+        type = "conv2d"
+        filters = 3
+        kernel_size = 3
+        padding = "same"
+        [[layers]]
+        type = "batch_norm"
+        [[layers]]
+        type = "activation"
+        activation = "relu"
+        [[layers]]
+        type = "activation"
+        activation = "tanh"
+        [[layers]]
+        type = "dropout"
+        rate = 0.3
+        [[layers]]
+        type = "flatten"
+        [[layers]]
+        type = "dense"
+        units = 4
+        activation = "softmax"
+        "#,
+    )
+    .unwrap();
+    let mut a = Sequential::from_config(&cfg, Scheme::Fp32, false, 7).unwrap();
+    let mut b = a.clone();
+    let batch = 5;
+    let mut rng = Rng::new(9, 0);
+    let x = rand(&mut rng, batch * 72);
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 4).collect();
+    a.input_mut(batch).copy_from_slice(&x);
+    a.forward_backward(&labels, batch, &mut Rng::new(3, 1));
+    // Reference: forward (same dropout stream), then out-of-place backward layer by layer.
+    b.input_mut(batch).copy_from_slice(&x);
+    b.forward(batch, true, true, &mut Rng::new(3, 1));
+    let l = b.layers.len();
+    let sizes: Vec<usize> = std::iter::once(72)
+        .chain((0..l).map(|i| b.layer_output(i, batch).len() / batch))
+        .collect();
+    let outs: Vec<Vec<f32>> = std::iter::once(x.clone())
+        .chain((0..l).map(|i| b.layer_output(i, batch).to_vec()))
+        .collect();
+    let mut probs = vec![0.0; batch * 4];
+    qmomentum::loss::softmax_crossentropy_forward(&outs[l], &labels, 4, &mut probs);
+    let mut dy = vec![0.0; batch * 4];
+    qmomentum::loss::softmax_crossentropy_backward(&probs, &labels, 4, &mut dy);
+    for i in (0..l).rev() {
+        let mut dx = vec![0.0; batch * sizes[i]];
+        b.layers[i].backward(&outs[i], &dy, (i > 0).then_some(&mut dx[..]), batch);
+        dy = dx;
+    }
+    for (p, q) in a.params_iter().zip(b.params_iter()) {
+        assert_eq!(p.grad, q.grad, "{}", p.name);
+        assert!(p.grad.iter().any(|&g| g != 0.0), "{} has a gradient", p.name);
+    }
+}

@@ -168,8 +168,23 @@ impl BatchNorm {
     /// `x̂ = (x − μ)/σ` of that forward pass:
     /// `dx = (γ/σ)·(dy − mean(dy) − x̂·mean(dy·x̂))`, `dγ = Σ dy·x̂`, `dβ = Σ dy`.
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, n: usize) {
+        self.param_grads(x, dy, n);
+        if let Some(dx) = dx {
+            dx[..n].copy_from_slice(&dy[..n]);
+            self.input_grad_in_place(x, dx, n);
+        }
+    }
+
+    /// [`BatchNorm::backward`] with `∂L/∂y` in `g`, replaced by `∂L/∂x` (the per-channel sums
+    /// are taken first, then each value is rewritten from its own position).
+    pub fn backward_in_place(&mut self, x: &[f32], g: &mut [f32], n: usize) {
+        self.param_grads(x, g, n);
+        self.input_grad_in_place(x, g, n);
+    }
+
+    /// `dγ`, `dβ` and the per-channel sums `Σ dy`, `Σ dy·x̂` the input gradient needs.
+    fn param_grads(&mut self, x: &[f32], dy: &[f32], n: usize) {
         let c = self.channels;
-        let rows = (n / c).max(1) as f64;
         let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
         // Σ dy and Σ dy·x̂ per channel, vectorised over channels in f32 blocks, summed in f64.
         self.dsum.fill(0.0);
@@ -195,32 +210,26 @@ impl BatchNorm {
             self.beta.grad[ch] = self.dsum[ch] as f32;
             self.gamma.grad[ch] = self.dsum_xhat[ch] as f32;
         }
-        if let Some(dx) = dx {
-            // Per-channel coefficients first (divisions once per channel, not per value).
-            for ch in 0..c {
-                self.dsum_f32[ch] = (self.dsum[ch] / rows) as f32;
-                self.dsum_xhat_f32[ch] = (self.dsum_xhat[ch] / rows) as f32;
-                self.k[ch] = self.gamma.value[ch] * self.inv_std[ch];
-            }
-            let (m1, m2, k) = (&self.dsum_f32[..c], &self.dsum_xhat_f32[..c], &self.k[..c]);
-            for ((dxr, gr), xr) in dx[..n]
-                .chunks_exact_mut(c)
-                .zip(dy[..n].chunks_exact(c))
-                .zip(x[..n].chunks_exact(c))
+    }
+
+    /// `g ← (γ/σ)·(g − mean(dy) − x̂·mean(dy·x̂))` after [`BatchNorm::param_grads`] on `g`.
+    fn input_grad_in_place(&mut self, x: &[f32], g: &mut [f32], n: usize) {
+        let c = self.channels;
+        let rows = (n / c).max(1) as f64;
+        // Per-channel coefficients first (divisions once per channel, not per value).
+        for ch in 0..c {
+            self.dsum_f32[ch] = (self.dsum[ch] / rows) as f32;
+            self.dsum_xhat_f32[ch] = (self.dsum_xhat[ch] / rows) as f32;
+            self.k[ch] = self.gamma.value[ch] * self.inv_std[ch];
+        }
+        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
+        let (m1, m2, k) = (&self.dsum_f32[..c], &self.dsum_xhat_f32[..c], &self.k[..c]);
+        for (gr, xr) in g[..n].chunks_exact_mut(c).zip(x[..n].chunks_exact(c)) {
+            // Zipped slices (no index): the compiler drops the bounds checks and vectorises.
+            for ((((((d, &x), &k), &m1), &m2), &m), &s) in
+                gr.iter_mut().zip(xr).zip(k).zip(m1).zip(m2).zip(mean).zip(inv_std)
             {
-                // Zipped slices (no index): the compiler drops the bounds checks and vectorises.
-                for (((((((d, &g), &x), &k), &m1), &m2), &m), &s) in dxr
-                    .iter_mut()
-                    .zip(gr)
-                    .zip(xr)
-                    .zip(k)
-                    .zip(m1)
-                    .zip(m2)
-                    .zip(mean)
-                    .zip(inv_std)
-                {
-                    *d = k * (g - m1 - ((x - m) * s) * m2);
-                }
+                *d = k * (*d - m1 - ((x - m) * s) * m2);
             }
         }
     }

@@ -32,6 +32,16 @@ impl Dropout {
             *yv = xv * *m;
         }
     }
+    /// [`Dropout::backward`] with `∂L/∂y` and `∂L/∂x` in one buffer.
+    pub fn backward_in_place(&self, g: &mut [f32]) {
+        if self.rate == 0.0 {
+            return;
+        }
+        for (d, &m) in g.iter_mut().zip(&self.mask) {
+            *d *= m;
+        }
+    }
+
     /// `dx = dy·mask`.
     pub fn backward(&self, dy: &[f32], dx: &mut [f32]) {
         if self.rate == 0.0 {

@@ -186,6 +186,41 @@ impl Layer {
         }
     }
 
+    /// Whether [`Layer::backward_in_place`] applies: the input gradient has the output
+    /// gradient's shape and each value is computed from its own position after any per-channel
+    /// reductions, so both can share one buffer (the model then keeps one gradient buffer for a
+    /// run of such layers).
+    pub fn grad_in_place(&self) -> bool {
+        matches!(
+            self,
+            Layer::BatchNorm(_) | Layer::Activation(_) | Layer::Dropout(_) | Layer::Flatten
+        )
+    }
+
+    /// Backward of a [`Layer::grad_in_place`] layer: `g` holds `∂L/∂y` and receives `∂L/∂x`
+    /// (`x` is the forward input); parameter gradients as [`Layer::backward`].
+    pub fn backward_in_place(&mut self, x: &[f32], g: &mut [f32]) {
+        match self {
+            Layer::BatchNorm(b) => b.backward_in_place(x, g, g.len()),
+            Layer::Activation(Activation::Relu) => {
+                for (d, &z) in g.iter_mut().zip(x) {
+                    // As `backward`: the gradient passes where z > 0 (not for NaN).
+                    if !(z > 0.0) {
+                        *d = 0.0;
+                    }
+                }
+            }
+            Layer::Activation(a) => {
+                for (d, &z) in g.iter_mut().zip(x) {
+                    *d *= a.derivative(z, a.forward(z));
+                }
+            }
+            Layer::Dropout(d) => d.backward_in_place(g),
+            Layer::Flatten => {}
+            _ => unreachable!("backward_in_place of a layer that is not grad_in_place"),
+        }
+    }
+
     /// The trainable parameters, in a fixed order (no allocation): what the optimizer steps, the
     /// checkpoint saves and the exporter reads.
     pub fn params(&self) -> impl Iterator<Item = &Param> {
