@@ -205,9 +205,7 @@ impl Layer {
             Layer::Activation(Activation::Relu) => {
                 for (d, &z) in g.iter_mut().zip(x) {
                     // As `backward`: the gradient passes where z > 0 (not for NaN).
-                    if !(z > 0.0) {
-                        *d = 0.0;
-                    }
+                    *d = if z > 0.0 { *d } else { 0.0 };
                 }
             }
             Layer::Activation(a) => {
