@@ -51,6 +51,7 @@ pub mod onnx;
 pub mod optim;
 pub mod quant;
 pub mod rng;
+mod simd;
 pub mod torch;
 pub mod train;
 

@@ -69,23 +69,80 @@ pub struct BatchNorm {
 /// and a block of 64 rows keeps the f32 rounding far below the f64 total's resolution needs.
 const BLOCK_ROWS: usize = 64;
 
-/// `Σx` and `Σx²` per channel of `x` (rows of `c`), in f32 blocks added into f64.
-fn block_sums(x: &[f32], c: usize, s1: &mut [f64], s2: &mut [f64], b1: &mut [f32], b2: &mut [f32]) {
-    s1.fill(0.0);
-    s2.fill(0.0);
-    for block in x.chunks(BLOCK_ROWS * c) {
-        let (a, b) = (&mut b1[..c], &mut b2[..c]);
-        a.fill(0.0);
-        b.fill(0.0);
-        for row in block.chunks_exact(c) {
-            for ((a, b), &v) in a.iter_mut().zip(b.iter_mut()).zip(row) {
-                *a += v;
-                *b += v * v;
+crate::simd::widest! {
+    /// `Σx` and `Σx²` per channel of `x` (rows of `c`), in f32 blocks added into f64.
+    fn block_sums(x: &[f32], c: usize, s1: &mut [f64], s2: &mut [f64], b1: &mut [f32], b2: &mut [f32]) {
+        s1.fill(0.0);
+        s2.fill(0.0);
+        for block in x.chunks(BLOCK_ROWS * c) {
+            let (a, b) = (&mut b1[..c], &mut b2[..c]);
+            a.fill(0.0);
+            b.fill(0.0);
+            for row in block.chunks_exact(c) {
+                for ((a, b), &v) in a.iter_mut().zip(b.iter_mut()).zip(row) {
+                    *a += v;
+                    *b += v * v;
+                }
+            }
+            for ch in 0..c {
+                s1[ch] += a[ch] as f64;
+                s2[ch] += b[ch] as f64;
             }
         }
-        for ch in 0..c {
-            s1[ch] += a[ch] as f64;
-            s2[ch] += b[ch] as f64;
+    }
+}
+
+crate::simd::widest! {
+    /// `y = γ·((x − μ)·(1/σ)) + β` per channel over rows of `c`.
+    fn normalize(x: &[f32], y: &mut [f32], c: usize, mean: &[f32], inv_std: &[f32], g: &[f32], b: &[f32]) {
+        for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b)) {
+                *y = g * ((x - m) * s) + b;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `Σ dy` and `Σ dy·x̂` per channel (`x̂ = (x − μ)·(1/σ)`), in f32 blocks added into f64.
+    fn grad_sums(
+        dy: &[f32],
+        x: &[f32],
+        c: usize,
+        mean: &[f32],
+        inv_std: &[f32],
+        dsum: &mut [f64],
+        dsum_xhat: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+    ) {
+        dsum.fill(0.0);
+        dsum_xhat.fill(0.0);
+        for (gb, xb) in dy.chunks(BLOCK_ROWS * c).zip(x.chunks(BLOCK_ROWS * c)) {
+            let (a, b) = (&mut b1[..c], &mut b2[..c]);
+            a.fill(0.0);
+            b.fill(0.0);
+            for (gr, xr) in gb.chunks_exact(c).zip(xb.chunks_exact(c)) {
+                for (((((a, b), &g), &x), &m), &s) in a.iter_mut().zip(b.iter_mut()).zip(gr).zip(xr).zip(mean).zip(inv_std) {
+                    *a += g;
+                    *b += g * ((x - m) * s);
+                }
+            }
+            for ch in 0..c {
+                dsum[ch] += a[ch] as f64;
+                dsum_xhat[ch] += b[ch] as f64;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `g ← k·(g − m1 − x̂·m2)` per channel (`x̂ = (x − μ)·(1/σ)`) over rows of `c`.
+    fn input_grad(g: &mut [f32], x: &[f32], c: usize, k: &[f32], m1: &[f32], m2: &[f32], mean: &[f32], inv_std: &[f32]) {
+        for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for ((((((d, &x), &k), &m1), &m2), &m), &s) in gr.iter_mut().zip(xr).zip(k).zip(m1).zip(m2).zip(mean).zip(inv_std) {
+                *d = k * (*d - m1 - ((x - m) * s) * m2);
+            }
         }
     }
 }
@@ -157,11 +214,7 @@ impl BatchNorm {
         // `x̂ = (x − μ)·(1/σ)` is not stored: the backward pass computes it again from `x` (the
         // same f32 operations, so the same values), which saves a buffer as large as the
         // activations (for cnn-small's two replicas, 19 MB).
-        for (xr, yr) in x[..n].chunks_exact(c).zip(y[..n].chunks_exact_mut(c)) {
-            for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b)) {
-                *y = g * ((x - m) * s) + b;
-            }
-        }
+        normalize(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
     }
 
     /// Backward (training mode) over `n` values of the forward input `x`, with
@@ -185,27 +238,17 @@ impl BatchNorm {
     /// `dγ`, `dβ` and the per-channel sums `Σ dy`, `Σ dy·x̂` the input gradient needs.
     fn param_grads(&mut self, x: &[f32], dy: &[f32], n: usize) {
         let c = self.channels;
-        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
-        // Σ dy and Σ dy·x̂ per channel, vectorised over channels in f32 blocks, summed in f64.
-        self.dsum.fill(0.0);
-        self.dsum_xhat.fill(0.0);
-        for (gb, xb) in dy[..n].chunks(BLOCK_ROWS * c).zip(x[..n].chunks(BLOCK_ROWS * c)) {
-            let (a, b) = (&mut self.dsum_f32[..c], &mut self.dsum_xhat_f32[..c]);
-            a.fill(0.0);
-            b.fill(0.0);
-            for (gr, xr) in gb.chunks_exact(c).zip(xb.chunks_exact(c)) {
-                for (((((a, b), &g), &x), &m), &s) in
-                    a.iter_mut().zip(b.iter_mut()).zip(gr).zip(xr).zip(mean).zip(inv_std)
-                {
-                    *a += g;
-                    *b += g * ((x - m) * s);
-                }
-            }
-            for ch in 0..c {
-                self.dsum[ch] += a[ch] as f64;
-                self.dsum_xhat[ch] += b[ch] as f64;
-            }
-        }
+        grad_sums(
+            &dy[..n],
+            &x[..n],
+            c,
+            &self.mean[..c],
+            &self.inv_std[..c],
+            &mut self.dsum,
+            &mut self.dsum_xhat,
+            &mut self.dsum_f32,
+            &mut self.dsum_xhat_f32,
+        );
         for ch in 0..c {
             self.beta.grad[ch] = self.dsum[ch] as f32;
             self.gamma.grad[ch] = self.dsum_xhat[ch] as f32;
@@ -222,16 +265,16 @@ impl BatchNorm {
             self.dsum_xhat_f32[ch] = (self.dsum_xhat[ch] / rows) as f32;
             self.k[ch] = self.gamma.value[ch] * self.inv_std[ch];
         }
-        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
-        let (m1, m2, k) = (&self.dsum_f32[..c], &self.dsum_xhat_f32[..c], &self.k[..c]);
-        for (gr, xr) in g[..n].chunks_exact_mut(c).zip(x[..n].chunks_exact(c)) {
-            // Zipped slices (no index): the compiler drops the bounds checks and vectorises.
-            for ((((((d, &x), &k), &m1), &m2), &m), &s) in
-                gr.iter_mut().zip(xr).zip(k).zip(m1).zip(m2).zip(mean).zip(inv_std)
-            {
-                *d = k * (*d - m1 - ((x - m) * s) * m2);
-            }
-        }
+        input_grad(
+            &mut g[..n],
+            &x[..n],
+            c,
+            &self.k[..c],
+            &self.dsum_f32[..c],
+            &self.dsum_xhat_f32[..c],
+            &self.mean[..c],
+            &self.inv_std[..c],
+        );
     }
 
     /// Update the running statistics from the sums of a whole batch (`Σx`, `Σx²`, rows).

@@ -124,11 +124,7 @@ impl Layer {
             Layer::BatchNorm(b) => b.forward(x, y, x.len(), training),
             Layer::Pool2d(p) => p.forward(x, y, batch),
             Layer::GlobalAvgPool(g) => g.forward(x, y, batch),
-            Layer::Activation(Activation::Relu) => {
-                for (yv, &xv) in y.iter_mut().zip(x) {
-                    *yv = xv.max(0.0);
-                }
-            }
+            Layer::Activation(Activation::Relu) => relu_forward(x, y),
             Layer::Activation(a) => {
                 let cols = x.len() / batch.max(1);
                 for (yv, &xv) in y.iter_mut().zip(x) {
@@ -202,12 +198,7 @@ impl Layer {
     pub fn backward_in_place(&mut self, x: &[f32], g: &mut [f32]) {
         match self {
             Layer::BatchNorm(b) => b.backward_in_place(x, g, g.len()),
-            Layer::Activation(Activation::Relu) => {
-                for (d, &z) in g.iter_mut().zip(x) {
-                    // As `backward`: the gradient passes where z > 0 (not for NaN).
-                    *d = if z > 0.0 { *d } else { 0.0 };
-                }
-            }
+            Layer::Activation(Activation::Relu) => relu_backward_in_place(x, g),
             Layer::Activation(a) => {
                 for (d, &z) in g.iter_mut().zip(x) {
                     *d *= a.derivative(z, a.forward(z));
@@ -305,5 +296,23 @@ impl Layer {
     /// The output quantizer.
     pub fn act_quant(&self) -> Option<&ActFakeQuant> {
         self.quant_parts().map(|p| p.1)
+    }
+}
+
+crate::simd::widest! {
+    /// `y = max(x, 0)`.
+    fn relu_forward(x: &[f32], y: &mut [f32]) {
+        for (yv, &xv) in y.iter_mut().zip(x) {
+            *yv = xv.max(0.0);
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `g ← g` where `x > 0`, else 0 (as `Layer::backward`: also 0 for NaN).
+    fn relu_backward_in_place(x: &[f32], g: &mut [f32]) {
+        for (d, &z) in g.iter_mut().zip(x) {
+            *d = if z > 0.0 { *d } else { 0.0 };
+        }
     }
 }
