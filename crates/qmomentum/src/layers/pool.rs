@@ -59,7 +59,7 @@ impl Pool2d {
             && self.geo.stride == [2, 2]
             && self.geo.pad == [0; 4]
         {
-            self.max_2x2(x, y, batch);
+            max_2x2(x, y, &mut self.argmax, self.geo.input, self.geo.output, batch);
             return;
         }
         for b in 0..batch {
@@ -106,69 +106,6 @@ impl Pool2d {
                             }
                             let inv = 1.0 / n.max(1) as f32;
                             out.iter_mut().for_each(|v| *v *= inv);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`Pool2d::max_2x2_body`] on the widest instruction set this CPU has: the baseline build
-    /// vectorises it with SSE2 only, and the index selects then become scalar stores (measured:
-    /// max pooling was 9.9 % of a cnn-small epoch's samples). The same operations on every
-    /// instruction set, so the same results.
-    fn max_2x2(&mut self, x: &[f32], y: &mut [f32], batch: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked on the line above), the only
-                // requirement of `max_2x2_avx512`; its body is safe Rust.
-                return unsafe { self.max_2x2_avx512(x, y, batch) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: as above, for AVX2.
-                return unsafe { self.max_2x2_avx2(x, y, batch) };
-            }
-        }
-        self.max_2x2_body(x, y, batch)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn max_2x2_avx512(&mut self, x: &[f32], y: &mut [f32], batch: usize) {
-        self.max_2x2_body(x, y, batch)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn max_2x2_avx2(&mut self, x: &[f32], y: &mut [f32], batch: usize) {
-        self.max_2x2_body(x, y, batch)
-    }
-
-    /// The common 2×2, stride 2, unpadded max pool: the four taps of a window are fixed offsets,
-    /// and the channel loop is branch-free (selects) so it vectorises. Same results as the general
-    /// path (the first maximum wins ties, in tap order).
-    #[inline(always)]
-    fn max_2x2_body(&mut self, x: &[f32], y: &mut [f32], batch: usize) {
-        let (i, o) = (self.geo.input, self.geo.output);
-        let c = i.c;
-        for b in 0..batch {
-            let xb = &x[b * i.len()..(b + 1) * i.len()];
-            for oy in 0..o.h {
-                for ox in 0..o.w {
-                    let at = b * o.len() + (oy * o.w + ox) * c;
-                    let s00 = (2 * oy * i.w + 2 * ox) * c;
-                    let taps = [s00, s00 + c, s00 + i.w * c, s00 + i.w * c + c];
-                    let (out, arg) = (&mut y[at..at + c], &mut self.argmax[at..at + c]);
-                    out.copy_from_slice(&xb[taps[0]..taps[0] + c]);
-                    for (ch, a) in arg.iter_mut().enumerate() {
-                        *a = (taps[0] + ch) as u32;
-                    }
-                    for &t in &taps[1..] {
-                        for (ch, ((o, a), &v)) in out.iter_mut().zip(arg.iter_mut()).zip(&xb[t..t + c]).enumerate() {
-                            let take = v > *o;
-                            *o = if take { v } else { *o };
-                            *a = if take { (t + ch) as u32 } else { *a };
                         }
                     }
                 }
@@ -247,6 +184,39 @@ impl GlobalAvgPool {
             for px in dx[b * hw * c..(b + 1) * hw * c].chunks_exact_mut(c) {
                 for (d, &gv) in px.iter_mut().zip(g) {
                     *d = gv * inv;
+                }
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// The common 2×2, stride 2, unpadded max pool from `i` to `o`: the four taps of a window are
+    /// fixed offsets, and the channel loop is branch-free (selects) so it vectorises. Same results
+    /// as the general path (the first maximum wins ties, in tap order). Compiled for the widest
+    /// instruction set (`crate::simd`): in the baseline SSE2 build the index selects became
+    /// scalar stores, and max pooling was 9.9 % of a cnn-small epoch's samples (3.0 % now).
+    fn max_2x2(x: &[f32], y: &mut [f32], argmax: &mut [u32], i: Shape, o: Shape, batch: usize) {
+        let c = i.c;
+        for b in 0..batch {
+            let xb = &x[b * i.len()..(b + 1) * i.len()];
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    let at = b * o.len() + (oy * o.w + ox) * c;
+                    let s00 = (2 * oy * i.w + 2 * ox) * c;
+                    let taps = [s00, s00 + c, s00 + i.w * c, s00 + i.w * c + c];
+                    let (out, arg) = (&mut y[at..at + c], &mut argmax[at..at + c]);
+                    out.copy_from_slice(&xb[taps[0]..taps[0] + c]);
+                    for (ch, a) in arg.iter_mut().enumerate() {
+                        *a = (taps[0] + ch) as u32;
+                    }
+                    for &t in &taps[1..] {
+                        for (ch, ((o, a), &v)) in out.iter_mut().zip(arg.iter_mut()).zip(&xb[t..t + c]).enumerate() {
+                            let take = v > *o;
+                            *o = if take { v } else { *o };
+                            *a = if take { (t + ch) as u32 } else { *a };
+                        }
+                    }
                 }
             }
         }
