@@ -164,12 +164,12 @@ impl OscillationTracker {
             let (s0, s1) = state.split_at_mut(at);
             let (f0, f1) = freq.split_at_mut(at);
             let ((a, b), (x, y)) = qmomentum_runtime::pool::join(
-                || grid_pass_best(w0, inv, s0, f0, momentum),
-                || grid_pass_best(w1, inv, s1, f1, momentum),
+                || grid_pass(w0, inv, s0, f0, momentum),
+                || grid_pass(w1, inv, s1, f1, momentum),
             );
             (a + x, b + y)
         } else {
-            grid_pass_best(w_hat, inv, state, freq, momentum)
+            grid_pass(w_hat, inv, state, freq, momentum)
         };
         if let Some(e) = self.ema_code.as_mut() {
             // The codes again (a second pass, only when freezing is on): `state` now holds them.
@@ -220,60 +220,29 @@ impl OscillationTracker {
 /// Kernels of at least this many weights are tracked on two cores.
 const SPLIT_MIN: usize = 16 * 1024;
 
-/// [`grid_pass`] on the widest instruction set this CPU has.
-fn grid_pass_best(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked on the line above), the only requirement
-            // of `grid_pass_avx512`; its body is safe Rust.
-            return unsafe { grid_pass_avx512(w_hat, inv, state, freq, momentum) };
+crate::simd::widest! {
+    /// The tracking pass over a `[rows, inv.len()]` kernel: codes `round(ŵ·inv[j])`, then
+    /// [`step_block`] row by row. Compiled for the widest instruction set (`crate::simd`): this
+    /// pass runs over every weight at every step and the baseline build only vectorises it with
+    /// SSE2; every version gives identical results.
+    fn grid_pass(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
+        let c = inv.len();
+        let (mut flips, mut osc) = (0u32, 0u32);
+        for ((row, st), f) in w_hat
+            .chunks_exact(c)
+            .zip(state.chunks_exact_mut(c))
+            .zip(freq.chunks_exact_mut(c))
+        {
+            let codes = row
+                .iter()
+                .zip(inv)
+                .map(|(&v, &k)| super::affine::round_even_small(v * k));
+            let (a, b) = step_block(st, f, codes, momentum);
+            flips += a;
+            osc += b;
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, for AVX2.
-            return unsafe { grid_pass_avx2(w_hat, inv, state, freq, momentum) };
-        }
+        (flips, osc)
     }
-    grid_pass(w_hat, inv, state, freq, momentum)
-}
-
-/// The tracking pass over a `[rows, inv.len()]` kernel: codes `round(ŵ·inv[j])`, then
-/// [`step_block`] row by row. The same operations in the same order on every instruction set
-/// (no fused multiply-add is formed), so the wider versions below give identical results; they
-/// exist because this pass runs over every weight at every step and the baseline build only
-/// vectorises it with SSE2.
-#[inline(always)]
-fn grid_pass(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
-    let c = inv.len();
-    let (mut flips, mut osc) = (0u32, 0u32);
-    for ((row, st), f) in w_hat
-        .chunks_exact(c)
-        .zip(state.chunks_exact_mut(c))
-        .zip(freq.chunks_exact_mut(c))
-    {
-        let codes = row
-            .iter()
-            .zip(inv)
-            .map(|(&v, &k)| super::affine::round_even_small(v * k));
-        let (a, b) = step_block(st, f, codes, momentum);
-        flips += a;
-        osc += b;
-    }
-    (flips, osc)
-}
-
-/// [`grid_pass`] compiled for AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn grid_pass_avx512(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
-    grid_pass(w_hat, inv, state, freq, momentum)
-}
-
-/// [`grid_pass`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn grid_pass_avx2(w_hat: &[f32], inv: &[f32], state: &mut [f32], freq: &mut [f32], momentum: f32) -> (u32, u32) {
-    grid_pass(w_hat, inv, state, freq, momentum)
 }
 
 /// `e ← m·code + (1 − m)·e`, starting from the first code.
