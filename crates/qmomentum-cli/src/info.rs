@@ -71,7 +71,9 @@ fn checkpoint(path: &std::path::Path, t: &qmomentum::train::Trainer) -> Result<(
         let params: usize = p.params.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         let kind = match l {
             Layer::Dense(d) => format!("dense {}", d.activation),
+            Layer::Conv2d(c) if c.bn.is_some() => format!("conv2d+bn {}", c.out.activation),
             Layer::Conv2d(c) => format!("conv2d {}", c.out.activation),
+            Layer::Folded(i) => format!("(in layer {i})"),
             Layer::Activation(a) => a.to_string(),
             Layer::Dropout(d) => format!("dropout {}", d.rate),
             other => other.kind().to_string(),

@@ -139,6 +139,10 @@ pub struct TrainArgs {
     /// beyond the range clip) [default: never; max-abs scales recomputed every step].
     #[arg(long)]
     pub freeze_weight_scales_after: Option<usize>,
+    /// QAT with batch norm (folded into its convolution): use the running statistics, and stop
+    /// moving them, from this epoch on (torch.ao's freeze_bn_stats) [default: never].
+    #[arg(long)]
+    pub freeze_bn_stats_after: Option<usize>,
     /// Seed of initialisation, shuffling and dropout [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -326,6 +330,9 @@ fn apply_flags(mut c: TrainConfig, a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(n) = a.freeze_weight_scales_after {
         c.freeze_weight_scales_after = Some(n);
+    }
+    if let Some(n) = a.freeze_bn_stats_after {
+        c.freeze_bn_stats_after = Some(n);
     }
     set!(a.osc_dampening, c.oscillation.dampening);
     set!(a.osc_freeze, c.oscillation.freeze_threshold);

@@ -594,6 +594,11 @@ pub struct TrainConfig {
     /// of a channel when its largest weight moves; fixed ones clip instead.
     #[serde(default)]
     pub freeze_weight_scales_after: Option<usize>,
+    /// QAT of a batch-normalised network (batch norm folded into the convolution): normalise
+    /// with the running statistics, and stop moving them, from this epoch on (torch.ao's
+    /// `freeze_bn_stats`; default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_bn_stats_after: Option<usize>,
     /// Length of the learning-rate schedule in epochs (the cosine's horizon); `None` = `epochs`.
     /// A run extended with `--resume --epochs N` keeps its original horizon here, so the
     /// schedule does not change under the epochs already trained.
@@ -624,6 +629,7 @@ impl Default for TrainConfig {
             quant: Scheme::Fp32,
             freeze_observers_after: None,
             freeze_weight_scales_after: None,
+            freeze_bn_stats_after: None,
             schedule_epochs: None,
             model: ModelConfig::default(),
             optimizer: OptimizerConfig::default(),

@@ -39,6 +39,8 @@ fn quantize_multiplier(m: f64, what: &str) -> Result<(i32, i32)> {
 /// activations calibrated or trained).
 pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
     let mut model = model.clone();
+    // QAT with batch norm folded into the convolutions: export the folded layers.
+    model.bake_folded_batch_norm();
     let n_dense = model.layers.iter().filter(|l| l.quant_parts().is_some()).count();
     let input =
         rt::InputSpec {
@@ -77,7 +79,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
         // Layers without weights: pooling runs on the u8 codes (max keeps the grid; the average
         // of codes on one grid is on that grid), flatten and dropout are nothing at inference.
         match layer {
-            Layer::Dropout(_) | Layer::Flatten => continue,
+            Layer::Dropout(_) | Layer::Flatten | Layer::Folded(_) => continue,
             Layer::Pool2d(p) => {
                 if !matches!(grid, Grid::U8 { .. }) {
                     return Err(Error::config(format!("layers[{li}]"), layer.kind(), "pooling of sign bits is not supported"));

@@ -22,6 +22,25 @@ use crate::loss;
 use crate::quant::Scheme;
 use crate::rng::Rng;
 
+/// The batch norm a config layer describes (Keras or PyTorch momentum convention).
+fn batch_norm(index: usize, channels: usize, l: &LayerConfig) -> BatchNorm {
+    let LayerConfig::BatchNorm {
+        momentum,
+        torch_momentum,
+        epsilon,
+    } = l
+    else {
+        unreachable!("batch_norm() of a {l:?}")
+    };
+    let rule = match (momentum, torch_momentum) {
+        (_, Some(p)) => BnMomentum::Torch { momentum: *p },
+        (m, None) => BnMomentum::Keras {
+            momentum: m.unwrap_or(0.99),
+        },
+    };
+    BatchNorm::new(index, channels, *epsilon, rule)
+}
+
 /// A sequential model.
 #[derive(Clone, Debug)]
 pub struct Sequential {
@@ -33,7 +52,9 @@ pub struct Sequential {
     pub layers: Vec<Layer>,
     /// Binarize the input at this threshold (`x ≥ t` → +1, else −1) before the first layer.
     pub binarize_input: Option<f32>,
+    /// Activation buffers; activation `j` (the output of layer `j − 1`) is `acts[aslot[j]]`.
     acts: Vec<Vec<f32>>,
+    aslot: Vec<usize>,
     /// Gradient buffers; the gradient of activation `j` is `grads[gslot[j]]`.
     grads: Vec<Vec<f32>>,
     gslot: Vec<usize>,
@@ -51,6 +72,7 @@ impl Sequential {
             layers: Vec::new(),
             binarize_input: None,
             acts: Vec::new(),
+            aslot: Vec::new(),
             grads: Vec::new(),
             gslot: Vec::new(),
             probs: Vec::new(),
@@ -91,17 +113,17 @@ impl Sequential {
             .iter()
             .filter(|l| matches!(l, LayerConfig::Dense { .. } | LayerConfig::Conv2d { .. }))
             .count();
-        let has_bn = cfg.layers.iter().any(|l| matches!(l, LayerConfig::BatchNorm { .. }));
-        if has_bn && scheme != Scheme::Fp32 {
-            return Err(Error::config(
-                "quant",
-                scheme,
-                "quantization-aware training with batch norm during training (BN folded in the forward pass) is not built yet; the recipe that works: train in fp32, then `qmomentum quantize CKPT --quant … --finetune-epochs N`, which folds every batch norm into its convolution, calibrates and fine-tunes with QAT (batch norm frozen)",
-            ));
-        }
         let preset = scheme.layers(weighted);
         let mut d = 0;
+        // Quantization-aware training folds each batch norm into the convolution before it
+        // (`layers::folded_bn`); the positions of the batch norm and of the activation moved into
+        // the convolution become `Layer::Folded`.
+        let mut folded_into: Vec<Option<usize>> = vec![None; cfg.layers.len()];
         for (i, (l, p)) in cfg.layers.iter().zip(&plan).enumerate() {
+            if let Some(k) = folded_into[i] {
+                m.layers.push(Layer::Folded(k));
+                continue;
+            }
             let layer = match l {
                 LayerConfig::Dense {
                     units,
@@ -136,6 +158,32 @@ impl Sequential {
                     let mut conv = Conv2d::new(i, p.input, c, *activation, &mut rng)?;
                     let q = quant.unwrap_or(preset[d]);
                     q.validate(i)?;
+                    if let (true, Some(LayerConfig::BatchNorm { .. })) = (q.is_quantized(), cfg.layers.get(i + 1)) {
+                        if *activation != Activation::Linear {
+                            return Err(Error::config(
+                                format!("model.layers[{i}].activation"),
+                                activation,
+                                "a convolution followed by batch norm must be linear to be quantized (its batch norm is folded into it): move the activation after the batch norm",
+                            ));
+                        }
+                        if matches!(q.weights, Some(crate::quant::WeightQuant::Binary { .. })) {
+                            return Err(Error::config(
+                                format!("model.layers[{i}].quant.weights"),
+                                "binary",
+                                "binary convolutions with batch norm are not built yet (the batch norm would stay a float layer after the ±1 kernel); use an integer or ternary scheme",
+                            ));
+                        }
+                        let bn = batch_norm(i + 1, p.output.c, &cfg.layers[i + 1]);
+                        let act = match cfg.layers.get(i + 2) {
+                            Some(LayerConfig::Activation { activation }) if *activation != Activation::Softmax => {
+                                folded_into[i + 2] = Some(i);
+                                *activation
+                            }
+                            _ => Activation::Linear,
+                        };
+                        folded_into[i + 1] = Some(i);
+                        conv.fold_batch_norm(bn, act);
+                    }
                     conv.set_quant(q, bop);
                     d += 1;
                     Layer::Conv2d(Box::new(conv))
@@ -165,18 +213,15 @@ impl Sequential {
                     *padding,
                 )?),
                 LayerConfig::GlobalAvgPool => Layer::GlobalAvgPool(GlobalAvgPool { input: p.input }),
-                LayerConfig::BatchNorm {
-                    momentum,
-                    torch_momentum,
-                    epsilon,
-                } => {
-                    let rule = match (momentum, torch_momentum) {
-                        (_, Some(p)) => BnMomentum::Torch { momentum: *p },
-                        (m, None) => BnMomentum::Keras {
-                            momentum: m.unwrap_or(0.99),
-                        },
-                    };
-                    Layer::BatchNorm(Box::new(BatchNorm::new(i, p.input.c, *epsilon, rule)))
+                LayerConfig::BatchNorm { .. } => {
+                    if scheme != Scheme::Fp32 {
+                        return Err(Error::config(
+                            format!("model.layers[{i}]"),
+                            "batch_norm",
+                            format!("with quant = \"{scheme}\", a batch norm must follow a linear, quantized conv2d (it is folded into it for QAT): fold it yourself, or train in fp32 and use `qmomentum quantize`"),
+                        ));
+                    }
+                    Layer::BatchNorm(Box::new(batch_norm(i, p.input.c, l)))
                 }
                 LayerConfig::Dropout { rate } => Layer::Dropout(Dropout::new(*rate)),
                 LayerConfig::Activation { activation } => Layer::Activation(*activation),
@@ -187,13 +232,76 @@ impl Sequential {
         Ok(m)
     }
 
+    /// Turn every batch norm folded into a convolution for QAT into the folded kernel and bias
+    /// of the integer model (running statistics; [`crate::layers::FoldedBn::fold`]): the forward
+    /// pass is then exactly the deployed layer's. The exporters work on this form.
+    pub fn bake_folded_batch_norm(&mut self) {
+        for l in self.layers.iter_mut() {
+            if let Layer::Conv2d(c) = l {
+                if let Some(mut f) = c.bn.take() {
+                    f.fold(&mut c.weight.value, &mut c.bias.value);
+                }
+            }
+        }
+    }
+
+    /// Whether any batch norm is folded into a convolution (QAT of a batch-normalised model).
+    pub fn has_folded_batch_norm(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(l, Layer::Conv2d(c) if c.bn.is_some()))
+    }
+
+    /// Freeze (or not) the statistics of every folded batch norm (torch.ao's `freeze_bn_stats`):
+    /// frozen, they normalise with the running statistics and stop moving them.
+    pub fn set_batch_norm_frozen(&mut self, frozen: bool) {
+        for l in self.layers.iter_mut() {
+            if let Layer::Conv2d(c) = l {
+                if let Some(f) = c.bn.as_deref_mut() {
+                    f.frozen = frozen;
+                }
+            }
+        }
+    }
+
+    /// The batch norm the config puts at layer `k`: that layer's, or the one folded into the
+    /// convolution it belongs to.
+    pub fn batch_norm_at(&self, k: usize) -> Option<&BatchNorm> {
+        match self.layers.get(k)? {
+            Layer::Folded(i) => self.layers.get(*i)?.batch_norm(),
+            l => l.batch_norm(),
+        }
+    }
+
+    /// [`Sequential::batch_norm_at`], mutable.
+    pub fn batch_norm_at_mut(&mut self, k: usize) -> Option<&mut BatchNorm> {
+        let k = match self.layers.get(k)? {
+            Layer::Folded(i) => *i,
+            _ => k,
+        };
+        self.layers.get_mut(k)?.batch_norm_mut()
+    }
+
     fn ensure(&mut self, batch: usize) {
         let l = self.layers.len();
-        if batch <= self.cap && self.acts.len() == l + 1 && self.gslot.len() == l + 1 {
+        if batch <= self.cap && self.aslot.len() == l + 1 && self.gslot.len() == l + 1 {
             return;
         }
         let sizes: Vec<usize> = self.shapes().map(|s| s.len()).collect();
-        self.acts = sizes.iter().map(|&s| vec![0.0; s * batch]).collect();
+        // A folded layer (a batch norm or activation computed inside the convolution before it)
+        // outputs its input: one buffer for both.
+        let mut aslot = vec![0usize; l + 1];
+        let mut asizes = vec![sizes[0]];
+        for i in 0..l {
+            if matches!(self.layers[i], Layer::Folded(_)) {
+                aslot[i + 1] = aslot[i];
+            } else {
+                aslot[i + 1] = asizes.len();
+                asizes.push(sizes[i + 1]);
+            }
+        }
+        self.acts = asizes.iter().map(|&s| vec![0.0; s * batch]).collect();
+        self.aslot = aslot;
         // A layer whose backward works in place (batch norm, activations, dropout, flatten:
         // `Layer::grad_in_place`) writes its input gradient over its output gradient, so a run of
         // such layers shares one buffer (for cnn-small's two replicas: 40 MB less).
@@ -260,12 +368,16 @@ impl Sequential {
                     in_scale = c.output_qparams().map(|q| q.scale);
                 }
                 Layer::Pool2d(p) if p.kind == PoolKind::Max => {}
-                Layer::Dropout(_) | Layer::Flatten => {}
+                Layer::Dropout(_) | Layer::Flatten | Layer::Folded(_) => {}
                 _ => in_scale = None,
             }
-            let (a, b) = self.acts.split_at_mut(i + 1);
+            let (from, into) = (self.aslot[i], self.aslot[i + 1]);
+            if from == into {
+                continue;
+            }
+            let (a, b) = self.acts.split_at_mut(into);
             layer.forward(
-                &a[i][..batch * size],
+                &a[from][..batch * size],
                 &mut b[0][..batch * out],
                 batch,
                 training,
@@ -274,7 +386,7 @@ impl Sequential {
             );
             size = out;
         }
-        &self.acts[self.layers.len()][..batch * size]
+        &self.acts[self.aslot[self.layers.len()]][..batch * size]
     }
 
     /// One forward + backward pass for `labels` with the fused softmax cross-entropy loss,
@@ -287,7 +399,8 @@ impl Sequential {
         self.forward(batch, true, true, rng);
         let l = self.layers.len();
         let n = batch * classes;
-        let loss = loss::softmax_crossentropy_forward(&self.acts[l][..n], labels, classes, &mut self.probs[..n]);
+        let loss =
+            loss::softmax_crossentropy_forward(&self.acts[self.aslot[l]][..n], labels, classes, &mut self.probs[..n]);
         let correct = crate::metrics::correct(&self.probs[..n], labels, classes);
         let top = self.gslot[l];
         loss::softmax_crossentropy_backward(&self.probs[..n], labels, classes, &mut self.grads[top][..n]);
@@ -298,7 +411,7 @@ impl Sequential {
         // Backward, last layer first; the first layer needs no input gradient.
         let (sizes, gslot, acts, grads) = (&self.sizes, &self.gslot, &self.acts, &mut self.grads);
         for i in (0..l).rev() {
-            let x = &acts[i][..batch * sizes[i]];
+            let x = &acts[self.aslot[i]][..batch * sizes[i]];
             let (into, from) = (gslot[i], gslot[i + 1]);
             if into == from {
                 self.layers[i].backward_in_place(x, &mut grads[from][..batch * sizes[i + 1]]);
@@ -325,7 +438,8 @@ impl Sequential {
         self.forward(batch, false, true, rng);
         let l = self.layers.len();
         let n = batch * classes;
-        let loss = loss::softmax_crossentropy_forward(&self.acts[l][..n], labels, classes, &mut self.probs[..n]);
+        let loss =
+            loss::softmax_crossentropy_forward(&self.acts[self.aslot[l]][..n], labels, classes, &mut self.probs[..n]);
         (loss, crate::metrics::correct(&self.probs[..n], labels, classes))
     }
 
@@ -350,7 +464,7 @@ impl Sequential {
     /// The output of layer `i` from the last forward pass over `batch` rows.
     pub fn layer_output(&self, i: usize, batch: usize) -> &[f32] {
         let n = self.shapes().nth(i + 1).map(|s| s.len()).unwrap_or(0);
-        &self.acts[i + 1][..batch * n]
+        &self.acts[self.aslot[i + 1]][..batch * n]
     }
 
     /// All parameters in a fixed order (no allocation).
@@ -441,6 +555,14 @@ impl Sequential {
             // the frozen codes and fixed scales its forward pass uses.
             if let (Some((_, a)), Some((b, _))) = (l.weight_quant_mut(), s.quant_parts()) {
                 a.sync_state_from(b);
+                // A folded batch norm's running statistics and frozen flag (the fold reads them).
+                if let (Layer::Conv2d(c), Layer::Conv2d(d)) = (&mut *l, s) {
+                    if let (Some(f), Some(g)) = (c.bn.as_deref_mut(), d.bn.as_deref()) {
+                        f.bn.running_mean.value.copy_from_slice(&g.bn.running_mean.value);
+                        f.bn.running_var.value.copy_from_slice(&g.bn.running_var.value);
+                        f.frozen = g.frozen;
+                    }
+                }
             } else {
                 for (b, c) in l.buffers_mut().zip(s.buffers()) {
                     if b.value.len() == c.value.len() {
@@ -553,10 +675,10 @@ impl Sequential {
                 }
                 a.stats = stats;
             }
-            if let Layer::BatchNorm(b) = l {
+            if let Some(b) = l.batch_norm_mut() {
                 let (s1, s2, n) = &mut b.batch_sums;
                 for p in parts {
-                    if let Some(Layer::BatchNorm(o)) = p.layers.get(k) {
+                    if let Some(o) = p.layers.get(k).and_then(|l| l.batch_norm()) {
                         let (t1, t2, m) = &o.batch_sums;
                         s1.iter_mut().zip(t1).for_each(|(a, b)| *a += b);
                         s2.iter_mut().zip(t2).for_each(|(a, b)| *a += b);
@@ -574,7 +696,7 @@ impl Sequential {
             if let Some(a) = l.act_quant_mut() {
                 a.observe(a.stats);
             }
-            if let Layer::BatchNorm(b) = l {
+            if let Some(b) = l.batch_norm_mut() {
                 // Taken out and put back: no allocation in the step.
                 let (s1, s2, n) = std::mem::take(&mut b.batch_sums);
                 b.update_running(&s1, &s2, n);
@@ -608,7 +730,7 @@ impl Sequential {
                     j += 2;
                 }
             }
-            if let Layer::BatchNorm(b) = l {
+            if let Some(b) = l.batch_norm_mut() {
                 let (s1, s2, n) = &mut b.batch_sums;
                 if pack {
                     sums.extend_from_slice(s1);

@@ -446,8 +446,8 @@ pub fn import_state_dict(bytes: &[u8], path: &Path, config: TrainConfig, names: 
     let mut notes = Vec::new();
     for (k, slot) in slots.iter().enumerate() {
         let mut take = |n: &'static str| values.remove(&(k, n)).unwrap_or_default();
-        match &mut t.model.layers[slot.layer] {
-            Layer::Dense(d) => {
+        match slot_layer_mut(&mut t.model, slot.layer) {
+            TargetMut::Dense(d) => {
                 let (w, b) = (take("weight"), take("bias"));
                 let (n_in, n_out) = (d.inputs, d.outputs);
                 let col: Box<dyn Fn(usize) -> usize> = match slot.flatten_from {
@@ -472,7 +472,7 @@ pub fn import_state_dict(bytes: &[u8], path: &Path, config: TrainConfig, names: 
                     ));
                 }
             }
-            Layer::Conv2d(c) => {
+            TargetMut::Conv2d(c) => {
                 let (w, b) = (take("weight"), take("bias"));
                 let [kh, kw] = c.geo.kernel;
                 let cout = c.out_shape.c;
@@ -499,7 +499,7 @@ pub fn import_state_dict(bytes: &[u8], path: &Path, config: TrainConfig, names: 
                     ));
                 }
             }
-            Layer::BatchNorm(bn) => {
+            TargetMut::BatchNorm(bn) => {
                 let perm = |v: Vec<f32>| match slot.flatten_from {
                     Some(s) => {
                         let f = chw_index(s);
@@ -757,8 +757,8 @@ pub fn export_state_dict(t: &Trainer) -> Result<Exported> {
                 .map(|(_, s)| s.clone())
                 .unwrap_or_default()
         };
-        match &t.model.layers[slot.layer] {
-            Layer::Dense(d) => {
+        match slot_layer(&t.model, slot.layer) {
+            Target::Dense(d) => {
                 let (n_in, n_out) = (d.inputs, d.outputs);
                 let mut w = vec![0.0f32; n_in * n_out];
                 let col: Box<dyn Fn(usize) -> usize> = match slot.flatten_from {
@@ -774,7 +774,7 @@ pub fn export_state_dict(t: &Trainer) -> Result<Exported> {
                 owned.push((format!("{idx}.weight"), Dtype::F32, shape("weight"), f32b(&w)));
                 owned.push((format!("{idx}.bias"), Dtype::F32, shape("bias"), f32b(&d.bias.value)));
             }
-            Layer::Conv2d(c) => {
+            Target::Conv2d(c) => {
                 let [kh, kw] = c.geo.kernel;
                 let cout = c.out_shape.c;
                 let cg = c.geo.input.c / c.groups;
@@ -792,7 +792,7 @@ pub fn export_state_dict(t: &Trainer) -> Result<Exported> {
                 owned.push((format!("{idx}.weight"), Dtype::F32, shape("weight"), f32b(&w)));
                 owned.push((format!("{idx}.bias"), Dtype::F32, shape("bias"), f32b(&c.bias.value)));
             }
-            Layer::BatchNorm(bn) => {
+            Target::BatchNorm(bn) => {
                 let perm = |v: &[f32]| -> Vec<f32> {
                     match slot.flatten_from {
                         Some(s) => {
@@ -898,4 +898,44 @@ fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
     out.extend_from_slice(json.as_bytes());
     out.extend_from_slice(&bytes[end..]);
     Ok(out)
+}
+
+/// What a state_dict slot maps to: the layer at that index of the config, or, for a batch norm
+/// folded into the convolution before it for QAT, that batch norm (its parameters are the
+/// unfused network's, as PyTorch's `ConvBn2d` keeps `bn.weight`, `bn.running_var`, …).
+enum Target<'a> {
+    Dense(&'a crate::layers::Dense),
+    Conv2d(&'a crate::layers::Conv2d),
+    BatchNorm(&'a crate::layers::BatchNorm),
+    Other,
+}
+
+/// [`Target`], mutable.
+enum TargetMut<'a> {
+    Dense(&'a mut crate::layers::Dense),
+    Conv2d(&'a mut crate::layers::Conv2d),
+    BatchNorm(&'a mut crate::layers::BatchNorm),
+    Other,
+}
+
+fn slot_layer(m: &crate::model::Sequential, k: usize) -> Target<'_> {
+    match &m.layers[k] {
+        Layer::Dense(d) => Target::Dense(d),
+        Layer::Conv2d(c) => Target::Conv2d(c),
+        Layer::BatchNorm(b) => Target::BatchNorm(b),
+        Layer::Folded(_) => m.batch_norm_at(k).map_or(Target::Other, Target::BatchNorm),
+        _ => Target::Other,
+    }
+}
+
+fn slot_layer_mut(m: &mut crate::model::Sequential, k: usize) -> TargetMut<'_> {
+    if matches!(m.layers[k], Layer::Folded(_)) {
+        return m.batch_norm_at_mut(k).map_or(TargetMut::Other, TargetMut::BatchNorm);
+    }
+    match &mut m.layers[k] {
+        Layer::Dense(d) => TargetMut::Dense(d),
+        Layer::Conv2d(c) => TargetMut::Conv2d(c),
+        Layer::BatchNorm(b) => TargetMut::BatchNorm(b),
+        _ => TargetMut::Other,
+    }
 }

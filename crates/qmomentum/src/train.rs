@@ -228,6 +228,32 @@ impl Trainer {
         if config.freeze_weight_scales_after.is_some() {
             model.enable_fixed_scales();
         }
+        if model.has_folded_batch_norm() {
+            // The kernel these act on is W·γ/σ, not the parameter W: not combined yet.
+            let o = config.oscillation;
+            let refuse = |field: &str, value: String| {
+                Err(Error::config(
+                    field,
+                    value,
+                    "not available with batch norm folded into the convolutions during QAT (the quantized kernel is W·γ/σ, not the parameter W); use the fold-then-fine-tune recipe (`qmomentum quantize --finetune-epochs N`) for it",
+                ))
+            };
+            if o.dampening > 0.0 {
+                return refuse("oscillation.dampening", o.dampening.to_string());
+            }
+            if o.freezing() {
+                return refuse("oscillation.freeze_threshold", o.freeze_threshold.to_string());
+            }
+            if let Some(k) = config.freeze_weight_scales_after {
+                return refuse("freeze_weight_scales_after", k.to_string());
+            }
+        } else if let Some(k) = config.freeze_bn_stats_after {
+            return Err(Error::config(
+                "freeze_bn_stats_after",
+                k,
+                "the model has no batch norm folded into a convolution (only QAT of a batch-normalised network has one)",
+            ));
+        }
         model.check_loss_compatible()?;
         let optimizer = Optimizer::new(config.optimizer.clone())?;
         Ok(Trainer {
@@ -348,6 +374,10 @@ impl Trainer {
         }
         if train.is_empty() {
             return Err(Error::config("training set", 0, "has no samples"));
+        }
+        // A pure function of the epoch, so a resumed run freezes where the original did.
+        if let Some(k) = self.config.freeze_bn_stats_after {
+            self.model.set_batch_norm_frozen(self.epoch >= k);
         }
         let n = train.len();
         let spe = self.steps_per_epoch(n);

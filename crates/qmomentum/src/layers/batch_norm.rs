@@ -56,6 +56,9 @@ pub struct BatchNorm {
     /// Statistics of the last training batch this replica saw: Σx, Σx² per channel (f64) and the
     /// rows counted (merged over replicas by the model, then [`BatchNorm::update_running`]).
     pub batch_sums: (Vec<f64>, Vec<f64>, u64),
+    /// Whether the last forward pass normalised with the batch statistics (else the running
+    /// ones, which the backward pass then treats as constants).
+    batch_stats: bool,
     inv_std: Vec<f32>,
     mean: Vec<f32>,
     dsum: Vec<f64>,
@@ -178,6 +181,7 @@ impl BatchNorm {
                 vec![1.0; channels],
             ),
             batch_sums: (vec![0.0; channels], vec![0.0; channels], 0),
+            batch_stats: false,
             inv_std: vec![0.0; channels],
             mean: vec![0.0; channels],
             dsum: vec![0.0; channels],
@@ -192,6 +196,7 @@ impl BatchNorm {
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], n: usize, training: bool) {
         let c = self.channels;
         let rows = n / c;
+        self.batch_stats = training;
         if training {
             let (s1, s2, count) = &mut self.batch_sums;
             block_sums(&x[..n], c, s1, s2, &mut self.dsum_f32, &mut self.dsum_xhat_f32);
@@ -217,9 +222,9 @@ impl BatchNorm {
         normalize(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
     }
 
-    /// Backward (training mode) over `n` values of the forward input `x`, with
-    /// `x̂ = (x − μ)/σ` of that forward pass:
-    /// `dx = (γ/σ)·(dy − mean(dy) − x̂·mean(dy·x̂))`, `dγ = Σ dy·x̂`, `dβ = Σ dy`.
+    /// Backward over `n` values of the forward input `x`, with `x̂ = (x − μ)/σ` of that forward
+    /// pass: `dx = (γ/σ)·(dy − mean(dy) − x̂·mean(dy·x̂))` after batch statistics,
+    /// `dx = (γ/σ)·dy` after running ones (constants then); `dγ = Σ dy·x̂`, `dβ = Σ dy`.
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, n: usize) {
         self.param_grads(x, dy, n);
         if let Some(dx) = dx {
@@ -260,9 +265,11 @@ impl BatchNorm {
         let c = self.channels;
         let rows = (n / c).max(1) as f64;
         // Per-channel coefficients first (divisions once per channel, not per value).
+        // After running statistics, μ and σ do not depend on the batch: no mean terms.
+        let live = if self.batch_stats { 1.0 } else { 0.0 };
         for ch in 0..c {
-            self.dsum_f32[ch] = (self.dsum[ch] / rows) as f32;
-            self.dsum_xhat_f32[ch] = (self.dsum_xhat[ch] / rows) as f32;
+            self.dsum_f32[ch] = live * (self.dsum[ch] / rows) as f32;
+            self.dsum_xhat_f32[ch] = live * (self.dsum_xhat[ch] / rows) as f32;
             self.k[ch] = self.gamma.value[ch] * self.inv_std[ch];
         }
         input_grad(

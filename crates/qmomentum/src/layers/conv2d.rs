@@ -24,7 +24,9 @@
 //! ```
 
 use super::activation::Activation;
+use super::batch_norm::BatchNorm;
 use super::epilogue::Epilogue;
+use super::folded_bn::FoldedBn;
 use super::param::{Param, ParamKind};
 use super::Shape;
 use crate::error::{Error, Result};
@@ -212,6 +214,9 @@ pub struct Conv2d {
     pub out: Epilogue,
     /// The grid of the input (see [`crate::layers::Dense::input_scale`]).
     pub input_scale: Option<f32>,
+    /// A batch norm folded into this convolution for QAT ([`FoldedBn`]): the output stage then
+    /// follows the batch norm.
+    pub bn: Option<Box<FoldedBn>>,
     col: Vec<f32>,
 }
 
@@ -269,6 +274,7 @@ impl Conv2d {
             wq: WeightFakeQuant::new(k, cfg.filters),
             out: Epilogue::new(cfg.filters, activation),
             input_scale: None,
+            bn: None,
             col: Vec::new(),
         })
     }
@@ -279,6 +285,16 @@ impl Conv2d {
         self.wq.configure(quant.weights, bop, &mut self.weight);
         let signed = !self.out.activation.non_negative();
         self.out.act.configure(quant.activations, signed, self.index);
+    }
+
+    /// Fold `bn` (the layer after this one) into this convolution for QAT, with `activation`
+    /// (the layer after the batch norm, if any) moved into the output stage; call before
+    /// [`Conv2d::set_quant`]. The convolution must be linear.
+    pub fn fold_batch_norm(&mut self, bn: BatchNorm, activation: Activation) {
+        debug_assert_eq!(bn.channels, self.geo.output.c);
+        let fan_in = self.weight.shape[0];
+        self.bn = Some(Box::new(FoldedBn::new(bn, fan_in)));
+        self.out = Epilogue::new(self.geo.output.c, activation);
     }
 
     /// The activation grid in force.
@@ -369,13 +385,27 @@ impl Conv2d {
         if self.col.len() < self.groups * rows * kg {
             self.col.resize(self.groups * rows * kg, 0.0);
         }
-        self.wq.quantize(&self.weight.value);
+        let mut bn = self.bn.take();
+        match bn.as_deref_mut() {
+            Some(f) => {
+                f.fold_weights(&self.weight.value);
+                self.wq.quantize(&f.w_fold);
+            }
+            None => self.wq.quantize(&self.weight.value),
+        }
         let mut col = std::mem::take(&mut self.col);
         for g in 0..self.groups {
             self.im2col(x, batch, g, &mut col[g * rows * kg..(g + 1) * rows * kg]);
         }
-        let w = self.wq.weights(&self.weight.value);
-        let z = self.out.product_target(y, n);
+        // Evaluation of a folded layer is the deployed layer: `col·Ŵ' + b_f` into the output
+        // stage, the folded bias on the accumulator grid ([`FoldedBn::fold`]).
+        let train_bn = training && bn.is_some();
+        let (kernel, z): (&[f32], &mut [f32]) = match bn.as_deref_mut() {
+            Some(f) if training => f.kernel_and_product(n),
+            Some(f) => (&f.w_fold, self.out.product_target(y, n)),
+            None => (&self.weight.value, self.out.product_target(y, n)),
+        };
+        let w = self.wq.weights(kernel);
         for g in 0..self.groups {
             // z[:, g·og..] (row stride cout) = col_g (rows × kg) · Ŵ[:, g·og..] (row stride cout).
             matmul_strided(
@@ -392,8 +422,22 @@ impl Conv2d {
             );
         }
         self.col = col;
-        self.out
-            .forward(&self.bias, &self.wq, self.input_scale, y, n, training, logits);
+        match bn.as_deref_mut() {
+            Some(f) if train_bn => {
+                // Batch norm between the product and the output stage (whose bias is 0).
+                f.forward(&self.bias.value, self.out.product_target(y, n), n, training);
+                self.out
+                    .forward(&f.zero_bias, &self.wq, self.input_scale, y, n, training, logits);
+            }
+            Some(f) => {
+                let b = f.folded_bias(&self.bias.value);
+                self.out.forward(b, &self.wq, self.input_scale, y, n, training, logits);
+            }
+            None => self
+                .out
+                .forward(&self.bias, &self.wq, self.input_scale, y, n, training, logits),
+        }
+        self.bn = bn;
     }
 
     /// Backward: parameter gradients, and `dx` when given.
@@ -402,8 +446,18 @@ impl Conv2d {
         let cout = self.geo.output.c;
         let n = rows * cout;
         let features = self.geo.output.len();
-        self.out.backward(dy, &mut self.bias, n, features);
-        let dz = self.out.dz(dy, n);
+        let mut bn = self.bn.take();
+        let dz = match bn.as_deref_mut() {
+            Some(f) => {
+                self.out.backward(dy, &mut f.zero_bias, n, features);
+                f.backward(self.out.dz(dy, n), &self.bias.value, &mut self.bias.grad, n);
+                f.product_grad(n)
+            }
+            None => {
+                self.out.backward(dy, &mut self.bias, n, features);
+                self.out.dz(dy, n)
+            }
+        };
         let (groups, col) = (self.groups, &self.col);
         self.wq.backward(&mut self.weight, |gw| {
             for g in 0..groups {
@@ -422,13 +476,23 @@ impl Conv2d {
                 );
             }
         });
+        if let Some(f) = bn.as_deref_mut() {
+            f.weight_grad(&mut self.weight);
+        }
+        let dz = match bn.as_deref() {
+            Some(f) => f.product_grad(n),
+            None => self.out.dz(dy, n),
+        };
         if let Some(dx) = dx {
             dx.fill(0.0);
             // The columns are not needed any more (the weight gradient is done): their buffer
             // takes `∂L/∂col` (one buffer of the layer's largest size instead of two: for
             // cnn-small's two replicas, 29 MB).
             let mut dcol = std::mem::take(&mut self.col);
-            let w = self.wq.weights(&self.weight.value);
+            let w = self.wq.weights(match bn.as_deref() {
+                Some(f) => &f.w_fold,
+                None => &self.weight.value,
+            });
             for g in 0..self.groups {
                 // dcol_g (rows × kg) = dz[:, g·og..] · Ŵ[:, g·og..]ᵀ.
                 matmul_strided(
@@ -447,5 +511,6 @@ impl Conv2d {
             }
             self.col = dcol;
         }
+        self.bn = bn;
     }
 }

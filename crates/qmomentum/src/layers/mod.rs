@@ -12,6 +12,7 @@ pub mod conv2d;
 pub mod dense;
 pub mod dropout;
 pub mod epilogue;
+pub mod folded_bn;
 pub mod param;
 pub mod pool;
 
@@ -20,6 +21,7 @@ pub use batch_norm::{BatchNorm, BnMomentum};
 pub use conv2d::Conv2d;
 pub use dense::{BatchStats, Dense};
 pub use dropout::Dropout;
+pub use folded_bn::FoldedBn;
 pub use param::{Buffer, Param, ParamKind};
 pub use pool::{GlobalAvgPool, Pool2d, PoolKind};
 
@@ -86,6 +88,9 @@ pub enum Layer {
     Dropout(Dropout),
     /// Flatten: NHWC rows are already flat, so it only changes the shape.
     Flatten,
+    /// A batch norm or activation folded into the convolution at this index for QAT
+    /// ([`FoldedBn`]): it computes nothing, and its output is its input's buffer.
+    Folded(usize),
 }
 
 impl Layer {
@@ -97,7 +102,7 @@ impl Layer {
             Layer::Pool2d(p) => p.geo.output,
             Layer::GlobalAvgPool(g) => Shape::flat(g.input.c),
             Layer::Flatten => Shape::flat(input.len()),
-            Layer::BatchNorm(_) | Layer::Activation(_) | Layer::Dropout(_) => input,
+            Layer::BatchNorm(_) | Layer::Activation(_) | Layer::Dropout(_) | Layer::Folded(_) => input,
         }
     }
 
@@ -113,6 +118,7 @@ impl Layer {
             Layer::Activation(_) => "activation",
             Layer::Dropout(_) => "dropout",
             Layer::Flatten => "flatten",
+            Layer::Folded(_) => "folded",
         }
     }
 
@@ -135,7 +141,7 @@ impl Layer {
                 }
             }
             Layer::Dropout(d) => d.forward(x, y, training, rng),
-            Layer::Flatten => y.copy_from_slice(x),
+            Layer::Flatten | Layer::Folded(_) => y.copy_from_slice(x),
         }
     }
 
@@ -174,7 +180,7 @@ impl Layer {
                     d.backward(dy, dx)
                 }
             }
-            Layer::Flatten => {
+            Layer::Flatten | Layer::Folded(_) => {
                 if let Some(dx) = dx {
                     dx.copy_from_slice(dy)
                 }
@@ -189,7 +195,7 @@ impl Layer {
     pub fn grad_in_place(&self) -> bool {
         matches!(
             self,
-            Layer::BatchNorm(_) | Layer::Activation(_) | Layer::Dropout(_) | Layer::Flatten
+            Layer::BatchNorm(_) | Layer::Activation(_) | Layer::Dropout(_) | Layer::Flatten | Layer::Folded(_)
         )
     }
 
@@ -205,7 +211,7 @@ impl Layer {
                 }
             }
             Layer::Dropout(d) => d.backward_in_place(g),
-            Layer::Flatten => {}
+            Layer::Flatten | Layer::Folded(_) => {}
             _ => unreachable!("backward_in_place of a layer that is not grad_in_place"),
         }
     }
@@ -213,48 +219,102 @@ impl Layer {
     /// The trainable parameters, in a fixed order (no allocation): what the optimizer steps, the
     /// checkpoint saves and the exporter reads.
     pub fn params(&self) -> impl Iterator<Item = &Param> {
-        let slots: [Option<&Param>; 3] = match self {
-            Layer::Dense(d) => [Some(&d.weight), Some(&d.bias), d.out.act.step.as_ref()],
-            Layer::Conv2d(c) => [Some(&c.weight), Some(&c.bias), c.out.act.step.as_ref()],
-            Layer::BatchNorm(b) => [Some(&b.gamma), Some(&b.beta), None],
-            _ => [None, None, None],
+        let slots: [Option<&Param>; 5] = match self {
+            Layer::Dense(d) => [Some(&d.weight), Some(&d.bias), d.out.act.step.as_ref(), None, None],
+            Layer::Conv2d(c) => {
+                let bn = c.bn.as_deref().map(|f| &f.bn);
+                [
+                    Some(&c.weight),
+                    Some(&c.bias),
+                    c.out.act.step.as_ref(),
+                    bn.map(|b| &b.gamma),
+                    bn.map(|b| &b.beta),
+                ]
+            }
+            Layer::BatchNorm(b) => [Some(&b.gamma), Some(&b.beta), None, None, None],
+            _ => [None, None, None, None, None],
         };
         slots.into_iter().flatten()
     }
 
     /// [`Layer::params`], mutable.
     pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
-        let slots: [Option<&mut Param>; 3] = match self {
-            Layer::Dense(d) => [Some(&mut d.weight), Some(&mut d.bias), d.out.act.step.as_mut()],
-            Layer::Conv2d(c) => [Some(&mut c.weight), Some(&mut c.bias), c.out.act.step.as_mut()],
-            Layer::BatchNorm(b) => [Some(&mut b.gamma), Some(&mut b.beta), None],
-            _ => [None, None, None],
+        let slots: [Option<&mut Param>; 5] = match self {
+            Layer::Dense(d) => [
+                Some(&mut d.weight),
+                Some(&mut d.bias),
+                d.out.act.step.as_mut(),
+                None,
+                None,
+            ],
+            Layer::Conv2d(c) => {
+                let (g, b) = match c.bn.as_deref_mut() {
+                    Some(f) => (Some(&mut f.bn.gamma), Some(&mut f.bn.beta)),
+                    None => (None, None),
+                };
+                [Some(&mut c.weight), Some(&mut c.bias), c.out.act.step.as_mut(), g, b]
+            }
+            Layer::BatchNorm(b) => [Some(&mut b.gamma), Some(&mut b.beta), None, None, None],
+            _ => [None, None, None, None, None],
         };
         slots.into_iter().flatten()
     }
 
     /// State that is checkpointed but not optimized, in a fixed order (no allocation): batch
-    /// norm's running statistics, and the oscillation/freezing state of a quantized kernel
-    /// ([`WeightFakeQuant::buffer_slots`]).
+    /// norm's running statistics (also of a batch norm folded into a convolution), and the
+    /// oscillation/freezing state of a quantized kernel ([`WeightFakeQuant::buffer_slots`]).
     pub fn buffers(&self) -> impl Iterator<Item = &Buffer> {
-        let slots: [Option<&Buffer>; 5] = match self {
-            Layer::BatchNorm(b) => [Some(&b.running_mean), Some(&b.running_var), None, None, None],
-            Layer::Dense(d) => d.wq.buffer_slots(),
-            Layer::Conv2d(c) => c.wq.buffer_slots(),
-            _ => [None, None, None, None, None],
+        let (bn, kernel): ([Option<&Buffer>; 2], [Option<&Buffer>; 5]) = match self {
+            Layer::BatchNorm(b) => ([Some(&b.running_mean), Some(&b.running_var)], [None; 5]),
+            Layer::Dense(d) => ([None; 2], d.wq.buffer_slots()),
+            Layer::Conv2d(c) => {
+                let f = c.bn.as_deref().map(|f| &f.bn);
+                (
+                    [f.map(|b| &b.running_mean), f.map(|b| &b.running_var)],
+                    c.wq.buffer_slots(),
+                )
+            }
+            _ => ([None; 2], [None; 5]),
         };
-        slots.into_iter().flatten()
+        bn.into_iter().chain(kernel).flatten()
     }
 
     /// [`Layer::buffers`], mutable.
     pub fn buffers_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
-        let slots: [Option<&mut Buffer>; 5] = match self {
-            Layer::BatchNorm(b) => [Some(&mut b.running_mean), Some(&mut b.running_var), None, None, None],
-            Layer::Dense(d) => d.wq.buffer_slots_mut(),
-            Layer::Conv2d(c) => c.wq.buffer_slots_mut(),
-            _ => [None, None, None, None, None],
+        let (bn, kernel): ([Option<&mut Buffer>; 2], [Option<&mut Buffer>; 5]) = match self {
+            Layer::BatchNorm(b) => (
+                [Some(&mut b.running_mean), Some(&mut b.running_var)],
+                [None, None, None, None, None],
+            ),
+            Layer::Dense(d) => ([None, None], d.wq.buffer_slots_mut()),
+            Layer::Conv2d(c) => {
+                let bn = match c.bn.as_deref_mut() {
+                    Some(f) => [Some(&mut f.bn.running_mean), Some(&mut f.bn.running_var)],
+                    None => [None, None],
+                };
+                (bn, c.wq.buffer_slots_mut())
+            }
+            _ => ([None, None], [None, None, None, None, None]),
         };
-        slots.into_iter().flatten()
+        bn.into_iter().chain(kernel).flatten()
+    }
+
+    /// The batch norm of this layer: a batch-norm layer, or one folded into a convolution.
+    pub fn batch_norm(&self) -> Option<&BatchNorm> {
+        match self {
+            Layer::BatchNorm(b) => Some(b),
+            Layer::Conv2d(c) => c.bn.as_deref().map(|f| &f.bn),
+            _ => None,
+        }
+    }
+
+    /// [`Layer::batch_norm`], mutable.
+    pub fn batch_norm_mut(&mut self) -> Option<&mut BatchNorm> {
+        match self {
+            Layer::BatchNorm(b) => Some(b),
+            Layer::Conv2d(c) => c.bn.as_deref_mut().map(|f| &mut f.bn),
+            _ => None,
+        }
     }
 
     /// The quantization components of a layer with weights and an output stage.

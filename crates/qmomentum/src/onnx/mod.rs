@@ -232,6 +232,8 @@ fn out_grid(li: usize, layer: &Layer, qp: crate::quant::QParams) -> Result<Grid>
 /// layers map to float operators. A layer that has no mapping is an error naming it.
 pub fn lower(model: &Sequential) -> Result<Ir> {
     let mut model = model.clone();
+    // QAT with batch norm folded into the convolutions: lower the folded layers.
+    model.bake_folded_batch_norm();
     let last_weighted = model.layers.iter().rposition(|l| l.quant_parts().is_some());
     let mut val = if model.binarize_input.is_some() {
         Val::Sign
@@ -256,7 +258,7 @@ pub fn lower(model: &Sequential) -> Result<Ir> {
         shape = layer.output_shape(shape);
         let what = named(li, layer);
         let step = match layer {
-            Layer::Dropout(_) => continue,
+            Layer::Dropout(_) | Layer::Folded(_) => continue,
             Layer::Flatten => Step::Flatten,
             Layer::Pool2d(p) => {
                 if val == Val::Sign {

@@ -85,6 +85,11 @@ pub struct LayerQuant {
 }
 
 impl LayerQuant {
+    /// Whether the weights or the outputs are quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.weights.is_some() || self.activations.is_some()
+    }
+
     /// Reject bit widths a scheme does not support.
     pub fn validate(&self, layer: usize) -> Result<()> {
         if let Some(WeightQuant::Int { bits, .. }) = self.weights {

@@ -1,0 +1,180 @@
+//! Batch norm folded into the convolution before it *during* quantization-aware training, as the
+//! integer model will compute it (Jacob et al. 2018, §3.2; PyTorch's `ConvBn2d` /
+//! `ConvBnReLU2d`, `torch/ao/nn/intrinsic/qat/modules/conv_fused.py`, `_forward_approximate`).
+//!
+//! With `s = γ/√(σ²_run + ε)` per output channel (running variance), the forward pass is
+//!
+//! ```text
+//! Ŵ' = q(W·s)                       the folded kernel, fake-quantized per channel (the integer kernel)
+//! z  = (col·Ŵ')/s + b               "conv_orig": the convolution the batch norm expects
+//! y  = f(BN(z))                     batch statistics while training, running ones when frozen
+//! ```
+//!
+//! so the weights are quantized on the grid the deployed, folded model uses, while the batch norm
+//! still normalises with the batch statistics (and moves its running statistics). Once the
+//! statistics are frozen (`freeze_bn_stats_after`, torch.ao's `freeze_bn_stats`),
+//! `BN(z) = col·Ŵ' + β + s·(b − μ_run)`: exactly the folded layer, up to the rounding of the bias
+//! to the accumulator grid, which only the exported model does.
+//!
+//! Backward (the chain rule of the lines above, as autograd computes it for `ConvBn2d`): with
+//! `g = ∂L/∂z` from the batch norm, `∂L/∂b = Σ g`, `∂L/∂(col·Ŵ') = g/s`, the STE gives
+//! `∂L/∂(W·s) = ∂L/∂Ŵ'`, hence `∂L/∂W = s·∂L/∂Ŵ'`, and `s` receives
+//! `Σ_k ∂L/∂Ŵ'·W − Σ_rows g·(col·Ŵ')/s²`, which reaches `γ` as `∂s/∂γ = 1/σ_run` (the running
+//! variance is a buffer: no gradient). The two terms of `∂L/∂s` cancel up to the quantization
+//! error, so γ learns from the batch norm itself as in float training.
+//!
+//! Checked against PyTorch 2.15's `ConvBn2d` (forward, input, weight, bias, γ and β gradients) in
+//! `tests/conv_bn_qat.rs`.
+
+use super::batch_norm::BatchNorm;
+use super::param::{Param, ParamKind};
+
+/// A batch norm folded into the convolution before it, with the scratch of the fold.
+#[derive(Clone, Debug)]
+pub struct FoldedBn {
+    /// The batch norm (its parameters and buffers keep their names, `layers.{i}.gamma`, …, so a
+    /// float checkpoint of the same network loads into the folded one).
+    pub bn: BatchNorm,
+    /// Normalise with the running statistics and stop moving them (torch.ao's `freeze_bn_stats`).
+    pub frozen: bool,
+    /// `s = γ/σ_run` of the last forward pass.
+    factor: Vec<f32>,
+    /// `1/σ_run` of the last forward pass.
+    inv_std: Vec<f32>,
+    /// `W·s`, `[fan_in, channels]`.
+    pub(crate) w_fold: Vec<f32>,
+    /// `z` (the batch norm's input) of the last forward pass.
+    pub(crate) z: Vec<f32>,
+    /// `∂L/∂z`, then `∂L/∂(col·Ŵ')`.
+    pub(crate) dz: Vec<f32>,
+    /// `∂L/∂s` per channel, summed in f64.
+    ds: Vec<f64>,
+    /// The output stage's bias in training: 0 (the batch norm's β is the layer's bias there).
+    pub(crate) zero_bias: Param,
+    /// The folded bias `β + s·(b − μ_run)` of evaluation.
+    folded_bias: Param,
+}
+
+impl FoldedBn {
+    /// Fold `bn` into a layer with a `[fan_in, bn.channels]` kernel.
+    pub fn new(bn: BatchNorm, fan_in: usize) -> Self {
+        let c = bn.channels;
+        let name = format!("layers.{}.folded_zero_bias", bn.index);
+        FoldedBn {
+            bn,
+            frozen: false,
+            factor: vec![1.0; c],
+            inv_std: vec![1.0; c],
+            w_fold: vec![0.0; fan_in * c],
+            z: Vec::new(),
+            dz: Vec::new(),
+            ds: vec![0.0; c],
+            zero_bias: Param::new(name.clone(), ParamKind::Bias, vec![c], vec![0.0; c]),
+            folded_bias: Param::new(name, ParamKind::Bias, vec![c], vec![0.0; c]),
+        }
+    }
+
+    /// `s = γ/σ_run` and `W·s` (the kernel that is quantized).
+    pub fn fold_weights(&mut self, w: &[f32]) {
+        let c = self.bn.channels;
+        let (g, rv, eps) = (&self.bn.gamma.value, &self.bn.running_var.value, self.bn.epsilon);
+        for j in 0..c {
+            self.inv_std[j] = 1.0 / (rv[j] + eps).sqrt();
+            self.factor[j] = g[j] * self.inv_std[j];
+        }
+        for (dst, src) in self.w_fold.chunks_exact_mut(c).zip(w.chunks_exact(c)) {
+            for ((d, &v), &s) in dst.iter_mut().zip(src).zip(&self.factor) {
+                *d = v * s;
+            }
+        }
+    }
+
+    /// The folded kernel `W·s` and the buffer the convolution writes `col·Ŵ'` into (`n` values,
+    /// grown once).
+    pub fn kernel_and_product(&mut self, n: usize) -> (&[f32], &mut [f32]) {
+        if self.z.len() < n {
+            self.z.resize(n, 0.0);
+            self.dz.resize(n, 0.0);
+        }
+        (&self.w_fold, &mut self.z[..n])
+    }
+
+    /// `z = (col·Ŵ')/s + b` in place, then the batch norm into `y` (`n` values): batch statistics
+    /// when `training` and not frozen, running statistics otherwise.
+    pub fn forward(&mut self, b: &[f32], y: &mut [f32], n: usize, training: bool) {
+        let c = self.bn.channels;
+        for row in self.z[..n].chunks_exact_mut(c) {
+            for ((v, &s), &bias) in row.iter_mut().zip(&self.factor).zip(b) {
+                *v = *v / s + bias;
+            }
+        }
+        let batch_stats = training && !self.frozen;
+        self.bn.forward(&self.z[..n], y, n, batch_stats);
+        if training && self.frozen {
+            // No batch sums: the running statistics stay where they are.
+            self.bn.batch_sums.2 = 0;
+        }
+    }
+
+    /// Backward from `dy = ∂L/∂BN(z)` (`n` values): the batch norm's gradients, `∂L/∂b` into
+    /// `db`; leaves `∂L/∂(col·Ŵ') = (∂L/∂z)/s` in `dz` and keeps the second term of `∂L/∂s` for
+    /// [`FoldedBn::weight_grad`].
+    pub fn backward(&mut self, dy: &[f32], b: &[f32], db: &mut [f32], n: usize) {
+        let c = self.bn.channels;
+        let mut dz = std::mem::take(&mut self.dz);
+        self.bn.backward(&self.z[..n], dy, Some(&mut dz[..n]), n);
+        // ds (second term) = −Σ g·(col·Ŵ')/s² = −Σ g·(z − b)/s, in f32 rows added into f64.
+        db.fill(0.0);
+        self.ds.fill(0.0);
+        for (gr, zr) in dz[..n].chunks_exact_mut(c).zip(self.z[..n].chunks_exact(c)) {
+            for j in 0..c {
+                let g = gr[j];
+                db[j] += g;
+                self.ds[j] -= (g * (zr[j] - b[j])) as f64;
+                gr[j] = g / self.factor[j];
+            }
+        }
+        self.dz = dz;
+    }
+
+    /// `∂L/∂(col·Ŵ')` of the last backward pass (`n` values).
+    pub fn product_grad(&self, n: usize) -> &[f32] {
+        &self.dz[..n]
+    }
+
+    /// With `∂L/∂Ŵ'` in `w.grad` (the STE's `∂L/∂(W·s)`): `∂L/∂W = s·∂L/∂Ŵ'` in place, and
+    /// `∂L/∂γ += (Σ_k ∂L/∂Ŵ'·W + the second term)/σ_run`.
+    pub fn weight_grad(&mut self, w: &mut Param) {
+        let c = self.bn.channels;
+        for (gr, wr) in w.grad.chunks_exact_mut(c).zip(w.value.chunks_exact(c)) {
+            for j in 0..c {
+                self.ds[j] += (gr[j] * wr[j]) as f64;
+                gr[j] *= self.factor[j];
+            }
+        }
+        for j in 0..c {
+            self.bn.gamma.grad[j] += (self.ds[j] * self.inv_std[j] as f64) as f32;
+        }
+    }
+
+    /// The folded bias `β + s·(b − μ_run)` of the deployed layer, for the `s` of the last
+    /// [`FoldedBn::fold_weights`] (evaluation: the output stage puts it on the accumulator grid).
+    pub fn folded_bias(&mut self, b: &[f32]) -> &Param {
+        for j in 0..self.bn.channels {
+            let s = self.factor[j];
+            self.folded_bias.value[j] = self.bn.beta.value[j] + s * (b[j] - self.bn.running_mean.value[j]);
+        }
+        &self.folded_bias
+    }
+
+    /// The folded kernel and bias of the deployed layer (running statistics): `W·s` and
+    /// `β + s·(b − μ_run)`, with `s` computed by the same f32 operations as the forward pass, so
+    /// the deployed kernel quantizes to the very codes the training used and evaluating the
+    /// folded layer gives the same bits as evaluating this one.
+    pub fn fold(&mut self, w: &mut [f32], b: &mut [f32]) {
+        self.fold_weights(w);
+        w.copy_from_slice(&self.w_fold);
+        let fb = self.folded_bias(b);
+        b.copy_from_slice(&fb.value);
+    }
+}
