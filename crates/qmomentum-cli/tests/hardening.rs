@@ -857,8 +857,8 @@ fn decoder_and_config_errors_are_plain_words() {
 // ---- Convolutional networks end to end -------------------------------------------------------
 
 /// cnn-small and lenet5 by name: train (float, batch norm), `info` summary, PTQ (which folds the
-/// batch norms), export, integer inference and evaluation of the model file agree; QAT of a
-/// batch-normalised model names the recipe that works.
+/// batch norms), export, integer inference and evaluation of the model file agree; QAT of the
+/// batch-normalised model (batch norm folded, moving, then frozen) resumes bit-exactly and exports.
 #[test]
 fn cnn_by_name_from_training_to_integer_inference() {
     let data = small_data(1024, 300);
@@ -881,9 +881,63 @@ fn cnn_by_name_from_training_to_integer_inference() {
     ] {
         assert!(text(&o).contains(want), "«{want}» in {}", text(&o));
     }
+    // QAT with batch norm folded into the convolutions while it moves, statistics frozen after
+    // the first epoch; the same two epochs in one go and as 1 + a resumed 1 end at the same
+    // bytes, and the exported model scores what the simulation scores.
+    let qat = d.join("qat");
+    let args = [
+        "--model",
+        "cnn-small",
+        "--quant",
+        "w8a8",
+        "--lr",
+        "0.01",
+        "--freeze-bn-stats-after",
+        "1",
+    ];
+    let o = train(&data, &qat, &[&args[..], &["--epochs", "2"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let split = d.join("qat-split");
+    let o = train(&data, &split, &[&args[..], &["--epochs", "1"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let o = train(&data, &split, &[&args[..], &["--epochs", "2", "--resume"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let ck_qat = qat.join("checkpoint.safetensors");
+    assert!(
+        std::fs::read(&ck_qat).unwrap() == std::fs::read(split.join("checkpoint.safetensors")).unwrap(),
+        "a resumed QAT run with folded batch norm ends at other weights"
+    );
+    let o = run(&["info", s(&ck_qat)]);
+    assert!(text(&o).contains("conv2d+bn relu"), "{}", text(&o));
+    let qat_model = d.join("qat.qmm");
+    let o = run(&["export", s(&ck_qat), "-o", s(&qat_model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let sim = run(&["evaluate", s(&ck_qat), "--data", s(&data)]);
+    let int = run(&["evaluate", s(&qat_model), "--data", s(&data)]);
+    assert!(
+        sim.status.success() && int.status.success(),
+        "{}{}",
+        text(&sim),
+        text(&int)
+    );
+    let acc = |o: &Output| {
+        text(o)
+            .split("accuracy ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(acc(&sim), acc(&int), "folded-BN QAT: simulation and integer runtime");
     fails_with(
-        &train(&data, &d.join("qat"), &["--model", "cnn-small", "--quant", "w8a8"]),
-        "--finetune-epochs N`, which folds every batch norm",
+        &train(
+            &data,
+            &d.join("bad"),
+            &["--freeze-bn-stats-after", "1", "--epochs", "1"],
+        ),
+        "freeze_bn_stats_after",
     );
     let q = d.join("q");
     let o = run(&[

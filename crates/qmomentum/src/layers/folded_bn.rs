@@ -134,6 +134,9 @@ impl FoldedBn {
                 gr[j] = g / self.factor[j];
             }
         }
+        for (d, &s) in self.ds.iter_mut().zip(&self.factor) {
+            *d /= s as f64;
+        }
         self.dz = dz;
     }
 
