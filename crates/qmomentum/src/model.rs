@@ -815,7 +815,8 @@ impl Sequential {
                 _ => continue,
             };
             let (mut w, mut b) = (w_src.clone(), b_src.clone());
-            if let Some(Layer::BatchNorm(n)) = bn.map(|k| &self.layers[k]) {
+            // The batch norm of the float network, or one folded into the convolution for QAT.
+            if let Some(n) = bn.and_then(|k| self.batch_norm_at(k)) {
                 n.fold_into(&mut w, &mut b);
             }
             match &mut m.layers[new] {
