@@ -121,6 +121,11 @@ pub fn run(a: CompareArgs) -> Result<()> {
     {
         bail!("--ptq {s}: post-training quantization supports w8a8, w4a8, w4a4, w2a2 and ternary (binary networks need training: list them in --schemes)");
     }
+    // Each scheme must build on this model (binary convolutions before batch norm do not, say).
+    for s in &qat {
+        qmomentum::model::Sequential::from_config(&base.model, *s, false, 0)
+            .with_context(|| format!("--schemes {s} on {}", base.model.summary()))?;
+    }
     let (dir, train, test) = a.data.load()?;
     let mut rows = vec![Row {
         name: "fp32".into(),
