@@ -123,8 +123,9 @@ pub fn run(a: CompareArgs) -> Result<()> {
     }
     // Each scheme must build on this model (binary convolutions before batch norm do not, say).
     for s in &qat {
-        qmomentum::model::Sequential::from_config(&base.model, *s, false, 0)
-            .with_context(|| format!("--schemes {s} on {}", base.model.summary()))?;
+        let mut c = base.clone();
+        c.quant = *s;
+        Trainer::new(c).with_context(|| format!("--schemes {s} on {}", base.model.summary()))?;
     }
     let (dir, train, test) = a.data.load()?;
     let mut rows = vec![Row {

@@ -9,6 +9,7 @@
 
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
+use crate::layers::Layer;
 use crate::quant::WeightQuant;
 use crate::train::{EpochProgress, History, Trainer};
 use safetensors::tensor::{Dtype, TensorView};
@@ -155,9 +156,15 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
                 // touched; cloning the whole model here also copied every activation buffer,
                 // +120 MB at each checkpoint of a cnn-small run).
                 let mut wq = wq.clone();
-                wq.quantize(&w.value);
+                // A batch norm folded in for QAT: the deployed kernel is W·γ/σ.
+                let kernel = match l {
+                    Layer::Conv2d(c) => c.bn.as_deref().map(|f| f.folded_kernel(&w.value)),
+                    _ => None,
+                };
+                let kernel = kernel.as_deref().unwrap_or(&w.value);
+                wq.quantize(kernel);
                 let outputs = w.shape[1];
-                let (w_hat, scales) = (wq.weights(&w.value), wq.scales());
+                let (w_hat, scales) = (wq.weights(kernel), wq.scales());
                 let codes: Vec<u8> = w_hat
                     .chunks_exact(outputs)
                     .flat_map(|row| {

@@ -167,8 +167,13 @@ impl Sequential {
                             ));
                         }
                         if matches!(q.weights, Some(crate::quant::WeightQuant::Binary { .. })) {
+                            // The layer's own setting, or the scheme's preset.
+                            let field = match quant {
+                                Some(_) => format!("model.layers[{i}].quant.weights"),
+                                None => format!("quant (layer {i})"),
+                            };
                             return Err(Error::config(
-                                format!("model.layers[{i}].quant.weights"),
+                                field,
                                 "binary",
                                 "binary convolutions with batch norm are not built yet (the batch norm would stay a float layer after the ±1 kernel); use an integer or ternary scheme",
                             ));
@@ -268,7 +273,10 @@ impl Sequential {
     /// convolution it belongs to.
     pub fn batch_norm_at(&self, k: usize) -> Option<&BatchNorm> {
         match self.layers.get(k)? {
-            Layer::Folded(i) => self.layers.get(*i)?.batch_norm(),
+            // The batch norm's position is the one right after its convolution (the next one
+            // is the folded activation's).
+            Layer::Folded(i) if k == i + 1 => self.layers.get(*i)?.batch_norm(),
+            Layer::Folded(_) => None,
             l => l.batch_norm(),
         }
     }
@@ -276,7 +284,8 @@ impl Sequential {
     /// [`Sequential::batch_norm_at`], mutable.
     pub fn batch_norm_at_mut(&mut self, k: usize) -> Option<&mut BatchNorm> {
         let k = match self.layers.get(k)? {
-            Layer::Folded(i) => *i,
+            Layer::Folded(i) if k == i + 1 => *i,
+            Layer::Folded(_) => return None,
             _ => k,
         };
         self.layers.get_mut(k)?.batch_norm_mut()

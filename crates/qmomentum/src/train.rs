@@ -247,7 +247,9 @@ impl Trainer {
             if let Some(k) = config.freeze_weight_scales_after {
                 return refuse("freeze_weight_scales_after", k.to_string());
             }
-        } else if let Some(k) = config.freeze_bn_stats_after {
+        } else if let (Some(k), true) = (config.freeze_bn_stats_after, config.quant != crate::quant::Scheme::Fp32) {
+            // (A float run ignores it: a config shared by a float baseline and its QAT runs,
+            // as `compare` and `sweep` use, stays valid.)
             return Err(Error::config(
                 "freeze_bn_stats_after",
                 k,

@@ -76,17 +76,18 @@ impl FoldedBn {
 
     /// `s = γ/σ_run` and `W·s` (the kernel that is quantized).
     pub fn fold_weights(&mut self, w: &[f32]) {
+        factors(&self.bn, &mut self.inv_std, &mut self.factor);
+        scale_columns(w, &self.factor, &mut self.w_fold);
+    }
+
+    /// `W·s` into a new buffer, leaving this layer's state alone (the checkpoint's integer
+    /// codes are those of this kernel).
+    pub fn folded_kernel(&self, w: &[f32]) -> Vec<f32> {
         let c = self.bn.channels;
-        let (g, rv, eps) = (&self.bn.gamma.value, &self.bn.running_var.value, self.bn.epsilon);
-        for j in 0..c {
-            self.inv_std[j] = 1.0 / (rv[j] + eps).sqrt();
-            self.factor[j] = g[j] * self.inv_std[j];
-        }
-        for (dst, src) in self.w_fold.chunks_exact_mut(c).zip(w.chunks_exact(c)) {
-            for ((d, &v), &s) in dst.iter_mut().zip(src).zip(&self.factor) {
-                *d = v * s;
-            }
-        }
+        let (mut inv, mut s, mut out) = (vec![0.0; c], vec![0.0; c], vec![0.0; w.len()]);
+        factors(&self.bn, &mut inv, &mut s);
+        scale_columns(w, &s, &mut out);
+        out
     }
 
     /// The folded kernel `W·s` and the buffer the convolution writes `col·Ŵ'` into (`n` values,
@@ -179,5 +180,25 @@ impl FoldedBn {
         w.copy_from_slice(&self.w_fold);
         let fb = self.folded_bias(b);
         b.copy_from_slice(&fb.value);
+    }
+}
+
+/// `1/σ_run` and `s = γ/σ_run` per channel: the one computation of the factor (training,
+/// evaluation, export and checkpoint all fold with these f32 operations).
+fn factors(bn: &BatchNorm, inv_std: &mut [f32], factor: &mut [f32]) {
+    let (g, rv, eps) = (&bn.gamma.value, &bn.running_var.value, bn.epsilon);
+    for j in 0..bn.channels {
+        inv_std[j] = 1.0 / (rv[j] + eps).sqrt();
+        factor[j] = g[j] * inv_std[j];
+    }
+}
+
+/// `out[k, j] = w[k, j]·s[j]` for a `[fan_in, channels]` kernel.
+fn scale_columns(w: &[f32], s: &[f32], out: &mut [f32]) {
+    let c = s.len();
+    for (dst, src) in out.chunks_exact_mut(c).zip(w.chunks_exact(c)) {
+        for ((d, &v), &f) in dst.iter_mut().zip(src).zip(s) {
+            *d = v * f;
+        }
     }
 }
