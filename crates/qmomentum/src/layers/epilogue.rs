@@ -28,6 +28,8 @@ pub struct Epilogue {
     dz: Vec<f32>,
     b_hat: Vec<f32>,
     ds_col: Vec<f32>,
+    lo_col: Vec<f32>,
+    hi_col: Vec<f32>,
 }
 
 impl Epilogue {
@@ -41,6 +43,8 @@ impl Epilogue {
             dz: Vec::new(),
             b_hat: vec![0.0; channels],
             ds_col: vec![0.0; channels],
+            lo_col: vec![0.0; channels],
+            hi_col: vec![0.0; channels],
         }
     }
 
@@ -122,7 +126,37 @@ impl Epilogue {
         // Statistics only feed an observer: a float layer skips them (the f64 sum is a serial
         // chain that would dominate this pass).
         let stats = training && self.act.observer.is_some();
+        // Σ|a| is read once, to start an LSQ step (`ActObserver::observe`): only then is the
+        // serial f64 chain paid. Otherwise the range is kept per channel (`lo_col`, `hi_col`),
+        // so the pass vectorises; min and max are exact, so the reduction order changes nothing.
+        let sum_needed = self
+            .act
+            .observer
+            .as_ref()
+            .is_some_and(|o| o.observer == crate::quant::observer::Observer::Lsq && !o.initialized);
+        if stats && !sum_needed {
+            let (lo_col, hi_col) = (&mut self.lo_col[..c], &mut self.hi_col[..c]);
+            lo_col.fill(f32::INFINITY);
+            hi_col.fill(f32::NEG_INFINITY);
+            let z = &mut self.z[..n];
+            match (sign_out, act) {
+                (false, Activation::Relu) => range_pass(z, y, bias, lo_col, hi_col, |z| z.max(0.0)),
+                (false, Activation::Linear) => range_pass(z, y, bias, lo_col, hi_col, |z| z),
+                _ => range_pass(z, y, bias, lo_col, hi_col, |z| {
+                    if sign_out {
+                        sign(z)
+                    } else {
+                        act.forward(z)
+                    }
+                }),
+            }
+            lo = lo_col.iter().fold(lo, |m, &v| m.min(v));
+            hi = hi_col.iter().fold(hi, |m, &v| m.max(v));
+        }
         for (zr, yr) in self.z[..n].chunks_exact_mut(c).zip(y[..n].chunks_exact_mut(c)) {
+            if stats && !sum_needed {
+                break;
+            }
             if stats {
                 for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
                     *z += b;
@@ -236,6 +270,28 @@ fn backward_pass(z: &[f32], dy: &[f32], dz: &mut [f32], db: &mut [f32], mut f: i
             let v = f(j, z, g);
             *d = v;
             *b += v;
+        }
+    }
+}
+
+/// `z += b`, `y = f(z)` and the per-channel range of `y` in one pass (rows of `bias.len()`
+/// channels). Inlined so each caller's `f` vectorises with it.
+#[inline(always)]
+fn range_pass(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &mut [f32], f: impl Fn(f32) -> f32) {
+    let c = bias.len();
+    for (zr, yr) in z.chunks_exact_mut(c).zip(y.chunks_exact_mut(c)) {
+        for ((((z, yv), &b), l), h) in zr
+            .iter_mut()
+            .zip(yr.iter_mut())
+            .zip(bias)
+            .zip(lo.iter_mut())
+            .zip(hi.iter_mut())
+        {
+            *z += b;
+            let a = f(*z);
+            *l = l.min(a);
+            *h = h.max(a);
+            *yv = a;
         }
     }
 }

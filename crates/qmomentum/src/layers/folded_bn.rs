@@ -49,6 +49,10 @@ pub struct FoldedBn {
     pub(crate) dz: Vec<f32>,
     /// `∂L/∂s` per channel, summed in f64.
     ds: Vec<f64>,
+    /// `∂L/∂b` per channel, summed in f64.
+    db: Vec<f64>,
+    /// Per-channel f32 sums of a block of rows (two halves of `channels`).
+    block: Vec<f32>,
     /// The output stage's bias in training: 0 (the batch norm's β is the layer's bias there).
     pub(crate) zero_bias: Param,
     /// The folded bias `β + s·(b − μ_run)` of evaluation.
@@ -69,6 +73,8 @@ impl FoldedBn {
             z: Vec::new(),
             dz: Vec::new(),
             ds: vec![0.0; c],
+            db: vec![0.0; c],
+            block: vec![0.0; 2 * c],
             zero_bias: Param::new(name.clone(), ParamKind::Bias, vec![c], vec![0.0; c]),
             folded_bias: Param::new(name, ParamKind::Bias, vec![c], vec![0.0; c]),
         }
@@ -103,12 +109,7 @@ impl FoldedBn {
     /// `z = (col·Ŵ')/s + b` in place, then the batch norm into `y` (`n` values): batch statistics
     /// when `training` and not frozen, running statistics otherwise.
     pub fn forward(&mut self, b: &[f32], y: &mut [f32], n: usize, training: bool) {
-        let c = self.bn.channels;
-        for row in self.z[..n].chunks_exact_mut(c) {
-            for ((v, &s), &bias) in row.iter_mut().zip(&self.factor).zip(b) {
-                *v = *v / s + bias;
-            }
-        }
+        unfold(&mut self.z[..n], &self.factor, b);
         let batch_stats = training && !self.frozen;
         self.bn.forward(&self.z[..n], y, n, batch_stats);
         if training && self.frozen {
@@ -124,19 +125,21 @@ impl FoldedBn {
         let c = self.bn.channels;
         let mut dz = std::mem::take(&mut self.dz);
         self.bn.backward(&self.z[..n], dy, Some(&mut dz[..n]), n);
-        // ds (second term) = −Σ g·(col·Ŵ')/s² = −Σ g·(z − b)/s, in f32 rows added into f64.
-        db.fill(0.0);
-        self.ds.fill(0.0);
-        for (gr, zr) in dz[..n].chunks_exact_mut(c).zip(self.z[..n].chunks_exact(c)) {
-            for j in 0..c {
-                let g = gr[j];
-                db[j] += g;
-                self.ds[j] -= (g * (zr[j] - b[j])) as f64;
-                gr[j] = g / self.factor[j];
-            }
-        }
-        for (d, &s) in self.ds.iter_mut().zip(&self.factor) {
-            *d /= s as f64;
+        // ds (second term) = −Σ g·(col·Ŵ')/s² = −Σ g·(z − b)/s.
+        let (b1, b2) = self.block.split_at_mut(c);
+        unfold_backward(
+            &mut dz[..n],
+            &self.z[..n],
+            &self.factor,
+            b,
+            &mut self.db,
+            &mut self.ds,
+            b1,
+            b2,
+        );
+        for ((d, &s), (o, &v)) in self.ds.iter_mut().zip(&self.factor).zip(db.iter_mut().zip(&self.db)) {
+            *d = -*d / s as f64;
+            *o = v as f32;
         }
         self.dz = dz;
     }
@@ -199,6 +202,55 @@ fn scale_columns(w: &[f32], s: &[f32], out: &mut [f32]) {
     for (dst, src) in out.chunks_exact_mut(c).zip(w.chunks_exact(c)) {
         for ((d, &v), &f) in dst.iter_mut().zip(src).zip(s) {
             *d = v * f;
+        }
+    }
+}
+
+/// Rows summed in f32 before the f64 total (as batch norm's sums: the channel loop vectorises).
+const BLOCK_ROWS: usize = 64;
+
+crate::simd::widest! {
+    /// `z ← z/s + b` per channel over rows of `s.len()`.
+    fn unfold(z: &mut [f32], s: &[f32], b: &[f32]) {
+        for row in z.chunks_exact_mut(s.len()) {
+            for ((v, &s), &b) in row.iter_mut().zip(s).zip(b) {
+                *v = *v / s + b;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// With `g = ∂L/∂z` in `dz`: `db = Σ g`, `ds = Σ g·(z − b)` per channel (f32 blocks of rows
+    /// added into f64), and `dz ← g/s`.
+    fn unfold_backward(
+        dz: &mut [f32],
+        z: &[f32],
+        s: &[f32],
+        b: &[f32],
+        db: &mut [f64],
+        ds: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+    ) {
+        let c = s.len();
+        db.fill(0.0);
+        ds.fill(0.0);
+        for (gb, zb) in dz.chunks_mut(BLOCK_ROWS * c).zip(z.chunks(BLOCK_ROWS * c)) {
+            let (a1, a2) = (&mut b1[..c], &mut b2[..c]);
+            a1.fill(0.0);
+            a2.fill(0.0);
+            for (gr, zr) in gb.chunks_exact_mut(c).zip(zb.chunks_exact(c)) {
+                for (((((g, &z), &s), &b), p), q) in gr.iter_mut().zip(zr).zip(s).zip(b).zip(a1.iter_mut()).zip(a2.iter_mut()) {
+                    *p += *g;
+                    *q += *g * (z - b);
+                    *g /= s;
+                }
+            }
+            for j in 0..c {
+                db[j] += a1[j] as f64;
+                ds[j] += a2[j] as f64;
+            }
         }
     }
 }
