@@ -140,6 +140,18 @@ crate::simd::widest! {
 }
 
 crate::simd::widest! {
+    /// `dx = k·(dy − m1 − x̂·m2)` per channel (`x̂ = (x − μ)·(1/σ)`) over rows of `c`: the
+    /// operations of [`input_grad`], out of place (no copy of `dy` first).
+    fn input_grad_from(dy: &[f32], dx: &mut [f32], x: &[f32], c: usize, k: &[f32], m1: &[f32], m2: &[f32], mean: &[f32], inv_std: &[f32]) {
+        for ((gr, dr), xr) in dy.chunks_exact(c).zip(dx.chunks_exact_mut(c)).zip(x.chunks_exact(c)) {
+            for (((((((&g, d), &x), &k), &m1), &m2), &m), &s) in gr.iter().zip(dr.iter_mut()).zip(xr).zip(k).zip(m1).zip(m2).zip(mean).zip(inv_std) {
+                *d = k * (g - m1 - ((x - m) * s) * m2);
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
     /// `g ← k·(g − m1 − x̂·m2)` per channel (`x̂ = (x − μ)·(1/σ)`) over rows of `c`.
     fn input_grad(g: &mut [f32], x: &[f32], c: usize, k: &[f32], m1: &[f32], m2: &[f32], mean: &[f32], inv_std: &[f32]) {
         for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
@@ -228,8 +240,19 @@ impl BatchNorm {
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, n: usize) {
         self.param_grads(x, dy, n);
         if let Some(dx) = dx {
-            dx[..n].copy_from_slice(&dy[..n]);
-            self.input_grad_in_place(x, dx, n);
+            self.input_grad_coefficients(n);
+            let c = self.channels;
+            input_grad_from(
+                &dy[..n],
+                &mut dx[..n],
+                &x[..n],
+                c,
+                &self.k[..c],
+                &self.dsum_f32[..c],
+                &self.dsum_xhat_f32[..c],
+                &self.mean[..c],
+                &self.inv_std[..c],
+            );
         }
     }
 
@@ -262,16 +285,8 @@ impl BatchNorm {
 
     /// `g ← (γ/σ)·(g − mean(dy) − x̂·mean(dy·x̂))` after [`BatchNorm::param_grads`] on `g`.
     fn input_grad_in_place(&mut self, x: &[f32], g: &mut [f32], n: usize) {
+        self.input_grad_coefficients(n);
         let c = self.channels;
-        let rows = (n / c).max(1) as f64;
-        // Per-channel coefficients first (divisions once per channel, not per value).
-        // After running statistics, μ and σ do not depend on the batch: no mean terms.
-        let live = if self.batch_stats { 1.0 } else { 0.0 };
-        for ch in 0..c {
-            self.dsum_f32[ch] = live * (self.dsum[ch] / rows) as f32;
-            self.dsum_xhat_f32[ch] = live * (self.dsum_xhat[ch] / rows) as f32;
-            self.k[ch] = self.gamma.value[ch] * self.inv_std[ch];
-        }
         input_grad(
             &mut g[..n],
             &x[..n],
@@ -282,6 +297,20 @@ impl BatchNorm {
             &self.mean[..c],
             &self.inv_std[..c],
         );
+    }
+
+    /// `k = γ/σ`, `mean(dy)` and `mean(dy·x̂)` per channel (0 after running statistics).
+    fn input_grad_coefficients(&mut self, n: usize) {
+        let c = self.channels;
+        let rows = (n / c).max(1) as f64;
+        // Per-channel coefficients first (divisions once per channel, not per value).
+        // After running statistics, μ and σ do not depend on the batch: no mean terms.
+        let live = if self.batch_stats { 1.0 } else { 0.0 };
+        for ch in 0..c {
+            self.dsum_f32[ch] = live * (self.dsum[ch] / rows) as f32;
+            self.dsum_xhat_f32[ch] = live * (self.dsum_xhat[ch] / rows) as f32;
+            self.k[ch] = self.gamma.value[ch] * self.inv_std[ch];
+        }
     }
 
     /// Update the running statistics from the sums of a whole batch (`Σx`, `Σx²`, rows).
