@@ -47,6 +47,8 @@ SCHEMES = {
     "cnn-fp32": (["--config", CNN_TINY], None),
     "cnn-w8a8-ptq": (None, ("cnn-fp32", ["--quant", "w8a8"])),
     "cnn-w4a8-ptq": (None, ("cnn-fp32", ["--quant", "w4a8"])),
+    # QAT with the batch norm folded into its convolution while it moves (layers/folded_bn.rs).
+    "cnn-w8a8-qat-bn": (["--config", CNN_TINY, "--quant", "w8a8"], None),
 }
 
 
