@@ -314,3 +314,38 @@ fn batch_norm_that_cannot_be_folded_is_refused_naming_the_layer() {
     let m = Sequential::from_config(&cnn(), Scheme::Fp32, false, 0).unwrap();
     assert!(matches!(m.layers[1], Layer::BatchNorm(_)));
 }
+
+#[test]
+fn folded_layer_with_its_activation_gives_the_gradients_of_the_separate_relu() {
+    // The output stage's gradient buffer is rewritten in place (ReLU folded in) — against the
+    // passthrough layer followed by a ReLU by hand.
+    let r = reference();
+    let (x, rr) = (floats(&r["init"]["x"]), floats(&r["init"]["r"]));
+    let mut lin = layer(&r);
+    let mut y_lin = vec![0.0; rr.len()];
+    lin.forward(&x, &mut y_lin, 4, true, false);
+    let masked: Vec<f32> = rr
+        .iter()
+        .zip(&y_lin)
+        .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
+        .collect();
+    let mut dx_lin = vec![0.0; x.len()];
+    lin.backward(&x, &masked, Some(&mut dx_lin), 4);
+
+    let mut relu = layer(&r);
+    let bn = relu.bn.take().unwrap().bn;
+    relu.fold_batch_norm(bn, Activation::Relu);
+    relu.set_quant(lin.quant, false);
+    let mut y = vec![0.0; rr.len()];
+    relu.forward(&x, &mut y, 4, true, false);
+    let want_y: Vec<f32> = y_lin.iter().map(|v| v.max(0.0)).collect();
+    assert_eq!(y, want_y);
+    let mut dx = vec![0.0; x.len()];
+    relu.backward(&x, &rr, Some(&mut dx), 4);
+    assert_eq!(dx, dx_lin, "dx");
+    assert_eq!(relu.weight.grad, lin.weight.grad, "dW");
+    assert_eq!(relu.bias.grad, lin.bias.grad, "db");
+    let (a, b) = (&relu.bn.as_deref().unwrap().bn, &lin.bn.as_deref().unwrap().bn);
+    assert_eq!(a.gamma.grad, b.gamma.grad, "dγ");
+    assert_eq!(a.beta.grad, b.beta.grad, "dβ");
+}

@@ -447,16 +447,20 @@ impl Conv2d {
         let n = rows * cout;
         let features = self.geo.output.len();
         let mut bn = self.bn.take();
-        let dz = match bn.as_deref_mut() {
-            Some(f) => {
-                self.out.backward(dy, &mut f.zero_bias, n, features);
-                f.backward(self.out.dz(dy, n), &self.bias.value, &mut self.bias.grad, n);
-                f.product_grad(n)
+        if let Some(f) = bn.as_deref_mut() {
+            // ∂L/∂(col·Ŵ') in the output stage's gradient buffer (in place), or in the folded
+            // batch norm's own when the stage passes `dy` through.
+            self.out.backward(dy, &mut f.zero_bias, n, features);
+            match self.out.dz_mut(n) {
+                Some(g) => f.backward_in_place(g, &self.bias.value, &mut self.bias.grad, n),
+                None => f.backward(dy, &self.bias.value, &mut self.bias.grad, n),
             }
-            None => {
-                self.out.backward(dy, &mut self.bias, n, features);
-                self.out.dz(dy, n)
-            }
+        } else {
+            self.out.backward(dy, &mut self.bias, n, features);
+        }
+        let dz = match bn.as_deref() {
+            Some(f) if self.out.passthrough() => f.product_grad(n),
+            _ => self.out.dz(dy, n),
         };
         let (groups, col) = (self.groups, &self.col);
         self.wq.backward(&mut self.weight, |gw| {
@@ -480,8 +484,8 @@ impl Conv2d {
             f.weight_grad(&mut self.weight);
         }
         let dz = match bn.as_deref() {
-            Some(f) => f.product_grad(n),
-            None => self.out.dz(dy, n),
+            Some(f) if self.out.passthrough() => f.product_grad(n),
+            _ => self.out.dz(dy, n),
         };
         if let Some(dx) = dx {
             dx.fill(0.0);

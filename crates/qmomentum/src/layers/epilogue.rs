@@ -77,6 +77,17 @@ impl Epilogue {
         }
     }
 
+    /// `∂L/∂z` of the last backward pass, writable (a layer may rewrite it in place into the
+    /// gradient of what precedes this stage), or `None` when [`Epilogue::passthrough`] (then
+    /// `∂L/∂z` is the caller's read-only `dy`).
+    pub fn dz_mut(&mut self, n: usize) -> Option<&mut [f32]> {
+        if self.passthrough() {
+            None
+        } else {
+            Some(&mut self.dz[..n])
+        }
+    }
+
     /// Forward over the `n = rows·channels` values in [`Epilogue::product_target`], writing `y`.
     /// `input_scale` is the grid of the layer's input (`s_in`); `training` records the range
     /// statistics; `logits` leaves a final softmax to the loss.

@@ -45,8 +45,9 @@ pub struct FoldedBn {
     pub(crate) w_fold: Vec<f32>,
     /// `z` (the batch norm's input) of the last forward pass.
     pub(crate) z: Vec<f32>,
-    /// `∂L/∂z`, then `∂L/∂(col·Ŵ')`.
-    pub(crate) dz: Vec<f32>,
+    /// `∂L/∂(col·Ŵ')` when the output stage passes its gradient through (else that stage's
+    /// gradient buffer holds it; see [`FoldedBn::backward_in_place`]).
+    dz: Vec<f32>,
     /// `∂L/∂s` per channel, summed in f64.
     ds: Vec<f64>,
     /// `∂L/∂b` per channel, summed in f64.
@@ -101,7 +102,6 @@ impl FoldedBn {
     pub fn kernel_and_product(&mut self, n: usize) -> (&[f32], &mut [f32]) {
         if self.z.len() < n {
             self.z.resize(n, 0.0);
-            self.dz.resize(n, 0.0);
         }
         (&self.w_fold, &mut self.z[..n])
     }
@@ -118,17 +118,18 @@ impl FoldedBn {
         }
     }
 
-    /// Backward from `dy = ∂L/∂BN(z)` (`n` values): the batch norm's gradients, `∂L/∂b` into
-    /// `db`; leaves `∂L/∂(col·Ŵ') = (∂L/∂z)/s` in `dz` and keeps the second term of `∂L/∂s` for
-    /// [`FoldedBn::weight_grad`].
-    pub fn backward(&mut self, dy: &[f32], b: &[f32], db: &mut [f32], n: usize) {
+    /// Backward with `g = ∂L/∂BN(z)` (`n` values), rewritten in place into
+    /// `∂L/∂(col·Ŵ') = (∂L/∂z)/s`: the batch norm's gradients, `∂L/∂b` into `db`, and the second
+    /// term of `∂L/∂s` kept for [`FoldedBn::weight_grad`]. In place so that the output stage's
+    /// gradient buffer serves (no buffer of this layer's output size here: for cnn-small's two
+    /// replicas, 19 MB).
+    pub fn backward_in_place(&mut self, g: &mut [f32], b: &[f32], db: &mut [f32], n: usize) {
         let c = self.bn.channels;
-        let mut dz = std::mem::take(&mut self.dz);
-        self.bn.backward(&self.z[..n], dy, Some(&mut dz[..n]), n);
+        self.bn.backward_in_place(&self.z[..n], &mut g[..n], n);
         // ds (second term) = −Σ g·(col·Ŵ')/s² = −Σ g·(z − b)/s.
         let (b1, b2) = self.block.split_at_mut(c);
         unfold_backward(
-            &mut dz[..n],
+            &mut g[..n],
             &self.z[..n],
             &self.factor,
             b,
@@ -141,10 +142,22 @@ impl FoldedBn {
             *d = -*d / s as f64;
             *o = v as f32;
         }
-        self.dz = dz;
     }
 
-    /// `∂L/∂(col·Ŵ')` of the last backward pass (`n` values).
+    /// [`FoldedBn::backward_in_place`] from a read-only `dy` (an output stage that passes its
+    /// gradient through): a copy into this layer's own buffer (grown once), where
+    /// [`FoldedBn::product_grad`] reads it.
+    pub fn backward(&mut self, dy: &[f32], b: &[f32], db: &mut [f32], n: usize) {
+        let mut g = std::mem::take(&mut self.dz);
+        if g.len() < n {
+            g.resize(n, 0.0);
+        }
+        g[..n].copy_from_slice(&dy[..n]);
+        self.backward_in_place(&mut g, b, db, n);
+        self.dz = g;
+    }
+
+    /// `∂L/∂(col·Ŵ')` of the last [`FoldedBn::backward`] (`n` values).
     pub fn product_grad(&self, n: usize) -> &[f32] {
         &self.dz[..n]
     }
