@@ -935,7 +935,7 @@ fn cnn_by_name_from_training_to_integer_inference() {
         &train(
             &data,
             &d.join("bad"),
-            &["--freeze-bn-stats-after", "1", "--epochs", "1"],
+            &["--freeze-bn-stats-after", "1", "--epochs", "1", "--quant", "w8a8"],
         ),
         "freeze_bn_stats_after",
     );
