@@ -152,39 +152,50 @@ pub fn fake_quant_weights_per_channel(
     scales: &mut [f32],
     max_abs: &mut [f32],
 ) {
-    max_abs[..outputs].fill(0.0);
-    for row in w.chunks_exact(outputs) {
-        for (m, &v) in max_abs.iter_mut().zip(row) {
-            *m = m.max(v.abs());
-        }
-    }
+    column_max_abs(w, &mut max_abs[..outputs]);
     for (s, &m) in scales.iter_mut().zip(max_abs.iter()) {
         *s = QParams::symmetric(m, bits, narrow).scale;
     }
     fake_quant_weights_with_scales(w, outputs, bits, narrow, scales, max_abs, w_hat);
 }
 
-/// `ŵ = s_j·clamp(round(w/s_j), qmin, qmax)` with given per-channel scales (`inv` is scratch of
-/// `outputs` values). With the max-abs scales nothing is clamped; with fixed scales, weights
-/// beyond the range are.
-pub fn fake_quant_weights_with_scales(
-    w: &[f32],
-    outputs: usize,
-    bits: u32,
-    narrow: bool,
-    scales: &[f32],
-    inv: &mut [f32],
-    w_hat: &mut [f32],
-) {
-    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
-    let qmin = if narrow { -qmax } else { -qmax - 1.0 };
-    // Multiply by 1/s rather than divide: this pass runs over every weight at every step.
-    for (i, &s) in inv.iter_mut().zip(scales.iter()) {
-        *i = 1.0 / s;
+crate::simd::widest! {
+    /// `max_j |w[k, j]|` over the rows of a `[rows, m.len()]` kernel (exact: the order of a max
+    /// changes nothing).
+    fn column_max_abs(w: &[f32], m: &mut [f32]) {
+        m.fill(0.0);
+        for row in w.chunks_exact(m.len()) {
+            for (m, &v) in m.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
     }
-    for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
-        for (((o, &v), &s), &i) in out.iter_mut().zip(row).zip(scales.iter()).zip(inv.iter()) {
-            *o = round_even_small((v * i).clamp(qmin, qmax)) * s;
+}
+
+crate::simd::widest! {
+    /// `ŵ = s_j·clamp(round(w/s_j), qmin, qmax)` with given per-channel scales (`inv` is scratch of
+    /// `outputs` values). With the max-abs scales nothing is clamped; with fixed scales, weights
+    /// beyond the range are. Compiled for the widest instruction set (`crate::simd`): every
+    /// replica runs it over the whole kernel at every step.
+    pub fn fake_quant_weights_with_scales(
+        w: &[f32],
+        outputs: usize,
+        bits: u32,
+        narrow: bool,
+        scales: &[f32],
+        inv: &mut [f32],
+        w_hat: &mut [f32],
+    ) {
+        let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+        let qmin = if narrow { -qmax } else { -qmax - 1.0 };
+        // Multiply by 1/s rather than divide: this pass runs over every weight at every step.
+        for (i, &s) in inv.iter_mut().zip(scales.iter()) {
+            *i = 1.0 / s;
+        }
+        for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
+            for (((o, &v), &s), &i) in out.iter_mut().zip(row).zip(scales.iter()).zip(inv.iter()) {
+                *o = round_even_small((v * i).clamp(qmin, qmax)) * s;
+            }
         }
     }
 }
