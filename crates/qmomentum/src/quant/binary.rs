@@ -57,49 +57,57 @@ pub enum TernaryRule {
     Absmean,
 }
 
-/// Per-channel ternarization; writes `ŵ` and `α_j` (the magnitude of the non-zero codes).
-pub fn ternarize(w: &[f32], outputs: usize, rule: TernaryRule, w_hat: &mut [f32], alpha: &mut [f32], tmp: &mut [f32]) {
-    let n = (w.len() / outputs).max(1) as f32;
-    let mean = &mut tmp[..outputs];
-    mean.fill(0.0);
-    for row in w.chunks_exact(outputs) {
-        for (m, &v) in mean.iter_mut().zip(row) {
-            *m += v.abs();
-        }
-    }
-    for m in mean.iter_mut() {
-        *m /= n;
-    }
-    match rule {
-        TernaryRule::Absmean => {
-            for (a, &m) in alpha.iter_mut().zip(mean.iter()) {
-                *a = if m > 0.0 { m } else { 1.0 };
+crate::simd::widest! {
+    /// Per-channel ternarization; writes `ŵ` and `α_j` (the magnitude of the non-zero codes).
+    /// Compiled for the widest instruction set (`crate::simd`); every pass runs row by row with
+    /// per-column accumulators, which add in the same order as a column-by-column loop.
+    pub fn ternarize(w: &[f32], outputs: usize, rule: TernaryRule, w_hat: &mut [f32], alpha: &mut [f32], tmp: &mut [f32]) {
+        let n = (w.len() / outputs).max(1) as f32;
+        let mean = &mut tmp[..outputs];
+        mean.fill(0.0);
+        for row in w.chunks_exact(outputs) {
+            for (m, &v) in mean.iter_mut().zip(row) {
+                *m += v.abs();
             }
-            for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
-                for ((o, &v), &a) in out.iter_mut().zip(row).zip(alpha.iter()) {
-                    *o = a * crate::quant::affine::round_even_small((v / a).clamp(-1.0, 1.0));
+        }
+        for m in mean.iter_mut() {
+            *m /= n;
+        }
+        match rule {
+            TernaryRule::Absmean => {
+                for (a, &m) in alpha.iter_mut().zip(mean.iter()) {
+                    *a = if m > 0.0 { m } else { 1.0 };
                 }
-            }
-        }
-        TernaryRule::Twn => {
-            // α_j = mean of |w| above Δ_j = 0.7·mean|w|, column by column (strided, but the
-            // kernels here are small: ≤ 10^5 values, once per step).
-            for j in 0..outputs {
-                let delta = 0.7 * mean[j];
-                let (mut s, mut c) = (0.0f32, 0u32);
-                for row in w.chunks_exact(outputs) {
-                    let v = row[j].abs();
-                    if v > delta {
-                        s += v;
-                        c += 1;
+                for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
+                    for ((o, &v), &a) in out.iter_mut().zip(row).zip(alpha.iter()) {
+                        *o = a * crate::quant::affine::round_even_small((v / a).clamp(-1.0, 1.0));
                     }
                 }
-                alpha[j] = if c > 0 { s / c as f32 } else { 1.0 };
-                mean[j] = delta;
             }
-            for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
-                for (j, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-                    *o = if v.abs() > mean[j] { alpha[j] * sign(v) } else { 0.0 };
+            TernaryRule::Twn => {
+                // Δ_j = 0.7·mean|w|; α_j = mean of the |w| above Δ_j: sums in `alpha`, counts in
+                // the first row of `w_hat` (overwritten below).
+                for m in mean.iter_mut() {
+                    *m *= 0.7;
+                }
+                let count = &mut w_hat[..outputs];
+                count.fill(0.0);
+                alpha[..outputs].fill(0.0);
+                for row in w.chunks_exact(outputs) {
+                    for (((s, c), &v), &d) in alpha.iter_mut().zip(count.iter_mut()).zip(row).zip(mean.iter()) {
+                        let v = v.abs();
+                        let above = v > d;
+                        *s += if above { v } else { 0.0 };
+                        *c += if above { 1.0 } else { 0.0 };
+                    }
+                }
+                for (s, &c) in alpha.iter_mut().zip(count.iter()) {
+                    *s = if c > 0.0 { *s / c } else { 1.0 };
+                }
+                for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
+                    for ((o, &v), (&d, &a)) in out.iter_mut().zip(row).zip(mean.iter().zip(alpha.iter())) {
+                        *o = if v.abs() > d { a * sign(v) } else { 0.0 };
+                    }
                 }
             }
         }
