@@ -180,9 +180,17 @@ impl FoldedBn {
     /// The folded bias `β + s·(b − μ_run)` of the deployed layer, for the `s` of the last
     /// [`FoldedBn::fold_weights`] (evaluation: the output stage puts it on the accumulator grid).
     pub fn folded_bias(&mut self, b: &[f32]) -> &Param {
-        for j in 0..self.bn.channels {
-            let s = self.factor[j];
-            self.folded_bias.value[j] = self.bn.beta.value[j] + s * (b[j] - self.bn.running_mean.value[j]);
+        let bn = &self.bn;
+        for ((((o, &s), &beta), &mu), &b) in self
+            .folded_bias
+            .value
+            .iter_mut()
+            .zip(&self.factor)
+            .zip(&bn.beta.value)
+            .zip(&bn.running_mean.value)
+            .zip(b)
+        {
+            *o = beta + s * (b - mu);
         }
         &self.folded_bias
     }
