@@ -421,9 +421,34 @@ fn read_outcome(cell: &Cell, dir: &Path, wall: f64) -> Result<Outcome> {
     })
 }
 
+/// Build the run a cell will start, from the very flags it will get, so that a combination the
+/// trainer refuses (a scheme the model cannot take, oscillation control on a batch norm folded
+/// for QAT, …) is reported before any cell runs.
+fn check_cell(cell: &Cell, grid: &Grid) -> Result<()> {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: crate::train_cmd::TrainArgs,
+    }
+    let mut args = vec!["train".to_string()];
+    args.extend(cell.train_args());
+    args.extend(["--epochs".into(), grid.epochs.to_string()]);
+    if let Some(m) = &grid.model {
+        args.extend(["--model".into(), m.clone()]);
+    }
+    let what = || format!("cell {} ({})", cell.dir_name(), args[1..].join(" "));
+    let cli = <Cli as clap::Parser>::try_parse_from(&args).with_context(what)?;
+    let cfg = crate::train_cmd::build_config(&cli.train).with_context(what)?;
+    qmomentum::train::Trainer::new(cfg).with_context(what)?;
+    Ok(())
+}
+
 pub fn run(a: SweepArgs) -> Result<()> {
     let grid = Grid::load(&a.grid)?;
     let cells = grid.cells()?;
+    for c in &cells {
+        check_cell(c, &grid)?;
+    }
     let data = a.data.resolve()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let jobs = a.jobs.unwrap_or((cores / a.threads).max(1)) as usize;
@@ -838,5 +863,22 @@ mod tests {
         bad(&|g| g.control = vec!["freeze:2".into()], "control = \"freeze:2\"");
         bad(&|g| g.lr = vec![-0.1], "lr = -0.1");
         bad(&|g| g.seeds.clear(), "axis `seeds` is empty");
+    }
+
+    /// A cell the trainer would refuse is found before the sweep runs: oscillation dampening
+    /// on cnn-small, whose batch norms are folded into the convolutions for QAT.
+    #[test]
+    fn cells_the_trainer_refuses_are_found_up_front() {
+        let mut g = grid();
+        g.quant = vec!["w4a4".into()];
+        g.optimizer = vec!["heavy-ball".into()];
+        g.control = vec!["dampen:0.01".into()];
+        g.model = Some("cnn-small".into());
+        let cells = g.cells().unwrap();
+        let e = format!("{:#}", check_cell(&cells[0], &g).unwrap_err());
+        assert!(e.contains("oscillation.dampening") && e.contains("cell "), "{e}");
+        g.control = vec!["none".into()];
+        let cells = g.cells().unwrap();
+        check_cell(&cells[0], &g).unwrap();
     }
 }
