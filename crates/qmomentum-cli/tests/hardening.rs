@@ -856,6 +856,18 @@ fn decoder_and_config_errors_are_plain_words() {
 
 // ---- Convolutional networks end to end -------------------------------------------------------
 
+/// The accuracy figure `evaluate` prints.
+fn printed_accuracy(o: &Output) -> String {
+    text(o)
+        .split("accuracy ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// cnn-small and lenet5 by name: train (float, batch norm), `info` summary, PTQ (which folds the
 /// batch norms), export, integer inference and evaluation of the model file agree; QAT of the
 /// batch-normalised model (batch norm folded, moving, then frozen) resumes bit-exactly and exports.
@@ -920,17 +932,11 @@ fn cnn_by_name_from_training_to_integer_inference() {
         text(&sim),
         text(&int)
     );
-    let acc = |o: &Output| {
-        text(o)
-            .split("accuracy ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
-    assert_eq!(acc(&sim), acc(&int), "folded-BN QAT: simulation and integer runtime");
+    assert_eq!(
+        printed_accuracy(&sim),
+        printed_accuracy(&int),
+        "folded-BN QAT: simulation and integer runtime"
+    );
     fails_with(
         &train(
             &data,
@@ -959,23 +965,17 @@ fn cnn_by_name_from_training_to_integer_inference() {
     assert!(o.status.success(), "{}", text(&o));
     let sim = run(&["evaluate", s(&qck), "--data", s(&data)]);
     let int = run(&["evaluate", s(&model), "--data", s(&data)]);
-    let acc = |o: &Output| {
-        text(o)
-            .split("accuracy ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
     assert!(
         sim.status.success() && int.status.success(),
         "{}{}",
         text(&sim),
         text(&int)
     );
-    assert_eq!(acc(&sim), acc(&int), "simulation and integer runtime");
+    assert_eq!(
+        printed_accuracy(&sim),
+        printed_accuracy(&int),
+        "simulation and integer runtime"
+    );
     let o = run(&["info", s(&model)]);
     assert!(
         text(&o).contains("conv2d_i8") && text(&o).contains("maxpool_u8"),

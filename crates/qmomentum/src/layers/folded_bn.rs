@@ -13,8 +13,9 @@
 //! so the weights are quantized on the grid the deployed, folded model uses, while the batch norm
 //! still normalises with the batch statistics (and moves its running statistics). Once the
 //! statistics are frozen (`freeze_bn_stats_after`, torch.ao's `freeze_bn_stats`),
-//! `BN(z) = col·Ŵ' + β + s·(b − μ_run)`: exactly the folded layer, up to the rounding of the bias
-//! to the accumulator grid, which only the exported model does.
+//! `BN(z) = col·Ŵ' + β + s·(b − μ_run)`: the folded layer, up to the rounding of the bias to the
+//! accumulator grid. Evaluation computes the folded layer itself, bias on the grid included
+//! ([`FoldedBn::folded_bias`]), so it gives the exported model's bits.
 //!
 //! Backward (the chain rule of the lines above, as autograd computes it for `ConvBn2d`): with
 //! `g = ∂L/∂z` from the batch norm, `∂L/∂b = Σ g`, `∂L/∂(col·Ŵ') = g/s`, the STE gives
@@ -23,7 +24,8 @@
 //! variance is a buffer: no gradient). The two terms of `∂L/∂s` cancel up to the quantization
 //! error, so γ learns from the batch norm itself as in float training.
 //!
-//! Checked against PyTorch 2.15's `ConvBn2d` (forward, input, weight, bias, γ and β gradients) in
+//! Checked against PyTorch 2.15's `ConvBn2d` (forward, input, weight, bias, γ and β gradients,
+//! with batch and with frozen statistics; evaluation; running statistics) in
 //! `tests/conv_bn_qat.rs`.
 
 use super::batch_norm::BatchNorm;
