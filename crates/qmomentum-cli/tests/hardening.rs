@@ -868,6 +868,26 @@ fn printed_accuracy(o: &Output) -> String {
         .to_string()
 }
 
+/// Export checkpoint `ck` to the integer model `model`; `evaluate` must print the same accuracy
+/// for both (the simulation and the integer runtime).
+fn export_scores_the_simulation(ck: &Path, model: &Path, data: &Path, what: &str) {
+    let o = run(&["export", s(ck), "-o", s(model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let sim = run(&["evaluate", s(ck), "--data", s(data)]);
+    let int = run(&["evaluate", s(model), "--data", s(data)]);
+    assert!(
+        sim.status.success() && int.status.success(),
+        "{}{}",
+        text(&sim),
+        text(&int)
+    );
+    assert_eq!(
+        printed_accuracy(&sim),
+        printed_accuracy(&int),
+        "{what}: simulation and integer runtime"
+    );
+}
+
 /// cnn-small and lenet5 by name: train (float, batch norm), `info` summary, PTQ (which folds the
 /// batch norms), export, integer inference and evaluation of the model file agree; QAT of the
 /// batch-normalised model (batch norm folded, moving, then frozen) resumes bit-exactly and exports.
@@ -921,22 +941,7 @@ fn cnn_by_name_from_training_to_integer_inference() {
     );
     let o = run(&["info", s(&ck_qat)]);
     assert!(text(&o).contains("conv2d+bn relu"), "{}", text(&o));
-    let qat_model = d.join("qat.qmm");
-    let o = run(&["export", s(&ck_qat), "-o", s(&qat_model)]);
-    assert!(o.status.success(), "{}", text(&o));
-    let sim = run(&["evaluate", s(&ck_qat), "--data", s(&data)]);
-    let int = run(&["evaluate", s(&qat_model), "--data", s(&data)]);
-    assert!(
-        sim.status.success() && int.status.success(),
-        "{}{}",
-        text(&sim),
-        text(&int)
-    );
-    assert_eq!(
-        printed_accuracy(&sim),
-        printed_accuracy(&int),
-        "folded-BN QAT: simulation and integer runtime"
-    );
+    export_scores_the_simulation(&ck_qat, &d.join("qat.qmm"), &data, "folded-BN QAT");
     fails_with(
         &train(
             &data,
@@ -961,21 +966,7 @@ fn cnn_by_name_from_training_to_integer_inference() {
     assert!(o.status.success(), "{}", text(&o));
     let qck = q.join("checkpoint.safetensors");
     let model = d.join("cnn.qmm");
-    let o = run(&["export", s(&qck), "-o", s(&model)]);
-    assert!(o.status.success(), "{}", text(&o));
-    let sim = run(&["evaluate", s(&qck), "--data", s(&data)]);
-    let int = run(&["evaluate", s(&model), "--data", s(&data)]);
-    assert!(
-        sim.status.success() && int.status.success(),
-        "{}{}",
-        text(&sim),
-        text(&int)
-    );
-    assert_eq!(
-        printed_accuracy(&sim),
-        printed_accuracy(&int),
-        "simulation and integer runtime"
-    );
+    export_scores_the_simulation(&qck, &model, &data, "PTQ");
     let o = run(&["info", s(&model)]);
     assert!(
         text(&o).contains("conv2d_i8") && text(&o).contains("maxpool_u8"),
