@@ -278,6 +278,94 @@ fn main() {
     println!("model batch-1 latency ({}): {:.2} µs", model.kernel().name(), t * 1e6);
 
     cnn_small(&mut rng);
+    cnn_small_binary(&mut rng);
+}
+
+/// The binary cnn-small the exporter writes for `--quant binary`: conv 32 3×3 same over the u8
+/// pixels with 8-bit weights and sign outputs → maxpool_bin 2 → conv2d_bin 64 3×3 same →
+/// maxpool_bin 2 → dense_bin 3136 → 10 logits. Side by side with the int8 network above.
+fn cnn_small_binary(rng: &mut Rng) {
+    let pool = |in_shape| Layer::MaxPoolBin {
+        in_shape,
+        kernel: [2, 2],
+        stride: [2, 2],
+        padding: [0; 4],
+    };
+    let layers = vec![
+        Layer::Conv2dI8 {
+            in_shape: [28, 28, 1],
+            out_channels: 32,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1, 1, 1],
+            dilation: [1, 1],
+            groups: 1,
+            weight: (0..32 * 9).map(|_| rng.i8()).collect(),
+            bias: (0..32).map(|_| (rng.next() % 2001) as i32 - 1000).collect(),
+            input_zero_point: 0,
+            output: Output::SignBits { threshold: None },
+        },
+        pool([28, 28, 32]),
+        Layer::Conv2dBin {
+            in_shape: [14, 14, 32],
+            out_channels: 64,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1, 1, 1],
+            dilation: [1, 1],
+            // 32 channels: the upper half of each tap's word is padding (0).
+            weight: (0..64 * 9).map(|_| rng.next() & 0xffff_ffff).collect(),
+            output: Output::SignBits {
+                threshold: Some((0..64).map(|_| (rng.next() % 41) as i32 - 20).collect()),
+            },
+        },
+        pool([14, 14, 64]),
+        Layer::DenseBin {
+            inputs: 3136,
+            outputs: 10,
+            weight: (0..10 * 49).map(|_| rng.next()).collect(),
+            output: Output::Logits {
+                scale: vec![1e-2; 10],
+                bias: Some(vec![0.0; 10]),
+            },
+        },
+    ];
+    let input = InputSpec {
+        size: 784,
+        scale: 1.0 / 255.0,
+        zero_point: 0,
+        binarize_at: None,
+        shape: Some([28, 28, 1]),
+    };
+    let model = Model::new(input, layers).unwrap();
+    let x: Vec<u8> = (0..1000 * 784).map(|_| rng.next() as u8).collect();
+    for kind in KernelKind::available() {
+        let rows = 256;
+        let mut ws = model.workspace(rows);
+        let runs = if kind == KernelKind::Scalar { 3 } else { 15 };
+        let t = median(runs, || {
+            black_box(
+                model
+                    .run_with(kind, &mut ws, black_box(&x[..rows * 784]), rows)
+                    .unwrap(),
+            );
+        });
+        println!(
+            "binary cnn-small batch {rows}, 1 thread, {:>10}: {:8.1} k samples/s",
+            kind.name(),
+            rows as f64 / t / 1e3
+        );
+    }
+    for threads in [1, 2] {
+        let rows = 1000;
+        let t = median(21, || {
+            black_box(model.predict(&x[..rows * 784], rows, threads).unwrap());
+        });
+        println!(
+            "binary cnn-small batch {rows}, {threads} thread(s): {:8.1} k samples/s",
+            rows as f64 / t / 1e3
+        );
+    }
 }
 
 /// A random "cnn-small": 28×28×1 → conv 32 3×3 same (relu_u8) → maxpool 2 → conv 64 3×3 same

@@ -25,7 +25,8 @@ for f in kernels::scalar::dense_i8 kernels::scalar::dense_i4 kernels::avx512::de
     kernels::binary::avx512::dense_bin kernels::binary::avx512::run kernels::binary::avx512::dense_bin_sign \
     kernels::binary::popcnt_sign_rows kernels::scalar::dense_bin_sign engine::pack_bits_avx512 \
     engine::pack_bits_scalar kernels::conv::im2col kernels::pool::maxpool_u8 kernels::pool::avgpool_u8 \
-    kernels::pool::global_avgpool_u8 kernels::scalar::dequantize kernels::avx512::dequantize; do
+    kernels::pool::global_avgpool_u8 kernels::bitimage::im2col_bits kernels::bitimage::maxpool_bits \
+    kernels::scalar::dequantize kernels::avx512::dequantize; do
     body=$(awk -v f="<qmomentum_runtime::$f>:" 'index($0, f) { p = 1; next } p && /^$/ { p = 0 } p' "$asm")
     if [ -z "$body" ]; then
         echo "$f: NOT FOUND in $bin (inlined, renamed or removed?)" >&2

@@ -79,6 +79,8 @@ pub struct Workspace {
     col: Aligned<u8>,
     /// u32 sums of an average pooling.
     sums: Aligned<u32>,
+    /// u64 bit patches of a binary convolution.
+    bits: Aligned<u64>,
     /// Outputs of every layer but the last.
     acts: Vec<Act>,
     /// `[max_batch, classes]`.
@@ -147,6 +149,7 @@ impl Model {
             acc: Aligned::zeroed(scratch.acc),
             col: Aligned::zeroed(scratch.col),
             sums: Aligned::zeroed(scratch.sums),
+            bits: Aligned::zeroed(scratch.bits),
             acts,
             logits: vec![0.0; max_batch * self.num_classes()],
             input_bits: Aligned::zeroed(if self.input.binarize_at.is_some() {
@@ -194,12 +197,13 @@ impl Model {
             acc,
             col,
             sums,
+            bits,
             acts,
             logits,
             input_bits,
             ..
         } = ws;
-        let mut scratch = Scratch { acc, col, sums };
+        let mut scratch = Scratch { acc, col, sums, bits };
         let in_words = size.div_ceil(64);
         let mut start = 0;
         while start < batch {

@@ -723,14 +723,25 @@ fn validation_names_the_field_and_both_values() {
         e.contains("layers.0.weight") && e.contains("expected out × kh × kw × c/groups = 4 × 3 × 3 × 2"),
         "{e}"
     );
-    // Sign bits are not a conv output; a pooling layer cannot be last.
+    // Sign bits of a grouped convolution are refused (a pixel's bits are one word run), and a
+    // bit image is 64 bits per pixel to a reader (here 4 channels: 1024); a pooling layer
+    // cannot be last.
+    let mut sign = conv(&mut rng, [4, 4, 2], [3, 3], [1; 4], 2);
+    if let Layer::Conv2dI8 { output, .. } = &mut sign {
+        *output = Output::SignBits { threshold: None };
+    }
+    let e = err(image_input(&mut rng, [4, 4, 2]), vec![sign, head([4, 4, 4])]);
+    assert!(
+        e.contains("layers[0].output") && e.contains("sign_bits needs groups = 1 (got 2)"),
+        "{e}"
+    );
     let mut sign = conv(&mut rng, [4, 4, 2], [3, 3], [1; 4], 1);
     if let Layer::Conv2dI8 { output, .. } = &mut sign {
         *output = Output::SignBits { threshold: None };
     }
     let e = err(image_input(&mut rng, [4, 4, 2]), vec![sign, head([4, 4, 4])]);
     assert!(
-        e.contains("layers[0].output") && e.contains("sign_bits is not an output of conv2d_i8"),
+        e.contains("in = 64 does not match layer 0's sign_bits output [4, 4, 4] size 1024"),
         "{e}"
     );
     let pool = Layer::MaxPoolU8 {

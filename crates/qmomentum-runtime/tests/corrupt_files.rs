@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{base_binary, base_cnn, base_int8, base_packed, RawFile};
+use common::{base_bin_cnn, base_binary, base_cnn, base_int8, base_packed, RawFile};
 use qmomentum_runtime::Model;
 use safetensors::Dtype;
 use serde_json::json;
@@ -309,7 +309,38 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
                 r.remove("layers.0.multiplier");
                 r.remove("layers.0.shift");
             }),
-            "metadata field 'layers[0].output': sign_bits is not an output of conv2d_i8",
+            // Sign bits are a conv2d_i8 output (a bit image), which u8 pooling cannot read.
+            "layer 1: maxpool_u8 reads u8 but gets layer 0's sign_bits output [6, 6, 4]",
+        ),
+        (
+            "bin_conv_padding_bits.qmm",
+            with(base_bin_cnn, |r| {
+                // Tap 4 of channel 5: its second word holds channels 64..70, bit 6 is past c.
+                let at = (5 * 9 + 4) * 2 + 1;
+                let t = r.tensors.iter_mut().find(|t| t.0 == "layers.2.weight").unwrap();
+                t.3[at * 8] |= 1 << 6;
+            }),
+            "layers.2.weight' channel 5 tap 4: padding bits set (0x0000000000000040) beyond input channel 70",
+        ),
+        (
+            "bin_pool_after_u8.qmm",
+            with(base_bin_cnn, |r| {
+                r.doc["layers"][0]["output"] = json!("relu_u8");
+                r.doc["layers"][0]["output_zero_point"] = json!(0);
+                r.tensors.push(("layers.0.multiplier".into(), Dtype::I32, vec![70], [0u8, 0, 0, 64].repeat(70)));
+                r.tensors.push(("layers.0.shift".into(), Dtype::I32, vec![70], [6u8, 0, 0, 0].repeat(70)));
+            }),
+            "layer 1: maxpool_bin reads sign bits but gets layer 0's relu_u8 output [6, 6, 70]",
+        ),
+        (
+            "bin_conv_missing_threshold.qmm",
+            with(base_bin_cnn, |r| r.remove("layers.2.threshold")),
+            "layers.2.threshold",
+        ),
+        (
+            "bin_conv_wrong_in_shape.qmm",
+            with(base_bin_cnn, |r| r.doc["layers"][2]["in_shape"] = json!([3, 3, 64])),
+            "tensor 'layers.2.weight': shape [64, 3, 3, 2], expected [64, 3, 3, 1]",
         ),
         (
             "conv_output_too_large.qmm",
@@ -518,7 +549,7 @@ fn every_corrupt_file_is_rejected_with_a_precise_message() {
 
 #[test]
 fn the_bases_are_valid() {
-    for raw in [base_int8(), base_binary(), base_cnn(), base_packed()] {
+    for raw in [base_int8(), base_binary(), base_cnn(), base_packed(), base_bin_cnn()] {
         let model = Model::from_bytes(&raw.bytes()).unwrap();
         let x = vec![100u8; model.input().size];
         assert_eq!(model.predict(&x, 1, 1).unwrap().len(), 1);

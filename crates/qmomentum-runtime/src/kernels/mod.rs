@@ -20,6 +20,7 @@
 //! All kernel functions take row-major 2-D buffers described by `(rows, stride)`; they panic if
 //! a buffer is too small for the shape (a programming error, never a data error).
 
+pub mod bitimage;
 pub mod conv;
 pub mod pool;
 pub mod scalar;

@@ -3,7 +3,8 @@
 //! File: fields `in_shape [h, w, c]`, `out` (output channels), `kernel [kh, kw]`,
 //! `stride [sh, sw]`, `padding [top, left, bottom, right]`, `dilation [dh, dw]`, `groups`,
 //! `input_zero_point`, and the [`output`](super::output) fields (`relu_u8`/`u8`, or `logits` as
-//! the last layer); tensors `layers.i.weight` I8 `[out, kh, kw, c/groups]` and
+//! the last layer, or `sign_bits` (`acc ≥ 0`, one group only) for a bit image read by binary
+//! layers); tensors `layers.i.weight` I8 `[out, kh, kw, c/groups]` and
 //! `layers.i.bias` I32 `[out]`.
 //!
 //! # How it runs
@@ -28,6 +29,7 @@ use super::spatial::{check_dims, check_input, check_window, product};
 use super::{ActSpec, Compiled, In, Layer, Op, Out, Output, Produces, Scratch, ScratchSize, ACC_ROWS};
 use crate::error::Error;
 use crate::format::{tname, Fields, Tensors, TensorsOut};
+use crate::kernels::bitimage::words;
 use crate::kernels::conv::{col_stride, im2col};
 use crate::kernels::{self, padded, ConvGeometry, KernelKind, PackedDenseI8, Window};
 use crate::lowbit;
@@ -224,18 +226,22 @@ impl Op for Conv2dI8 {
             ));
         }
         output::check_len(&tname(i, "bias"), p.bias, g.out_channels, "out")?;
-        if !matches!(p.output, Output::U8 { .. } | Output::Logits { .. }) {
+        if let (Output::SignBits { .. }, true) = (p.output, g.groups > 1) {
             return Err(Error::field(
                 format!("layers[{i}].output"),
                 format!(
-                    "{} is not an output of conv2d_i8 (relu_u8, u8, or logits as the last layer)",
-                    p.output.kind_name()
+                    "sign_bits needs groups = 1 (got {}): a pixel's bits are written as one word run",
+                    g.groups
                 ),
             ));
         }
         output::validate(i, p.output, g.out_channels, After::I8(self.kind()))?;
         let macs = product(&[oh, ow, g.out_channels, g.patch()]);
-        Ok(ActSpec::image(i, p.output.kind_name(), [oh, ow, g.out_channels], macs))
+        let shape = [oh, ow, g.out_channels];
+        Ok(match p.output {
+            Output::SignBits { .. } => ActSpec::bit_image(i, p.output.kind_name(), shape, macs),
+            _ => ActSpec::image(i, p.output.kind_name(), shape, macs),
+        })
     }
 
     fn compile(&self, layer: &Layer) -> Result<Arc<dyn Compiled>, Error> {
@@ -276,6 +282,10 @@ impl Op for Conv2dI8 {
             direct: w.kernel == [1, 1] && w.stride == [1, 1] && w.padding == [0; 4] && g.groups == 1 && k == k4,
             produces: match p.output {
                 Output::Logits { .. } => Produces::Logits { classes: size },
+                // A bit image: `⌈out/64⌉` words per position.
+                Output::SignBits { .. } => Produces::Bits {
+                    bits: out_hw[0] * out_hw[1] * 64 * words(g.out_channels),
+                },
                 // Consecutive positions across samples: no padding between samples.
                 _ => Produces::U8 { size, stride: size },
             },
@@ -311,6 +321,7 @@ impl Compiled for CompiledConv2dI8 {
                 ACC_ROWS * col_stride(self.g.patch())
             },
             sums: 0,
+            bits: 0,
         }
     }
 
@@ -330,7 +341,12 @@ impl Compiled for CompiledConv2dI8 {
         let positions = self.out_hw[0] * self.out_hw[1];
         let out = self.g.out_channels;
         let og = self.g.group_out();
-        if y.stride() != positions * out {
+        // Output elements per position: bytes, or the words of a bit image's pixel (one group).
+        let per = match y {
+            Out::Bits { .. } => words(out),
+            _ => out,
+        };
+        if y.stride() != positions * per {
             return Err(Error::Internal("a conv2d_i8 output buffer with padded rows"));
         }
         // Patch rows padded to whole 4-byte steps (see `compile`).
@@ -352,7 +368,7 @@ impl Compiled for CompiledConv2dI8 {
                     im2col(&self.g, self.out_hw, gi, self.z_in, x, xs, r0, n, col, cs);
                     kernels::dense_i8(kernel, wg, col, cs, n, acc, acc_stride)?;
                 }
-                epilogue.apply(kernel, acc, acc_stride, n, &mut y, r0 * out + gi * og, out)?;
+                epilogue.apply(kernel, acc, acc_stride, n, &mut y, r0 * per + gi * og, per)?;
             }
             r0 += n;
         }

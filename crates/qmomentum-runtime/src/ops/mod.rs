@@ -10,10 +10,12 @@
 //! each of [`REGISTRY`] (kind name → op, for reading) and [`Layer::op`] (variant → op).
 
 mod avgpool_u8;
+mod conv2d_bin;
 mod conv2d_i8;
 mod dense_bin;
 mod dense_i8;
 mod global_avgpool_u8;
+mod maxpool_bin;
 mod maxpool_u8;
 pub(crate) mod output;
 mod spatial;
@@ -95,6 +97,38 @@ pub enum Layer {
         /// What to do with `acc`: `relu_u8`/`u8` per channel, or `logits` (last layer).
         output: Output,
     },
+    /// A binary convolution over a bit image (`kernels::bitimage`), ±1 weights:
+    /// `dot[oy,ox,o] = Σ_{ky,kx,ci} x[iy,ix,ci]·W[o,ky,kx,ci]` over ±1 values, taps in the
+    /// padding reading +1; the output bit image is `dot ≥ threshold[o]` (`sign_bits` only).
+    Conv2dBin {
+        /// `[h, w, c]` of the input.
+        in_shape: [usize; 3],
+        /// Output channels (the file's `out`).
+        out_channels: usize,
+        /// `[kh, kw]`.
+        kernel: [usize; 2],
+        /// `[sh, sw]`.
+        stride: [usize; 2],
+        /// `[top, left, bottom, right]`, each below the kernel extent `d·(k−1)+1`.
+        padding: [usize; 4],
+        /// `[dh, dw]`.
+        dilation: [usize; 2],
+        /// `[out, kh, kw, ⌈c/64⌉]`: each tap's channels in whole words, 1 = +1, bits past `c` 0.
+        weight: Vec<u64>,
+        /// `sign_bits` with per-channel thresholds.
+        output: Output,
+    },
+    /// Max pooling of a bit image (the OR of the window's pixels; padding ignored).
+    MaxPoolBin {
+        /// `[h, w, c]` of the input.
+        in_shape: [usize; 3],
+        /// `[kh, kw]`.
+        kernel: [usize; 2],
+        /// `[sh, sw]`.
+        stride: [usize; 2],
+        /// `[top, left, bottom, right]`, each below the kernel size.
+        padding: [usize; 4],
+    },
     /// Max pooling, u8 → u8 on the same grid (max commutes with a monotone quantizer):
     /// `y[oy,ox,c] = max x[iy,ix,c]` over the window's taps inside the input (padding is
     /// ignored, like PyTorch's −∞ padding).
@@ -130,7 +164,9 @@ static REGISTRY: &[&dyn Op] = &[
     &dense_i8::DenseI8,
     &dense_bin::DenseBin,
     &conv2d_i8::Conv2dI8,
+    &conv2d_bin::Conv2dBin,
     &maxpool_u8::MaxPoolU8,
+    &maxpool_bin::MaxPoolBin,
     &avgpool_u8::AvgPoolU8,
     &global_avgpool_u8::GlobalAvgPoolU8,
 ];
@@ -142,14 +178,16 @@ impl Layer {
             Layer::DenseI8 { .. } => &dense_i8::DenseI8,
             Layer::DenseBin { .. } => &dense_bin::DenseBin,
             Layer::Conv2dI8 { .. } => &conv2d_i8::Conv2dI8,
+            Layer::Conv2dBin { .. } => &conv2d_bin::Conv2dBin,
             Layer::MaxPoolU8 { .. } => &maxpool_u8::MaxPoolU8,
+            Layer::MaxPoolBin { .. } => &maxpool_bin::MaxPoolBin,
             Layer::AvgPoolU8 { .. } => &avgpool_u8::AvgPoolU8,
             Layer::GlobalAvgPoolU8 { .. } => &global_avgpool_u8::GlobalAvgPoolU8,
         }
     }
 
-    /// The name used in the file (`dense_i8`, `dense_bin`, `conv2d_i8`, `maxpool_u8`,
-    /// `avgpool_u8`, `global_avgpool_u8`).
+    /// The name used in the file (`dense_i8`, `dense_bin`, `conv2d_i8`, `conv2d_bin`,
+    /// `maxpool_u8`, `maxpool_bin`, `avgpool_u8`, `global_avgpool_u8`).
     pub fn kind_name(&self) -> &'static str {
         self.op().kind()
     }
@@ -279,6 +317,18 @@ impl ActSpec {
         }
     }
 
+    /// The bit image output of layer `i` (`[h, w, c]`, each pixel in `⌈c/64⌉` words: see
+    /// `kernels::bitimage`), described as `what`. Its size counts the bits of those words, the
+    /// padding bits of each pixel included (they are 0), which is what a `dense_bin` reading it
+    /// flattened takes as `in`.
+    pub(crate) fn bit_image(i: usize, what: &str, shape: [usize; 3], macs: u128) -> ActSpec {
+        let [h, w, c] = shape;
+        let mut a = ActSpec::image(i, what, shape, macs);
+        a.bits = true;
+        a.size = h * w * 64 * crate::kernels::bitimage::words(c);
+        a
+    }
+
     /// The u8 image output of layer `i`, described as `what` (its kind or output step).
     pub(crate) fn image(i: usize, what: &str, shape: [usize; 3], macs: u128) -> ActSpec {
         let shape_desc = format!("layer {i}'s {what} output");
@@ -366,6 +416,8 @@ pub(crate) struct Scratch<'a> {
     pub(crate) col: &'a mut Aligned<u8>,
     /// u32 sums (average pooling).
     pub(crate) sums: &'a mut Aligned<u32>,
+    /// u64 bit patches (binary convolution).
+    pub(crate) bits: &'a mut Aligned<u64>,
 }
 
 /// How much scratch memory a compiled layer needs for a block of `rows` rows.
@@ -377,6 +429,8 @@ pub(crate) struct ScratchSize {
     pub(crate) col: usize,
     /// u32 sums.
     pub(crate) sums: usize,
+    /// u64 bit-patch words.
+    pub(crate) bits: usize,
 }
 
 impl ScratchSize {
@@ -386,6 +440,7 @@ impl ScratchSize {
             acc: self.acc.max(other.acc),
             col: self.col.max(other.col),
             sums: self.sums.max(other.sums),
+            bits: self.bits.max(other.bits),
         }
     }
 }

@@ -84,6 +84,22 @@ pub(super) fn check_input(i: usize, kind: &str, in_shape: [usize; 3], input: &Ac
     if input.bits {
         return Err(Error::layer(i, format!("{kind} reads u8 but gets {}", input.desc)));
     }
+    check_shape(i, kind, in_shape, input)
+}
+
+/// Checks that layer `i` (of kind `kind`) reading a bit image of shape `in_shape` gets one:
+/// sign bits, shaped (a bit image: see `kernels::bitimage`), and of that very shape.
+pub(super) fn check_bit_input(i: usize, kind: &str, in_shape: [usize; 3], input: &ActSpec) -> Result<(), Error> {
+    if !input.bits {
+        return Err(Error::layer(
+            i,
+            format!("{kind} reads sign bits but gets {}", input.desc),
+        ));
+    }
+    check_shape(i, kind, in_shape, input)
+}
+
+fn check_shape(i: usize, kind: &str, in_shape: [usize; 3], input: &ActSpec) -> Result<(), Error> {
     match input.shape {
         None => Err(Error::field(
             format!("layers[{i}].in_shape"),

@@ -495,3 +495,57 @@ pub fn base_cnn() -> RawFile {
         metadata_key: "qmomentum".into(),
     }
 }
+
+/// A small binary CNN: `conv2d_i8` (6×6×2 → 70 channels, crossing a word, `sign_bits`),
+/// `maxpool_bin`, `conv2d_bin` (3×3×70 → 64, "same" padding), `dense_bin` logits.
+pub fn base_bin_cnn() -> RawFile {
+    let mut rng = Rng(17);
+    let doc = json!({
+        "format": "qmomentum-int",
+        "version": 1,
+        "input": { "size": 72, "scale": 0.003921569, "zero_point": 0, "shape": [6, 6, 2] },
+        "layers": [
+            { "kind": "conv2d_i8", "in_shape": [6, 6, 2], "out": 70, "kernel": [3, 3],
+              "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1,
+              "input_zero_point": 3, "output": "sign_bits" },
+            { "kind": "maxpool_bin", "in_shape": [6, 6, 70], "kernel": [2, 2], "stride": [2, 2],
+              "padding": [0, 0, 0, 0] },
+            { "kind": "conv2d_bin", "in_shape": [3, 3, 70], "out": 64, "kernel": [3, 3],
+              "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1],
+              "output": "sign_bits" },
+            { "kind": "dense_bin", "in": 576, "out": 3, "output": "logits" }
+        ]
+    });
+    let w0: Vec<u8> = (0..70 * 3 * 3 * 2).map(|_| rng.range(-127, 127) as i8 as u8).collect();
+    // Each tap: one full word and one of 6 channels.
+    let w2: Vec<u8> = (0..64 * 9)
+        .flat_map(|_| [rng.next(), rng.next() & 0x3f])
+        .flat_map(u64::to_le_bytes)
+        .collect();
+    let w3: Vec<u8> = (0..3 * 9).map(|_| rng.next()).flat_map(u64::to_le_bytes).collect();
+    let t2: Vec<i32> = (0..64).map(|_| rng.range(-40, 40) as i32).collect();
+    let tensors = vec![
+        ("layers.0.weight".to_string(), Dtype::I8, vec![70, 3, 3, 2], w0),
+        ("layers.0.bias".to_string(), Dtype::I32, vec![70], i32s(&[-50; 70])),
+        ("layers.2.weight".to_string(), Dtype::U64, vec![64, 3, 3, 2], w2),
+        ("layers.2.threshold".to_string(), Dtype::I32, vec![64], i32s(&t2)),
+        ("layers.3.weight".to_string(), Dtype::U64, vec![3, 9], w3),
+        (
+            "layers.3.scale".to_string(),
+            Dtype::F32,
+            vec![3],
+            f32s(&[0.1, 0.2, 0.3]),
+        ),
+        (
+            "layers.3.bias".to_string(),
+            Dtype::F32,
+            vec![3],
+            f32s(&[0.0, 1.0, -1.0]),
+        ),
+    ];
+    RawFile {
+        doc,
+        tensors,
+        metadata_key: "qmomentum".into(),
+    }
+}
