@@ -173,6 +173,13 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
                 wbits.push("binary".into());
                 ("dense_bin", "±1 weights, one bit each (XNOR-popcount)".to_string())
             }
+            RtLayer::Conv2dBin { .. } => {
+                wbits.push("binary".into());
+                (
+                    "conv2d_bin",
+                    "±1 weights, one bit each (XNOR-popcount, padding +1)".to_string(),
+                )
+            }
             // Pooling layers.
             _ => (l.kind_name(), "no weights".to_string()),
         };
@@ -193,6 +200,7 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
                 "sign bits".into()
             }
             Output::Logits { .. } => "logits (dequantized to f32)".into(),
+            Output::InputGrid if matches!(l, RtLayer::MaxPoolBin { .. }) => "bits (the OR of the window)".into(),
             Output::InputGrid => "u8 on its input's grid".into(),
         };
         outln!("  layer {i}: {what} {}→{}, {weights} → {out}", l.inputs(), l.outputs())?;

@@ -73,6 +73,10 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
     let mut layers = Vec::new();
     let mut seen = 0;
     let mut shape = model.input_shape;
+    // The shape of the bit image the current sign bits form, when a convolution or pooling
+    // produced them (`⌈c/64⌉` words per pixel, `doc/model-format.md`); `None` for flat bits
+    // (a binarized input, a dense layer's signs). Flatten and dropout keep it.
+    let mut bit_image: Option<[usize; 3]> = None;
     for (li, layer) in model.layers.iter_mut().enumerate() {
         let in_shape = [shape.h, shape.w, shape.c];
         shape = layer.output_shape(shape);
@@ -80,10 +84,32 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
         // of codes on one grid is on that grid), flatten and dropout are nothing at inference.
         match layer {
             Layer::Dropout(_) | Layer::Flatten | Layer::Folded(_) => continue,
-            Layer::Pool2d(p) => {
-                if !matches!(grid, Grid::U8 { .. }) {
-                    return Err(Error::config(format!("layers[{li}]"), layer.kind(), "pooling of sign bits is not supported"));
+            Layer::Pool2d(p) if matches!(grid, Grid::Bits) => {
+                let g = p.geo;
+                if bit_image.is_none() {
+                    return Err(Error::config(
+                        format!("layers[{li}]"),
+                        layer.kind(),
+                        "the integer runtime pools bit images that a convolution wrote, not a binarized input",
+                    ));
                 }
+                if p.kind != PoolKind::Max {
+                    return Err(Error::config(
+                        format!("layers[{li}]"),
+                        layer.kind(),
+                        "the average of sign bits is not a sign: use max pooling after a sign activation",
+                    ));
+                }
+                layers.push(rt::Layer::MaxPoolBin {
+                    in_shape,
+                    kernel: g.kernel,
+                    stride: g.stride,
+                    padding: g.pad,
+                });
+                bit_image = Some([shape.h, shape.w, shape.c]);
+                continue;
+            }
+            Layer::Pool2d(p) => {
                 let g = p.geo;
                 layers.push(match p.kind {
                     PoolKind::Max => rt::Layer::MaxPoolU8 {
@@ -107,6 +133,13 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                 });
                 continue;
             }
+            Layer::GlobalAvgPool(_) if matches!(grid, Grid::Bits) => {
+                return Err(Error::config(
+                    format!("layers[{li}]"),
+                    layer.kind(),
+                    "the average of sign bits is not a sign: global average pooling needs u8 activations",
+                ))
+            }
             Layer::GlobalAvgPool(_) => {
                 layers.push(rt::Layer::GlobalAvgPoolU8 { in_shape });
                 continue;
@@ -129,7 +162,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
         }
         seen += 1;
         let last = seen == n_dense;
-        let (idx, quant, out_qp, sign_out, activation, bias, weight, geometry) = match layer {
+        let (idx, quant, out_qp, sign_out, activation, bias, weight, geometry, bn) = match layer {
             Layer::Dense(d) => (
                 d.index,
                 d.quant,
@@ -139,9 +172,12 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                 d.bias.value.clone(),
                 &mut **d as &mut dyn ExportWeights,
                 None,
+                None,
             ),
             Layer::Conv2d(c) => {
                 let geometry = Some((c.geo, c.groups));
+                // Only a batch norm after a binary kernel is left by `bake_folded_batch_norm`.
+                let bn = c.bn.take();
                 (
                     c.index,
                     c.quant,
@@ -151,6 +187,7 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     c.bias.value.clone(),
                     &mut **c as &mut dyn ExportWeights,
                     geometry,
+                    bn,
                 )
             }
             _ => unreachable!("handled above"),
@@ -197,6 +234,13 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                         bias: None,
                     }
                 } else if sign_out {
+                    if let Some((_, groups @ 2..)) = geometry {
+                        return Err(Error::config(
+                            format!("layers[{idx}].groups"),
+                            groups,
+                            "the integer runtime writes the sign bits of ungrouped convolutions only",
+                        ));
+                    }
                     next_grid = Some(Grid::Bits);
                     rt::Output::SignBits { threshold: None }
                 } else {
@@ -271,49 +315,116 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     },
                 }
             }
-            (WeightQuant::Binary { .. }, Grid::Bits) if geometry.is_some() => {
-                return Err(Error::config(
-                    format!("layers[{idx}].quant.weights"),
-                    "binary",
-                    "binary convolutions are not in the integer runtime yet",
-                ))
-            }
             (WeightQuant::Binary { .. }, Grid::Bits) => {
-                let words = inputs.div_ceil(64);
-                let mut weight = vec![0u64; outputs * words];
-                for k in 0..inputs {
-                    for j in 0..outputs {
-                        // A negative α flips the channel so that the exported scale is ≥ 0.
-                        if sign_of_w[k * outputs + j] != (w_scale[j] < 0.0) {
-                            weight[j * words + k / 64] |= 1u64 << (k % 64);
-                        }
-                    }
-                }
+                // A batch norm after the ±1 kernel: `BN(α·dot + b) = (s·α)·dot + β + s(b − μ)`.
+                let (w_scale, bias) = match bn.as_deref() {
+                    Some(f) => f.sign_affine(&w_scale, &bias),
+                    None => (w_scale, bias),
+                };
+                // A negative scale flips the channel so that the exported scale is ≥ 0.
+                let plus = |k: usize, j: usize| sign_of_w[k * outputs + j] != (w_scale[j] < 0.0);
                 let alpha: Vec<f32> = w_scale.iter().map(|a| a.abs()).collect();
-                let output = if last {
-                    next_grid = None;
-                    rt::Output::Logits {
-                        scale: alpha.clone(),
-                        bias: Some(bias.clone()),
-                    }
-                } else if sign_out {
-                    next_grid = Some(Grid::Bits);
-                    let threshold = crate::quant::binary::sign_thresholds(&alpha, &bias, inputs);
-                    rt::Output::SignBits {
-                        threshold: Some(threshold),
-                    }
-                } else {
+                if !sign_out && !last {
                     return Err(Error::config(
                         format!("layers[{idx}].activations"),
                         "not 1-bit",
                         "a binary layer's output must be a sign activation (or the logits)",
                     ));
-                };
-                rt::Layer::DenseBin {
-                    inputs,
-                    outputs,
-                    weight,
-                    output,
+                }
+                match geometry {
+                    Some((g, groups)) => {
+                        let Some(image) = bit_image else {
+                            return Err(Error::config(
+                                format!("layers[{idx}]"),
+                                "conv2d",
+                                "the integer runtime's binary convolutions read bit images that a convolution wrote, not a binarized input",
+                            ));
+                        };
+                        debug_assert_eq!(image, in_shape);
+                        if groups != 1 {
+                            return Err(Error::config(
+                                format!("layers[{idx}].groups"),
+                                groups,
+                                "binary convolutions in the integer runtime have one group",
+                            ));
+                        }
+                        if last {
+                            return Err(Error::config(
+                                format!("layers[{idx}]"),
+                                "conv2d",
+                                "a binary convolution cannot output the logits: end the model with a dense layer",
+                            ));
+                        }
+                        // The kernel row `(ky·kw + kx)·c + ci` → tap `ky·kw + kx`, word `ci/64`.
+                        let c = in_shape[2];
+                        let pw = c.div_ceil(64);
+                        let taps = g.kernel[0] * g.kernel[1];
+                        let mut weight = vec![0u64; outputs * taps * pw];
+                        for t in 0..taps {
+                            for ci in 0..c {
+                                for j in 0..outputs {
+                                    if plus(t * c + ci, j) {
+                                        weight[(j * taps + t) * pw + ci / 64] |= 1u64 << (ci % 64);
+                                    }
+                                }
+                            }
+                        }
+                        next_grid = Some(Grid::Bits);
+                        rt::Layer::Conv2dBin {
+                            in_shape,
+                            out_channels: outputs,
+                            kernel: g.kernel,
+                            stride: g.stride,
+                            padding: g.pad,
+                            dilation: g.dilation,
+                            weight,
+                            output: rt::Output::SignBits {
+                                threshold: Some(crate::quant::binary::sign_thresholds(&alpha, &bias, inputs)),
+                            },
+                        }
+                    }
+                    None => {
+                        // Input k of a flattened bit image `[h, w, c]` is bit `p·64·⌈c/64⌉ + ci`
+                        // (`p = k / c`); the padding bits between pixels are −1 inputs that meet
+                        // weight bit 0 (−1), so each adds 1 to the dot: `npad` in all.
+                        let (padded_in, place): (usize, Box<dyn Fn(usize) -> usize>) = match bit_image {
+                            Some([h, w, c]) if h * w * c == inputs && !c.is_multiple_of(64) => {
+                                let pw = 64 * c.div_ceil(64);
+                                (h * w * pw, Box::new(move |k| (k / c) * pw + k % c))
+                            }
+                            _ => (inputs, Box::new(|k| k)),
+                        };
+                        let npad = (padded_in - inputs) as i32;
+                        let words = padded_in.div_ceil(64);
+                        let mut weight = vec![0u64; outputs * words];
+                        for k in 0..inputs {
+                            let at = place(k);
+                            for j in 0..outputs {
+                                if plus(k, j) {
+                                    weight[j * words + at / 64] |= 1u64 << (at % 64);
+                                }
+                            }
+                        }
+                        let output = if last {
+                            next_grid = None;
+                            rt::Output::Logits {
+                                bias: Some(bias.iter().zip(&alpha).map(|(&b, &a)| b - a * npad as f32).collect()),
+                                scale: alpha,
+                            }
+                        } else {
+                            next_grid = Some(Grid::Bits);
+                            let threshold = crate::quant::binary::sign_thresholds(&alpha, &bias, inputs);
+                            rt::Output::SignBits {
+                                threshold: Some(threshold.iter().map(|&t| t + npad).collect()),
+                            }
+                        };
+                        rt::Layer::DenseBin {
+                            inputs: padded_in,
+                            outputs,
+                            weight,
+                            output,
+                        }
+                    }
                 }
             }
             (WeightQuant::Binary { .. }, Grid::U8 { .. }) => {
@@ -330,6 +441,12 @@ pub fn to_runtime(model: &Sequential) -> Result<rt::Model> {
                     "a layer reading binary (sign) inputs must have binary weights",
                 ))
             }
+        };
+        bit_image = match (&q, &next_grid) {
+            (rt::Layer::Conv2dI8 { .. } | rt::Layer::Conv2dBin { .. }, Some(Grid::Bits)) => {
+                Some([shape.h, shape.w, shape.c])
+            }
+            _ => None,
         };
         layers.push(q);
         if let Some(g) = next_grid {

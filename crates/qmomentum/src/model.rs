@@ -166,18 +166,7 @@ impl Sequential {
                                 "a convolution followed by batch norm must be linear to be quantized (its batch norm is folded into it): move the activation after the batch norm",
                             ));
                         }
-                        if matches!(q.weights, Some(crate::quant::WeightQuant::Binary { .. })) {
-                            // The layer's own setting, or the scheme's preset.
-                            let field = match quant {
-                                Some(_) => format!("model.layers[{i}].quant.weights"),
-                                None => format!("quant (layer {i})"),
-                            };
-                            return Err(Error::config(
-                                field,
-                                "binary",
-                                "binary convolutions with batch norm are not built yet (the batch norm would stay a float layer after the ±1 kernel); use an integer or ternary scheme",
-                            ));
-                        }
+                        let binary = matches!(q.weights, Some(crate::quant::WeightQuant::Binary { .. }));
                         let bn = batch_norm(i + 1, p.output.c, &cfg.layers[i + 1]);
                         let act = match cfg.layers.get(i + 2) {
                             Some(LayerConfig::Activation { activation }) if *activation != Activation::Softmax => {
@@ -187,7 +176,7 @@ impl Sequential {
                             _ => Activation::Linear,
                         };
                         folded_into[i + 1] = Some(i);
-                        conv.fold_batch_norm(bn, act);
+                        conv.fold_batch_norm(bn, act, binary);
                     }
                     conv.set_quant(q, bop);
                     d += 1;
@@ -243,8 +232,12 @@ impl Sequential {
     pub fn bake_folded_batch_norm(&mut self) {
         for l in self.layers.iter_mut() {
             if let Layer::Conv2d(c) = l {
-                if let Some(mut f) = c.bn.take() {
-                    f.fold(&mut c.weight.value, &mut c.bias.value);
+                // A batch norm after a binary kernel stays: the exporter turns it and the sign
+                // into thresholds.
+                if c.bn.as_deref().is_some_and(|f| f.fold_scale) {
+                    if let Some(mut f) = c.bn.take() {
+                        f.fold(&mut c.weight.value, &mut c.bias.value);
+                    }
                 }
             }
         }

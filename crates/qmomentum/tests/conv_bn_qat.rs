@@ -56,7 +56,7 @@ fn layer(r: &Value) -> Conv2d {
     bn.beta.value = floats(&init["beta"]);
     bn.running_mean.value = floats(&init["running_mean"]);
     bn.running_var.value = floats(&init["running_var"]);
-    c.fold_batch_norm(bn, Activation::Linear);
+    c.fold_batch_norm(bn, Activation::Linear, false);
     let q = LayerQuant {
         weights: Some(WeightQuant::Int {
             bits: 8,
@@ -142,14 +142,87 @@ fn folded_batch_norm_with_float_weights_matches_finite_differences() {
     // Both with batch statistics and with frozen ones (where the two terms of ∂L/∂s do not
     // vanish one by one, as they do under batch statistics).
     for frozen in [false, true] {
-        fd_check(frozen);
+        fd_check(frozen, false);
     }
 }
 
-fn fd_check(frozen: bool) {
+/// The layout of binary kernels (`FoldedBn::after_binary`: the batch norm stays after the kernel,
+/// `s ≡ 1` in it), with float weights, against finite differences: `∂L/∂W` without the factor
+/// `s`, and γ learning through the batch norm alone.
+#[test]
+fn batch_norm_after_the_kernel_matches_finite_differences() {
+    for frozen in [false, true] {
+        fd_check(frozen, true);
+    }
+}
+
+/// Evaluation of a layer whose batch norm stays after the kernel is the convolution followed by
+/// the batch norm on its running statistics (not the folded kernel).
+#[test]
+fn batch_norm_after_the_kernel_evaluates_conv_then_bn() {
+    let r = reference();
+    let x = floats(&r["init"]["x"]);
+    let mut c = after_binary_layer(&r);
+    let mut y = vec![0.0; 4 * 6 * 6 * 5];
+    c.forward(&x, &mut y, 4, false, false);
+    let mut plain = c.clone();
+    let bn = plain.bn.take().unwrap().bn;
+    let mut z = vec![0.0; y.len()];
+    plain.forward(&x, &mut z, 4, false, false);
+    for (i, (&got, &zi)) in y.iter().zip(&z).enumerate() {
+        let j = i % 5;
+        let want = bn.gamma.value[j] * (zi - bn.running_mean.value[j]) / (bn.running_var.value[j] + bn.epsilon).sqrt()
+            + bn.beta.value[j];
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "y[{i}]: {got} vs {want}"
+        );
+    }
+}
+
+/// A binary convolution reads +1 in its padding (Larq's `pad_values = 1`), so that the integer
+/// runtime's bit padding computes the same border: on an input of −1 with every ŵ = α = 0.5,
+/// a 3×3 "same" convolution gives −4.5 in the middle, 0.5 in a corner (4 taps of −1, 5 of +1)
+/// and −1.5 on an edge (6 and 3).
+#[test]
+fn binary_convolutions_pad_with_plus_one() {
+    let cfg = Conv2dConfig {
+        filters: 1,
+        kernel: [3, 3],
+        padding: Padding::Same,
+        ..Default::default()
+    };
+    let mut c = Conv2d::new(0, Shape::new(3, 3, 1), cfg, Activation::Linear, &mut Rng::new(0, 0)).unwrap();
+    c.weight.value = vec![0.5; 9];
+    c.set_quant(
+        LayerQuant {
+            weights: Some(WeightQuant::Binary { scaled: true }),
+            activations: None,
+        },
+        false,
+    );
+    let mut y = vec![0.0; 9];
+    c.forward(&[-1.0; 9], &mut y, 1, false, false);
+    assert_eq!(y, [0.5, -1.5, 0.5, -1.5, -4.5, -1.5, 0.5, -1.5, 0.5]);
+}
+
+/// The reference layer with its batch norm kept after the kernel.
+fn after_binary_layer(r: &Value) -> Conv2d {
+    let mut c = layer(r);
+    let bn = c.bn.take().unwrap().bn;
+    c.fold_batch_norm(bn, Activation::Linear, true);
+    c.set_quant(LayerQuant::default(), false);
+    c
+}
+
+fn fd_check(frozen: bool, after_binary: bool) {
     let r = reference();
     let (x, rr) = (floats(&r["init"]["x"]), floats(&r["init"]["r"]));
-    let mut c = layer(&r);
+    let mut c = if after_binary {
+        after_binary_layer(&r)
+    } else {
+        layer(&r)
+    };
     c.set_quant(LayerQuant::default(), false);
     c.bn.as_deref_mut().unwrap().frozen = frozen;
     let (_, dx) = step(&mut c, &x, &rr, true);
@@ -170,7 +243,7 @@ fn fd_check(frozen: bool) {
         });
         assert!(
             (got - gw[i] as f64).abs() < 5e-3,
-            "frozen {frozen}: dW[{i}]: fd {got} vs {}",
+            "frozen {frozen} after_binary {after_binary}: dW[{i}]: fd {got} vs {}",
             gw[i]
         );
     }
@@ -193,7 +266,7 @@ fn fd_check(frozen: bool) {
         });
         assert!(
             (got - gg[j] as f64).abs() < 5e-3,
-            "frozen {frozen}: dγ[{j}]: fd {got} vs {}",
+            "frozen {frozen} after_binary {after_binary}: dγ[{j}]: fd {got} vs {}",
             gg[j]
         );
         let got = fd(&|h| {
@@ -334,7 +407,7 @@ fn folded_layer_with_its_activation_gives_the_gradients_of_the_separate_relu() {
 
     let mut relu = layer(&r);
     let bn = relu.bn.take().unwrap().bn;
-    relu.fold_batch_norm(bn, Activation::Relu);
+    relu.fold_batch_norm(bn, Activation::Relu, false);
     relu.set_quant(lin.quant, false);
     let mut y = vec![0.0; rr.len()];
     relu.forward(&x, &mut y, 4, true, false);

@@ -71,3 +71,42 @@ fn cnn_small_ptq_runtime_agrees_with_simulation() {
         agreement(&mut q, &test, &format!("cnn-small PTQ {scheme}"));
     }
 }
+
+/// Binary cnn-small (`--quant binary`): the first convolution reads the u8 pixels with 8-bit
+/// weights, its batch norm folded, and writes sign bits; the second has ±1 weights with its batch
+/// norm kept after the kernel (`FoldedBn::after_binary`) and +1 padding; then a binary classifier.
+/// The runtime runs `conv2d_i8` → `maxpool_bin` → `conv2d_bin` → `maxpool_bin` → `dense_bin`:
+/// ≥ 99.9 % identical predictions, after QAT and with the batch norms frozen.
+#[test]
+fn cnn_small_binary_qat_runtime_agrees_with_simulation() {
+    let (train, test) = data();
+    let train = subset(&train, 6_000);
+    let cfg = TrainConfig {
+        model: ModelConfig::named("cnn-small").unwrap(),
+        quant: Scheme::Binary,
+        epochs: 2,
+        freeze_bn_stats_after: Some(1),
+        optimizer: OptimizerConfig {
+            lr: 0.01,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut t = Trainer::new(cfg).unwrap();
+    t.fit(&train, None, |_, _| {}).unwrap();
+    let kinds: Vec<&str> = to_runtime_kinds(&t.model);
+    assert_eq!(
+        kinds,
+        ["conv2d_i8", "maxpool_bin", "conv2d_bin", "maxpool_bin", "dense_bin"]
+    );
+    agreement(&mut t.model, &test, "cnn-small binary QAT");
+}
+
+fn to_runtime_kinds(m: &qmomentum::model::Sequential) -> Vec<&'static str> {
+    qmomentum::export::to_runtime(m)
+        .unwrap()
+        .layers()
+        .iter()
+        .map(|l| l.kind_name())
+        .collect()
+}

@@ -8,9 +8,10 @@
 //!
 //! Forward, for each group `g` (`cg = cin/groups` inputs, `og = cout/groups` outputs):
 //! `col_g[r, (ky·kw+kx)·cg + ci] = x[b, oy·sh − top + ky·dh, ox·sw − left + kx·dw, g·cg + ci]`
-//! (0 outside the input), `z[:, g·og..] = col_g · Ŵ_g`; backward `dŴ_g = col_gᵀ·dz_g`,
-//! `dcol_g = dz_g·Ŵ_gᵀ`, and `dx` is `dcol` added back where it came from (col2im). Padding with
-//! real 0 is the integer model's padding with the input zero point.
+//! (0 outside the input, +1 for binary weights: [`Conv2d::pad_value`]),
+//! `z[:, g·og..] = col_g · Ŵ_g`; backward `dŴ_g = col_gᵀ·dz_g`, `dcol_g = dz_g·Ŵ_gᵀ`, and `dx` is
+//! `dcol` added back where it came from (col2im). Padding with real 0 is the integer model's
+//! padding with the input zero point.
 //!
 //! ```
 //! use qmomentum::layers::{conv2d::{Conv2d, Conv2dConfig, Padding}, Activation, Shape};
@@ -289,12 +290,27 @@ impl Conv2d {
 
     /// Fold `bn` (the layer after this one) into this convolution for QAT, with `activation`
     /// (the layer after the batch norm, if any) moved into the output stage; call before
-    /// [`Conv2d::set_quant`]. The convolution must be linear.
-    pub fn fold_batch_norm(&mut self, bn: BatchNorm, activation: Activation) {
+    /// [`Conv2d::set_quant`]. The convolution must be linear. With `binary` weights the batch
+    /// norm stays after the ±1 kernel ([`FoldedBn::after_binary`]).
+    pub fn fold_batch_norm(&mut self, bn: BatchNorm, activation: Activation, binary: bool) {
         debug_assert_eq!(bn.channels, self.geo.output.c);
         let fan_in = self.weight.shape[0];
-        self.bn = Some(Box::new(FoldedBn::new(bn, fan_in)));
+        self.bn = Some(Box::new(if binary {
+            FoldedBn::after_binary(bn, fan_in)
+        } else {
+            FoldedBn::new(bn, fan_in)
+        }));
         self.out = Epilogue::new(self.geo.output.c, activation);
+    }
+
+    /// The value of a tap in the padding: 0, or +1 for binary weights, whose input is signs
+    /// (Larq's `pad_values = 1`): the padding is then a bit, and the integer runtime's binary
+    /// convolution computes the same border.
+    pub fn pad_value(&self) -> f32 {
+        match self.quant.weights {
+            Some(crate::quant::WeightQuant::Binary { .. }) => 1.0,
+            _ => 0.0,
+        }
     }
 
     /// The activation grid in force.
@@ -319,6 +335,7 @@ impl Conv2d {
         let geo = &self.geo;
         let (i, o) = (geo.input, geo.output);
         let (_, kg, cg, _) = self.dims(batch);
+        let pad = self.pad_value();
         let mut rows = col.chunks_exact_mut(kg);
         for b in 0..batch {
             let xb = &x[b * i.len()..(b + 1) * i.len()];
@@ -341,7 +358,7 @@ impl Conv2d {
                                         dst.copy_from_slice(&xb[at..at + cg]);
                                     }
                                 }
-                                None => dst.fill(0.0),
+                                None => dst.fill(pad),
                             }
                         }
                     }
@@ -399,9 +416,9 @@ impl Conv2d {
         }
         // Evaluation of a folded layer is the deployed layer: `col·Ŵ' + b_f` into the output
         // stage, the folded bias on the accumulator grid ([`FoldedBn::fold`]).
-        let train_bn = training && bn.is_some();
+        let train_bn = bn.as_deref().is_some_and(|f| f.runs_batch_norm(training));
         let (kernel, z): (&[f32], &mut [f32]) = match bn.as_deref_mut() {
-            Some(f) if training => f.kernel_and_product(n),
+            Some(f) if train_bn => f.kernel_and_product(n),
             Some(f) => (&f.w_fold, self.out.product_target(y, n)),
             None => (&self.weight.value, self.out.product_target(y, n)),
         };

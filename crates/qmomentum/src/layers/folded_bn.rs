@@ -24,6 +24,13 @@
 //! variance is a buffer: no gradient). The two terms of `∂L/∂s` cancel up to the quantization
 //! error, so γ learns from the batch norm itself as in float training.
 //!
+//! **Binary kernels** ([`FoldedBn::after_binary`]): a ±1 kernel cannot absorb `s`, so the batch
+//! norm stays *after* it, as in Larq's binary networks: `s ≡ 1` above, i.e.
+//! `y = f(BN(col·Ŵ + b))` with `Ŵ = α·sign(W)`, in training and in evaluation (running statistics
+//! there), and `γ` learns from the batch norm only. The output is a sign, so the deployed layer is
+//! `sign(s·α·dot + β + s·(b − μ))`: one integer threshold per channel on the XNOR-popcount `dot`
+//! ([`FoldedBn::sign_affine`] gives the exporter `s·α` and `β + s·(b − μ)`).
+//!
 //! Checked against PyTorch 2.15's `ConvBn2d` (forward, input, weight, bias, γ and β gradients,
 //! with batch and with frozen statistics; evaluation; running statistics) in
 //! `tests/conv_bn_qat.rs`.
@@ -39,6 +46,9 @@ pub struct FoldedBn {
     pub bn: BatchNorm,
     /// Normalise with the running statistics and stop moving them (torch.ao's `freeze_bn_stats`).
     pub frozen: bool,
+    /// `s` is folded into the kernel (integer kernels), or the batch norm stays after it with
+    /// `s ≡ 1` there (binary kernels: [`FoldedBn::after_binary`]).
+    pub fold_scale: bool,
     /// `s = γ/σ_run` of the last forward pass.
     factor: Vec<f32>,
     /// `1/σ_run` of the last forward pass.
@@ -70,6 +80,7 @@ impl FoldedBn {
         FoldedBn {
             bn,
             frozen: false,
+            fold_scale: true,
             factor: vec![1.0; c],
             inv_std: vec![1.0; c],
             w_fold: vec![0.0; fan_in * c],
@@ -83,15 +94,55 @@ impl FoldedBn {
         }
     }
 
-    /// `s = γ/σ_run` and `W·s` (the kernel that is quantized).
+    /// `bn` kept after a binary `[fan_in, bn.channels]` kernel (not folded: `s ≡ 1` in the
+    /// kernel; see the module doc).
+    pub fn after_binary(bn: BatchNorm, fan_in: usize) -> Self {
+        FoldedBn {
+            fold_scale: false,
+            ..FoldedBn::new(bn, fan_in)
+        }
+    }
+
+    /// `s = γ/σ_run` and `W·s` (the kernel that is quantized); `W` itself when the scale is not
+    /// folded.
     pub fn fold_weights(&mut self, w: &[f32]) {
         factors(&self.bn, &mut self.inv_std, &mut self.factor);
-        scale_columns(w, &self.factor, &mut self.w_fold);
+        if self.fold_scale {
+            scale_columns(w, &self.factor, &mut self.w_fold);
+        } else {
+            self.factor.fill(1.0);
+            self.w_fold.copy_from_slice(w);
+        }
+    }
+
+    /// Whether the forward pass runs the batch norm: while training, and always when it stays
+    /// after the kernel (evaluation of a folded layer runs the folded kernel and bias instead).
+    pub fn runs_batch_norm(&self, training: bool) -> bool {
+        training || !self.fold_scale
+    }
+
+    /// The deployed sign layer of a binary kernel with per-channel scale `alpha` and bias `b`:
+    /// `BN(α·dot + b) = (s·α)·dot + β + s·(b − μ_run)` with `s = γ/σ_run` (the f32 operations of
+    /// the forward pass's factor), as `(s·α, β + s·(b − μ_run))`. A negative `s·α` means the
+    /// sign flips with the dot product.
+    pub fn sign_affine(&self, alpha: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let c = self.bn.channels;
+        let (mut inv, mut s) = (vec![0.0; c], vec![0.0; c]);
+        factors(&self.bn, &mut inv, &mut s);
+        let bn = &self.bn;
+        let scale = (0..c).map(|j| s[j] * alpha[j]).collect();
+        let bias = (0..c)
+            .map(|j| bn.beta.value[j] + s[j] * (b[j] - bn.running_mean.value[j]))
+            .collect();
+        (scale, bias)
     }
 
     /// `W·s` into a new buffer, leaving this layer's state alone (the checkpoint's integer
-    /// codes are those of this kernel).
+    /// codes are those of this kernel); `W` when the scale is not folded.
     pub fn folded_kernel(&self, w: &[f32]) -> Vec<f32> {
+        if !self.fold_scale {
+            return w.to_vec();
+        }
         let c = self.bn.channels;
         let (mut inv, mut s, mut out) = (vec![0.0; c], vec![0.0; c], vec![0.0; w.len()]);
         factors(&self.bn, &mut inv, &mut s);
@@ -167,6 +218,10 @@ impl FoldedBn {
     /// With `∂L/∂Ŵ'` in `w.grad` (the STE's `∂L/∂(W·s)`): `∂L/∂W = s·∂L/∂Ŵ'` in place, and
     /// `∂L/∂γ += (Σ_k ∂L/∂Ŵ'·W + the second term)/σ_run`.
     pub fn weight_grad(&mut self, w: &mut Param) {
+        if !self.fold_scale {
+            // `s ≡ 1` in the kernel: `∂L/∂W = ∂L/∂Ŵ`, and γ learns from the batch norm alone.
+            return;
+        }
         let c = self.bn.channels;
         for (gr, wr) in w.grad.chunks_exact_mut(c).zip(w.value.chunks_exact(c)) {
             for j in 0..c {
@@ -202,6 +257,10 @@ impl FoldedBn {
     /// the deployed kernel quantizes to the very codes the training used and evaluating the
     /// folded layer gives the same bits as evaluating this one.
     pub fn fold(&mut self, w: &mut [f32], b: &mut [f32]) {
+        debug_assert!(
+            self.fold_scale,
+            "a batch norm after a binary kernel is not folded into it"
+        );
         self.fold_weights(w);
         w.copy_from_slice(&self.w_fold);
         let fb = self.folded_bias(b);

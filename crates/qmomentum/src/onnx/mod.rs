@@ -327,6 +327,15 @@ pub fn lower(model: &Sequential) -> Result<Ir> {
                 }
                 Step::Activation(*a)
             }
+            Layer::Conv2d(c) if matches!(c.quant.weights, Some(WeightQuant::Binary { .. })) => {
+                // Their padding reads +1 (`Conv2d::pad_value`) and a batch norm stays after the
+                // ±1 kernel: neither is one ONNX Conv.
+                return Err(Error::config(
+                    what,
+                    "binary",
+                    "ONNX export of binary convolutions is not supported (their padding reads +1 and the batch norm stays after the ±1 kernel): export to .qmm, whose conv2d_bin runs them",
+                ));
+            }
             Layer::Dense(_) | Layer::Conv2d(_) => {
                 let last = Some(li) == last_weighted;
                 let step = lower_linear(li, layer, val, in_shape, last)?;
