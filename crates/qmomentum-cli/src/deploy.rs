@@ -381,14 +381,16 @@ pub fn bench_infer(b: InferBench) -> Result<()> {
             qmomentum::export::to_runtime(&q)?
         }
     };
-    // Binary models: the MLP only (the runtime has no binary convolution).
+    // Binary models: int8 first layer, then ±1 layers (XNOR-popcount dense or convolution);
+    // `binary-all` (binarized pixels) for the MLP only, since the runtime's binary convolutions
+    // read bit images that a convolution wrote.
     let mut integer = vec![("int8 (runtime)", int8)];
+    let binary = match &b.binary {
+        Some(p) => qmomentum_runtime::Model::load(p)?,
+        None => qmomentum::export::to_runtime(&quick_model(Scheme::Binary, &model, &train)?.model)?,
+    };
+    integer.push(("binary, int8 first layer (runtime)", binary));
     if mlp {
-        let binary = match &b.binary {
-            Some(p) => qmomentum_runtime::Model::load(p)?,
-            None => qmomentum::export::to_runtime(&quick_model(Scheme::Binary, &model, &train)?.model)?,
-        };
-        integer.push(("binary, int8 first layer (runtime)", binary));
         let all = qmomentum::export::to_runtime(&quick_model(Scheme::BinaryAll, &model, &train)?.model)?;
         integer.push(("binary-all, binarized input (runtime)", all));
     }

@@ -942,6 +942,41 @@ fn cnn_by_name_from_training_to_integer_inference() {
     let o = run(&["info", s(&ck_qat)]);
     assert!(text(&o).contains("conv2d+bn relu"), "{}", text(&o));
     export_scores_the_simulation(&ck_qat, &d.join("qat.qmm"), &data, "folded-BN QAT");
+    // Binary cnn-small: the ±1 convolution keeps its batch norm after the kernel; it resumes
+    // bit-exactly too, and runs in the integer runtime as XNOR-popcount convolutions.
+    let bargs = [
+        "--model",
+        "cnn-small",
+        "--quant",
+        "binary",
+        "--lr",
+        "0.01",
+        "--freeze-bn-stats-after",
+        "1",
+    ];
+    let bin = d.join("bin");
+    let o = train(&data, &bin, &[&bargs[..], &["--epochs", "2"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let bsplit = d.join("bin-split");
+    let o = train(&data, &bsplit, &[&bargs[..], &["--epochs", "1"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let o = train(&data, &bsplit, &[&bargs[..], &["--epochs", "2", "--resume"]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let ck_bin = bin.join("checkpoint.safetensors");
+    assert!(
+        std::fs::read(&ck_bin).unwrap() == std::fs::read(bsplit.join("checkpoint.safetensors")).unwrap(),
+        "a resumed binary CNN run ends at other weights"
+    );
+    let bin_model = d.join("bin.qmm");
+    export_scores_the_simulation(&ck_bin, &bin_model, &data, "binary CNN");
+    let o = run(&["info", s(&bin_model)]);
+    for want in ["conv2d_i8", "sign bits", "maxpool_bin", "conv2d_bin", "dense_bin"] {
+        assert!(text(&o).contains(want), "«{want}» in {}", text(&o));
+    }
+    fails_with(
+        &run(&["export", s(&ck_bin), "--format", "onnx", "-o", s(&d.join("bin.onnx"))]),
+        "pooling of sign (±1) activations has no mapping",
+    );
     fails_with(
         &train(
             &data,
