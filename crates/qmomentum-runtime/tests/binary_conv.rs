@@ -342,6 +342,34 @@ fn binary_layers_refuse_what_they_cannot_read() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("maxpool_bin reads sign bits"), "{e}");
+    // A binarized input is packed flat (72 bits in 2 words), not as a bit image [3, 3, 8]
+    // (9 words): a binary convolution cannot read it.
+    let flat = InputSpec {
+        size: 72,
+        scale: 1.0,
+        zero_point: 0,
+        binarize_at: Some(128),
+        shape: Some([3, 3, 8]),
+    };
+    let on_flat = Layer::Conv2dBin {
+        in_shape: [3, 3, 8],
+        out_channels: 1,
+        kernel: [1, 1],
+        stride: [1, 1],
+        padding: [0; 4],
+        dilation: [1, 1],
+        weight: vec![1],
+        output: Output::SignBits {
+            threshold: Some(vec![0]),
+        },
+    };
+    let e = Model::new(flat, vec![on_flat, bit_head([3, 3, 1]).0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("conv2d_bin reads a bit image (1 words per pixel) but the binarized input is 72 packed bits"),
+        "{e}"
+    );
     // Padding bits set in a weight word.
     let mut bad = conv.clone();
     if let Layer::Conv2dBin { weight, .. } = &mut bad {

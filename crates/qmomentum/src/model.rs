@@ -250,6 +250,14 @@ impl Sequential {
             .any(|l| matches!(l, Layer::Conv2d(c) if c.bn.is_some()))
     }
 
+    /// Whether any batch norm's scale `γ/σ` is folded into a convolution's kernel (all but the
+    /// batch norms kept after binary kernels).
+    pub fn has_scale_folded_batch_norm(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(l, Layer::Conv2d(c) if c.bn.as_deref().is_some_and(|f| f.fold_scale)))
+    }
+
     /// Freeze (or not) the statistics of every folded batch norm (torch.ao's `freeze_bn_stats`):
     /// frozen, they normalise with the running statistics and stop moving them.
     pub fn set_batch_norm_frozen(&mut self, frozen: bool) {

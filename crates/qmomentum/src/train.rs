@@ -228,8 +228,9 @@ impl Trainer {
         if config.freeze_weight_scales_after.is_some() {
             model.enable_fixed_scales();
         }
-        if model.has_folded_batch_norm() {
-            // The kernel these act on is W·γ/σ, not the parameter W: not combined yet.
+        if model.has_scale_folded_batch_norm() {
+            // The kernel these act on is W·γ/σ, not the parameter W: not combined yet. (A batch
+            // norm kept after a binary kernel leaves the kernel W.)
             let o = config.oscillation;
             let refuse = |field: &str, value: String| {
                 Err(Error::config(

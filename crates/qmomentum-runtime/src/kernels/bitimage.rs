@@ -25,12 +25,19 @@ pub fn words(c: usize) -> usize {
     c.div_ceil(64)
 }
 
-/// The words of one pixel whose `c` bits are all +1 (the padding of a binary convolution).
-fn ones(c: usize, out: &mut [u64]) {
-    for (k, o) in out.iter_mut().enumerate() {
-        let bits = (c - 64 * k).min(64);
-        *o = if bits == 64 { !0 } else { (1u64 << bits) - 1 };
-    }
+/// The `⌈c/64⌉` words of one pixel whose `c` bits are all +1 (the padding of a binary
+/// convolution; [`im2col_bits`] takes it from its caller, so that it allocates nothing).
+pub fn ones(c: usize) -> Vec<u64> {
+    (0..words(c))
+        .map(|k| {
+            let bits = (c - 64 * k).min(64);
+            if bits == 64 {
+                !0
+            } else {
+                (1u64 << bits) - 1
+            }
+        })
+        .collect()
 }
 
 /// Gathers the bit patches of `n` output positions of a convolution with window `win` (one
@@ -40,7 +47,7 @@ fn ones(c: usize, out: &mut [u64]) {
 /// `r0 + r` is position `(r0 + r) mod (oh·ow)` of sample `(r0 + r) / (oh·ow)`, whose
 /// `h·w·⌈c/64⌉` words start at `x[sample·x_stride]`. Row `r` of `col` (stride `col_stride ≥
 /// kh·kw·⌈c/64⌉`) receives the taps in weight order `(ky, kx)`, each the `⌈c/64⌉` words of
-/// pixel `(iy, ix)`, or all-ones (`c` bits) where the tap lies in the padding.
+/// pixel `(iy, ix)`, or `pad` ([`ones`]`(c)`) where the tap lies in the padding.
 ///
 /// The window must be valid ([`Window::out_hw`] is `Some`); panics (slice bounds) if a buffer
 /// is too small.
@@ -53,6 +60,7 @@ pub fn im2col_bits(
     x_stride: usize,
     r0: usize,
     n: usize,
+    pad: &[u64],
     col: &mut [u64],
     col_stride: usize,
 ) {
@@ -66,17 +74,7 @@ pub fn im2col_bits(
     let pw = words(c);
     let [oh, ow] = out_hw;
     let positions = oh * ow;
-    assert!(col_stride >= kh * kw * pw && col.len() >= n * col_stride);
-    let mut pad = [0u64; 4];
-    let mut pad_vec;
-    let pad: &[u64] = if pw <= pad.len() {
-        ones(c, &mut pad[..pw]);
-        &pad[..pw]
-    } else {
-        pad_vec = vec![0u64; pw];
-        ones(c, &mut pad_vec);
-        &pad_vec
-    };
+    assert!(col_stride >= kh * kw * pw && col.len() >= n * col_stride && pad.len() == pw);
     for r in 0..n {
         let flat = r0 + r;
         let (sample, p) = (flat / positions, flat % positions);
@@ -152,8 +150,8 @@ mod tests {
     #[test]
     fn padding_words_hold_exactly_c_ones() {
         for c in [1, 5, 63, 64, 65, 128, 130] {
-            let mut v = vec![0u64; words(c)];
-            ones(c, &mut v);
+            let v = ones(c);
+            assert_eq!(v.len(), words(c));
             assert_eq!(v.iter().map(|w| w.count_ones() as usize).sum::<usize>(), c, "c {c}");
         }
     }

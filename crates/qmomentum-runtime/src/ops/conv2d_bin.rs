@@ -31,7 +31,7 @@ use super::spatial::{check_bit_input, check_dims, check_window, product};
 use super::{ActSpec, Compiled, In, Layer, Op, Out, Output, Produces, Scratch, ScratchSize, ACC_ROWS};
 use crate::error::Error;
 use crate::format::{tname, Fields, Tensors, TensorsOut};
-use crate::kernels::bitimage::{im2col_bits, words};
+use crate::kernels::bitimage::{im2col_bits, ones, words};
 use crate::kernels::{self, KernelKind, PackedDenseBin, SignBits, Window};
 
 /// The `conv2d_bin` op.
@@ -244,6 +244,7 @@ impl Op for Conv2dBin {
             out_hw,
             packed: PackedDenseBin::new(64 * rw, p.out_channels, p.weight),
             sign: SignBits::new(&shifted),
+            pad: ones(w.in_shape[2]),
             pwo,
             produces: Produces::Bits {
                 bits: out_hw[0] * out_hw[1] * 64 * pwo,
@@ -260,6 +261,8 @@ struct CompiledConv2dBin {
     packed: PackedDenseBin,
     /// The thresholds, shifted by the padding positions of a patch row.
     sign: SignBits,
+    /// The words of a padding tap (all `c` bits +1).
+    pad: Vec<u64>,
     /// Words per output pixel.
     pwo: usize,
     produces: Produces,
@@ -292,7 +295,7 @@ impl Compiled for CompiledConv2dBin {
         while r0 < total {
             let n = ACC_ROWS.min(total - r0);
             let col = &mut s.bits[..n * cs];
-            im2col_bits(&self.w, self.out_hw, x, xs, r0, n, col, cs);
+            im2col_bits(&self.w, self.out_hw, x, xs, r0, n, &self.pad, col, cs);
             kernels::dense_bin_sign(
                 kernel,
                 &self.packed,

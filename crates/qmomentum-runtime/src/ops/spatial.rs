@@ -96,7 +96,22 @@ pub(super) fn check_bit_input(i: usize, kind: &str, in_shape: [usize; 3], input:
             format!("{kind} reads sign bits but gets {}", input.desc),
         ));
     }
-    check_shape(i, kind, in_shape, input)
+    check_shape(i, kind, in_shape, input)?;
+    // A binarized model input is packed flat (`⌈size/64⌉` words), not as a bit image: the two
+    // layouts differ unless every pixel fills whole words.
+    let [h, w, c] = in_shape;
+    if input.size != h * w * 64 * crate::kernels::bitimage::words(c) {
+        return Err(Error::layer(
+            i,
+            format!(
+                "{kind} reads a bit image ({} words per pixel) but {} is {} packed bits",
+                crate::kernels::bitimage::words(c),
+                input.desc,
+                input.size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_shape(i: usize, kind: &str, in_shape: [usize; 3], input: &ActSpec) -> Result<(), Error> {

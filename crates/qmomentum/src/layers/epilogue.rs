@@ -24,8 +24,10 @@ pub struct Epilogue {
     /// Output quantization.
     pub act: ActFakeQuant,
     channels: usize,
+    /// The pre-activation `z + b̂` after the forward pass; `∂L/∂z` after the backward pass, which
+    /// overwrites it (nothing reads `z` after its own element's gradient: one buffer for both,
+    /// for cnn-small's two QAT replicas 19 MB less).
     z: Vec<f32>,
-    dz: Vec<f32>,
     b_hat: Vec<f32>,
     ds_col: Vec<f32>,
     lo_col: Vec<f32>,
@@ -40,7 +42,6 @@ impl Epilogue {
             act: ActFakeQuant::default(),
             channels,
             z: Vec::new(),
-            dz: Vec::new(),
             b_hat: vec![0.0; channels],
             ds_col: vec![0.0; channels],
             lo_col: vec![0.0; channels],
@@ -63,7 +64,6 @@ impl Epilogue {
         }
         if self.z.len() < n {
             self.z.resize(n, 0.0);
-            self.dz.resize(n, 0.0);
         }
         &mut self.z[..n]
     }
@@ -73,7 +73,7 @@ impl Epilogue {
         if self.passthrough() {
             &dy[..n]
         } else {
-            &self.dz[..n]
+            &self.z[..n]
         }
     }
 
@@ -84,7 +84,7 @@ impl Epilogue {
         if self.passthrough() {
             None
         } else {
-            Some(&mut self.dz[..n])
+            Some(&mut self.z[..n])
         }
     }
 
@@ -199,8 +199,9 @@ impl Epilogue {
         self.act.apply(&mut y[..n]);
     }
 
-    /// Backward from `dy` (`n` values): writes `∂L/∂z` (read it with [`Epilogue::dz`]), the
-    /// bias gradient, and the LSQ step gradient (`features` = output values per sample).
+    /// Backward from `dy` (`n` values): writes `∂L/∂z` over the stored `z` (read it with
+    /// [`Epilogue::dz`]; a second backward needs a new forward), the bias gradient, and the LSQ
+    /// step gradient (`features` = output values per sample).
     pub fn backward(&mut self, dy: &[f32], bias: &mut Param, n: usize, features: usize) {
         if self.passthrough() {
             // `∂L/∂z = dy`: only the bias gradient, `Σ_rows dy` per channel.
@@ -216,7 +217,7 @@ impl Epilogue {
         let act = self.activation;
         let sign_out = self.act.sign();
         let ste = self.act.ste();
-        let (z, dz, db) = (&self.z[..n], &mut self.dz[..n], &mut bias.grad);
+        let (zd, db) = (&mut self.z[..n], &mut bias.grad);
         let relu = act == Activation::Relu;
         let relu_or_linear = matches!(act, Activation::Relu | Activation::Linear);
         let mut ds = 0.0f32;
@@ -224,10 +225,10 @@ impl Epilogue {
         // gradient); the common cases are written so the compiler vectorises them.
         match (sign_out, ste) {
             (false, Ste::Pass) if relu_or_linear || act == Activation::Softmax => {
-                backward_pass(z, dy, dz, db, |_, z, g| if relu && z <= 0.0 { 0.0 } else { g });
+                backward_pass(zd, dy, db, |_, z, g| if relu && z <= 0.0 { 0.0 } else { g });
             }
             (false, Ste::Clip { lo, hi }) if relu_or_linear => {
-                backward_pass(z, dy, dz, db, |_, z, g| {
+                backward_pass(zd, dy, db, |_, z, g| {
                     let a = if relu { z.max(0.0) } else { z };
                     if a >= lo && a <= hi && (!relu || z > 0.0) {
                         g
@@ -239,13 +240,13 @@ impl Epilogue {
             (false, Ste::Lsq { inv, qn, qp }) if relu_or_linear => {
                 // ∂v̂/∂s summed per channel in `ds_col`, so the pass stays vectorisable.
                 let ds_col = &mut self.ds_col[..self.channels];
-                lsq_backward(z, dy, dz, db, ds_col, inv, qn, qp, relu);
+                lsq_backward(zd, dy, db, ds_col, inv, qn, qp, relu);
                 ds = ds_col.iter().sum();
             }
             _ => {
                 // Everything else: sign outputs (clipped STE of sign, the hard-tanh derivative),
                 // sigmoid/tanh, with or without a grid.
-                backward_pass(z, dy, dz, db, |_, z, g| {
+                backward_pass(zd, dy, db, |_, z, g| {
                     if sign_out {
                         return if z.abs() <= 1.0 { g } else { 0.0 };
                     }
@@ -260,15 +261,16 @@ impl Epilogue {
     }
 }
 
-/// `dz = f(channel, z, dy)` for every output, and the bias gradient `Σ_rows dz` per channel,
-/// in one pass (rows of `db.len()` channels). Inlined so each caller's `f` vectorises with it.
+/// `z ← f(channel, z, dy)` (`∂L/∂z` over `z`) for every output, and the bias gradient
+/// `Σ_rows ∂L/∂z` per channel, in one pass (rows of `db.len()` channels). Inlined so each
+/// caller's `f` vectorises with it.
 #[inline(always)]
-fn backward_pass(z: &[f32], dy: &[f32], dz: &mut [f32], db: &mut [f32], mut f: impl FnMut(usize, f32, f32) -> f32) {
+fn backward_pass(zd: &mut [f32], dy: &[f32], db: &mut [f32], mut f: impl FnMut(usize, f32, f32) -> f32) {
     let c = db.len();
     db.fill(0.0);
-    for (zr, (dzr, dyr)) in z.chunks_exact(c).zip(dz.chunks_exact_mut(c).zip(dy.chunks_exact(c))) {
-        for (j, (((&z, d), &g), b)) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(db.iter_mut()).enumerate() {
-            let v = f(j, z, g);
+    for (zr, dyr) in zd.chunks_exact_mut(c).zip(dy.chunks_exact(c)) {
+        for (j, ((d, &g), b)) in zr.iter_mut().zip(dyr).zip(db.iter_mut()).enumerate() {
+            let v = f(j, *d, g);
             *d = v;
             *b += v;
         }
@@ -299,13 +301,12 @@ fn range_pass(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &m
 
 crate::simd::widest! {
     /// The LSQ backward pass of a ReLU or linear output stage (what [`backward_pass`] does for
-    /// the other estimators): `dz` (the clipped STE and the ReLU mask), the bias gradient, and
+    /// the other estimators): `∂L/∂z` over `z` (the clipped STE and the ReLU mask), the bias gradient, and
     /// `∂v̂/∂s` summed per channel in `ds_col`. Compiled for the widest instruction set
     /// (`crate::simd`): for 4- and 2-bit MLPs this pass was 10 % of an epoch's samples.
     fn lsq_backward(
-        z: &[f32],
+        zd: &mut [f32],
         dy: &[f32],
-        dz: &mut [f32],
         db: &mut [f32],
         ds_col: &mut [f32],
         inv: f32,
@@ -316,8 +317,9 @@ crate::simd::widest! {
         let c = db.len();
         db.fill(0.0);
         ds_col.fill(0.0);
-        for (zr, (dzr, dyr)) in z.chunks_exact(c).zip(dz.chunks_exact_mut(c).zip(dy.chunks_exact(c))) {
-            for ((((&z, d), &g), b), s) in zr.iter().zip(dzr.iter_mut()).zip(dyr).zip(db.iter_mut()).zip(ds_col.iter_mut()) {
+        for (zr, dyr) in zd.chunks_exact_mut(c).zip(dy.chunks_exact(c)) {
+            for (((d, &g), b), s) in zr.iter_mut().zip(dyr).zip(db.iter_mut()).zip(ds_col.iter_mut()) {
+                let z = *d;
                 let a = if relu { z.max(0.0) } else { z };
                 let (gs, inside) = lsq_grad(a, inv, qn, qp);
                 *s += g * gs;

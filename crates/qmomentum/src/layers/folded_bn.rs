@@ -257,7 +257,7 @@ impl FoldedBn {
     /// the deployed kernel quantizes to the very codes the training used and evaluating the
     /// folded layer gives the same bits as evaluating this one.
     pub fn fold(&mut self, w: &mut [f32], b: &mut [f32]) {
-        debug_assert!(
+        assert!(
             self.fold_scale,
             "a batch norm after a binary kernel is not folded into it"
         );
