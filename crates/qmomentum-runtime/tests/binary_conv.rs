@@ -5,22 +5,9 @@
 
 mod common;
 
-use common::Rng;
+use common::{tiers, Rng};
 use proptest::prelude::*;
-use qmomentum_runtime::{InputSpec, KernelKind, Layer, Model, Output};
-
-fn tiers() -> Vec<KernelKind> {
-    KernelKind::ALL
-        .into_iter()
-        .filter(|k| {
-            let ok = k.is_available();
-            if !ok {
-                eprintln!("note: skipping kernel tier {k:?}: not supported by this CPU");
-            }
-            ok
-        })
-        .collect()
-}
+use qmomentum_runtime::{InputSpec, Layer, Model, Output};
 
 fn words(c: usize) -> usize {
     c.div_ceil(64)

@@ -4,25 +4,11 @@
 
 mod common;
 
-use common::{cnn_small_model, image_input, Rng};
+use common::{cnn_small_model, image_input, tiers, Rng};
 use proptest::prelude::*;
 use qmomentum_runtime::kernels::{scalar, ConvGeometry, Window};
 use qmomentum_runtime::requant::requantize_u8;
 use qmomentum_runtime::{InputSpec, KernelKind, Layer, Model, Output};
-
-/// The SIMD tiers this CPU has; prints a note for each one it lacks (so a skip is visible).
-fn tiers() -> Vec<KernelKind> {
-    KernelKind::ALL
-        .into_iter()
-        .filter(|k| {
-            let ok = k.is_available();
-            if !ok {
-                eprintln!("note: skipping kernel tier {k:?}: not supported by this CPU");
-            }
-            ok
-        })
-        .collect()
-}
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

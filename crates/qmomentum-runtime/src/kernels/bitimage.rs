@@ -18,6 +18,7 @@
 //! few ORs per output word.
 
 use super::conv::Window;
+use super::pool::span;
 
 /// u64 words per pixel of a bit image with `c` channels.
 #[inline]
@@ -116,11 +117,6 @@ pub fn maxpool_bits(
     let [sh, sw] = win.stride;
     let [top, left, ..] = win.padding;
     let [oh, ow] = out_hw;
-    let span = |o: usize, s: usize, pad: usize, k: usize, size: usize| {
-        let start = (o * s).saturating_sub(pad);
-        let end = (o * s + k).saturating_sub(pad).min(size);
-        start..end
-    };
     for b in 0..rows {
         let xs = &x[b * x_stride..b * x_stride + h * w * pw];
         let ys = &mut y[b * y_stride..b * y_stride + oh * ow * pw];

@@ -42,6 +42,15 @@ impl DivRound {
     }
 }
 
+/// The input rows (or columns) of window `o` on one axis: `o·s − pad ..` (`k` of them) clipped
+/// to the `size` of the image (the taps of a max pooling window that lie inside the input).
+#[inline(always)]
+pub(crate) fn span(o: usize, s: usize, pad: usize, k: usize, size: usize) -> std::ops::Range<usize> {
+    let start = (o * s).saturating_sub(pad);
+    let end = (o * s + k).saturating_sub(pad).min(size);
+    start..end
+}
+
 /// Max pooling: `y[oy, ox, c]` = the largest `x[iy, ix, c]` over the window's positions inside
 /// the input (padding is ignored, like PyTorch's −∞ padding; validation guarantees every window
 /// holds at least one input position). `rows` samples of `x` (stride `x_stride`) into `y`
@@ -62,12 +71,6 @@ pub fn maxpool_u8(
     let [sh, sw] = win.stride;
     let [top, left, ..] = win.padding;
     let [oh, ow] = out_hw;
-    // The input rows (or columns) of output row `o`: `o·s − pad ..` clipped to the image.
-    let span = |o: usize, s: usize, pad: usize, k: usize, size: usize| {
-        let start = (o * s).saturating_sub(pad);
-        let end = (o * s + k).saturating_sub(pad).min(size);
-        start..end
-    };
     for b in 0..rows {
         let xs = &x[b * x_stride..b * x_stride + h * w * c];
         let ys = &mut y[b * y_stride..b * y_stride + oh * ow * c];

@@ -24,10 +24,10 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::output::{self, After};
-use super::spatial::{check_bit_input, check_dims, check_window, product};
+use super::spatial::{check_bit_input, check_dims, check_window, product, read_conv_window, write_conv_window};
 use super::{ActSpec, Compiled, In, Layer, Op, Out, Output, Produces, Scratch, ScratchSize, ACC_ROWS};
 use crate::error::Error;
 use crate::format::{tname, Fields, Tensors, TensorsOut};
@@ -84,19 +84,14 @@ impl Op for Conv2dBin {
     }
 
     fn read(&self, i: usize, mut f: Fields<'_>, t: &mut Tensors<'_>) -> Result<Layer, Error> {
-        let in_shape = f.sizes("in_shape")?;
-        let out_channels = f.size("out")?;
-        let kernel = f.sizes("kernel")?;
-        let stride = f.sizes("stride")?;
-        let padding = f.sizes("padding")?;
-        let dilation = f.sizes("dilation")?;
-        let window = Window {
+        let (window, out_channels) = read_conv_window(&mut f)?;
+        let Window {
             in_shape,
             kernel,
             stride,
             padding,
             dilation,
-        };
+        } = window;
         // Before the tensors: their shapes follow from the geometry.
         check_window(i, &window)?;
         check_dims(i, "out", [out_channels], 1)?;
@@ -118,12 +113,7 @@ impl Op for Conv2dBin {
     fn write(&self, layer: &Layer, i: usize, doc: &mut Map<String, Value>, t: &mut TensorsOut) {
         let p = parts(layer);
         let w = p.window;
-        doc.insert("in_shape".into(), json!(w.in_shape));
-        doc.insert("out".into(), json!(p.out_channels));
-        doc.insert("kernel".into(), json!(w.kernel));
-        doc.insert("stride".into(), json!(w.stride));
-        doc.insert("padding".into(), json!(w.padding));
-        doc.insert("dilation".into(), json!(w.dilation));
+        write_conv_window(doc, &w, p.out_channels);
         let shape = vec![p.out_channels, w.kernel[0], w.kernel[1], words(w.in_shape[2])];
         t.u64s(tname(i, "weight"), shape, p.weight);
         output::write(i, p.output, doc, t);

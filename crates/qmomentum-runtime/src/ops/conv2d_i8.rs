@@ -25,7 +25,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use super::output::{self, After, Epilogue};
-use super::spatial::{check_dims, check_input, check_window, product};
+use super::spatial::{check_dims, check_input, check_window, product, read_conv_window, write_conv_window};
 use super::{ActSpec, Compiled, In, Layer, Op, Out, Output, Produces, Scratch, ScratchSize, ACC_ROWS};
 use crate::error::Error;
 use crate::format::{tname, Fields, Tensors, TensorsOut};
@@ -121,23 +121,19 @@ impl Op for Conv2dI8 {
     }
 
     fn read(&self, i: usize, mut f: Fields<'_>, t: &mut Tensors<'_>) -> Result<Layer, Error> {
-        let in_shape = f.sizes("in_shape")?;
-        let out_channels = f.size("out")?;
-        let kernel = f.sizes("kernel")?;
-        let stride = f.sizes("stride")?;
-        let padding = f.sizes("padding")?;
-        let dilation = f.sizes("dilation")?;
+        let (window, out_channels) = read_conv_window(&mut f)?;
+        let Window {
+            in_shape,
+            kernel,
+            stride,
+            padding,
+            dilation,
+        } = window;
         let groups = f.size("groups")?;
         let input_zero_point = f.uint("input_zero_point", 255)? as u8;
         let bits = lowbit::read_bits(&mut f)?;
         let g = ConvGeometry {
-            window: Window {
-                in_shape,
-                kernel,
-                stride,
-                padding,
-                dilation,
-            },
+            window,
             out_channels,
             groups,
         };
@@ -165,12 +161,7 @@ impl Op for Conv2dI8 {
         let p = parts(layer);
         let g = p.geometry;
         let w = g.window;
-        doc.insert("in_shape".into(), json!(w.in_shape));
-        doc.insert("out".into(), json!(g.out_channels));
-        doc.insert("kernel".into(), json!(w.kernel));
-        doc.insert("stride".into(), json!(w.stride));
-        doc.insert("padding".into(), json!(w.padding));
-        doc.insert("dilation".into(), json!(w.dilation));
+        write_conv_window(doc, &w, g.out_channels);
         doc.insert("groups".into(), json!(g.groups));
         doc.insert("input_zero_point".into(), json!(p.input_zero_point));
         let shape = vec![g.out_channels, w.kernel[0], w.kernel[1], g.group_in()];

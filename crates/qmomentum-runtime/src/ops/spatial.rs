@@ -148,6 +148,31 @@ pub(super) fn read_window(f: &mut Fields<'_>, in_shape: [usize; 3], padded: bool
     })
 }
 
+/// Reads a convolution's `in_shape`, `out`, `kernel`, `stride`, `padding` and `dilation`:
+/// `(window, out)` (shared by `conv2d_i8` and `conv2d_bin`).
+pub(super) fn read_conv_window(f: &mut Fields<'_>) -> Result<(Window, usize), Error> {
+    let in_shape = f.sizes("in_shape")?;
+    let out = f.size("out")?;
+    let w = Window {
+        in_shape,
+        kernel: f.sizes("kernel")?,
+        stride: f.sizes("stride")?,
+        padding: f.sizes("padding")?,
+        dilation: f.sizes("dilation")?,
+    };
+    Ok((w, out))
+}
+
+/// Writes what [`read_conv_window`] reads, in the same order.
+pub(super) fn write_conv_window(doc: &mut serde_json::Map<String, serde_json::Value>, w: &Window, out: usize) {
+    doc.insert("in_shape".into(), serde_json::json!(w.in_shape));
+    doc.insert("out".into(), serde_json::json!(out));
+    doc.insert("kernel".into(), serde_json::json!(w.kernel));
+    doc.insert("stride".into(), serde_json::json!(w.stride));
+    doc.insert("padding".into(), serde_json::json!(w.padding));
+    doc.insert("dilation".into(), serde_json::json!(w.dilation));
+}
+
 /// `a·b·…` in u128 (image sizes and work counts; cannot overflow for dimensions ≤ 2^16).
 pub(super) fn product(v: &[usize]) -> u128 {
     v.iter().map(|&d| d as u128).product()

@@ -2,11 +2,25 @@
 //! writing deliberately broken files.
 #![allow(dead_code)]
 
-use qmomentum_runtime::{InputSpec, Layer, Model, Output};
+use qmomentum_runtime::{InputSpec, KernelKind, Layer, Model, Output};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+
+/// The SIMD tiers this CPU has; prints a note for each one it lacks (so a skip is visible).
+pub fn tiers() -> Vec<KernelKind> {
+    KernelKind::ALL
+        .into_iter()
+        .filter(|k| {
+            let ok = k.is_available();
+            if !ok {
+                eprintln!("note: skipping kernel tier {k:?}: not supported by this CPU");
+            }
+            ok
+        })
+        .collect()
+}
 
 /// SplitMix64: small, deterministic, good enough for test data.
 pub struct Rng(pub u64);
