@@ -71,8 +71,20 @@ fn checkpoint(path: &std::path::Path, t: &qmomentum::train::Trainer) -> Result<(
         let params: usize = p.params.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         let kind = match l {
             Layer::Dense(d) => format!("dense {}", d.activation),
-            Layer::Conv2d(c) if c.bn.is_some() => format!("conv2d+bn {}", c.out.activation),
-            Layer::Conv2d(c) => format!("conv2d {}", c.out.activation),
+            Layer::Conv2d(c) => {
+                // A 1-bit output replaces the activation by a sign; a batch norm kept after a
+                // binary kernel (not folded into it) reads "conv2d→bn".
+                let act = if c.out.act.sign() {
+                    "sign".to_string()
+                } else {
+                    c.out.activation.to_string()
+                };
+                match c.bn.as_deref() {
+                    Some(f) if f.fold_scale => format!("conv2d+bn {act}"),
+                    Some(_) => format!("conv2d→bn {act}"),
+                    None => format!("conv2d {act}"),
+                }
+            }
             Layer::Folded(i) => format!("(in layer {i})"),
             Layer::Activation(a) => a.to_string(),
             Layer::Dropout(d) => format!("dropout {}", d.rate),
@@ -84,14 +96,14 @@ fn checkpoint(path: &std::path::Path, t: &qmomentum::train::Trainer) -> Result<(
                     .output_qparams()
                     .map(|q| format!(", grid scale {:.5} zero point {}", q.scale, q.zero_point))
                     .unwrap_or_default();
-                format!("{}{grid}", d.quant)
+                format!("{}{grid}", bop_aware(&d.quant, d.wq.bop))
             }
             Layer::Conv2d(c) => {
                 let grid = c
                     .output_qparams()
                     .map(|q| format!(", grid scale {:.5} zero point {}", q.scale, q.zero_point))
                     .unwrap_or_default();
-                format!("{}{grid}", c.quant)
+                format!("{}{grid}", bop_aware(&c.quant, c.wq.bop))
             }
             _ => String::new(),
         };
@@ -253,4 +265,15 @@ fn integer(path: &std::path::Path, size: usize, m: &qmomentum_runtime::Model) ->
     };
     outln!("  scheme         {scheme} (read from the codes and grids in the file)")?;
     Ok(())
+}
+
+/// A layer's quantization as `info` prints it: Bop's ±1 weights carry the fixed scale
+/// `1/√fan_in`, not the per-channel `mean|w|` of latent binary weights.
+fn bop_aware(q: &qmomentum::quant::LayerQuant, bop: bool) -> String {
+    let s = q.to_string();
+    if bop {
+        s.replace("binary ±α (per-channel mean|w|)", "binary ±1/√fan_in (Bop)")
+    } else {
+        s
+    }
 }
