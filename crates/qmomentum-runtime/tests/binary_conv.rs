@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{tiers, Rng};
+use common::{identity_1x1, tiers, Rng};
 use proptest::prelude::*;
 use qmomentum_runtime::{InputSpec, Layer, Model, Output};
 
@@ -16,20 +16,7 @@ fn words(c: usize) -> usize {
 /// `x ≥ 128` → +1: a 1×1 `conv2d_i8` with identity weights, `z_in = 128` and `sign_bits`
 /// output turns a u8 image into the bit image of those signs.
 fn signs_of_u8(shape: [usize; 3]) -> Layer {
-    let c = shape[2];
-    Layer::Conv2dI8 {
-        in_shape: shape,
-        out_channels: c,
-        kernel: [1, 1],
-        stride: [1, 1],
-        padding: [0; 4],
-        dilation: [1, 1],
-        groups: 1,
-        weight: (0..c * c).map(|i| i8::from(i / c == i % c)).collect(),
-        bias: vec![0; c],
-        input_zero_point: 128,
-        output: Output::SignBits { threshold: None },
-    }
+    identity_1x1(shape, 128, Output::SignBits { threshold: None })
 }
 
 /// A `dense_bin` head whose logits expose the bits of a bit image `[h, w, c]`: output 0 has

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{cnn_small_model, image_input, tiers, Rng};
+use common::{cnn_small_model, identity_1x1, image_input, tiers, Rng};
 use proptest::prelude::*;
 use qmomentum_runtime::kernels::{scalar, ConvGeometry, Window};
 use qmomentum_runtime::requant::requantize_u8;
@@ -17,23 +17,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// A 1×1 convolution with identity weights and `logits` at scale 1: its logits are exactly the
 /// u8 values it reads, so a model ending in it exposes the previous layer's output.
 fn identity_head(shape: [usize; 3]) -> Layer {
-    let c = shape[2];
-    Layer::Conv2dI8 {
-        in_shape: shape,
-        out_channels: c,
-        kernel: [1, 1],
-        stride: [1, 1],
-        padding: [0; 4],
-        dilation: [1, 1],
-        groups: 1,
-        weight: (0..c * c).map(|i| i8::from(i / c == i % c)).collect(),
-        bias: vec![0; c],
-        input_zero_point: 0,
-        output: Output::Logits {
-            scale: vec![1.0; c],
-            bias: None,
-        },
-    }
+    let scale = vec![1.0; shape[2]];
+    identity_1x1(shape, 0, Output::Logits { scale, bias: None })
 }
 
 fn input(shape: [usize; 3]) -> InputSpec {

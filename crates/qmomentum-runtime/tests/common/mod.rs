@@ -22,6 +22,26 @@ pub fn tiers() -> Vec<KernelKind> {
         .collect()
 }
 
+/// A 1×1 `conv2d_i8` over `shape` with identity weights, zero bias and input zero point `z_in`:
+/// its accumulators are the input values minus `z_in`, which `output` then exposes (logits at
+/// scale 1, or sign bits).
+pub fn identity_1x1(shape: [usize; 3], z_in: u8, output: Output) -> Layer {
+    let c = shape[2];
+    Layer::Conv2dI8 {
+        in_shape: shape,
+        out_channels: c,
+        kernel: [1, 1],
+        stride: [1, 1],
+        padding: [0; 4],
+        dilation: [1, 1],
+        groups: 1,
+        weight: (0..c * c).map(|i| i8::from(i / c == i % c)).collect(),
+        bias: vec![0; c],
+        input_zero_point: z_in,
+        output,
+    }
+}
+
 /// SplitMix64: small, deterministic, good enough for test data.
 pub struct Rng(pub u64);
 
