@@ -415,7 +415,8 @@ impl Conv2d {
             self.im2col(x, batch, g, &mut col[g * rows * kg..(g + 1) * rows * kg]);
         }
         // Evaluation of a folded layer is the deployed layer: `col·Ŵ' + b_f` into the output
-        // stage, the folded bias on the accumulator grid ([`FoldedBn::fold`]).
+        // stage, the folded bias on the accumulator grid ([`FoldedBn::fold`]). A batch norm kept
+        // after a binary kernel runs in evaluation too, on its running statistics.
         let train_bn = bn.as_deref().is_some_and(|f| f.runs_batch_norm(training));
         let (kernel, z): (&[f32], &mut [f32]) = match bn.as_deref_mut() {
             Some(f) if train_bn => f.kernel_and_product(n),
