@@ -404,7 +404,7 @@ fn read_buffer(st: &SafeTensors, name: &str, shape: &[usize], path: &Path) -> Re
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    let nan_ok = name.ends_with(".osc_state")
+    let nan_ok = name.ends_with(".osc_last")
         || name.ends_with(".osc_frozen")
         || name.ends_with(".osc_ema_code")
         || name.ends_with(".w_scale");

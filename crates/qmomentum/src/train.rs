@@ -670,7 +670,7 @@ impl Trainer {
         if !self.config.oscillation.track {
             return Vec::new();
         }
-        let threshold = self.config.oscillation.threshold;
+        let (threshold, m) = (self.config.oscillation.threshold, self.config.oscillation.momentum);
         self.model
             .layers
             .iter_mut()
@@ -679,7 +679,7 @@ impl Trainer {
                 l.weight_quant_mut().and_then(|(_, wq)| {
                     let frozen = wq.frozen_count();
                     wq.tracker.as_mut().map(|t| {
-                        let mut r = t.take_epoch(i, threshold);
+                        let mut r = t.take_epoch(i, threshold, m);
                         r.fraction_frozen = frozen as f32 / t.freq.value.len().max(1) as f32;
                         r
                     })

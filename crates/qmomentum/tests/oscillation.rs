@@ -53,7 +53,7 @@ fn run_with(dampening: f32, freeze: Option<f32>) -> (f32, f32, f32, Dense) {
         }
         opt.step(&mut [&mut d.weight], t).unwrap();
     }
-    let r = d.wq.tracker.as_mut().unwrap().take_epoch(0, 0.02);
+    let r = d.wq.tracker.as_mut().unwrap().take_epoch(0, 0.02, 0.01);
     let steps = steps as f32;
     let dist = (d.weight.value[1] - 0.5).abs();
     (r.flips_per_step * steps, r.oscillations_per_step * steps, dist, d)

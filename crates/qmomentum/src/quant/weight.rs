@@ -203,8 +203,10 @@ impl WeightFakeQuant {
         let c = self.outputs;
         let ((lo, hi), bop) = (self.quant.map(code_range).unwrap_or((0.0, 0.0)), self.bop);
         let mut newly = 0;
+        // Frequencies are stored with their decay pending (`OscillationTracker::freq_scale`).
+        let k = t.freq_scale();
         for (i, ((f, &freq), &e)) in frozen.value.iter_mut().zip(&t.freq.value).zip(&ema.value).enumerate() {
-            if !f.is_nan() || freq <= threshold || e.is_nan() {
+            if !f.is_nan() || freq * k <= threshold || e.is_nan() {
                 continue;
             }
             let code = super::affine::round_even_small(e).clamp(lo, hi);
