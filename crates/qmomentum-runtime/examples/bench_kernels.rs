@@ -106,7 +106,7 @@ fn main() {
             let label = match kind {
                 KernelKind::Scalar => "count_ones",
                 KernelKind::Avx2 => "popcnt",
-                KernelKind::Avx512Vnni => "vpopcntdq",
+                KernelKind::Avx512Vnni | KernelKind::Amx => "vpopcntdq",
             };
             let t = median(9, || {
                 for _ in 0..100 {

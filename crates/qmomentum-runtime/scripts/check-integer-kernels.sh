@@ -21,7 +21,7 @@ missing=()
 with_float=()
 for f in kernels::scalar::dense_i8 kernels::scalar::dense_i4 kernels::avx512::dense_i4 kernels::scalar::dense_bin_reference kernels::scalar::requant_u8 \
     kernels::scalar::sign_bits kernels::avx2::dense_i8 kernels::avx512::dense_i8 \
-    kernels::avx512::requant_u8 kernels::avx512::sign_bits kernels::binary::popcnt_rows \
+    kernels::amx::dense_i8 kernels::avx512::requant_u8 kernels::avx512::sign_bits kernels::binary::popcnt_rows \
     kernels::binary::avx512::dense_bin kernels::binary::avx512::run kernels::binary::avx512::dense_bin_sign \
     kernels::binary::popcnt_sign_rows kernels::scalar::dense_bin_sign engine::pack_bits_avx512 \
     engine::pack_bits_scalar kernels::conv::im2col kernels::pool::maxpool_u8 kernels::pool::avgpool_u8 \

@@ -404,7 +404,7 @@ pub fn argmax(row: &[f32]) -> u32 {
 /// Takes whole rows: `x.len() / size` of them, or as many as `out` has room for.
 fn pack_bits(kernel: KernelKind, x: &[u8], size: usize, threshold: u8, out: &mut [u64]) {
     #[cfg(target_arch = "x86_64")]
-    if kernel == KernelKind::Avx512Vnni && kernel.is_available() {
+    if matches!(kernel, KernelKind::Avx512Vnni | KernelKind::Amx) && kernel.is_available() {
         // SAFETY: `kernel.is_available()` was just checked (cached by `std`, so cheap; `run_with`
         // has checked it too): the CPU has AVX-512 F/BW/VL/VNNI, which covers the F/BW that
         // `pack_bits_avx512` is compiled for. It has no other precondition.

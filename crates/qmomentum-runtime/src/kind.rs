@@ -12,6 +12,9 @@ pub enum KernelKind {
     Avx2,
     /// AVX-512 VNNI: `vpdpbusd`, 64 u8×i8 products per instruction; VPOPCNTDQ for bits.
     Avx512Vnni,
+    /// AMX-INT8 for the int8 matrix products (`tdpbusd`, 16,384 u8×i8 products per
+    /// instruction), AVX-512 VNNI for everything else.
+    Amx,
 }
 
 impl std::fmt::Display for KernelKind {
@@ -20,13 +23,19 @@ impl std::fmt::Display for KernelKind {
             KernelKind::Scalar => "scalar",
             KernelKind::Avx2 => "AVX2",
             KernelKind::Avx512Vnni => "AVX-512 VNNI",
+            KernelKind::Amx => "AMX-INT8",
         })
     }
 }
 
 impl KernelKind {
     /// All tiers, slowest first.
-    pub const ALL: [KernelKind; 3] = [KernelKind::Scalar, KernelKind::Avx2, KernelKind::Avx512Vnni];
+    pub const ALL: [KernelKind; 4] = [
+        KernelKind::Scalar,
+        KernelKind::Avx2,
+        KernelKind::Avx512Vnni,
+        KernelKind::Amx,
+    ];
 
     /// Whether this CPU can run the tier (cheap: the feature test is cached by `std`).
     pub fn is_available(self) -> bool {
@@ -42,6 +51,8 @@ impl KernelKind {
                     && is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("popcnt")
             }
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Amx => crate::kernels::amx_available(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -61,12 +72,13 @@ impl KernelKind {
             .unwrap_or(KernelKind::Scalar)
     }
 
-    /// A short lowercase name (`scalar`, `avx2`, `avx512vnni`).
+    /// A short lowercase name (`scalar`, `avx2`, `avx512vnni`, `amx`).
     pub fn name(self) -> &'static str {
         match self {
             KernelKind::Scalar => "scalar",
             KernelKind::Avx2 => "avx2",
             KernelKind::Avx512Vnni => "avx512vnni",
+            KernelKind::Amx => "amx",
         }
     }
 }

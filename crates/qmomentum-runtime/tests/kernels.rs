@@ -1,5 +1,6 @@
 //! Every kernel tier against the scalar reference, on random shapes that are deliberately not
-//! multiples of the vector widths (4 inputs, 8/16 channels, 64 bits, 4-row tiles).
+//! multiples of the vector widths (4 inputs, 8/16 channels, 64 bits, 4-row tiles, the AMX
+//! tiles' 16 rows and 64 inputs).
 
 use proptest::prelude::*;
 use qmomentum_runtime::kernels::{self, scalar, Dequant, KernelKind, PackedDenseBin, PackedDenseI8, Requant, SignBits};
@@ -33,7 +34,8 @@ struct DenseCase {
 }
 
 fn dense_case() -> impl Strategy<Value = DenseCase> {
-    (1usize..300, 1usize..70, 1usize..20, 0usize..5, 0usize..20, any::<u8>())
+    // Rows up to 69: the AMX tier takes 16 or more, in blocks of 32 (two tiles of ≤ 16 rows).
+    (1usize..300, 1usize..70, 1usize..70, 0usize..5, 0usize..20, any::<u8>())
         .prop_flat_map(|(inputs, outputs, rows, x_pad, acc_pad, zp)| {
             let x_len = rows * (inputs + x_pad);
             (

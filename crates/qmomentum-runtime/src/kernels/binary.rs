@@ -56,7 +56,7 @@ pub(super) unsafe fn dense_bin(
     match kind {
         KernelKind::Scalar => super::scalar::dense_bin(w, x, x_stride, rows, acc, acc_stride),
         #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512Vnni if is_x86_feature_detected!("avx512vpopcntdq") => {
+        KernelKind::Avx512Vnni | KernelKind::Amx if is_x86_feature_detected!("avx512vpopcntdq") => {
             // SAFETY: AVX-512 F/VL are part of the `Avx512Vnni` tier, available by this
             // function's precondition, and VPOPCNTDQ was detected just above. The sizes of `x`
             // and `acc` are a precondition of this function too, and `w.grouped` was built by
@@ -96,7 +96,7 @@ pub(super) unsafe fn dense_bin_sign(
     match kind {
         KernelKind::Scalar => super::scalar::dense_bin_sign(w, t, x, x_stride, rows, out, out_words),
         #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512Vnni if is_x86_feature_detected!("avx512vpopcntdq") => {
+        KernelKind::Avx512Vnni | KernelKind::Amx if is_x86_feature_detected!("avx512vpopcntdq") => {
             // SAFETY: CPU features as in `dense_bin`; the sizes of `x` and `out` are this
             // function's precondition. `sign.threshold` holds `padded(outputs)` values
             // (`SignBits::new`, with `sign.outputs = w.outputs`), at least the `⌈outputs/8⌉·8`

@@ -26,6 +26,8 @@ pub mod pool;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -45,6 +47,12 @@ fn check(kind: KernelKind) -> Result<(), Error> {
     } else {
         Err(Error::KernelUnavailable(kind))
     }
+}
+
+/// Whether the AMX tier can run here (CPU features and the OS's grant of the tile state).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amx_available() -> bool {
+    amx::available()
 }
 
 /// Channels per AVX-512 group (one zmm of i32).
@@ -267,9 +275,20 @@ pub fn dense_i8(
             unsafe { avx2::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
         }
         #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512Vnni => {
+        KernelKind::Amx if amx::fits(w, rows) => {
             let packed = w.vnni.as_ref().ok_or(Error::KernelUnavailable(kind))?;
-            // SAFETY: `check(kind)?` above returned Ok, so `KernelKind::Avx512Vnni.is_available()`:
+            // SAFETY: `check(kind)?` above returned Ok, so `KernelKind::Amx.is_available()`:
+            // `amx::available()` is true. `packed` is `w.vnni`, the layout of `avx512::pack` for
+            // this layer; `fits` holds (the guard); `check_2d` above asserted the sizes of `x`
+            // and `acc` (and `acc_stride ≥ outputs`); `w.bias` is padded to a multiple of 16 by
+            // `PackedDenseI8::fold`.
+            unsafe { amx::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelKind::Avx512Vnni | KernelKind::Amx => {
+            let packed = w.vnni.as_ref().ok_or(Error::KernelUnavailable(kind))?;
+            // SAFETY: `check(kind)?` above returned Ok, so `KernelKind::Avx512Vnni.is_available()`
+            // (the AMX tier requires it):
             // `is_x86_feature_detected!` found AVX-512 F/BW/VL/VNNI. Sizes of `x` and `acc` were
             // asserted by `check_2d` above. `packed` is `w.vnni`, built by `avx512::pack` for
             // this layer in `PackedDenseI8::new`: an `Aligned` (64-byte) buffer of the length
@@ -310,7 +329,7 @@ fn dense_i4(
             unsafe { avx2::dense_i8(w, packed, x, x_stride, rows, acc, acc_stride) }
         }
         #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512Vnni => {
+        KernelKind::Avx512Vnni | KernelKind::Amx => {
             let packed = n.vnni.as_ref().ok_or(Error::KernelUnavailable(kind))?;
             // SAFETY: the caller (`dense_i8`) checked `kind` is available (AVX-512
             // F/BW/VL/VNNI) and asserted the sizes of `x` and `acc` with `check_2d`. `packed`
@@ -513,7 +532,7 @@ pub fn requant_u8(
     check_2d("requant out", out.len(), rows, out_stride, p.outputs);
     match kind {
         #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512Vnni => {
+        KernelKind::Avx512Vnni | KernelKind::Amx => {
             // SAFETY: `check(kind)?` above returned Ok, so `is_x86_feature_detected!` found
             // AVX-512 F/BW/VL/VNNI (`KernelKind::Avx512Vnni.is_available()`), which covers the
             // F/BW/VL the kernel needs; the two `check_2d` calls above asserted the sizes of
@@ -567,7 +586,7 @@ pub fn sign_bits(
     let t = &p.threshold[..p.outputs];
     match kind {
         #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512Vnni => {
+        KernelKind::Avx512Vnni | KernelKind::Amx => {
             // SAFETY: `check(kind)?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
             // (`KernelKind::Avx512Vnni.is_available()`); `check_2d` above asserted the sizes of
             // `acc` (`p.outputs` per row) and `out` (`rows·out_words` words).
@@ -630,7 +649,7 @@ pub fn dequantize(
     let n = p.outputs;
     match kind {
         #[cfg(target_arch = "x86_64")]
-        KernelKind::Avx512Vnni => {
+        KernelKind::Avx512Vnni | KernelKind::Amx => {
             // SAFETY: `check(kind)?` above returned Ok, so AVX-512 F/BW/VL/VNNI were detected
             // (`KernelKind::Avx512Vnni.is_available()`); the two `check_2d` calls above asserted
             // the sizes of `acc` and `out` (`p.outputs` per row).
