@@ -7,6 +7,10 @@ comparison with `qmomentum bench runtime` (driven by bench/peers/infer.sh).
                                     per-channel weights), both calibrated on 1000 train images
   infer_ref.py time --runtime tflite|ort --out DIR
   infer_ref.py time --runtime ort-qmomentum --model M.onnx --out DIR
+  --net cnn-small                   the CNN issue's cnn-small instead (Keras, NHWC: conv 32 3x3
+                                    same - BN - ReLU - max pool 2 - conv 64 3x3 same - BN - ReLU -
+                                    max pool 2 - flatten - dense 10), TFLite only (prepare writes
+                                    no ONNX model for it)
                                     (ort-qmomentum: onnxruntime running qmomentum's own ONNX
                                     export, `qmomentum export --format onnx`, input `input`)
                                     prints one JSON line: batch-1 latency (median of 2000 calls
@@ -33,8 +37,11 @@ ap.add_argument("--runtime", choices=["tflite", "ort", "ort-qmomentum"])
 ap.add_argument("--model", help="the ONNX file of --runtime ort-qmomentum")
 ap.add_argument("--out", required=True)
 ap.add_argument("--data", default="data/fashion-mnist")
+ap.add_argument("--net", choices=["mlp", "cnn-small"], default="mlp")
 a = ap.parse_args()
 xtr, ytr, xte, yte = load(a.data)
+SHAPE = (784,) if a.net == "mlp" else (28, 28, 1)
+xtr, xte = xtr.reshape((-1,) + SHAPE), xte.reshape((-1,) + SHAPE)
 calib = xtr[:1000]
 
 
@@ -44,12 +51,21 @@ def prepare():
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input(shape=(784,)),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+    L = keras.layers
+    if a.net == "mlp":
+        model = keras.Sequential([
+            keras.Input(shape=(784,)),
+            L.Dense(128, activation="relu"),
+            L.Dense(64, activation="relu"),
+            L.Dense(10, activation="softmax"),
+        ])
+    else:
+        model = keras.Sequential([
+            keras.Input(shape=(28, 28, 1)),
+            L.Conv2D(32, 3, padding="same"), L.BatchNormalization(), L.ReLU(), L.MaxPooling2D(),
+            L.Conv2D(64, 3, padding="same"), L.BatchNormalization(), L.ReLU(), L.MaxPooling2D(),
+            L.Flatten(), L.Dense(10, activation="softmax"),
+        ])
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(xtr, ytr, epochs=1, batch_size=128, verbose=0)
@@ -66,6 +82,8 @@ def prepare():
     conv.inference_output_type = tf.int8
     with open(os.path.join(a.out, "model_int8.tflite"), "wb") as f:
         f.write(conv.convert())
+    if a.net != "mlp":
+        return
 
     # ONNX fp32 from the same weights, then onnxruntime static quantization (QDQ, U8S8).
     import onnx
@@ -117,7 +135,7 @@ def time_tflite():
     inp = big.get_input_details()[0]
     scale, zp = inp["quantization"]
     q = np.clip(np.round(xte / scale) + zp, -128, 127).astype(np.int8)
-    big.resize_tensor_input(inp["index"], [len(q), 784])
+    big.resize_tensor_input(inp["index"], [len(q), *SHAPE])
     big.allocate_tensors()
     big.set_tensor(inp["index"], q)
     out = big.get_output_details()[0]["index"]
