@@ -649,7 +649,7 @@ impl PyRuntime {
         self.model.class_names().map(|n| n.to_vec())
     }
 
-    /// The kernel tier in use (`avx512-vnni`, `avx2`, `scalar`).
+    /// The kernel tier in use (`AMX-INT8`, `AVX-512 VNNI`, `AVX2`, `scalar`).
     #[getter]
     fn kernel(&self) -> String {
         self.model.kernel().to_string()

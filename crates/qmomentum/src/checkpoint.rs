@@ -550,6 +550,15 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
             buffer_values.push(None);
             continue;
         }
+        // A checkpoint from before the lazy frequencies (its state is `osc_state`, not
+        // `osc_last`) holds true frequencies where this version stores them with decay pending:
+        // its tracker starts afresh too, frequencies included.
+        if let Some(layer) = b.name.strip_suffix(".osc_freq") {
+            if st.tensor(&format!("buffer.{layer}.osc_last")).is_err() {
+                buffer_values.push(None);
+                continue;
+            }
+        }
         buffer_values.push(Some(read_buffer(&st, &name, &b.shape, path)?));
     }
     for (b, v) in t.model.buffers_iter_mut().zip(buffer_values) {

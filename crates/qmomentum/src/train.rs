@@ -525,7 +525,7 @@ impl Trainer {
                         if let Some((w, wq)) = l.weight_quant_mut() {
                             wq.track(&w.value, m, self.config.threads);
                             if let Some(th) = freeze {
-                                wq.freeze(w, th);
+                                wq.freeze(w, th, m);
                             }
                         }
                     }

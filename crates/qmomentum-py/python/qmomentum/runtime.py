@@ -81,7 +81,7 @@ class Runtime:
 
     @property
     def kernel(self):
-        """The kernel tier this CPU runs (``avx512-vnni``, ``avx2`` or ``scalar``)."""
+        """The kernel tier this CPU runs (``AMX-INT8``, ``AVX-512 VNNI``, ``AVX2`` or ``scalar``)."""
         return self._m.kernel
 
     def __repr__(self):

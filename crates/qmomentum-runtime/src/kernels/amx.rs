@@ -16,9 +16,15 @@
 //! (tail). The accumulators start from the bias row (a tile load with stride 0).
 //!
 //! Written with inline assembly: Rust's AMX intrinsics are not stable, and the instructions are
-//! few (`ldtilecfg`, `tileloadd`, `tdpbusd`, `tilestored`, `tilerelease`). Linux hands out the
+//! few (`ldtilecfg`, `sttilecfg`, `tileloadd`, `tdpbusd`, `tilestored`). Linux hands out the
 //! 8 KB tile state only to a process that asks (`arch_prctl(ARCH_REQ_XCOMP_PERM)`):
-//! [`available`] asks once and caches the answer.
+//! [`available`] asks once and caches the answer (other systems: the tier is not offered).
+//!
+//! The tile configuration is loaded only when the one in place differs: each call reads it back
+//! (`sttilecfg`, cheap) and compares, so another AMX user on the thread (oneDNN in the same
+//! Python process, say) can never leave us tiles of the wrong shape. Loading and releasing it at
+//! every call was 19 % of this kernel's samples on cnn-small. The tiles stay configured after a
+//! call (the thread's 8 KB of tile state is then saved at context switches).
 
 use std::arch::asm;
 use std::sync::OnceLock;
@@ -38,7 +44,14 @@ pub(crate) fn available() -> bool {
         if !super::KernelKind::Avx512Vnni.is_available() {
             return false;
         }
-        // arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18): 0 on success.
+        request_tile_state()
+    })
+}
+
+/// Linux: `arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18)`, true on success.
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    {
         let ret: i64;
         // SAFETY: the `arch_prctl` system call with these arguments only changes this process's
         // permission to use the AMX tile state; it reads and writes no memory of ours. `syscall`
@@ -55,7 +68,13 @@ pub(crate) fn available() -> bool {
             );
         }
         ret == 0
-    })
+    }
+}
+
+/// Other systems: no tier (their system calls differ; not wired up).
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
 }
 
 /// Whether the AMX kernel takes this call (else the VNNI kernel does, with the same results).
@@ -117,31 +136,32 @@ pub(super) unsafe fn dense_i8(
     debug_assert!(rows == 0 || x.len() >= (rows - 1) * x_stride + w.inputs);
     let (xp, wp, bp, ap) = (x.as_ptr(), packed.as_ptr(), w.bias.as_ptr(), acc.as_mut_ptr());
     let acc_bytes = acc_stride * 4;
-    // The configuration this thread's tiles hold (it persists between calls: only this module
-    // uses AMX in the process, and the OS saves it with the thread's state).
-    let mut shape = CONFIGURED.get();
+    // The configuration in place now (all zero if none): read back, never assumed.
+    let mut current = TileConfig([0; 64]);
+    // SAFETY: `sttilecfg` writes 64 bytes to a 64-byte buffer we own (zeros when the tiles are
+    // not configured); it reads no memory.
+    unsafe { asm!("sttilecfg [{0}]", in(reg) current.0.as_mut_ptr(), options(nostack, preserves_flags)) };
     let mut m0 = 0;
     while m0 < rows {
         let r0 = (rows - m0).min(16);
         let r1 = (rows - m0 - r0).min(16);
-        if shape != (r0, r1, tq) {
-            // Tiles of an absent block (r1 = 0) stay unconfigured and are never touched.
-            let (a, b) = (r0 as u8, r1 as u8);
-            let cfg = TileConfig::new(&[
-                (a, 64),
-                (b, if b > 0 { 64 } else { 0 }),
-                (a, 64),
-                (b, if b > 0 { 64 } else { 0 }),
-                (16, 64),
-                (if tq > 0 { a } else { 0 }, (4 * tq) as u16),
-                (if tq > 0 { b } else { 0 }, if b > 0 { (4 * tq) as u16 } else { 0 }),
-                (tq as u8, if tq > 0 { 64 } else { 0 }),
-            ]);
+        // Tiles of an absent block (r1 = 0) stay unconfigured and are never touched.
+        let (a, b) = (r0 as u8, r1 as u8);
+        let cfg = TileConfig::new(&[
+            (a, 64),
+            (b, if b > 0 { 64 } else { 0 }),
+            (a, 64),
+            (b, if b > 0 { 64 } else { 0 }),
+            (16, 64),
+            (if tq > 0 { a } else { 0 }, (4 * tq) as u16),
+            (if tq > 0 { b } else { 0 }, if b > 0 { (4 * tq) as u16 } else { 0 }),
+            (tq as u8, if tq > 0 { 64 } else { 0 }),
+        ]);
+        if cfg.0 != current.0 {
             // SAFETY: a valid palette-1 configuration (rows ≤ 16, colsb ≤ 64, unused tiles all
             // zero), read from a 64-byte buffer that lives across the call.
             unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags)) };
-            shape = (r0, r1, tq);
-            CONFIGURED.set(shape);
+            current = cfg;
         }
         // SAFETY: (every tile access below) rows `m0..m0 + r0 + r1 ≤ rows` of `x` are read,
         // bytes `0..4·steps = w.inputs` of each (the caller's promise on `x`); weight rows
@@ -149,12 +169,16 @@ pub(super) unsafe fn dense_i8(
         // values at `16·g` (padded bias); the C tiles write channels `16·g..16·g + 16` of rows
         // `m0..m0 + r0 + r1` when the group is whole (inside `acc`: `16·g + 16 ≤ outputs ≤
         // acc_stride`), else a local tile whose first `outputs − 16·g` channels are copied.
-        // Each tile's shape is exactly those rows and bytes: set by the `ldtilecfg` above, in
-        // this call or, for the same `(r0, r1, tq)`, an earlier one on this thread
-        // (`CONFIGURED`; nothing else in the process loads a tile configuration).
+        // Each tile's shape is exactly those rows and bytes: the configuration in place equals
+        // `cfg` (read back with `sttilecfg` at the start of the call, loaded above if it
+        // differed); no function is called between here and the last tile instruction of the
+        // block (the partial group's copies come after both of its tile stores), so nothing can
+        // change the tiles in between.
         unsafe {
             let x0 = xp.add(m0 * x_stride);
-            let x1 = xp.add((m0 + r0) * x_stride);
+            // Only dereferenced when r1 > 0; `wrapping_add` because with r1 = 0 it may point
+            // past the end of `x`.
+            let x1 = xp.wrapping_add((m0 + r0) * x_stride);
             for g in 0..groups {
                 let bias = bp.add(g * LANES);
                 asm!("tileloadd tmm0, [{b} + {z}*1]", b = in(reg) bias, z = in(reg) 0usize, options(nostack, readonly, preserves_flags));
@@ -223,17 +247,13 @@ pub(super) unsafe fn dense_i8(
                 } else {
                     // The last, partial group: through a local tile, then only its `width`
                     // channels (the kernels write no more than `outputs` per row).
-                    for (tile, r, m) in [(0, r0, m0), (1, r1, m0 + r0)] {
-                        if r == 0 {
-                            continue;
-                        }
-                        let mut t = Tile([[0i32; LANES]; 16]);
-                        let tp = t.0.as_mut_ptr();
-                        if tile == 0 {
-                            asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) tp, s = in(reg) 64usize, options(nostack, preserves_flags));
-                        } else {
-                            asm!("tilestored [{c} + {s}*1], tmm1", c = in(reg) tp, s = in(reg) 64usize, options(nostack, preserves_flags));
-                        }
+                    let mut t0 = Tile([[0i32; LANES]; 16]);
+                    let mut t1 = Tile([[0i32; LANES]; 16]);
+                    asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) t0.0.as_mut_ptr(), s = in(reg) 64usize, options(nostack, preserves_flags));
+                    if r1 > 0 {
+                        asm!("tilestored [{c} + {s}*1], tmm1", c = in(reg) t1.0.as_mut_ptr(), s = in(reg) 64usize, options(nostack, preserves_flags));
+                    }
+                    for (t, r, m) in [(&t0, r0, m0), (&t1, r1, m0 + r0)] {
                         for (i, row) in t.0[..r].iter().enumerate() {
                             let dst = ap.add((m + i) * acc_stride + g * LANES);
                             std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
@@ -244,10 +264,4 @@ pub(super) unsafe fn dense_i8(
         }
         m0 += r0 + r1;
     }
-}
-
-thread_local! {
-    /// `(rows of block 0, rows of block 1, tail quads)` of the tile configuration this thread
-    /// loaded last; `(0, 0, 0)` before the first (never a real shape: a call has rows).
-    static CONFIGURED: std::cell::Cell<(usize, usize, usize)> = const { std::cell::Cell::new((0, 0, 0)) };
 }

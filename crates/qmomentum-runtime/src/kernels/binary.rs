@@ -65,8 +65,9 @@ pub(super) unsafe fn dense_bin(
         }
         #[cfg(target_arch = "x86_64")]
         _ => {
-            // SAFETY: the remaining tiers are `Avx2` and `Avx512Vnni` without VPOPCNTDQ; both
-            // include POPCNT in `is_available`, which holds by this function's precondition.
+            // SAFETY: the remaining tiers are `Avx2`, and `Avx512Vnni` or `Amx` without
+            // VPOPCNTDQ; each includes POPCNT in `is_available` (`Amx` requires `Avx512Vnni`),
+            // which holds by this function's precondition.
             unsafe { popcnt_rows(w, x, x_stride, rows, acc, acc_stride) }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -105,8 +106,9 @@ pub(super) unsafe fn dense_bin_sign(
         }
         #[cfg(target_arch = "x86_64")]
         _ => {
-            // SAFETY: the remaining tiers are `Avx2` and `Avx512Vnni` without VPOPCNTDQ; both
-            // include POPCNT in `is_available`, which holds by this function's precondition.
+            // SAFETY: the remaining tiers are `Avx2`, and `Avx512Vnni` or `Amx` without
+            // VPOPCNTDQ; each includes POPCNT in `is_available` (`Amx` requires `Avx512Vnni`),
+            // which holds by this function's precondition.
             unsafe { popcnt_sign_rows(w, t, x, x_stride, rows, out, out_words) }
         }
         #[cfg(not(target_arch = "x86_64"))]

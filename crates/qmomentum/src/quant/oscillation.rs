@@ -125,8 +125,6 @@ pub struct OscillationTracker {
     flips: u64,
     oscillations: u64,
     steps: u64,
-    /// `(1 − m)^k`, the decay pending on the stored frequencies (derived from `steps`).
-    scale: f32,
 }
 
 impl OscillationTracker {
@@ -140,7 +138,6 @@ impl OscillationTracker {
             flips: 0,
             oscillations: 0,
             steps: 0,
-            scale: 1.0,
         }
     }
 
@@ -204,31 +201,29 @@ impl OscillationTracker {
         self.flips += flips as u64;
         self.oscillations += osc as u64;
         self.steps += 1;
-        self.scale = step.scale_after;
         if step.ends_block {
-            self.flush();
+            self.flush(step.scale_after);
         }
     }
 
-    /// Multiply the stored frequencies by the pending decay (a pass every `K` steps).
-    fn flush(&mut self) {
-        if self.scale != 1.0 {
-            let k = self.scale;
+    /// Multiply the stored frequencies by the pending decay `k` (a pass every `K` steps).
+    fn flush(&mut self, k: f32) {
+        if k != 1.0 {
             for f in self.freq.value.iter_mut() {
                 *f *= k;
             }
         }
-        self.scale = 1.0;
     }
 
-    /// The factor that turns a stored frequency into the true one after this step (1 at block
-    /// boundaries): compare `stored·freq_scale()` with a threshold.
-    pub fn freq_scale(&self) -> f32 {
-        self.scale
+    /// The factor that turns a stored frequency into the true one now, for EMA weight
+    /// `momentum` (1 at block boundaries): compare `stored·freq_scale(m)` with a threshold.
+    /// Derived from the step count, so it is right after a checkpoint is loaded too.
+    pub fn freq_scale(&self, momentum: f32) -> f32 {
+        Step::pending(self.steps, momentum)
     }
 
     /// The epoch's counters `(flips, oscillations, steps)` (checkpointed, so a resumed epoch
-    /// reports what an uninterrupted one does).
+    /// reports what an uninterrupted one does, and continues the same lazy-decay blocks).
     pub fn counts(&self) -> [u64; 3] {
         [self.flips, self.oscillations, self.steps]
     }
@@ -242,8 +237,7 @@ impl OscillationTracker {
     /// EMA weight the epoch's steps used: the stored frequencies are brought to their true values
     /// first (a resumed run has not yet recomputed the pending decay).
     pub fn take_epoch(&mut self, layer: usize, threshold: f32, momentum: f32) -> LayerOscillation {
-        self.scale = Step::pending(self.steps, momentum);
-        self.flush();
+        self.flush(Step::pending(self.steps, momentum));
         let freq = &self.freq.value;
         let n = freq.len().max(1) as f64;
         let steps = self.steps.max(1) as f64;
@@ -605,11 +599,11 @@ fn chunk_step(state: &mut [f32], freq: &mut [f32], codes: &[f32], add: f32, eage
             for ((s, f), &c) in state.iter_mut().zip(freq.iter_mut()).zip(codes) {
                 let (ns, ch, o) = weight_step(*s, c);
                 *s = ns;
-                *f = if eager > 0.0 {
-                    eager * o as f32 + (1.0 - eager) * *f
-                } else {
-                    *f + add * o as f32
-                };
+                if eager > 0.0 {
+                    *f = eager * o as f32 + (1.0 - eager) * *f;
+                } else if o != 0 {
+                    *f += add;
+                }
                 flips += ch;
                 osc += o;
             }
@@ -651,8 +645,9 @@ fn full_chunk(
             freq[i] = eager * os[i] as f32 + keep * freq[i];
         }
     } else if osc > 0 {
+        // Only the oscillating lanes, as the AVX-512 kernel's masked store.
         for i in 0..LANES {
-            freq[i] += add * os[i] as f32;
+            freq[i] = if os[i] != 0 { freq[i] + add } else { freq[i] };
         }
     }
     if differs != 0 {
@@ -675,7 +670,7 @@ mod tests {
             t.update(&codes, 0.5);
         }
         // m = 0.5: blocks of 20 steps, stored values scaled by powers of two (exact).
-        let f: Vec<f32> = t.freq.value.iter().map(|&f| f * t.freq_scale()).collect();
+        let f: Vec<f32> = t.freq.value.iter().map(|&f| f * t.freq_scale(0.5)).collect();
         assert_eq!(f, vec![0.75, 0.0]);
         let r = t.take_epoch(3, 0.5, 0.5);
         assert_eq!(t.freq.value, vec![0.75, 0.0]);

@@ -194,8 +194,8 @@ impl WeightFakeQuant {
     /// Iterative freezing, after [`WeightFakeQuant::track`] of this step: every free weight whose
     /// oscillation frequency exceeds `threshold` is frozen at the rounded EMA of its code, its
     /// latent value is set to `code·s` (so the max-scaled grid keeps it) and the optimizer skips
-    /// it from now on. Returns how many weights froze.
-    pub fn freeze(&mut self, w: &mut Param, threshold: f32) -> usize {
+    /// it from now on. `momentum` is the tracking EMA weight. Returns how many weights froze.
+    pub fn freeze(&mut self, w: &mut Param, threshold: f32, momentum: f32) -> usize {
         let (Some(frozen), Some(t)) = (self.frozen.as_mut(), self.tracker.as_ref()) else {
             return 0;
         };
@@ -204,7 +204,7 @@ impl WeightFakeQuant {
         let ((lo, hi), bop) = (self.quant.map(code_range).unwrap_or((0.0, 0.0)), self.bop);
         let mut newly = 0;
         // Frequencies are stored with their decay pending (`OscillationTracker::freq_scale`).
-        let k = t.freq_scale();
+        let k = t.freq_scale(momentum);
         for (i, ((f, &freq), &e)) in frozen.value.iter_mut().zip(&t.freq.value).zip(&ema.value).enumerate() {
             if !f.is_nan() || freq * k <= threshold || e.is_nan() {
                 continue;
