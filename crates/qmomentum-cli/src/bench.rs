@@ -209,6 +209,9 @@ fn train(b: TrainBench) -> Result<()> {
     )?;
     let mut epochs: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
+    // Tracking's share of each epoch, timed where it runs (the epoch-time difference against a
+    // `-notrack` scheme is the other measure; this one is not at the mercy of the machine's noise).
+    let mut tracking: Vec<Vec<f64>> = vec![Vec::new(); schemes.len()];
     let mut flops = 0.0;
     for _ in 0..b.rounds {
         for (i, &(scheme, track)) in schemes.iter().enumerate() {
@@ -228,22 +231,34 @@ fn train(b: TrainBench) -> Result<()> {
             t.fit(&train, None, |_, _| {})?;
             first[i].extend(t.history.epochs.first().map(|r| r.seconds));
             epochs[i].extend(t.history.epochs.iter().skip(1).map(|r| r.seconds));
+            tracking[i].extend(
+                t.history
+                    .epochs
+                    .iter()
+                    .skip(1)
+                    .filter_map(|r| r.tracking_seconds.map(|x| x / r.seconds.max(1e-9))),
+            );
             flops = train_flops(&t, train.len());
         }
     }
     let med = crate::deploy::median;
     outln!(
-        "| scheme | epoch 1 s | median epoch s | samples/s | GFLOP/s (matmul) | % of {:.0} GFLOP/s peak | epoch / fp32 |",
+        "| scheme | epoch 1 s | median epoch s | samples/s | GFLOP/s (matmul) | % of {:.0} GFLOP/s peak | epoch / fp32 | tracking, % of epoch |",
         peak.0
     )?;
-    outln!("|---|---|---|---|---|---|---|")?;
+    outln!("|---|---|---|---|---|---|---|---|")?;
     let base = med(epochs[0].clone());
     for (i, s) in names.iter().enumerate() {
         let m = med(epochs[i].clone());
         let f = med(first[i].clone());
         let gf = flops / m / 1e9;
+        let tr = if tracking[i].is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.1} %", 100.0 * med(tracking[i].clone()))
+        };
         outln!(
-            "| {s} | {f:.3} | {m:.3} | {:.0} | {gf:.1} | {:.0} % | {:.2}× |",
+            "| {s} | {f:.3} | {m:.3} | {:.0} | {gf:.1} | {:.0} % | {:.2}× | {tr} |",
             train.len() as f64 / m,
             100.0 * gf / peak.0,
             m / base

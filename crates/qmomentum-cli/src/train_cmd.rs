@@ -870,6 +870,7 @@ fn train_in(
                     r.seconds = old.seconds;
                     r.samples_per_sec = old.samples_per_sec;
                     r.comm_seconds = old.comm_seconds;
+                    r.tracking_seconds = old.tracking_seconds;
                 }
             }
         }

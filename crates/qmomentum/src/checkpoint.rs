@@ -135,6 +135,10 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
             f32_bytes(&b.value),
         ));
     }
+    // The trackers' previous codes, made in their f32 form (`OscillationTracker::state`).
+    for b in t.model.tracker_states() {
+        owned.push((format!("buffer.{}", b.name), Dtype::F32, b.shape, f32_bytes(&b.value)));
+    }
     let mut observers = Vec::new();
     for (index, l) in t.model.layers.iter().enumerate() {
         if let Some(a) = l.act_quant() {
@@ -196,6 +200,7 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
         // runs of the same command write byte-identical checkpoints.
         progress: EpochProgress {
             seconds: 0.0,
+            tracking_seconds: 0.0,
             ..t.progress.clone()
         },
         history: History {
@@ -207,6 +212,7 @@ pub fn to_bytes(t: &Trainer) -> Result<Vec<u8>> {
                     seconds: 0.0,
                     samples_per_sec: 0.0,
                     comm_seconds: None,
+                    tracking_seconds: r.tracking_seconds.map(|_| 0.0),
                     ..r.clone()
                 })
                 .collect(),
@@ -564,6 +570,20 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Trainer> {
     for (b, v) in t.model.buffers_iter_mut().zip(buffer_values) {
         if let Some(v) = v {
             b.value = v;
+        }
+    }
+    // The trackers' previous codes (absent from older checkpoints: those start afresh).
+    for tr in t
+        .model
+        .layers
+        .iter_mut()
+        .filter_map(|l| l.weight_quant_mut().and_then(|(_, w)| w.tracker.as_mut()))
+    {
+        let name = format!("buffer.{}", tr.state_name());
+        if st.tensor(&name).is_ok() {
+            let n = tr.freq.value.len();
+            let v = read_buffer(&st, &name, &[n], path)?;
+            tr.set_state(&v);
         }
     }
     for l in t.model.layers.iter_mut() {

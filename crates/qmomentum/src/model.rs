@@ -487,6 +487,23 @@ impl Sequential {
         self.layers.iter().flat_map(|l| l.buffers())
     }
 
+    /// Whether any layer has an oscillation tracker.
+    pub fn tracks(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.quant_parts().is_some_and(|(w, _)| w.tracker.is_some()))
+    }
+
+    /// The oscillation trackers' packed previous codes in their checkpointed form (one buffer
+    /// `layers.{i}.osc_last` per tracked layer; made on request, see
+    /// [`crate::quant::oscillation::OscillationTracker::state`]).
+    pub fn tracker_states(&self) -> impl Iterator<Item = Buffer> + '_ {
+        self.layers
+            .iter()
+            .filter_map(|l| l.quant_parts().and_then(|(w, _)| w.tracker.as_ref()))
+            .map(|t| t.state())
+    }
+
     /// [`Sequential::buffers_iter`], mutable.
     pub fn buffers_iter_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
         self.layers.iter_mut().flat_map(|l| l.buffers_mut())

@@ -18,7 +18,7 @@ use crate::config::{OnNonFinite, TrainConfig};
 use crate::data::Dataset;
 use crate::distributed::{shard, Collective};
 use crate::error::{Error, Result};
-use crate::layers::ParamKind;
+use crate::layers::{Buffer, ParamKind};
 use crate::model::Sequential;
 use crate::optim::{BinaryOptimizer, Optimizer};
 use crate::rng::Rng;
@@ -53,6 +53,10 @@ pub struct EpochRecord {
     /// Data-parallel runs: seconds of the epoch's steps spent in collective calls (this rank's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm_seconds: Option<f64>,
+    /// Seconds of the epoch's steps spent in oscillation tracking (and iterative freezing), when
+    /// it is on: its cost, measured where it runs (part of `seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_seconds: Option<f64>,
 }
 
 /// Per-epoch history, as Keras's `History`.
@@ -123,6 +127,9 @@ pub struct EpochProgress {
     pub seconds: f64,
     /// Skipped (non-finite) steps.
     pub skipped: u64,
+    /// Seconds spent in oscillation tracking.
+    #[serde(default)]
+    pub tracking_seconds: f64,
 }
 
 /// What one [`Trainer::step`] did (a struct, not a list: the step allocates nothing).
@@ -521,14 +528,16 @@ impl Trainer {
                             .oscillation
                             .freeze_threshold_at(self.global_step, total_steps)
                     });
+                    let tt = Instant::now();
                     for l in self.model.layers.iter_mut() {
                         if let Some((w, wq)) = l.weight_quant_mut() {
-                            wq.track(&w.value, m, self.config.threads);
+                            wq.track(m, self.config.threads);
                             if let Some(th) = freeze {
                                 wq.freeze(w, th, m);
                             }
                         }
                     }
+                    self.progress.tracking_seconds += tt.elapsed().as_secs_f64();
                 }
                 let sq = self
                     .optimizer
@@ -576,6 +585,7 @@ impl Trainer {
                     .dist
                     .as_deref()
                     .map(|d| (d.comm.take_seconds() * 1e6).round() / 1e6),
+                tracking_seconds: self.model.tracks().then_some((p.tracking_seconds * 1e6).round() / 1e6),
             };
             if let Some(d) = self.dist.as_deref() {
                 self.check_ranks_hold_the_same_model(d.comm.as_ref())?;
@@ -646,11 +656,13 @@ impl Trainer {
     /// promise that for every algorithm, `--reduce-in-rank-order` does). Collective.
     fn check_ranks_hold_the_same_model(&self, comm: &dyn Collective) -> Result<()> {
         let mut bytes = Vec::new();
+        let states: Vec<Buffer> = self.model.tracker_states().collect();
         for v in self
             .model
             .params_iter()
             .map(|p| &p.value)
             .chain(self.model.buffers_iter().map(|b| &b.value))
+            .chain(states.iter().map(|b| &b.value))
         {
             bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
         }

@@ -47,7 +47,7 @@ fn run_with(dampening: f32, freeze: Option<f32>) -> (f32, f32, f32, Dense) {
         let mut y = [0.0f32];
         d.forward(&x, &mut y, 1, true, false);
         d.backward(&x, &[2.0 * (y[0] - 0.5)], None, 1);
-        d.wq.track(&d.weight.value, 0.01, 1);
+        d.wq.track(0.01, 1);
         if let Some(th) = freeze {
             d.wq.freeze(&mut d.weight, th, 0.01);
         }

@@ -215,6 +215,10 @@ fn iterative_freezing_resumes_bit_identically() {
             let mut r = checkpoint::from_bytes(&bytes, Path::new("mem")).unwrap();
             r.fit(&small, None, |_, _| {}).unwrap();
             assert_eq!(weights(&r), weights(&full), "{scheme}: resumed after step {k}");
+            // The trackers' previous codes (made for the checkpoint from their i16 form).
+            let states = |t: &Trainer| t.model.tracker_states().map(|b| b.value).collect::<Vec<_>>();
+            let bits = |v: Vec<Vec<f32>>| v.into_iter().flatten().map(f32::to_bits).collect::<Vec<_>>();
+            assert_eq!(bits(states(&r)), bits(states(&full)), "{scheme}: tracker state");
             for (a, b) in r.history.epochs.iter().zip(&full.history.epochs) {
                 assert_eq!((a.loss, &a.oscillation), (b.loss, &b.oscillation), "{scheme}");
             }

@@ -264,8 +264,8 @@ impl Layer {
     /// norm's running statistics (also of a batch norm folded into a convolution), and the
     /// oscillation/freezing state of a quantized kernel ([`WeightFakeQuant::buffer_slots`]).
     pub fn buffers(&self) -> impl Iterator<Item = &Buffer> {
-        let (bn, kernel): ([Option<&Buffer>; 2], [Option<&Buffer>; 5]) = match self {
-            Layer::BatchNorm(b) => ([Some(&b.running_mean), Some(&b.running_var)], [None; 5]),
+        let (bn, kernel): ([Option<&Buffer>; 2], [Option<&Buffer>; 4]) = match self {
+            Layer::BatchNorm(b) => ([Some(&b.running_mean), Some(&b.running_var)], [None; 4]),
             Layer::Dense(d) => ([None; 2], d.wq.buffer_slots()),
             Layer::Conv2d(c) => {
                 let f = c.bn.as_deref().map(|f| &f.bn);
@@ -274,17 +274,17 @@ impl Layer {
                     c.wq.buffer_slots(),
                 )
             }
-            _ => ([None; 2], [None; 5]),
+            _ => ([None; 2], [None; 4]),
         };
         bn.into_iter().chain(kernel).flatten()
     }
 
     /// [`Layer::buffers`], mutable.
     pub fn buffers_mut(&mut self) -> impl Iterator<Item = &mut Buffer> {
-        let (bn, kernel): ([Option<&mut Buffer>; 2], [Option<&mut Buffer>; 5]) = match self {
+        let (bn, kernel): ([Option<&mut Buffer>; 2], [Option<&mut Buffer>; 4]) = match self {
             Layer::BatchNorm(b) => (
                 [Some(&mut b.running_mean), Some(&mut b.running_var)],
-                [None, None, None, None, None],
+                [None, None, None, None],
             ),
             Layer::Dense(d) => ([None, None], d.wq.buffer_slots_mut()),
             Layer::Conv2d(c) => {
@@ -294,7 +294,7 @@ impl Layer {
                 };
                 (bn, c.wq.buffer_slots_mut())
             }
-            _ => ([None, None], [None, None, None, None, None]),
+            _ => ([None, None], [None, None, None, None]),
         };
         bn.into_iter().chain(kernel).flatten()
     }

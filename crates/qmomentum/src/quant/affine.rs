@@ -141,8 +141,10 @@ impl QParams {
 }
 
 /// Per-output-channel symmetric fake quantization of a `[inputs, outputs]` kernel (channel =
-/// column). Writes `ŵ` and the scale of each channel. One pass to find `max|w|` per column, one to
+/// column). Writes `ŵ` and the scale of each channel, and the integer codes into `codes` unless it
+/// is empty (see [`fake_quant_weights_with_scales`]). One pass to find `max|w|` per column, one to
 /// quantize; no allocation.
+#[allow(clippy::too_many_arguments)]
 pub fn fake_quant_weights_per_channel(
     w: &[f32],
     outputs: usize,
@@ -151,12 +153,13 @@ pub fn fake_quant_weights_per_channel(
     w_hat: &mut [f32],
     scales: &mut [f32],
     max_abs: &mut [f32],
+    codes: &mut [i8],
 ) {
     column_max_abs(w, &mut max_abs[..outputs]);
     for (s, &m) in scales.iter_mut().zip(max_abs.iter()) {
         *s = QParams::symmetric(m, bits, narrow).scale;
     }
-    fake_quant_weights_with_scales(w, outputs, bits, narrow, scales, max_abs, w_hat);
+    fake_quant_weights_with_scales(w, outputs, bits, narrow, scales, max_abs, w_hat, codes);
 }
 
 crate::simd::widest! {
@@ -177,6 +180,9 @@ crate::simd::widest! {
     /// `outputs` values). With the max-abs scales nothing is clamped; with fixed scales, weights
     /// beyond the range are. Compiled for the widest instruction set (`crate::simd`): every
     /// replica runs it over the whole kernel at every step.
+    ///
+    /// Unless `codes` is empty, the integer codes `clamp(round(w/s_j))` are written there too, in
+    /// the same pass (the oscillation tracker reads them: one byte per weight instead of ŵ again).
     pub fn fake_quant_weights_with_scales(
         w: &[f32],
         outputs: usize,
@@ -185,6 +191,7 @@ crate::simd::widest! {
         scales: &[f32],
         inv: &mut [f32],
         w_hat: &mut [f32],
+        codes: &mut [i8],
     ) {
         let qmax = ((1i32 << (bits - 1)) - 1) as f32;
         let qmin = if narrow { -qmax } else { -qmax - 1.0 };
@@ -192,9 +199,28 @@ crate::simd::widest! {
         for (i, &s) in inv.iter_mut().zip(scales.iter()) {
             *i = 1.0 / s;
         }
-        for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
-            for (((o, &v), &s), &i) in out.iter_mut().zip(row).zip(scales.iter()).zip(inv.iter()) {
-                *o = round_even_small((v * i).clamp(qmin, qmax)) * s;
+        if codes.is_empty() {
+            for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
+                for (((o, &v), &s), &i) in out.iter_mut().zip(row).zip(scales.iter()).zip(inv.iter()) {
+                    *o = round_even_small((v * i).clamp(qmin, qmax)) * s;
+                }
+            }
+            return;
+        }
+        assert_eq!(codes.len(), w_hat.len(), "one code per weight");
+        for ((row, out), cs) in w
+            .chunks_exact(outputs)
+            .zip(w_hat.chunks_exact_mut(outputs))
+            .zip(codes.chunks_exact_mut(outputs))
+        {
+            for ((((o, c), &v), &s), &i) in out.iter_mut().zip(cs.iter_mut()).zip(row).zip(scales.iter()).zip(inv.iter()) {
+                let q = round_even_small((v * i).clamp(qmin, qmax));
+                *o = q * s;
+                // SAFETY: `q` is finite and in [qmin, qmax] ⊂ [−128, 127] (clamped above, bits ≤ 8;
+                // a NaN weight clamps to NaN, excluded by the check), so it is representable in
+                // i32. Unchecked because the saturating `as` does not vectorise (measured: the
+                // QAT epoch 1.5× slower with it).
+                *c = if q.is_nan() { 0 } else { (unsafe { q.to_int_unchecked::<i32>() }) as i8 };
             }
         }
     }
@@ -295,7 +321,7 @@ mod tests {
         }
         let w = [0.0f32; 12];
         let (mut wh, mut s, mut m) = ([1.0f32; 12], [0.0f32; 3], [0.0f32; 3]);
-        fake_quant_weights_per_channel(&w, 3, 8, true, &mut wh, &mut s, &mut m);
+        fake_quant_weights_per_channel(&w, 3, 8, true, &mut wh, &mut s, &mut m, &mut []);
         assert!(wh.iter().all(|&v| v == 0.0) && s.iter().all(|&v| v == 1.0));
     }
 
@@ -304,7 +330,7 @@ mod tests {
         // [inputs=2, outputs=2]: column 0 = (1, -0.5), column 1 = (0.1, 0.2).
         let w = [1.0, 0.1, -0.5, 0.2];
         let (mut wh, mut s, mut m) = ([0.0f32; 4], [0.0f32; 2], [0.0f32; 2]);
-        fake_quant_weights_per_channel(&w, 2, 8, true, &mut wh, &mut s, &mut m);
+        fake_quant_weights_per_channel(&w, 2, 8, true, &mut wh, &mut s, &mut m, &mut []);
         assert!((s[0] - 1.0 / 127.0).abs() < 1e-9 && (s[1] - 0.2 / 127.0).abs() < 1e-9);
         assert_eq!(wh[0], 1.0);
         assert!((wh[3] - 0.2).abs() < 1e-7);

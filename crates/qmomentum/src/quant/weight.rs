@@ -44,7 +44,9 @@ pub struct WeightFakeQuant {
     /// scales, and the STE passes the gradient only inside the grid's range. A buffer named
     /// `layers.{i}.w_scale`.
     pub fixed_scale: Option<Buffer>,
-    codes: Vec<f32>,
+    /// The integer code of every weight in the last `quantize` (only with a tracker: what
+    /// oscillation tracking reads; see [`WeightFakeQuant::track`]).
+    codes: Vec<i8>,
 }
 
 impl WeightFakeQuant {
@@ -88,7 +90,6 @@ impl WeightFakeQuant {
         let n = if quant.is_some() { self.fan_in * self.outputs } else { 0 };
         self.w_hat.resize(n, 0.0);
         self.dw_hat.resize(n, 0.0);
-        self.codes.resize(n, 0.0);
         let index = w
             .name
             .strip_prefix("layers.")
@@ -98,6 +99,7 @@ impl WeightFakeQuant {
             (true, Some(i)) => Some(OscillationTracker::new(i, n)),
             _ => None,
         };
+        self.codes = vec![0; if self.tracker.is_some() { n } else { 0 }];
         self.frozen = None;
         self.fixed_scale = None;
         w.frozen = None;
@@ -160,26 +162,26 @@ impl WeightFakeQuant {
         ));
     }
 
-    /// The checkpointed state of this quantizer: fixed scales, frozen codes, then the tracker's buffers
-    /// (`None` slots for what is off).
-    pub fn buffer_slots(&self) -> [Option<&Buffer>; 5] {
+    /// The checkpointed state of this quantizer: fixed scales, frozen codes, then the tracker's
+    /// frequencies and code EMA (`None` slots for what is off). The tracker's packed previous
+    /// codes are not a buffer: see [`OscillationTracker::state`].
+    pub fn buffer_slots(&self) -> [Option<&Buffer>; 4] {
         let t = self.tracker.as_ref();
         [
             self.fixed_scale.as_ref(),
             self.frozen.as_ref(),
-            t.map(|t| &t.state),
             t.map(|t| &t.freq),
             t.and_then(|t| t.ema_code.as_ref()),
         ]
     }
 
     /// [`WeightFakeQuant::buffer_slots`], mutable.
-    pub fn buffer_slots_mut(&mut self) -> [Option<&mut Buffer>; 5] {
-        let (a, b, c) = match self.tracker.as_mut() {
-            Some(t) => (Some(&mut t.state), Some(&mut t.freq), t.ema_code.as_mut()),
-            None => (None, None, None),
+    pub fn buffer_slots_mut(&mut self) -> [Option<&mut Buffer>; 4] {
+        let (a, b) = match self.tracker.as_mut() {
+            Some(t) => (Some(&mut t.freq), t.ema_code.as_mut()),
+            None => (None, None),
         };
-        [self.fixed_scale.as_mut(), self.frozen.as_mut(), a, b, c]
+        [self.fixed_scale.as_mut(), self.frozen.as_mut(), a, b]
     }
 
     /// The parameter's freeze mask from the frozen codes (after a checkpoint is loaded).
@@ -248,27 +250,12 @@ impl WeightFakeQuant {
     }
 
     /// One step of oscillation tracking with the codes of the kernel the last forward pass used
-    /// (`ŵ/s` for integer and ternary weights, the sign for binary ones): no quantization again.
-    pub fn track(&mut self, w: &[f32], momentum: f32, threads: usize) {
-        let Some(t) = self.tracker.as_mut() else { return };
-        match self.quant {
-            Some(WeightQuant::Binary { .. }) => {
-                for (c, &v) in self.codes.iter_mut().zip(w) {
-                    *c = sign(v);
-                }
-            }
-            Some(_) => {
-                // The reciprocal scales in `tmp` (scratch between steps); codes computed in the
-                // tracker's own pass.
-                for (i, &s) in self.tmp.iter_mut().zip(&self.scale) {
-                    *i = 1.0 / s;
-                }
-                t.update_from_grid(&self.w_hat, &self.tmp, momentum, threads);
-                return;
-            }
-            None => return,
+    /// (written by [`WeightFakeQuant::quantize`] in the pass that computes ŵ: `round(w/s)` for
+    /// integer weights, −1/0/+1 for ternary ones, the sign for binary ones): no quantization again.
+    pub fn track(&mut self, momentum: f32, threads: usize) {
+        if let Some(t) = self.tracker.as_mut() {
+            t.update(&self.codes, momentum, threads);
         }
-        t.update(&self.codes, momentum);
     }
 
     /// Integer or ternary weights: the ones the bias is put on the accumulator grid for.
@@ -279,6 +266,10 @@ impl WeightFakeQuant {
     /// Compute `ŵ` and the per-channel scales from `w` (no-op for float weights).
     pub fn quantize(&mut self, w: &[f32]) {
         let Some(wq) = self.quant else { return };
+        if self.tracker.is_none() && !self.codes.is_empty() {
+            // The tracker was dropped (a replica, or tracking off): no codes to write.
+            self.codes = Vec::new();
+        }
         let out = self.outputs;
         let fixed = self
             .fixed_scale
@@ -286,7 +277,16 @@ impl WeightFakeQuant {
             .filter(|b| b.value.first().is_some_and(|s| !s.is_nan()));
         if let (WeightQuant::Int { bits, narrow, .. }, Some(f)) = (wq, fixed) {
             self.scale.copy_from_slice(&f.value);
-            fake_quant_weights_with_scales(w, out, bits, narrow, &self.scale, &mut self.tmp, &mut self.w_hat);
+            fake_quant_weights_with_scales(
+                w,
+                out,
+                bits,
+                narrow,
+                &self.scale,
+                &mut self.tmp,
+                &mut self.w_hat,
+                &mut self.codes,
+            );
             self.apply_frozen();
             return;
         }
@@ -295,7 +295,16 @@ impl WeightFakeQuant {
                 bits,
                 per_channel: true,
                 narrow,
-            } => fake_quant_weights_per_channel(w, out, bits, narrow, &mut self.w_hat, &mut self.scale, &mut self.tmp),
+            } => fake_quant_weights_per_channel(
+                w,
+                out,
+                bits,
+                narrow,
+                &mut self.w_hat,
+                &mut self.scale,
+                &mut self.tmp,
+                &mut self.codes,
+            ),
             WeightQuant::Int {
                 bits,
                 per_channel: false,
@@ -303,6 +312,10 @@ impl WeightFakeQuant {
             } => {
                 let s = fake_quant_weights_per_tensor(w, bits, narrow, &mut self.w_hat);
                 self.scale.fill(s);
+                let inv = 1.0 / s;
+                for (c, &v) in self.codes.iter_mut().zip(&self.w_hat) {
+                    *c = super::affine::round_even_small(v * inv) as i8;
+                }
             }
             WeightQuant::Binary { scaled } => {
                 if self.bop {
@@ -315,8 +328,17 @@ impl WeightFakeQuant {
                 } else {
                     binarize(w, out, scaled, &mut self.w_hat, &mut self.scale)
                 }
+                for (c, &v) in self.codes.iter_mut().zip(w) {
+                    *c = sign(v) as i8;
+                }
             }
-            WeightQuant::Ternary { rule } => ternarize(w, out, rule, &mut self.w_hat, &mut self.scale, &mut self.tmp),
+            WeightQuant::Ternary { rule } => {
+                ternarize(w, out, rule, &mut self.w_hat, &mut self.scale, &mut self.tmp);
+                // ŵ = α·t with α > 0: the code t is the sign of ŵ, or 0.
+                for (c, &v) in self.codes.iter_mut().zip(&self.w_hat) {
+                    *c = (v > 0.0) as i8 - (v < 0.0) as i8;
+                }
+            }
         }
         self.apply_frozen();
     }
@@ -325,9 +347,13 @@ impl WeightFakeQuant {
     fn apply_frozen(&mut self) {
         let out = self.outputs;
         if let Some(f) = self.frozen.as_ref() {
+            let tracked = !self.codes.is_empty();
             for (i, (o, &code)) in self.w_hat.iter_mut().zip(&f.value).enumerate() {
                 if !code.is_nan() {
                     *o = code * self.scale[i % out];
+                    if tracked {
+                        self.codes[i] = code as i8;
+                    }
                 }
             }
         }
