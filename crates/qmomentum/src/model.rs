@@ -658,11 +658,13 @@ impl Sequential {
         const EXP: u32 = 0x7f80_0000;
         // An integer max of the exponent bits vectorises with the add (a float test would
         // not); a sum is NaN or infinite iff its exponent bits are all ones.
-        fn add(a: &mut [f32], b: &[f32], probe: u32) -> u32 {
-            a.iter_mut().zip(b).fold(probe, |m, (a, &b)| {
-                *a += b;
-                m.max(a.to_bits() & EXP)
-            })
+        crate::simd::widest! {
+            fn add(a: &mut [f32], b: &[f32], probe: u32) -> u32 {
+                a.iter_mut().zip(b).fold(probe, |m, (a, &b)| {
+                    *a += b;
+                    m.max(a.to_bits() & 0x7f80_0000)
+                })
+            }
         }
         let mut probe = 0u32;
         for (p, q) in self.params_iter_mut().zip(other.params_iter()) {

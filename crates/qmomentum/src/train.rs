@@ -437,6 +437,14 @@ impl Trainer {
             }
         }
         let order = &self.order[start + mine.start..start + mine.end];
+        // This rank's rows of the next step of the epoch (none after the last: the next epoch
+        // is shuffled anew), prefetched by each core while it computes this step.
+        let next: &[usize] = if end < n {
+            let next_mine = shard((end + bs).min(n) - end, rank, ranks);
+            &self.order[end + next_mine.start..end + next_mine.end]
+        } else {
+            &[]
+        };
         let (first_part, batch_here) = (rank as u64 * threads, mine.len());
         let split = self.config.threads >= 2 && batch_here >= 2;
         let half = if split { batch_here.div_ceil(2) } else { batch_here };
@@ -466,11 +474,15 @@ impl Trainer {
             let ((s0, c0), (s1, c1)) = qmomentum_runtime::pool::join(
                 || {
                     train.gather_normalised(&order[..half], m0.input_mut(half), l0);
-                    m0.forward_backward(l0, batch, &mut rng_for(first_part))
+                    let r = m0.forward_backward(l0, batch, &mut rng_for(first_part));
+                    train.prefetch(&next[..next.len().div_ceil(2)]);
+                    r
                 },
                 || {
                     train.gather_normalised(&order[half..], m1.input_mut(batch_here - half), l1);
-                    m1.forward_backward(l1, batch, &mut rng_for(first_part + 1))
+                    let r = m1.forward_backward(l1, batch, &mut rng_for(first_part + 1));
+                    train.prefetch(&next[next.len().div_ceil(2)..]);
+                    r
                 },
             );
             grads_finite = self.model.add_grads(&rep.0, self.config.threads);
@@ -479,6 +491,7 @@ impl Trainer {
         } else {
             let x = self.model.input_mut(batch_here);
             train.gather_normalised(order, x, &mut self.labels);
+            train.prefetch(next);
             self.model
                 .forward_backward(&self.labels, batch, &mut rng_for(first_part))
         };

@@ -51,25 +51,44 @@ impl Momentum {
     pub fn apply(&self, theta: &mut [f32], g: &[f32], v: &mut [f32], lr: f32, first: bool) {
         let (mu, damp) = (self.momentum, 1.0 - self.dampening);
         match (self.convention, self.nesterov) {
-            (Convention::LrInside, false) => {
-                for ((t, &g), v) in theta.iter_mut().zip(g).zip(v.iter_mut()) {
-                    *v = mu * *v + damp * lr * g;
-                    *t -= *v;
-                }
-            }
-            (Convention::LrInside, true) => {
-                for ((t, &g), v) in theta.iter_mut().zip(g).zip(v.iter_mut()) {
-                    *v = mu * *v + damp * lr * g;
-                    *t -= mu * *v + lr * g;
-                }
-            }
-            (Convention::LrOutside, nesterov) => {
-                for ((t, &g), b) in theta.iter_mut().zip(g).zip(v.iter_mut()) {
-                    *b = if first { g } else { mu * *b + damp * g };
-                    let d = if nesterov { g + mu * *b } else { *b };
-                    *t -= lr * d;
-                }
-            }
+            (Convention::LrInside, false) => heavy_ball(theta, g, v, mu, damp * lr),
+            (Convention::LrInside, true) => heavy_ball_nesterov(theta, g, v, mu, damp * lr, lr),
+            (Convention::LrOutside, nesterov) => torch_sgd(theta, g, v, mu, damp, lr, first, nesterov),
+        }
+    }
+}
+
+// The update loops, compiled for the widest instruction set (`crate::simd`): the optimizer passes
+// over every parameter at every step (measured: 6.7 % of an MLP epoch's samples in the SSE2
+// form). Each is the formula of the module doc, operation for operation (`k = (1−τ)·η`).
+
+crate::simd::widest! {
+    /// `v ← μ·v + k·g; θ ← θ − v`.
+    fn heavy_ball(theta: &mut [f32], g: &[f32], v: &mut [f32], mu: f32, k: f32) {
+        for ((t, &g), v) in theta.iter_mut().zip(g).zip(v.iter_mut()) {
+            *v = mu * *v + k * g;
+            *t -= *v;
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `v ← μ·v + k·g; θ ← θ − (μ·v + η·g)`.
+    fn heavy_ball_nesterov(theta: &mut [f32], g: &[f32], v: &mut [f32], mu: f32, k: f32, lr: f32) {
+        for ((t, &g), v) in theta.iter_mut().zip(g).zip(v.iter_mut()) {
+            *v = mu * *v + k * g;
+            *t -= mu * *v + lr * g;
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// PyTorch: `b ← g` (first step) or `μ·b + (1−τ)·g`; `θ ← θ − η·(g + μ·b or b)`.
+    fn torch_sgd(theta: &mut [f32], g: &[f32], v: &mut [f32], mu: f32, damp: f32, lr: f32, first: bool, nesterov: bool) {
+        for ((t, &g), b) in theta.iter_mut().zip(g).zip(v.iter_mut()) {
+            *b = if first { g } else { mu * *b + damp * g };
+            let d = if nesterov { g + mu * *b } else { *b };
+            *t -= lr * d;
         }
     }
 }
