@@ -189,6 +189,9 @@ pub struct Trainer {
     order_epoch: Option<usize>,
     labels: Vec<u32>,
     replica: Option<Box<(Sequential, Vec<u32>)>>,
+    /// Scratch: what this step's tracking pass reads on each core (prefetched at the end of each
+    /// core's share of the step).
+    tracking_regions: Vec<[[crate::simd::Region; 2]; 2]>,
     fits_checked: Option<(usize, usize, usize)>,
     /// The number of processes whose shares made up each step (1: a single process; set by
     /// [`Trainer::set_collective`], checkpointed, so a resume can tell what would change).
@@ -281,6 +284,7 @@ impl Trainer {
             order_epoch: None,
             labels: Vec::new(),
             replica: None,
+            tracking_regions: Vec::new(),
             fits_checked: None,
             world_size: 1,
             dist: None,
@@ -464,6 +468,21 @@ impl Trainer {
                 Box::new((r, Vec::new()))
             });
             rep.0.sync_from(&self.model, self.config.threads);
+            // The codes this step's forward pass writes and the tracker's states, which the
+            // tracking pass reads right after the step's shares; each core prefetches its half
+            // once its share is done (regions are addresses: they stay valid, nothing is
+            // reallocated during the step).
+            self.tracking_regions.clear();
+            if self.config.oscillation.track {
+                let threads = self.config.threads;
+                self.tracking_regions.extend(
+                    self.model
+                        .layers
+                        .iter()
+                        .filter_map(|l| l.quant_parts().and_then(|(w, _)| w.tracking_regions(threads))),
+                );
+            }
+            let regions = &self.tracking_regions;
             rep.1.resize(batch_here - half, 0);
             let (m0, l0) = (&mut self.model, &mut self.labels);
             let (m1, l1) = (&mut rep.0, &mut rep.1);
@@ -476,12 +495,14 @@ impl Trainer {
                     train.gather_normalised(&order[..half], m0.input_mut(half), l0);
                     let r = m0.forward_backward(l0, batch, &mut rng_for(first_part));
                     train.prefetch(&next[..next.len().div_ceil(2)]);
+                    regions.iter().flat_map(|r| r[0]).for_each(crate::simd::prefetch_l2);
                     r
                 },
                 || {
                     train.gather_normalised(&order[half..], m1.input_mut(batch_here - half), l1);
                     let r = m1.forward_backward(l1, batch, &mut rng_for(first_part + 1));
                     train.prefetch(&next[next.len().div_ceil(2)..]);
+                    regions.iter().flat_map(|r| r[1]).for_each(crate::simd::prefetch_l2);
                     r
                 },
             );

@@ -258,6 +258,12 @@ impl WeightFakeQuant {
         }
     }
 
+    /// What the next [`WeightFakeQuant::track`] reads on each of two cores (see
+    /// [`OscillationTracker::regions`]); `None` without a tracker.
+    pub(crate) fn tracking_regions(&self, threads: usize) -> Option<[[crate::simd::Region; 2]; 2]> {
+        self.tracker.as_ref().map(|t| t.regions(&self.codes, threads))
+    }
+
     /// Integer or ternary weights: the ones the bias is put on the accumulator grid for.
     pub fn on_integer_grid(&self) -> bool {
         matches!(self.quant, Some(WeightQuant::Int { .. } | WeightQuant::Ternary { .. }))
