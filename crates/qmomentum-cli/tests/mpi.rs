@@ -86,6 +86,7 @@ fn tensors(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
         .map(|p| (p.name.clone(), p.value.clone()))
         .collect();
     v.extend(t.model.buffers_iter().map(|b| (b.name.clone(), b.value.clone())));
+    v.extend(t.model.tracker_states().map(|b| (b.name, b.value)));
     v
 }
 

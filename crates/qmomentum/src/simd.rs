@@ -5,9 +5,10 @@
 //! is compiled three times, for AVX-512F, AVX2 and the baseline, and picks one at run time
 //! (`is_x86_feature_detected!`, cached by std). The body is the same Rust in all three, without
 //! `mul_add`, so no fused multiply-add is formed and float operations keep their order: every
-//! version gives the same bits. Used by the oscillation-tracking pass, max pooling, batch norm and
-//! ReLU; measured on cnn-small: max pooling 9.9 % → 3.0 % of an epoch's samples
-//! (`doc/performance.md`).
+//! version gives the same bits. Used by the optimizer's update loops, the gradient sum, the weight
+//! fake quantization, max pooling, batch norm and ReLU (and the portable oscillation-tracking
+//! pass); measured on cnn-small: max pooling 9.9 % → 3.0 % of an epoch's samples
+//! (`doc/performance.md`). Also here: software prefetch of a memory region ([`prefetch_l2`]).
 
 /// `widest! { fn name(a: A, b: B) -> R { body } }`: see the module doc. The body may only use
 /// its arguments (it is a nested function).
@@ -33,7 +34,8 @@ macro_rules! widest {
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU supports AVX-512F (checked on the line above), the only
-                    // requirement of `avx512`, whose body is safe Rust.
+                    // requirement of `avx512`, whose body needs nothing else of the CPU (any
+                    // `unsafe` inside it states its own reasons).
                     return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {

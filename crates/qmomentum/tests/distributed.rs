@@ -92,6 +92,7 @@ fn state(t: &Trainer) -> Vec<(String, Vec<u32>)> {
         .map(|p| (p.name.clone(), bits(&p.value)))
         .collect();
     out.extend(t.model.buffers_iter().map(|b| (b.name.clone(), bits(&b.value))));
+    out.extend(t.model.tracker_states().map(|b| (b.name.clone(), bits(&b.value))));
     for (i, s) in t.optimizer.state.iter().enumerate() {
         out.push((
             format!("optimizer state {i}"),

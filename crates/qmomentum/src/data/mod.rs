@@ -164,23 +164,12 @@ impl Dataset {
     /// next gather does not wait for ~100 scattered rows from memory one miss after another.
     /// Only a hint (no effect elsewhere than x86-64); indices past the end are ignored.
     pub fn prefetch(&self, idx: &[usize]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-            let f = self.features;
-            for &i in idx {
-                let Some(row) = self.images.get(i * f..(i + 1) * f) else {
-                    continue;
-                };
-                for line in row.chunks(64) {
-                    // SAFETY: a prefetch never faults and changes no memory; SSE is part of the
-                    // x86-64 baseline; the pointer is inside `row`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
-                }
+        let f = self.features;
+        for &i in idx {
+            if let Some(row) = self.images.get(i * f..(i + 1) * f) {
+                crate::simd::prefetch_l2(crate::simd::Region::of(row));
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = idx;
     }
 
     /// Split off the last `fraction` of samples (Keras `validation_split`: taken from the end,

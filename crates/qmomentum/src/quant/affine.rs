@@ -208,6 +208,9 @@ crate::simd::widest! {
             return;
         }
         assert_eq!(codes.len(), w_hat.len(), "one code per weight");
+        // The codes are i8, and the unchecked conversion below needs every clamped value to be
+        // an i32: both hold for the grids of 1 to 8 bits (the configuration allows 2 to 8).
+        assert!((1..=8).contains(&bits), "codes of a {bits}-bit grid do not fit an i8");
         for ((row, out), cs) in w
             .chunks_exact(outputs)
             .zip(w_hat.chunks_exact_mut(outputs))
@@ -216,7 +219,8 @@ crate::simd::widest! {
             for ((((o, c), &v), &s), &i) in out.iter_mut().zip(cs.iter_mut()).zip(row).zip(scales.iter()).zip(inv.iter()) {
                 let q = round_even_small((v * i).clamp(qmin, qmax));
                 *o = q * s;
-                // SAFETY: `q` is finite and in [qmin, qmax] ⊂ [−128, 127] (clamped above, bits ≤ 8;
+                // SAFETY: `q` is finite and in [qmin, qmax] ⊂ [−128, 127] (clamped above, bits ≤ 8
+                // asserted before the loop;
                 // a NaN weight clamps to NaN, excluded by the check), so it is representable in
                 // i32. Unchecked because the saturating `as` does not vectorise (measured: the
                 // QAT epoch 1.5× slower with it).

@@ -11,10 +11,9 @@
 //!
 //! The codes are those the step's forward pass used: the weight fake-quantizer writes them as
 //! i8 in the pass that computes ŵ, so they are computed once per step. The per-weight state is
-//! checkpointed (as `code + direction/4` in f32), so a resumed run tracks on; the step's pass
-//! works on an i16 copy of it (`4·code + direction`) and writes the f32 form only where it
-//! changes, so it reads three bytes per weight (code and state) instead of the eight of ŵ and
-//! an f32 state.
+//! checkpointed (as `code + direction/4` in f32, made when a checkpoint is written), so a resumed
+//! run tracks on; the step's pass works on the state as `4·code + direction` in an i16, so it
+//! reads three bytes per weight (code and state) instead of the eight of ŵ and an f32 state.
 //!
 //! **Lazy decay.** Most weights neither flip nor oscillate at a given step, yet the EMA decays
 //! every frequency every step: done eagerly, the pass reads and writes every frequency at every
@@ -417,22 +416,24 @@ fn weight_step(s: i16, c: i16) -> (i16, bool, bool) {
     (ns, up || down, o)
 }
 
-/// The portable [`pass`], one weight at a time (the reference of the AVX-512 kernel, and the
-/// path of CPUs without AVX-512BW).
-fn pass_portable(codes: &[i8], last: &mut [i16], freq: &mut [f32], add: f32, eager: f32) -> (u32, u32) {
-    let (mut flips, mut osc) = (0u32, 0u32);
-    for ((&c, l), f) in codes.iter().zip(last.iter_mut()).zip(freq.iter_mut()) {
-        let (ns, ch, o) = weight_step(*l, c as i16);
-        *l = ns;
-        if eager > 0.0 {
-            *f = eager * o as u32 as f32 + (1.0 - eager) * *f;
-        } else if o {
-            *f += add;
+crate::simd::widest! {
+    /// The portable [`pass`], one weight at a time (the reference of the AVX-512 kernel, and the
+    /// path of CPUs without AVX-512BW, compiled for AVX2 where there is one).
+    fn pass_portable(codes: &[i8], last: &mut [i16], freq: &mut [f32], add: f32, eager: f32) -> (u32, u32) {
+        let (mut flips, mut osc) = (0u32, 0u32);
+        for ((&c, l), f) in codes.iter().zip(last.iter_mut()).zip(freq.iter_mut()) {
+            let (ns, ch, o) = weight_step(*l, c as i16);
+            *l = ns;
+            if eager > 0.0 {
+                *f = eager * o as u32 as f32 + (1.0 - eager) * *f;
+            } else if o {
+                *f += add;
+            }
+            flips += ch as u32;
+            osc += o as u32;
         }
-        flips += ch as u32;
-        osc += o as u32;
+        (flips, osc)
     }
-    (flips, osc)
 }
 
 /// The tracking pass on AVX-512, 32 weights per register (i16 states, i8 codes): the step of

@@ -272,9 +272,12 @@ impl WeightFakeQuant {
     /// Compute `ŵ` and the per-channel scales from `w` (no-op for float weights).
     pub fn quantize(&mut self, w: &[f32]) {
         let Some(wq) = self.quant else { return };
-        if self.tracker.is_none() && !self.codes.is_empty() {
+        match (&self.tracker, self.codes.len()) {
             // The tracker was dropped (a replica, or tracking off): no codes to write.
-            self.codes = Vec::new();
+            (None, n) if n > 0 => self.codes = Vec::new(),
+            // A tracker set after `configure`: one code per weight.
+            (Some(_), n) if n != self.w_hat.len() => self.codes = vec![0; self.w_hat.len()],
+            _ => {}
         }
         let out = self.outputs;
         let fixed = self
