@@ -6,19 +6,8 @@ use proptest::prelude::*;
 use qmomentum_runtime::kernels::{self, scalar, Dequant, KernelKind, PackedDenseBin, PackedDenseI8, Requant, SignBits};
 use qmomentum_runtime::requant::{MULTIPLIER_MAX, MULTIPLIER_MIN, SHIFT_MAX, SHIFT_MIN};
 
-/// The SIMD tiers this CPU has; prints a note for each one it lacks (so a skip is visible).
-fn tiers() -> Vec<KernelKind> {
-    KernelKind::ALL
-        .into_iter()
-        .filter(|k| {
-            let ok = k.is_available();
-            if !ok {
-                eprintln!("note: skipping kernel tier {k:?}: not supported by this CPU");
-            }
-            ok
-        })
-        .collect()
-}
+mod common;
+use common::tiers;
 
 #[derive(Debug, Clone)]
 struct DenseCase {
