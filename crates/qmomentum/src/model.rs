@@ -292,6 +292,11 @@ impl Sequential {
         self.layers.get_mut(k)?.batch_norm_mut()
     }
 
+    /// Whether layer `i` is computed by the layer before it ([`Layer::fuses_next`]).
+    fn fused_into_previous(&self, i: usize) -> bool {
+        i > 0 && self.layers[i - 1].fuses_next(&self.layers[i])
+    }
+
     fn ensure(&mut self, batch: usize) {
         let l = self.layers.len();
         if batch <= self.cap && self.aslot.len() == l + 1 && self.gslot.len() == l + 1 {
@@ -300,10 +305,13 @@ impl Sequential {
         let sizes: Vec<usize> = self.shapes().map(|s| s.len()).collect();
         // A folded layer (a batch norm or activation computed inside the convolution before it)
         // outputs its input: one buffer for both.
+        // So does a layer that the one before it computes (`Layer::fuses_next`).
         let mut aslot = vec![0usize; l + 1];
         let mut asizes = vec![sizes[0]];
         for i in 0..l {
-            if matches!(self.layers[i], Layer::Folded(_)) {
+            let fuses = i + 1 < l && self.layers[i].fuses_next(&self.layers[i + 1]);
+            self.layers[i].set_fused_next(fuses);
+            if matches!(self.layers[i], Layer::Folded(_)) || self.fused_into_previous(i) {
                 aslot[i + 1] = aslot[i];
             } else {
                 aslot[i + 1] = asizes.len();
@@ -423,6 +431,11 @@ impl Sequential {
         for i in (0..l).rev() {
             let x = &acts[self.aslot[i]][..batch * sizes[i]];
             let (into, from) = (gslot[i], gslot[i + 1]);
+            if i > 0 && self.layers[i - 1].fuses_next(&self.layers[i]) {
+                // Its backward is part of the previous layer's (which shares its buffers).
+                debug_assert_eq!(into, from);
+                continue;
+            }
             if into == from {
                 self.layers[i].backward_in_place(x, &mut grads[from][..batch * sizes[i + 1]]);
                 continue;

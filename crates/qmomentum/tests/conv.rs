@@ -214,6 +214,93 @@ fn pooling_forward_and_backward() {
     }
 }
 
+/// The 2×2/stride-2 path's backward (one write per input) against its definition: each input
+/// gets the gradient of the window it is the first maximum of, else 0; odd sizes leave a last
+/// row and column in no window.
+#[test]
+fn max_pool_2x2_backward_is_the_scatter_to_the_first_maximum() {
+    let mut rng = Rng::new(11, 0);
+    for (h, w, c, batch) in [(4, 4, 1, 1), (5, 7, 3, 2), (28, 28, 32, 2), (6, 9, 17, 3)] {
+        let mut p = Pool2d::new(0, PoolKind::Max, Shape::new(h, w, c), [2, 2], [2, 2], Padding::Valid).unwrap();
+        let o = p.geo.output;
+        // Repeated values, so that ties (the first maximum wins, as PyTorch) are exercised.
+        let x: Vec<f32> = (0..batch * h * w * c)
+            .map(|_| (rng.uniform_range(0.0, 4.0) as i32) as f32)
+            .collect();
+        let dy = rand(&mut rng, batch * o.len());
+        let mut y = vec![0.0; batch * o.len()];
+        p.forward(&x, &mut y, batch);
+        let mut dx = vec![f32::NAN; x.len()];
+        p.backward(&dy, &mut dx, batch);
+        let mut want = vec![0.0f32; x.len()];
+        for b in 0..batch {
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    for ch in 0..c {
+                        let at = |iy: usize, ix: usize| b * h * w * c + (iy * w + ix) * c + ch;
+                        let taps = [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(dy, dx)| at(2 * oy + dy, 2 * ox + dx));
+                        let best = taps.into_iter().fold(taps[0], |m, t| if x[t] > x[m] { t } else { m });
+                        let out = b * o.len() + (oy * o.w + ox) * c + ch;
+                        assert_eq!(y[out], x[best]);
+                        want[best] += dy[out];
+                    }
+                }
+            }
+        }
+        assert_eq!(dx, want, "{h}×{w}×{c}, batch {batch}");
+    }
+}
+
+/// A batch norm followed by a ReLU, computed in one pass by the batch norm (`BatchNorm::relu`, as
+/// the model runs them), gives the bits of the two layers run one after the other: output,
+/// parameter gradients and input gradient, with batch and with running statistics.
+#[test]
+fn fused_batch_norm_relu_is_batch_norm_then_relu_bit_for_bit() {
+    let mut rng = Rng::new(5, 0);
+    for (rows, c) in [(50, 37), (8, 64), (3, 1)] {
+        let n = rows * c;
+        for training in [true, false] {
+            let mut plain = BatchNorm::new(0, c, 1e-3, BnMomentum::Torch { momentum: 0.1 });
+            plain.gamma.value = rand(&mut rng, c);
+            plain.beta.value = rand(&mut rng, c);
+            plain.running_mean.value = rand(&mut rng, c);
+            plain.running_var.value = rand(&mut rng, c).iter().map(|v| v.abs() + 0.5).collect();
+            let mut fused = plain.clone();
+            fused.relu = true;
+            let x = rand(&mut rng, n);
+            let mut dy = rand(&mut rng, n);
+            dy[n / 2] = f32::NAN; // masked or not, as the ReLU layer would
+            let (mut y, mut z, mut yf) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            let mut relu = Layer::Activation(Activation::Relu);
+            let mut r = Rng::new(0, 0);
+            plain.forward(&x, &mut z, n, training);
+            relu.forward(&z, &mut y, rows, training, false, &mut r);
+            fused.forward(&x, &mut yf, n, training);
+            assert_eq!(bits(&y), bits(&yf), "forward, {rows}×{c}, training {training}");
+            if n >= 64 {
+                assert!(yf.contains(&0.0) && yf.iter().any(|&v| v > 0.0));
+            }
+            // Two layers: ReLU's backward, then the batch norm's in place (as the model runs it).
+            let mut g = vec![0.0; n];
+            relu.backward(&z, &dy, Some(&mut g), rows);
+            plain.backward_in_place(&x, &mut g, n);
+            let mut gf = dy.clone();
+            fused.backward_in_place(&x, &mut gf, n);
+            assert_eq!(bits(&g), bits(&gf), "input gradient, {rows}×{c}, training {training}");
+            assert_eq!(bits(&plain.gamma.grad), bits(&fused.gamma.grad));
+            assert_eq!(bits(&plain.beta.grad), bits(&fused.beta.grad));
+            // The out-of-place form gives the same.
+            let mut dx = vec![0.0; n];
+            fused.backward(&x, &dy, Some(&mut dx), n);
+            assert_eq!(bits(&g), bits(&dx));
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 #[test]
 fn batch_norm_backward_matches_finite_differences() {
     let mut rng = Rng::new(4, 0);

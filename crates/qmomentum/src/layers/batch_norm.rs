@@ -56,6 +56,12 @@ pub struct BatchNorm {
     /// Statistics of the last training batch this replica saw: Σx, Σx² per channel (f64) and the
     /// rows counted (merged over replicas by the model, then [`BatchNorm::update_running`]).
     pub batch_sums: (Vec<f64>, Vec<f64>, u64),
+    /// Whether a ReLU is applied in the same passes: `y = max(BN(x), 0)` forward, and the
+    /// backward pass masks `∂L/∂y` where `BN(x) ≤ 0` (recomputed from `x`, as `x̂` is) before its
+    /// sums. Set by the model when the next layer is a ReLU ([`super::Layer::fuses_next`]),
+    /// which then computes nothing; the result is the two layers' bits. Measured: see
+    /// `doc/performance.md` (cnn-small epoch).
+    pub relu: bool,
     /// Whether the last forward pass normalised with the batch statistics (else the running
     /// ones, which the backward pass then treats as constants).
     batch_stats: bool,
@@ -101,6 +107,94 @@ crate::simd::widest! {
         for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
             for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b)) {
                 *y = g * ((x - m) * s) + b;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `y = max(γ·((x − μ)·(1/σ)) + β, 0)`: [`normalize`] and the ReLU after it in one pass (the
+    /// same operations, so the same bits as the two passes).
+    fn normalize_relu(x: &[f32], y: &mut [f32], c: usize, mean: &[f32], inv_std: &[f32], g: &[f32], b: &[f32]) {
+        for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            for ((((y, &x), &m), &s), (&g, &b)) in yr.iter_mut().zip(xr).zip(mean).zip(inv_std).zip(g.iter().zip(b)) {
+                *y = (g * ((x - m) * s) + b).max(0.0);
+            }
+        }
+    }
+}
+
+/// `∂L/∂y` masked by a fused ReLU: `dy` where the forward output `γ·x̂ + β` was positive, else 0
+/// (as the ReLU layer's backward: 0 for NaN too). `x̂` and the output are recomputed with the
+/// forward pass's operations.
+#[inline(always)]
+fn relu_mask(dy: f32, xhat: f32, g: f32, b: f32) -> f32 {
+    if g * xhat + b > 0.0 {
+        dy
+    } else {
+        0.0
+    }
+}
+
+crate::simd::widest! {
+    /// [`grad_sums`] of `dy` masked by a fused ReLU ([`relu_mask`]).
+    fn grad_sums_relu(
+        dy: &[f32],
+        x: &[f32],
+        c: usize,
+        mean: &[f32],
+        inv_std: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        dsum: &mut [f64],
+        dsum_xhat: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+    ) {
+        dsum.fill(0.0);
+        dsum_xhat.fill(0.0);
+        for (gb, xb) in dy.chunks(BLOCK_ROWS * c).zip(x.chunks(BLOCK_ROWS * c)) {
+            let (a, b) = (&mut b1[..c], &mut b2[..c]);
+            a.fill(0.0);
+            b.fill(0.0);
+            for (gr, xr) in gb.chunks_exact(c).zip(xb.chunks_exact(c)) {
+                for (((((a, b), &g), &x), (&m, &s)), (&ga, &be)) in
+                    a.iter_mut().zip(b.iter_mut()).zip(gr).zip(xr).zip(mean.iter().zip(inv_std)).zip(gamma.iter().zip(beta))
+                {
+                    let xhat = (x - m) * s;
+                    let g = relu_mask(g, xhat, ga, be);
+                    *a += g;
+                    *b += g * xhat;
+                }
+            }
+            for ch in 0..c {
+                dsum[ch] += a[ch] as f64;
+                dsum_xhat[ch] += b[ch] as f64;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// [`input_grad`] of `g` masked by a fused ReLU ([`relu_mask`]), in place.
+    fn input_grad_relu(
+        g: &mut [f32],
+        x: &[f32],
+        c: usize,
+        k: &[f32],
+        m1: &[f32],
+        m2: &[f32],
+        mean: &[f32],
+        inv_std: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+    ) {
+        for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for ((((((d, &x), &k), &m1), &m2), (&m, &s)), (&ga, &be)) in
+                gr.iter_mut().zip(xr).zip(k).zip(m1).zip(m2).zip(mean.iter().zip(inv_std)).zip(gamma.iter().zip(beta))
+            {
+                let xhat = (x - m) * s;
+                *d = k * (relu_mask(*d, xhat, ga, be) - m1 - xhat * m2);
             }
         }
     }
@@ -193,6 +287,7 @@ impl BatchNorm {
                 vec![1.0; channels],
             ),
             batch_sums: (vec![0.0; channels], vec![0.0; channels], 0),
+            relu: false,
             batch_stats: false,
             inv_std: vec![0.0; channels],
             mean: vec![0.0; channels],
@@ -231,13 +326,29 @@ impl BatchNorm {
         // `x̂ = (x − μ)·(1/σ)` is not stored: the backward pass computes it again from `x` (the
         // same f32 operations, so the same values), which saves a buffer as large as the
         // activations (for cnn-small's two replicas, 19 MB).
-        normalize(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
+        if self.relu {
+            normalize_relu(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
+        } else {
+            normalize(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
+        }
     }
 
     /// Backward over `n` values of the forward input `x`, with `x̂ = (x − μ)/σ` of that forward
     /// pass: `dx = (γ/σ)·(dy − mean(dy) − x̂·mean(dy·x̂))` after batch statistics,
     /// `dx = (γ/σ)·dy` after running ones (constants then); `dγ = Σ dy·x̂`, `dβ = Σ dy`.
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, n: usize) {
+        if self.relu {
+            // The fused ReLU's mask: the in-place pass on a copy (the model's own backward
+            // always runs in place; this serves layer-by-layer callers).
+            match dx {
+                Some(dx) => {
+                    dx[..n].copy_from_slice(&dy[..n]);
+                    self.backward_in_place(x, dx, n);
+                }
+                None => self.param_grads(x, dy, n),
+            }
+            return;
+        }
         self.param_grads(x, dy, n);
         if let Some(dx) = dx {
             self.input_grad_coefficients(n);
@@ -266,17 +377,33 @@ impl BatchNorm {
     /// `dγ`, `dβ` and the per-channel sums `Σ dy`, `Σ dy·x̂` the input gradient needs.
     fn param_grads(&mut self, x: &[f32], dy: &[f32], n: usize) {
         let c = self.channels;
-        grad_sums(
-            &dy[..n],
-            &x[..n],
-            c,
-            &self.mean[..c],
-            &self.inv_std[..c],
-            &mut self.dsum,
-            &mut self.dsum_xhat,
-            &mut self.dsum_f32,
-            &mut self.dsum_xhat_f32,
-        );
+        if self.relu {
+            grad_sums_relu(
+                &dy[..n],
+                &x[..n],
+                c,
+                &self.mean[..c],
+                &self.inv_std[..c],
+                &self.gamma.value,
+                &self.beta.value,
+                &mut self.dsum,
+                &mut self.dsum_xhat,
+                &mut self.dsum_f32,
+                &mut self.dsum_xhat_f32,
+            );
+        } else {
+            grad_sums(
+                &dy[..n],
+                &x[..n],
+                c,
+                &self.mean[..c],
+                &self.inv_std[..c],
+                &mut self.dsum,
+                &mut self.dsum_xhat,
+                &mut self.dsum_f32,
+                &mut self.dsum_xhat_f32,
+            );
+        }
         for ch in 0..c {
             self.beta.grad[ch] = self.dsum[ch] as f32;
             self.gamma.grad[ch] = self.dsum_xhat[ch] as f32;
@@ -287,6 +414,21 @@ impl BatchNorm {
     fn input_grad_in_place(&mut self, x: &[f32], g: &mut [f32], n: usize) {
         self.input_grad_coefficients(n);
         let c = self.channels;
+        if self.relu {
+            input_grad_relu(
+                &mut g[..n],
+                &x[..n],
+                c,
+                &self.k[..c],
+                &self.dsum_f32[..c],
+                &self.dsum_xhat_f32[..c],
+                &self.mean[..c],
+                &self.inv_std[..c],
+                &self.gamma.value,
+                &self.beta.value,
+            );
+            return;
+        }
         input_grad(
             &mut g[..n],
             &x[..n],

@@ -188,6 +188,22 @@ impl Layer {
         }
     }
 
+    /// Whether this layer computes `next` (the layer right after it) in its own passes, so that
+    /// `next` has nothing left to do: a batch norm followed by a ReLU ([`BatchNorm::relu`]; in
+    /// cnn-small this saves a read and a write of the largest activation in each direction). The
+    /// model then gives both layers one output buffer and skips `next` in both passes
+    /// ([`Layer::set_fused_next`]); the bits are those of the two layers.
+    pub fn fuses_next(&self, next: &Layer) -> bool {
+        matches!((self, next), (Layer::BatchNorm(_), Layer::Activation(Activation::Relu)))
+    }
+
+    /// Tell a layer whether it computes the next one too ([`Layer::fuses_next`]).
+    pub fn set_fused_next(&mut self, on: bool) {
+        if let Layer::BatchNorm(b) = self {
+            b.relu = on;
+        }
+    }
+
     /// Whether [`Layer::backward_in_place`] applies: the input gradient has the output
     /// gradient's shape and each value is computed from its own position after any per-channel
     /// reductions, so both can share one buffer (the model then keeps one gradient buffer for a

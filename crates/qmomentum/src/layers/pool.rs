@@ -54,11 +54,7 @@ impl Pool2d {
         if self.kind == PoolKind::Max && self.argmax.len() < batch * o.len() {
             self.argmax.resize(batch * o.len(), 0);
         }
-        if self.kind == PoolKind::Max
-            && self.geo.kernel == [2, 2]
-            && self.geo.stride == [2, 2]
-            && self.geo.pad == [0; 4]
-        {
+        if self.fast_2x2() {
             max_2x2(x, y, &mut self.argmax, self.geo.input, self.geo.output, batch);
             return;
         }
@@ -113,10 +109,20 @@ impl Pool2d {
         }
     }
 
+    /// 2×2 max pooling with stride 2 and no padding (cnn-small's, LeNet's): the windows tile
+    /// the input, so the passes [`max_2x2`] and [`max_2x2_backward`] visit each input once.
+    fn fast_2x2(&self) -> bool {
+        self.kind == PoolKind::Max && self.geo.kernel == [2, 2] && self.geo.stride == [2, 2] && self.geo.pad == [0; 4]
+    }
+
     /// Backward: the gradient goes to the maximum (max) or is shared by the window (avg).
     pub fn backward(&self, dy: &[f32], dx: &mut [f32], batch: usize) {
         let (i, o) = (self.geo.input, self.geo.output);
         let c = i.c;
+        if self.fast_2x2() {
+            max_2x2_backward(dy, &self.argmax, dx, i, o, batch);
+            return;
+        }
         dx.fill(0.0);
         for b in 0..batch {
             let dxb = &mut dx[b * i.len()..(b + 1) * i.len()];
@@ -215,6 +221,35 @@ crate::simd::widest! {
                             let take = v > *o;
                             *o = if take { v } else { *o };
                             *a = if take { (t + ch) as u32 } else { *a };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// Backward of [`max_2x2`]: each input position of a window receives the window's gradient if
+    /// it was the maximum, else 0. One write per input position (the windows tile the input),
+    /// instead of clearing `dx` and adding into it: the same values (0 + g = g but for the sign
+    /// of a zero gradient).
+    fn max_2x2_backward(dy: &[f32], argmax: &[u32], dx: &mut [f32], i: Shape, o: Shape, batch: usize) {
+        let c = i.c;
+        for b in 0..batch {
+            let dxb = &mut dx[b * i.len()..(b + 1) * i.len()];
+            if i.h != 2 * o.h || i.w != 2 * o.w {
+                // An odd last row or column is in no window: its gradient is 0.
+                dxb.fill(0.0);
+            }
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    let at = b * o.len() + (oy * o.w + ox) * c;
+                    let s00 = (2 * oy * i.w + 2 * ox) * c;
+                    let (g, arg) = (&dy[at..at + c], &argmax[at..at + c]);
+                    for t in [s00, s00 + c, s00 + i.w * c, s00 + i.w * c + c] {
+                        for (ch, ((d, &g), &a)) in dxb[t..t + c].iter_mut().zip(g).zip(arg).enumerate() {
+                            *d = if a == (t + ch) as u32 { g } else { 0.0 };
                         }
                     }
                 }
