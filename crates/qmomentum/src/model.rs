@@ -311,7 +311,8 @@ impl Sequential {
         for i in 0..l {
             let fuses = i + 1 < l && self.layers[i].fuses_next(&self.layers[i + 1]);
             self.layers[i].set_fused_next(fuses);
-            if matches!(self.layers[i], Layer::Folded(_)) || self.fused_into_previous(i) {
+            // Flatten too: NHWC rows are already flat.
+            if matches!(self.layers[i], Layer::Folded(_) | Layer::Flatten) || self.fused_into_previous(i) {
                 aslot[i + 1] = aslot[i];
             } else {
                 aslot[i + 1] = asizes.len();
