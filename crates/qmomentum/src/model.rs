@@ -82,7 +82,7 @@ impl Sequential {
     }
 
     /// Output shape of every layer boundary (input first).
-    fn shapes(&self) -> impl Iterator<Item = Shape> + '_ {
+    pub fn shapes(&self) -> impl Iterator<Item = Shape> + '_ {
         std::iter::once(self.input_shape).chain(self.layers.iter().scan(self.input_shape, |s, l| {
             *s = l.output_shape(*s);
             Some(*s)
@@ -292,6 +292,16 @@ impl Sequential {
         self.layers.get_mut(k)?.batch_norm_mut()
     }
 
+    /// Whether layer `i` is a batch norm with its ReLU fused ([`Layer::fuses_next`]) followed by a
+    /// 2×2/stride-2 max pooling, whose backward pass it then does too
+    /// ([`BatchNorm::backward_in_place_through_pool`]; cnn-small's two blocks).
+    fn pool_through_batch_norm(layers: &[Layer], i: usize) -> bool {
+        match (layers.get(i), layers.get(i + 1), layers.get(i + 2)) {
+            (Some(bn @ Layer::BatchNorm(_)), Some(relu), Some(Layer::Pool2d(p))) => bn.fuses_next(relu) && p.fast_2x2(),
+            _ => false,
+        }
+    }
+
     /// Whether layer `i` is computed by the layer before it ([`Layer::fuses_next`]).
     fn fused_into_previous(&self, i: usize) -> bool {
         i > 0 && self.layers[i - 1].fuses_next(&self.layers[i])
@@ -435,6 +445,24 @@ impl Sequential {
             if i > 0 && self.layers[i - 1].fuses_next(&self.layers[i]) {
                 // Its backward is part of the previous layer's (which shares its buffers).
                 debug_assert_eq!(into, from);
+                continue;
+            }
+            if i >= 2 && Self::pool_through_batch_norm(&self.layers, i - 2) {
+                // Done by the batch norm two layers down, from this layer's `dy` (below).
+                continue;
+            }
+            if Self::pool_through_batch_norm(&self.layers, i) {
+                // A batch norm + ReLU + 2×2 max pooling: the batch norm's backward reads the
+                // pooled gradient (`grads[gslot[i + 3]]`) and writes its input gradient into its
+                // own buffer (shared with the ReLU's and the pooling's input gradients).
+                let (lo, hi) = self.layers.split_at_mut(i + 1);
+                if let (Layer::BatchNorm(bn), Layer::Pool2d(pool)) = (&mut lo[i], &hi[1]) {
+                    let (g, dpool) = (gslot[i], gslot[i + 3]);
+                    debug_assert!(g > dpool && g == from);
+                    let (a, b) = grads.split_at_mut(g);
+                    let n = batch * sizes[i];
+                    bn.backward_in_place_through_pool(x, pool, &a[dpool][..batch * sizes[i + 3]], &mut b[0][..n], n);
+                }
                 continue;
             }
             if into == from {

@@ -546,3 +546,85 @@ fn shared_gradient_buffers_give_the_out_of_place_gradients() {
         assert!(p.grad.iter().any(|&g| g != 0.0), "{} has a gradient", p.name);
     }
 }
+
+/// The model's fused passes (batch norm + ReLU in one pass each way, the 2×2 max pooling's
+/// backward done by the batch norm before it, flatten sharing its input's buffer) give the bits
+/// of the layers run one by one, unfused, each into its own buffers: outputs, loss and every
+/// parameter gradient. Odd sizes leave a row and column outside the pooling windows.
+#[test]
+fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
+    use qmomentum::config::ModelConfig;
+    use qmomentum::model::Sequential;
+    use qmomentum::quant::Scheme;
+    let cfg: ModelConfig = toml::from_str(
+        r#"
+        input = 147
+        input_shape = [7, 7, 3]
+        [[layers]]
+        type = "conv2d"
+        filters = 8
+        kernel_size = 3
+        padding = "same"
+        [[layers]]
+        type = "batch_norm"
+        [[layers]]
+        type = "activation"
+        activation = "relu"
+        [[layers]]
+        type = "max_pool2d"
+        pool_size = 2
+        [[layers]]
+        type = "conv2d"
+        filters = 5
+        kernel_size = 2
+        [[layers]]
+        type = "batch_norm"
+        momentum = 0.9
+        [[layers]]
+        type = "activation"
+        activation = "relu"
+        [[layers]]
+        type = "flatten"
+        [[layers]]
+        type = "dense"
+        units = 4
+        activation = "softmax"
+        "#,
+    )
+    .unwrap();
+    let mut fused = Sequential::from_config(&cfg, Scheme::Fp32, false, 7).unwrap();
+    let mut layers = fused.layers.clone();
+    let batch = 6;
+    let mut rng = Rng::new(12, 0);
+    let x = rand(&mut rng, batch * 147);
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 4).collect();
+    fused.input_mut(batch).copy_from_slice(&x);
+    let (loss_sum, _) = fused.forward_backward(&labels, batch, &mut Rng::new(3, 1));
+    // Reference: every layer on its own, out of place, nothing fused.
+    layers.iter_mut().for_each(|l| l.set_fused_next(false));
+    let sizes: Vec<usize> = fused.shapes().map(|s| s.len()).collect();
+    let mut outs = vec![x];
+    for (i, l) in layers.iter_mut().enumerate() {
+        let mut y = vec![0.0; batch * sizes[i + 1]];
+        l.forward(outs.last().unwrap(), &mut y, batch, true, true, &mut Rng::new(3, 1));
+        outs.push(y);
+    }
+    let last = outs.last().unwrap();
+    let mut probs = vec![0.0; batch * 4];
+    let loss = qmomentum::loss::softmax_crossentropy_forward(last, &labels, 4, &mut probs);
+    assert_eq!((loss as f64 * batch as f64).to_bits(), loss_sum.to_bits());
+    let mut dy = vec![0.0; batch * 4];
+    qmomentum::loss::softmax_crossentropy_backward(&probs, &labels, 4, &mut dy);
+    for (i, l) in layers.iter_mut().enumerate().rev() {
+        let mut dx = vec![0.0; outs[i].len()];
+        l.backward(&outs[i], &dy, (i > 0).then_some(&mut dx[..]), batch);
+        dy = dx;
+    }
+    let one_by_one: Vec<_> = layers.iter().flat_map(|l| l.params()).collect();
+    let model: Vec<_> = fused.params_iter().collect();
+    assert_eq!(one_by_one.len(), model.len());
+    for (p, q) in model.iter().zip(&one_by_one) {
+        assert!(p.grad.iter().any(|&g| g != 0.0), "{} has a gradient", p.name);
+        assert_eq!(bits(&p.grad), bits(&q.grad), "{}", p.name);
+    }
+}

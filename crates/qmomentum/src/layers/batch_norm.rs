@@ -200,6 +200,134 @@ crate::simd::widest! {
     }
 }
 
+/// Where the gradient of a row of a batch norm's output comes from when a 2×2/stride-2 max
+/// pooling follows it ([`BatchNorm::backward_in_place_through_pool`]): the pooling's input
+/// `[h, w]` and output `[oh, ow]` per sample.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolGrid {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PoolGrid {
+    /// The window of row `r` (sample, y, x) as `(offset of its pooled row, offset of this row
+    /// within its sample)` in values of `c` channels, and whether any window holds the row (an
+    /// odd last row or column is in none).
+    #[inline(always)]
+    fn source(&self, r: usize, c: usize) -> (usize, u32, bool) {
+        let hw = self.h * self.w;
+        let (b, p) = (r / hw, r % hw);
+        let (y, x) = (p / self.w, p % self.w);
+        let (wy, wx) = (y / 2, x / 2);
+        let inside = wy < self.oh && wx < self.ow;
+        let win = if inside { (b * self.oh + wy) * self.ow + wx } else { 0 };
+        (win * c, (p * c) as u32, inside)
+    }
+}
+
+/// `∂L/∂y` of one value from the pooling after the batch norm: the window's gradient if this
+/// value was its maximum (`argmax` holds its offset in the sample), else 0, as
+/// `pool::max_2x2_backward` writes it.
+#[inline(always)]
+fn from_pool(dp: f32, arg: u32, at: u32, inside: bool) -> f32 {
+    if inside && arg == at {
+        dp
+    } else {
+        0.0
+    }
+}
+
+crate::simd::widest! {
+    /// [`grad_sums_relu`] of the gradient the pooling after the batch norm would pass down
+    /// ([`from_pool`]), read from the pooled gradient and the pooling's argmax.
+    fn grad_sums_relu_pool(
+        dpool: &[f32],
+        argmax: &[u32],
+        grid: PoolGrid,
+        x: &[f32],
+        c: usize,
+        mean: &[f32],
+        inv_std: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        dsum: &mut [f64],
+        dsum_xhat: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+    ) {
+        dsum.fill(0.0);
+        dsum_xhat.fill(0.0);
+        for (k, xb) in x.chunks(BLOCK_ROWS * c).enumerate() {
+            let (a, b) = (&mut b1[..c], &mut b2[..c]);
+            a.fill(0.0);
+            b.fill(0.0);
+            for (j, xr) in xb.chunks_exact(c).enumerate() {
+                let (win, at, inside) = grid.source(k * BLOCK_ROWS + j, c);
+                let (dp, arg) = (&dpool[win..win + c], &argmax[win..win + c]);
+                for (ch, (((((a, b), &x), (&m, &s)), (&ga, &be)), (&dp, &arg))) in a
+                    .iter_mut()
+                    .zip(b.iter_mut())
+                    .zip(xr)
+                    .zip(mean.iter().zip(inv_std))
+                    .zip(gamma.iter().zip(beta))
+                    .zip(dp.iter().zip(arg))
+                    .enumerate()
+                {
+                    let xhat = (x - m) * s;
+                    let g = relu_mask(from_pool(dp, arg, at + ch as u32, inside), xhat, ga, be);
+                    *a += g;
+                    *b += g * xhat;
+                }
+            }
+            for ch in 0..c {
+                dsum[ch] += a[ch] as f64;
+                dsum_xhat[ch] += b[ch] as f64;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// [`input_grad_relu`] of the gradient the pooling after the batch norm would pass down
+    /// ([`from_pool`]), written to `g`.
+    fn input_grad_relu_pool(
+        dpool: &[f32],
+        argmax: &[u32],
+        grid: PoolGrid,
+        g: &mut [f32],
+        x: &[f32],
+        c: usize,
+        k: &[f32],
+        m1: &[f32],
+        m2: &[f32],
+        mean: &[f32],
+        inv_std: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+    ) {
+        for (r, (gr, xr)) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
+            let (win, at, inside) = grid.source(r, c);
+            let (dp, arg) = (&dpool[win..win + c], &argmax[win..win + c]);
+            for (ch, ((((((d, &x), &k), (&m1, &m2)), (&m, &s)), (&ga, &be)), (&dp, &arg))) in gr
+                .iter_mut()
+                .zip(xr)
+                .zip(k)
+                .zip(m1.iter().zip(m2))
+                .zip(mean.iter().zip(inv_std))
+                .zip(gamma.iter().zip(beta))
+                .zip(dp.iter().zip(arg))
+                .enumerate()
+            {
+                let xhat = (x - m) * s;
+                let dy = relu_mask(from_pool(dp, arg, at + ch as u32, inside), xhat, ga, be);
+                *d = k * (dy - m1 - xhat * m2);
+            }
+        }
+    }
+}
+
 crate::simd::widest! {
     /// `Σ dy` and `Σ dy·x̂` per channel (`x̂ = (x − μ)·(1/σ)`), in f32 blocks added into f64.
     fn grad_sums(
@@ -372,6 +500,67 @@ impl BatchNorm {
     pub fn backward_in_place(&mut self, x: &[f32], g: &mut [f32], n: usize) {
         self.param_grads(x, g, n);
         self.input_grad_in_place(x, g, n);
+    }
+
+    /// [`BatchNorm::backward_in_place`] of a batch norm with its ReLU ([`BatchNorm::relu`])
+    /// followed by a 2×2/stride-2 max pooling, whose backward it does too: `∂L/∂y` is read
+    /// from the pooled gradient `dpool` and the pooling's `argmax` instead of a full-size buffer
+    /// the pooling would write first (cnn-small: one write and two reads of the largest
+    /// activation's gradient less per step). `g` receives `∂L/∂x`; the bits are those of the
+    /// three layers' backward passes.
+    pub fn backward_in_place_through_pool(
+        &mut self,
+        x: &[f32],
+        pool: &super::Pool2d,
+        dpool: &[f32],
+        g: &mut [f32],
+        n: usize,
+    ) {
+        debug_assert!(self.relu && pool.fast_2x2() && pool.geo.input.c == self.channels);
+        let c = self.channels;
+        let (i, o) = (pool.geo.input, pool.geo.output);
+        let grid = PoolGrid {
+            h: i.h,
+            w: i.w,
+            oh: o.h,
+            ow: o.w,
+        };
+        let argmax = pool.argmax();
+        grad_sums_relu_pool(
+            dpool,
+            argmax,
+            grid,
+            &x[..n],
+            c,
+            &self.mean[..c],
+            &self.inv_std[..c],
+            &self.gamma.value,
+            &self.beta.value,
+            &mut self.dsum,
+            &mut self.dsum_xhat,
+            &mut self.dsum_f32,
+            &mut self.dsum_xhat_f32,
+        );
+        for ch in 0..c {
+            self.beta.grad[ch] = self.dsum[ch] as f32;
+            self.gamma.grad[ch] = self.dsum_xhat[ch] as f32;
+        }
+        self.input_grad_coefficients(n);
+        input_grad_relu_pool(
+            dpool,
+            argmax,
+            grid,
+            &mut g[..n],
+            &x[..n],
+            c,
+            &self.k[..c],
+            &self.dsum_f32[..c],
+            &self.dsum_xhat_f32[..c],
+            &self.mean[..c],
+            &self.inv_std[..c],
+            &self.gamma.value,
+            &self.beta.value,
+        );
     }
 
     /// `dγ`, `dβ` and the per-channel sums `Σ dy`, `Σ dy·x̂` the input gradient needs.

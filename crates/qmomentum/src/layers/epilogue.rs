@@ -114,11 +114,7 @@ impl Epilogue {
         };
         if self.passthrough() {
             // The product is in `y` already: add the bias (no statistics: no observer).
-            for yr in y[..n].chunks_exact_mut(self.channels) {
-                for (yv, &b) in yr.iter_mut().zip(bias) {
-                    *yv += b;
-                }
-            }
+            add_rows(&mut y[..n], bias);
             if training {
                 self.act.stats = BatchStats {
                     lo: f32::INFINITY,
@@ -205,13 +201,7 @@ impl Epilogue {
     pub fn backward(&mut self, dy: &[f32], bias: &mut Param, n: usize, features: usize) {
         if self.passthrough() {
             // `∂L/∂z = dy`: only the bias gradient, `Σ_rows dy` per channel.
-            let db = &mut bias.grad;
-            db.fill(0.0);
-            for row in dy[..n].chunks_exact(self.channels) {
-                for (b, &g) in db.iter_mut().zip(row) {
-                    *b += g;
-                }
-            }
+            column_sums(&dy[..n], &mut bias.grad);
             return;
         }
         let act = self.activation;
@@ -258,6 +248,29 @@ impl Epilogue {
             }
         }
         self.act.set_step_grad(ds, features);
+    }
+}
+
+crate::simd::widest! {
+    /// `y[r, :] += b` for every row of `b.len()` values.
+    fn add_rows(y: &mut [f32], b: &[f32]) {
+        for yr in y.chunks_exact_mut(b.len()) {
+            for (yv, &b) in yr.iter_mut().zip(b) {
+                *yv += b;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `s = Σ_rows x[r, :]` (rows of `s.len()` values), each column summed in row order.
+    fn column_sums(x: &[f32], s: &mut [f32]) {
+        s.fill(0.0);
+        for row in x.chunks_exact(s.len()) {
+            for (b, &g) in s.iter_mut().zip(row) {
+                *b += g;
+            }
+        }
     }
 }
 

@@ -111,8 +111,14 @@ impl Pool2d {
 
     /// 2×2 max pooling with stride 2 and no padding (cnn-small's, LeNet's): the windows tile
     /// the input, so the passes [`max_2x2`] and [`max_2x2_backward`] visit each input once.
-    fn fast_2x2(&self) -> bool {
+    pub fn fast_2x2(&self) -> bool {
         self.kind == PoolKind::Max && self.geo.kernel == [2, 2] && self.geo.stride == [2, 2] && self.geo.pad == [0; 4]
+    }
+
+    /// Max pooling: for each output value of the last forward pass, the offset (within its
+    /// sample) of the input value it took.
+    pub fn argmax(&self) -> &[u32] {
+        &self.argmax
     }
 
     /// Backward: the gradient goes to the maximum (max) or is shared by the window (avg).
