@@ -326,7 +326,11 @@ impl Sequential {
                 aslot[i + 1] = aslot[i];
             } else {
                 aslot[i + 1] = asizes.len();
-                asizes.push(sizes[i + 1]);
+                // A batch norm that pools its own output writes only the pooling's buffer
+                // (`BatchNorm::forward_through_pool`): its own is never written, and takes no
+                // memory (cnn-small: 12.8 MB per replica at batch 128).
+                let unwritten = Self::pool_through_batch_norm(&self.layers, i);
+                asizes.push(if unwritten { 0 } else { sizes[i + 1] });
             }
         }
         self.acts = asizes.iter().map(|&s| vec![0.0; s * batch]).collect();
@@ -384,6 +388,9 @@ impl Sequential {
         }
         for i in 0..self.layers.len() {
             let out = self.sizes[i + 1];
+            // A pooling computed by the batch norm two layers down; a batch norm that pools.
+            let pooled_below = i >= 2 && Self::pool_through_batch_norm(&self.layers, i - 2);
+            let pools = Self::pool_through_batch_norm(&self.layers, i);
             let layer = &mut self.layers[i];
             // The grid each layer's input lies on: a quantized layer's output grid survives max
             // pooling, dropout (at inference) and flatten; anything else computes new values.
@@ -401,7 +408,22 @@ impl Sequential {
                 _ => in_scale = None,
             }
             let (from, into) = (self.aslot[i], self.aslot[i + 1]);
-            if from == into {
+            if from == into || pooled_below {
+                // Nothing to compute, or computed by the batch norm two layers down (below).
+                continue;
+            }
+            if pools {
+                // A batch norm + ReLU + 2×2 max pooling: the batch norm writes the pooled output
+                // straight into the pooling's buffer (its own stays unwritten).
+                let (lo, hi) = self.layers.split_at_mut(i + 1);
+                if let (Layer::BatchNorm(bn), Layer::Pool2d(pool)) = (&mut lo[i], &mut hi[1]) {
+                    let pooled = self.aslot[i + 3];
+                    debug_assert!(pooled > from);
+                    let (a, b) = self.acts.split_at_mut(pooled);
+                    let n = batch * size;
+                    bn.forward_through_pool(&a[from][..n], pool, &mut b[0], n, training);
+                }
+                size = self.sizes[i + 3];
                 continue;
             }
             let (a, b) = self.acts.split_at_mut(into);
@@ -440,7 +462,6 @@ impl Sequential {
         // Backward, last layer first; the first layer needs no input gradient.
         let (sizes, gslot, acts, grads) = (&self.sizes, &self.gslot, &self.acts, &mut self.grads);
         for i in (0..l).rev() {
-            let x = &acts[self.aslot[i]][..batch * sizes[i]];
             let (into, from) = (gslot[i], gslot[i + 1]);
             if i > 0 && self.layers[i - 1].fuses_next(&self.layers[i]) {
                 // Its backward is part of the previous layer's (which shares its buffers).
@@ -451,6 +472,7 @@ impl Sequential {
                 // Done by the batch norm two layers down, from this layer's `dy` (below).
                 continue;
             }
+            let x = &acts[self.aslot[i]][..batch * sizes[i]];
             if Self::pool_through_batch_norm(&self.layers, i) {
                 // A batch norm + ReLU + 2×2 max pooling: the batch norm's backward reads the
                 // pooled gradient (`grads[gslot[i + 3]]`) and writes its input gradient into its
@@ -513,10 +535,12 @@ impl Sequential {
         out
     }
 
-    /// The output of layer `i` from the last forward pass over `batch` rows.
+    /// The output of layer `i` from the last forward pass over `batch` rows; empty for a batch
+    /// norm and the ReLU after it when the max pooling after them is computed in the same pass
+    /// (their full-size output is never written: [`BatchNorm::forward_through_pool`]).
     pub fn layer_output(&self, i: usize, batch: usize) -> &[f32] {
         let n = self.shapes().nth(i + 1).map(|s| s.len()).unwrap_or(0);
-        &self.acts[self.aslot[i + 1]][..batch * n]
+        self.acts[self.aslot[i + 1]].get(..batch * n).unwrap_or(&[])
     }
 
     /// All parameters in a fixed order (no allocation).

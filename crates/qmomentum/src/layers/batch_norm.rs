@@ -227,6 +227,51 @@ impl PoolGrid {
     }
 }
 
+crate::simd::widest! {
+    /// [`normalize_relu`] followed by 2×2/stride-2 max pooling, without the full-size output:
+    /// each window's four values are computed, and the maximum (the first one on ties) and its
+    /// offset in the sample are written, as `pool::max_2x2` would from the written output.
+    fn normalize_relu_pool(
+        x: &[f32],
+        y: &mut [f32],
+        argmax: &mut [u32],
+        grid: PoolGrid,
+        c: usize,
+        mean: &[f32],
+        inv_std: &[f32],
+        g: &[f32],
+        b: &[f32],
+    ) {
+        let PoolGrid { h, w, oh, ow } = grid;
+        let f = |x: f32, m: f32, s: f32, g: f32, b: f32| (g * ((x - m) * s) + b).max(0.0);
+        for (sample, xb) in x.chunks_exact(h * w * c).enumerate() {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let at = ((sample * oh + oy) * ow + ox) * c;
+                    let s00 = (2 * oy * w + 2 * ox) * c;
+                    let (out, arg) = (&mut y[at..at + c], &mut argmax[at..at + c]);
+                    for (ch, (((((o, a), &x), &m), &s), (&g, &b))) in
+                        out.iter_mut().zip(arg.iter_mut()).zip(&xb[s00..s00 + c]).zip(mean).zip(inv_std).zip(g.iter().zip(b)).enumerate()
+                    {
+                        *o = f(x, m, s, g, b);
+                        *a = (s00 + ch) as u32;
+                    }
+                    for t in [s00 + c, s00 + w * c, s00 + w * c + c] {
+                        for (ch, (((((o, a), &x), &m), &s), (&g, &b))) in
+                            out.iter_mut().zip(arg.iter_mut()).zip(&xb[t..t + c]).zip(mean).zip(inv_std).zip(g.iter().zip(b)).enumerate()
+                        {
+                            let v = f(x, m, s, g, b);
+                            let take = v > *o;
+                            *o = if take { v } else { *o };
+                            *a = if take { (t + ch) as u32 } else { *a };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `∂L/∂y` of one value from the pooling after the batch norm: the window's gradient if this
 /// value was its maximum (`argmax` holds its offset in the sample), else 0, as
 /// `pool::max_2x2_backward` writes it.
@@ -429,6 +474,23 @@ impl BatchNorm {
 
     /// Forward over `n` values (`n / channels` rows).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], n: usize, training: bool) {
+        self.statistics(x, n, training);
+        let c = self.channels;
+        let (g, b) = (&self.gamma.value, &self.beta.value);
+        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
+        // `x̂ = (x − μ)·(1/σ)` is not stored: the backward pass computes it again from `x` (the
+        // same f32 operations, so the same values), which saves a buffer as large as the
+        // activations (for cnn-small's two replicas, 19 MB).
+        if self.relu {
+            normalize_relu(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
+        } else {
+            normalize(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
+        }
+    }
+
+    /// The mean and `1/σ` this forward pass normalises with: the batch's (and its sums, for the
+    /// running statistics) in training, else the running ones.
+    fn statistics(&mut self, x: &[f32], n: usize, training: bool) {
         let c = self.channels;
         let rows = n / c;
         self.batch_stats = training;
@@ -449,16 +511,43 @@ impl BatchNorm {
                 self.inv_std[ch] = 1.0 / (self.running_var.value[ch] + self.epsilon).sqrt();
             }
         }
-        let (g, b) = (&self.gamma.value, &self.beta.value);
-        let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
-        // `x̂ = (x − μ)·(1/σ)` is not stored: the backward pass computes it again from `x` (the
-        // same f32 operations, so the same values), which saves a buffer as large as the
-        // activations (for cnn-small's two replicas, 19 MB).
-        if self.relu {
-            normalize_relu(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
-        } else {
-            normalize(&x[..n], &mut y[..n], c, mean, inv_std, g, b);
-        }
+    }
+
+    /// [`BatchNorm::forward`] of a batch norm with its ReLU ([`BatchNorm::relu`]) followed by a
+    /// 2×2/stride-2 max pooling, whose forward pass it does too: only the pooled output `y` and
+    /// the pooling's argmax are written, not the full-size output the pooling would read back
+    /// (cnn-small: one write and one read of the largest activation less per step). The bits are
+    /// those of the three layers.
+    pub fn forward_through_pool(
+        &mut self,
+        x: &[f32],
+        pool: &mut super::Pool2d,
+        y: &mut [f32],
+        n: usize,
+        training: bool,
+    ) {
+        debug_assert!(self.relu && pool.fast_2x2() && pool.geo.input.c == self.channels);
+        self.statistics(x, n, training);
+        let c = self.channels;
+        let (i, o) = (pool.geo.input, pool.geo.output);
+        let grid = PoolGrid {
+            h: i.h,
+            w: i.w,
+            oh: o.h,
+            ow: o.w,
+        };
+        let batch = n / i.len().max(1);
+        normalize_relu_pool(
+            &x[..n],
+            &mut y[..batch * o.len()],
+            pool.argmax_mut(batch),
+            grid,
+            c,
+            &self.mean[..c],
+            &self.inv_std[..c],
+            &self.gamma.value,
+            &self.beta.value,
+        );
     }
 
     /// Backward over `n` values of the forward input `x`, with `x̂ = (x − μ)/σ` of that forward

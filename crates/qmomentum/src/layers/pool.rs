@@ -121,6 +121,16 @@ impl Pool2d {
         &self.argmax
     }
 
+    /// [`Pool2d::argmax`] for a forward pass over `batch` samples computed by the layer before
+    /// (a batch norm that pools its own output: `BatchNorm::forward_through_pool`).
+    pub fn argmax_mut(&mut self, batch: usize) -> &mut [u32] {
+        let n = batch * self.geo.output.len();
+        if self.argmax.len() < n {
+            self.argmax.resize(n, 0);
+        }
+        &mut self.argmax[..n]
+    }
+
     /// Backward: the gradient goes to the maximum (max) or is shared by the window (avg).
     pub fn backward(&self, dy: &[f32], dx: &mut [f32], batch: usize) {
         let (i, o) = (self.geo.input, self.geo.output);
