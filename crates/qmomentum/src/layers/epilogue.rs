@@ -10,7 +10,7 @@
 
 use super::activation::{softmax_rows, Activation};
 use super::param::Param;
-use crate::quant::act::{ActFakeQuant, BatchStats, Ste};
+use crate::quant::act::{ActFakeQuant, BatchStats, Grid, Ste};
 use crate::quant::affine::bias_on_grid;
 use crate::quant::binary::sign;
 use crate::quant::observer::lsq_grad;
@@ -141,21 +141,32 @@ impl Epilogue {
             .observer
             .as_ref()
             .is_some_and(|o| o.observer == crate::quant::observer::Observer::Lsq && !o.initialized);
+        let mut quantized = false;
         if stats && !sum_needed {
             let (lo_col, hi_col) = (&mut self.lo_col[..c], &mut self.hi_col[..c]);
             lo_col.fill(f32::INFINITY);
             hi_col.fill(f32::NEG_INFINITY);
             let z = &mut self.z[..n];
-            match (sign_out, act) {
-                (false, Activation::Relu) => range_pass(z, y, bias, lo_col, hi_col, |z| z.max(0.0)),
-                (false, Activation::Linear) => range_pass(z, y, bias, lo_col, hi_col, |z| z),
-                _ => range_pass(z, y, bias, lo_col, hi_col, |z| {
-                    if sign_out {
-                        sign(z)
-                    } else {
-                        act.forward(z)
-                    }
-                }),
+            // A ReLU or linear output is fake-quantized in this pass too (the grid is the one
+            // observed before this batch; the range is of the values before quantization).
+            let grid = matches!((sign_out, act), (false, Activation::Relu | Activation::Linear))
+                .then(|| self.act.grid())
+                .flatten();
+            quantized = grid.is_some();
+            match (sign_out, act, grid) {
+                (false, Activation::Relu, Some(g)) => range_quant_pass_relu(z, y, bias, lo_col, hi_col, g),
+                (false, Activation::Linear, Some(g)) => range_quant_pass_linear(z, y, bias, lo_col, hi_col, g),
+                (false, Activation::Relu, None) => range_pass_relu(z, y, bias, lo_col, hi_col),
+                (false, Activation::Linear, None) => range_pass_linear(z, y, bias, lo_col, hi_col),
+                _ => range_pass(
+                    z,
+                    y,
+                    bias,
+                    lo_col,
+                    hi_col,
+                    |z| if sign_out { sign(z) } else { act.forward(z) },
+                    |a| a,
+                ),
             }
             lo = lo_col.iter().fold(lo, |m, &v| m.min(v));
             hi = hi_col.iter().fold(hi, |m, &v| m.max(v));
@@ -191,8 +202,10 @@ impl Epilogue {
                 count: n as u64,
             };
         }
-        // Pass 2: fake quantization of the outputs.
-        self.act.apply(&mut y[..n]);
+        // Pass 2: fake quantization of the outputs (unless pass 1 did it).
+        if !quantized {
+            self.act.apply(&mut y[..n]);
+        }
     }
 
     /// Backward from `dy` (`n` values): writes `∂L/∂z` over the stored `z` (read it with
@@ -214,19 +227,8 @@ impl Epilogue {
         // Each branch is one pass over the outputs (STE mask, activation derivative, bias
         // gradient); the common cases are written so the compiler vectorises them.
         match (sign_out, ste) {
-            (false, Ste::Pass) if relu_or_linear || act == Activation::Softmax => {
-                backward_pass(zd, dy, db, |_, z, g| if relu && z <= 0.0 { 0.0 } else { g });
-            }
-            (false, Ste::Clip { lo, hi }) if relu_or_linear => {
-                backward_pass(zd, dy, db, |_, z, g| {
-                    let a = if relu { z.max(0.0) } else { z };
-                    if a >= lo && a <= hi && (!relu || z > 0.0) {
-                        g
-                    } else {
-                        0.0
-                    }
-                });
-            }
+            (false, Ste::Pass) if relu_or_linear || act == Activation::Softmax => pass_backward(zd, dy, db, relu),
+            (false, Ste::Clip { lo, hi }) if relu_or_linear => clip_backward(zd, dy, db, lo, hi, relu),
             (false, Ste::Lsq { inv, qn, qp }) if relu_or_linear => {
                 // ∂v̂/∂s summed per channel in `ds_col`, so the pass stays vectorisable.
                 let ds_col = &mut self.ds_col[..self.channels];
@@ -290,10 +292,68 @@ fn backward_pass(zd: &mut [f32], dy: &[f32], db: &mut [f32], mut f: impl FnMut(u
     }
 }
 
-/// `z += b`, `y = f(z)` and the per-channel range of `y` in one pass (rows of `bias.len()`
-/// channels). Inlined so each caller's `f` vectorises with it.
+crate::simd::widest! {
+    /// [`backward_pass`] of a float output (no grid): the ReLU mask, if any.
+    fn pass_backward(zd: &mut [f32], dy: &[f32], db: &mut [f32], relu: bool) {
+        backward_pass(zd, dy, db, |_, z, g| if relu && z <= 0.0 { 0.0 } else { g });
+    }
+}
+
+crate::simd::widest! {
+    /// [`backward_pass`] of an output on a grid `[lo, hi]` with the clipped straight-through
+    /// estimator, after a ReLU or nothing.
+    fn clip_backward(zd: &mut [f32], dy: &[f32], db: &mut [f32], lo: f32, hi: f32, relu: bool) {
+        backward_pass(zd, dy, db, |_, z, g| {
+            let a = if relu { z.max(0.0) } else { z };
+            if a >= lo && a <= hi && (!relu || z > 0.0) {
+                g
+            } else {
+                0.0
+            }
+        });
+    }
+}
+
+crate::simd::widest! {
+    /// [`range_pass`] of a ReLU, fake-quantized on `g` (the range is taken before).
+    fn range_quant_pass_relu(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &mut [f32], g: Grid) {
+        range_pass(z, y, bias, lo, hi, |z| z.max(0.0), |a| g.fake_quant(a));
+    }
+}
+
+crate::simd::widest! {
+    /// [`range_pass`] of a linear output, fake-quantized on `g` (the range is taken before).
+    fn range_quant_pass_linear(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &mut [f32], g: Grid) {
+        range_pass(z, y, bias, lo, hi, |z| z, |a| g.fake_quant(a));
+    }
+}
+
+crate::simd::widest! {
+    /// [`range_pass`] of a ReLU.
+    fn range_pass_relu(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &mut [f32]) {
+        range_pass(z, y, bias, lo, hi, |z| z.max(0.0), |a| a);
+    }
+}
+
+crate::simd::widest! {
+    /// [`range_pass`] of a linear output.
+    fn range_pass_linear(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &mut [f32]) {
+        range_pass(z, y, bias, lo, hi, |z| z, |a| a);
+    }
+}
+
+/// `z += b`, `a = f(z)`, the per-channel range of `a` and `y = q(a)` in one pass (rows of
+/// `bias.len()` channels). Inlined so each caller's `f` and `q` vectorise with it.
 #[inline(always)]
-fn range_pass(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &mut [f32], f: impl Fn(f32) -> f32) {
+fn range_pass(
+    z: &mut [f32],
+    y: &mut [f32],
+    bias: &[f32],
+    lo: &mut [f32],
+    hi: &mut [f32],
+    f: impl Fn(f32) -> f32,
+    q: impl Fn(f32) -> f32,
+) {
     let c = bias.len();
     for (zr, yr) in z.chunks_exact_mut(c).zip(y.chunks_exact_mut(c)) {
         for ((((z, yv), &b), l), h) in zr
@@ -307,7 +367,7 @@ fn range_pass(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &m
             let a = f(*z);
             *l = l.min(a);
             *h = h.max(a);
-            *yv = a;
+            *yv = q(a);
         }
     }
 }

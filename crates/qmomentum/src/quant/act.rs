@@ -141,22 +141,32 @@ impl ActFakeQuant {
     /// first batch of a run: that batch passes through unquantized). Remembers the grid for the
     /// backward pass.
     pub fn apply(&mut self, y: &mut [f32]) {
+        if let Some(g) = self.grid() {
+            fake_quant_values(y, g);
+        }
+    }
+
+    /// The grid this forward pass quantizes on (what [`ActFakeQuant::apply`] uses and
+    /// remembers), or `None` when the outputs pass through: for a caller that fake-quantizes the
+    /// outputs in a pass of its own ([`Grid::fake_quant`]).
+    pub fn grid(&mut self) -> Option<Grid> {
         self.qp = None;
-        let Some(obs) = self.observer.as_mut() else { return };
+        let obs = self.observer.as_mut()?;
         if let Some(p) = &self.step {
             obs.lsq_scale = p.value[0];
         }
         if !obs.initialized {
-            return;
+            return None;
         }
         let qp = obs.qparams();
-        // x̂ = s·(clamp(round(x/s + z)) − z), with 1/s multiplied rather than divided.
-        let (inv, z) = (1.0 / qp.scale, qp.zero_point as f32);
-        let (qmin, qmax) = (qp.qmin as f32, qp.qmax as f32);
-        for v in y.iter_mut() {
-            *v = (round_even_small((*v * inv + z).clamp(qmin, qmax)) - z) * qp.scale;
-        }
         self.qp = Some(qp);
+        Some(Grid {
+            inv: 1.0 / qp.scale,
+            zero: qp.zero_point as f32,
+            qmin: qp.qmin as f32,
+            qmax: qp.qmax as f32,
+            scale: qp.scale,
+        })
     }
 
     /// The estimator for the backward pass of the last forward pass.
@@ -197,6 +207,38 @@ impl Ste {
                 let (gs, inside) = lsq_grad(a, inv, qn, qp);
                 (if inside { g } else { 0.0 }, g * gs)
             }
+        }
+    }
+}
+
+/// An activation grid as the fake quantization computes with it.
+#[derive(Clone, Copy, Debug)]
+pub struct Grid {
+    /// `1/s`.
+    pub inv: f32,
+    /// The zero point `z`.
+    pub zero: f32,
+    /// Smallest code.
+    pub qmin: f32,
+    /// Largest code.
+    pub qmax: f32,
+    /// The step `s`.
+    pub scale: f32,
+}
+
+impl Grid {
+    /// `x̂ = s·(round(clamp(x/s + z, qmin, qmax)) − z)`, with 1/s multiplied rather than divided.
+    #[inline(always)]
+    pub fn fake_quant(self, x: f32) -> f32 {
+        (round_even_small((x * self.inv + self.zero).clamp(self.qmin, self.qmax)) - self.zero) * self.scale
+    }
+}
+
+crate::simd::widest! {
+    /// [`Grid::fake_quant`] of every value, in place.
+    fn fake_quant_values(y: &mut [f32], g: Grid) {
+        for v in y.iter_mut() {
+            *v = g.fake_quant(*v);
         }
     }
 }
