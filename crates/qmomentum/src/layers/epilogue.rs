@@ -171,8 +171,19 @@ impl Epilogue {
             lo = lo_col.iter().fold(lo, |m, &v| m.min(v));
             hi = hi_col.iter().fold(hi, |m, &v| m.max(v));
         }
+        let plain = !stats && !sign_out && matches!(act, Activation::Relu | Activation::Linear | Activation::Softmax);
+        if plain {
+            // A float output (or evaluation): bias and activation, vectorised (the loop below
+            // would test the activation per value).
+            let (z, y) = (&mut self.z[..n], &mut y[..n]);
+            if act == Activation::Relu {
+                range_free_pass_relu(z, y, bias);
+            } else {
+                range_free_pass_linear(z, y, bias);
+            }
+        }
         for (zr, yr) in self.z[..n].chunks_exact_mut(c).zip(y[..n].chunks_exact_mut(c)) {
-            if stats && !sum_needed {
+            if (stats && !sum_needed) || plain {
                 break;
             }
             if stats {
@@ -325,6 +336,30 @@ crate::simd::widest! {
     /// [`range_pass`] of a linear output, fake-quantized on `g` (the range is taken before).
     fn range_quant_pass_linear(z: &mut [f32], y: &mut [f32], bias: &[f32], lo: &mut [f32], hi: &mut [f32], g: Grid) {
         range_pass(z, y, bias, lo, hi, |z| z, |a| g.fake_quant(a));
+    }
+}
+
+crate::simd::widest! {
+    /// `z += b`, `y = max(z, 0)` (no range: a float output, or evaluation).
+    fn range_free_pass_relu(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
+        for (zr, yr) in z.chunks_exact_mut(bias.len()).zip(y.chunks_exact_mut(bias.len())) {
+            for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
+                *z += b;
+                *yv = z.max(0.0);
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `z += b`, `y = z` (no range: a float output, or evaluation).
+    fn range_free_pass_linear(z: &mut [f32], y: &mut [f32], bias: &[f32]) {
+        for (zr, yr) in z.chunks_exact_mut(bias.len()).zip(y.chunks_exact_mut(bias.len())) {
+            for ((z, yv), &b) in zr.iter_mut().zip(yr.iter_mut()).zip(bias) {
+                *z += b;
+                *yv = *z;
+            }
+        }
     }
 }
 
