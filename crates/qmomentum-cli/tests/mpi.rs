@@ -215,9 +215,9 @@ fn sigint_to_mpirun_checkpoints_once_and_resume_is_bit_exact() {
     let _g = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let data = shipped();
     let (out, reference) = (tmp("sigint"), tmp("sigint-ref"));
-    // Long enough that the run cannot end before the signal reaches the ranks: mpirun shares the
-    // two cores with two busy ranks and has been seen to forward SIGTERM more than 1 s late (a CI
-    // run of 6 epochs finished before it did).
+    // Long enough that the run cannot end before the signal reaches the ranks: Open MPI 4.1 sends
+    // them SIGTERM 1 s after mpirun's SIGINT (SIGCONT at once, SIGKILL 1 s later; traced with
+    // strace), and a CI run of 6 epochs finished within that second.
     let extra = ["--epochs", "20"];
     // Stopped after the first epoch's checkpoint, mid-run.
     let child = started_np(2, &data, &out, &extra);

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::layers::conv2d::Conv2dConfig;
 use crate::layers::{
     Activation, BatchNorm, BnMomentum, Buffer, Conv2d, Dense, Dropout, GlobalAvgPool, Layer, Param, Pool2d, PoolKind,
-    Shape,
+    PooledGrad, Shape,
 };
 use crate::loss;
 use crate::quant::Scheme;
@@ -58,6 +58,8 @@ pub struct Sequential {
     /// Gradient buffers; the gradient of activation `j` is `grads[gslot[j]]`.
     grads: Vec<Vec<f32>>,
     gslot: Vec<usize>,
+    /// [`Sequential::layout_key`] of the slots above.
+    layout: u64,
     probs: Vec<f32>,
     sizes: Vec<usize>,
     cap: usize,
@@ -75,6 +77,7 @@ impl Sequential {
             aslot: Vec::new(),
             grads: Vec::new(),
             gslot: Vec::new(),
+            layout: 0,
             probs: Vec::new(),
             sizes: Vec::new(),
             cap: 0,
@@ -302,16 +305,72 @@ impl Sequential {
         }
     }
 
+    /// For a 2×2/stride-2 max pooling at `p`: the convolution before it (past the layers folded
+    /// into that convolution: QAT's batch norm and activation) when the convolution's output
+    /// stage does the pooling's backward ([`Conv2d::backward_through_pool`]; cnn-small's QAT
+    /// blocks, where that stage ends in a ReLU on a clipped-STE grid).
+    fn conv_under_pool(layers: &[Layer], p: usize) -> Option<usize> {
+        let Layer::Pool2d(pool) = layers.get(p)? else {
+            return None;
+        };
+        if !pool.fast_2x2() {
+            return None;
+        }
+        let mut j = p.checked_sub(1)?;
+        while let Layer::Folded(k) = layers[j] {
+            if k >= j {
+                return None;
+            }
+            j = k;
+        }
+        match &layers[j] {
+            Layer::Conv2d(c) if c.out.backward_reads_pooled() => Some(j),
+            _ => None,
+        }
+    }
+
+    /// The pooling whose backward the convolution at `i` does ([`Sequential::conv_under_pool`]).
+    fn pool_over_conv(layers: &[Layer], i: usize) -> Option<usize> {
+        if !matches!(layers.get(i)?, Layer::Conv2d(_)) {
+            return None;
+        }
+        let mut p = i + 1;
+        while matches!(layers.get(p)?, Layer::Folded(k) if *k == i) {
+            p += 1;
+        }
+        (Self::conv_under_pool(layers, p) == Some(i)).then_some(p)
+    }
+
     /// Whether layer `i` is computed by the layer before it ([`Layer::fuses_next`]).
     fn fused_into_previous(&self, i: usize) -> bool {
         i > 0 && self.layers[i - 1].fuses_next(&self.layers[i])
     }
 
+    /// A key of what the buffer slots depend on: each layer's kind and the fusions between
+    /// layers (`layers` is public: a layer replaced by one of another kind must not keep slots
+    /// planned for the old one). Computed on every pass, without allocating.
+    fn layout_key(&self) -> u64 {
+        self.layers
+            .iter()
+            .enumerate()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, (i, l)| {
+                let kind = std::mem::discriminant(l);
+                let mut k = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&kind, &mut k);
+                let fused =
+                    (self.fused_into_previous(i) as u64) | (Self::pool_through_batch_norm(&self.layers, i) as u64) << 1;
+                let v = std::hash::Hasher::finish(&k) ^ fused;
+                (h ^ v).wrapping_mul(0x0100_0000_01b3)
+            })
+    }
+
     fn ensure(&mut self, batch: usize) {
         let l = self.layers.len();
-        if batch <= self.cap && self.aslot.len() == l + 1 && self.gslot.len() == l + 1 {
+        let key = self.layout_key();
+        if batch <= self.cap && self.aslot.len() == l + 1 && self.gslot.len() == l + 1 && self.layout == key {
             return;
         }
+        self.layout = key;
         let sizes: Vec<usize> = self.shapes().map(|s| s.len()).collect();
         // A folded layer (a batch norm or activation computed inside the convolution before it)
         // outputs its input: one buffer for both.
@@ -472,7 +531,33 @@ impl Sequential {
                 // Done by the batch norm two layers down, from this layer's `dy` (below).
                 continue;
             }
+            if Self::conv_under_pool(&self.layers, i).is_some() {
+                // Done by the convolution below (past the layers folded into it).
+                continue;
+            }
             let x = &acts[self.aslot[i]][..batch * sizes[i]];
+            if let Some(p) = Self::pool_over_conv(&self.layers, i) {
+                // The convolution's output stage reads the pooled gradient
+                // (`grads[gslot[p + 1]]`); it writes its input gradient as usual.
+                let (lo, hi) = self.layers.split_at_mut(i + 1);
+                if let (Layer::Conv2d(conv), Layer::Pool2d(pool)) = (&mut lo[i], &hi[p - i - 1]) {
+                    let dpool = gslot[p + 1];
+                    debug_assert!(dpool < into);
+                    let (a, b) = grads.split_at_mut(into);
+                    let pooled = PooledGrad {
+                        dpool: &a[dpool][..batch * sizes[p + 1]],
+                        argmax: pool.argmax(),
+                        grid: pool.grid(),
+                    };
+                    let dx = if i > 0 {
+                        Some(&mut b[0][..batch * sizes[i]])
+                    } else {
+                        None
+                    };
+                    conv.backward_through_pool(x, pooled, dx, batch);
+                }
+                continue;
+            }
             if Self::pool_through_batch_norm(&self.layers, i) {
                 // A batch norm + ReLU + 2×2 max pooling: the batch norm's backward reads the
                 // pooled gradient (`grads[gslot[i + 3]]`) and writes its input gradient into its
@@ -535,9 +620,10 @@ impl Sequential {
         out
     }
 
-    /// The output of layer `i` from the last forward pass over `batch` rows; empty for a batch
-    /// norm and the ReLU after it when the max pooling after them is computed in the same pass
-    /// (their full-size output is never written: [`BatchNorm::forward_through_pool`]).
+    /// The output of layer `i` from the last forward pass over `batch` rows. Layers fused with
+    /// the next ([`Layer::fuses_next`]) share its output: a batch norm followed by a ReLU gives
+    /// the ReLU's output, and both are empty when the max pooling after them is computed in the
+    /// same pass (their full-size output is never written: [`BatchNorm::forward_through_pool`]).
     pub fn layer_output(&self, i: usize, batch: usize) -> &[f32] {
         let n = self.shapes().nth(i + 1).map(|s| s.len()).unwrap_or(0);
         self.acts[self.aslot[i + 1]].get(..batch * n).unwrap_or(&[])

@@ -547,10 +547,12 @@ fn shared_gradient_buffers_give_the_out_of_place_gradients() {
     }
 }
 
-/// The model's fused passes (batch norm + ReLU in one pass each way, the 2×2 max pooling's
-/// backward done by the batch norm before it, flatten sharing its input's buffer) give the bits
-/// of the layers run one by one, unfused, each into its own buffers: outputs, loss and every
-/// parameter gradient. Odd sizes leave a row and column outside the pooling windows.
+/// The model's fused passes (batch norm + ReLU in one pass each way, the 2×2 max pooling done by
+/// the batch norm before it; in QAT, the pooling's backward done by the convolution's output
+/// stage; flatten sharing its input's buffer) give the bits of the layers run one by one,
+/// unfused, each into its own buffers: outputs, loss and every parameter gradient, on a second
+/// step (the QAT grids observed by the first). Odd sizes leave a row and column outside the
+/// pooling windows.
 #[test]
 fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
     use qmomentum::config::ModelConfig;
@@ -592,39 +594,55 @@ fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
         "#,
     )
     .unwrap();
-    let mut fused = Sequential::from_config(&cfg, Scheme::Fp32, false, 7).unwrap();
-    let mut layers = fused.layers.clone();
-    let batch = 6;
-    let mut rng = Rng::new(12, 0);
-    let x = rand(&mut rng, batch * 147);
-    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 4).collect();
-    fused.input_mut(batch).copy_from_slice(&x);
-    let (loss_sum, _) = fused.forward_backward(&labels, batch, &mut Rng::new(3, 1));
-    // Reference: every layer on its own, out of place, nothing fused.
-    layers.iter_mut().for_each(|l| l.set_fused_next(false));
-    let sizes: Vec<usize> = fused.shapes().map(|s| s.len()).collect();
-    let mut outs = vec![x];
-    for (i, l) in layers.iter_mut().enumerate() {
-        let mut y = vec![0.0; batch * sizes[i + 1]];
-        l.forward(outs.last().unwrap(), &mut y, batch, true, true, &mut Rng::new(3, 1));
-        outs.push(y);
-    }
-    let last = outs.last().unwrap();
-    let mut probs = vec![0.0; batch * 4];
-    let loss = qmomentum::loss::softmax_crossentropy_forward(last, &labels, 4, &mut probs);
-    assert_eq!((loss as f64 * batch as f64).to_bits(), loss_sum.to_bits());
-    let mut dy = vec![0.0; batch * 4];
-    qmomentum::loss::softmax_crossentropy_backward(&probs, &labels, 4, &mut dy);
-    for (i, l) in layers.iter_mut().enumerate().rev() {
-        let mut dx = vec![0.0; outs[i].len()];
-        l.backward(&outs[i], &dy, (i > 0).then_some(&mut dx[..]), batch);
-        dy = dx;
-    }
-    let one_by_one: Vec<_> = layers.iter().flat_map(|l| l.params()).collect();
-    let model: Vec<_> = fused.params_iter().collect();
-    assert_eq!(one_by_one.len(), model.len());
-    for (p, q) in model.iter().zip(&one_by_one) {
-        assert!(p.grad.iter().any(|&g| g != 0.0), "{} has a gradient", p.name);
-        assert_eq!(bits(&p.grad), bits(&q.grad), "{}", p.name);
+    for scheme in [Scheme::Fp32, Scheme::W8a8] {
+        let mut fused = Sequential::from_config(&cfg, scheme, false, 7).unwrap();
+        let batch = 6;
+        let mut rng = Rng::new(12, 0);
+        let labels: Vec<u32> = (0..batch as u32).map(|i| i % 4).collect();
+        let first = rand(&mut rng, batch * 147);
+        fused.input_mut(batch).copy_from_slice(&first);
+        fused.forward_backward(&labels, batch, &mut Rng::new(3, 1));
+        fused.finish_step(&[]);
+        let mut layers = fused.layers.clone();
+        let x = rand(&mut rng, batch * 147);
+        fused.input_mut(batch).copy_from_slice(&x);
+        let (loss_sum, _) = fused.forward_backward(&labels, batch, &mut Rng::new(3, 1));
+        // Reference: every layer on its own, out of place, nothing fused.
+        layers.iter_mut().for_each(|l| l.set_fused_next(false));
+        let sizes: Vec<usize> = fused.shapes().map(|s| s.len()).collect();
+        let mut outs = vec![x.clone()];
+        for (i, l) in layers.iter_mut().enumerate() {
+            let mut y = vec![0.0; batch * sizes[i + 1]];
+            l.forward(outs.last().unwrap(), &mut y, batch, true, true, &mut Rng::new(3, 1));
+            outs.push(y);
+        }
+        let last = outs.last().unwrap();
+        let mut probs = vec![0.0; batch * 4];
+        let loss = qmomentum::loss::softmax_crossentropy_forward(last, &labels, 4, &mut probs);
+        assert_eq!((loss as f64 * batch as f64).to_bits(), loss_sum.to_bits(), "{scheme:?}");
+        let mut dy = vec![0.0; batch * 4];
+        qmomentum::loss::softmax_crossentropy_backward(&probs, &labels, 4, &mut dy);
+        for (i, l) in layers.iter_mut().enumerate().rev() {
+            let mut dx = vec![0.0; outs[i].len()];
+            l.backward(&outs[i], &dy, (i > 0).then_some(&mut dx[..]), batch);
+            dy = dx;
+        }
+        let one_by_one: Vec<_> = layers.iter().flat_map(|l| l.params()).collect();
+        let model: Vec<_> = fused.params_iter().collect();
+        assert_eq!(one_by_one.len(), model.len());
+        for (p, q) in model.iter().zip(&one_by_one) {
+            assert!(p.grad.iter().any(|&g| g != 0.0), "{} has a gradient", p.name);
+            assert_eq!(bits(&p.grad), bits(&q.grad), "{scheme:?}: {}", p.name);
+        }
+        // Evaluation (running statistics, deployed QAT layers) through the same fused passes.
+        fused.input_mut(batch).copy_from_slice(&x);
+        let out = fused.forward(batch, false, true, &mut Rng::new(3, 1)).to_vec();
+        let mut y = x.clone();
+        for (i, l) in layers.iter_mut().enumerate() {
+            let mut o = vec![0.0; batch * sizes[i + 1]];
+            l.forward(&y, &mut o, batch, false, true, &mut Rng::new(3, 1));
+            y = o;
+        }
+        assert_eq!(bits(&out), bits(&y), "{scheme:?}: evaluation");
     }
 }

@@ -16,6 +16,7 @@
 //! are updated once per step from the statistics of the whole batch (the halves combined exactly).
 
 use super::param::{Buffer, Param, ParamKind};
+use super::pool::{from_pool, PoolGrid};
 use serde::{Deserialize, Serialize};
 
 /// How the running statistics follow the batches.
@@ -59,8 +60,9 @@ pub struct BatchNorm {
     /// Whether a ReLU is applied in the same passes: `y = max(BN(x), 0)` forward, and the
     /// backward pass masks `∂L/∂y` where `BN(x) ≤ 0` (recomputed from `x`, as `x̂` is) before its
     /// sums. Set by the model when the next layer is a ReLU ([`super::Layer::fuses_next`]),
-    /// which then computes nothing; the result is the two layers' bits. Measured: see
-    /// `doc/performance.md` (cnn-small epoch).
+    /// which then computes nothing; the result is the two layers' bits (measured: see
+    /// `doc/performance.md`, "Fused passes"). A batch norm taken out of a model that has run
+    /// keeps the flag: clear it to run it alone.
     pub relu: bool,
     /// Whether the last forward pass normalised with the batch statistics (else the running
     /// ones, which the backward pass then treats as constants).
@@ -200,33 +202,6 @@ crate::simd::widest! {
     }
 }
 
-/// Where the gradient of a row of a batch norm's output comes from when a 2×2/stride-2 max
-/// pooling follows it ([`BatchNorm::backward_in_place_through_pool`]): the pooling's input
-/// `[h, w]` and output `[oh, ow]` per sample.
-#[derive(Clone, Copy, Debug)]
-pub struct PoolGrid {
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-}
-
-impl PoolGrid {
-    /// The window of row `r` (sample, y, x) as `(offset of its pooled row, offset of this row
-    /// within its sample)` in values of `c` channels, and whether any window holds the row (an
-    /// odd last row or column is in none).
-    #[inline(always)]
-    fn source(&self, r: usize, c: usize) -> (usize, u32, bool) {
-        let hw = self.h * self.w;
-        let (b, p) = (r / hw, r % hw);
-        let (y, x) = (p / self.w, p % self.w);
-        let (wy, wx) = (y / 2, x / 2);
-        let inside = wy < self.oh && wx < self.ow;
-        let win = if inside { (b * self.oh + wy) * self.ow + wx } else { 0 };
-        (win * c, (p * c) as u32, inside)
-    }
-}
-
 crate::simd::widest! {
     /// [`normalize_relu`] followed by 2×2/stride-2 max pooling, without the full-size output:
     /// each window's four values are computed, and the maximum (the first one on ties) and its
@@ -269,18 +244,6 @@ crate::simd::widest! {
                 }
             }
         }
-    }
-}
-
-/// `∂L/∂y` of one value from the pooling after the batch norm: the window's gradient if this
-/// value was its maximum (`argmax` holds its offset in the sample), else 0, as
-/// `pool::max_2x2_backward` writes it.
-#[inline(always)]
-fn from_pool(dp: f32, arg: u32, at: u32, inside: bool) -> f32 {
-    if inside && arg == at {
-        dp
-    } else {
-        0.0
     }
 }
 
@@ -530,12 +493,7 @@ impl BatchNorm {
         self.statistics(x, n, training);
         let c = self.channels;
         let (i, o) = (pool.geo.input, pool.geo.output);
-        let grid = PoolGrid {
-            h: i.h,
-            w: i.w,
-            oh: o.h,
-            ow: o.w,
-        };
+        let grid = pool.grid();
         let batch = n / i.len().max(1);
         normalize_relu_pool(
             &x[..n],
@@ -607,13 +565,7 @@ impl BatchNorm {
     ) {
         debug_assert!(self.relu && pool.fast_2x2() && pool.geo.input.c == self.channels);
         let c = self.channels;
-        let (i, o) = (pool.geo.input, pool.geo.output);
-        let grid = PoolGrid {
-            h: i.h,
-            w: i.w,
-            oh: o.h,
-            ow: o.w,
-        };
+        let grid = pool.grid();
         let argmax = pool.argmax();
         grad_sums_relu_pool(
             dpool,

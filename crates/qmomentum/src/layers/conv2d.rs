@@ -29,6 +29,7 @@ use super::batch_norm::BatchNorm;
 use super::epilogue::Epilogue;
 use super::folded_bn::FoldedBn;
 use super::param::{Param, ParamKind};
+use super::pool::PooledGrad;
 use super::Shape;
 use crate::error::{Error, Result};
 use crate::gemm::{matmul_strided, Strides};
@@ -190,6 +191,15 @@ impl Geometry {
         let ix = (ox * self.stride[1] + kx * self.dilation[1]).checked_sub(self.pad[1])?;
         (iy < self.input.h && ix < self.input.w).then_some((iy, ix))
     }
+}
+
+/// Where a convolution's output gradient comes from.
+#[derive(Clone, Copy)]
+enum Upstream<'a> {
+    /// A full-size `∂L/∂y`.
+    Full(&'a [f32]),
+    /// Through the 2×2 max pooling after it.
+    Pooled(PooledGrad<'a>),
 }
 
 /// A 2-D convolution layer.
@@ -504,22 +514,43 @@ impl Conv2d {
     }
 
     /// Backward: parameter gradients, and `dx` when given.
-    pub fn backward(&mut self, _x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, batch: usize) {
+    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, batch: usize) {
+        self.backward_from(x, Upstream::Full(dy), dx, batch);
+    }
+
+    /// [`Conv2d::backward`] of a convolution followed by a 2×2/stride-2 max pooling (past the
+    /// layers folded into it), whose backward it does too: its output stage reads the pooled
+    /// gradient ([`Epilogue::backward_pooled`], where [`Epilogue::backward_reads_pooled`]).
+    pub fn backward_through_pool(&mut self, x: &[f32], pooled: PooledGrad, dx: Option<&mut [f32]>, batch: usize) {
+        self.backward_from(x, Upstream::Pooled(pooled), dx, batch);
+    }
+
+    fn backward_from(&mut self, _x: &[f32], up: Upstream, dx: Option<&mut [f32]>, batch: usize) {
         let (rows, kg, _, og) = self.dims(batch);
         let cout = self.geo.output.c;
         let n = rows * cout;
         let features = self.geo.output.len();
+        // A pooled gradient only reaches a stage with its own `z` (not a passthrough, which would
+        // read `dy` itself below).
+        let dy: &[f32] = match up {
+            Upstream::Full(dy) => dy,
+            Upstream::Pooled(_) => &[],
+        };
+        let out_backward = |out: &mut Epilogue, bias: &mut Param| match up {
+            Upstream::Full(dy) => out.backward(dy, bias, n, features),
+            Upstream::Pooled(p) => out.backward_pooled(p, bias, n, features),
+        };
         let mut bn = self.bn.take();
         if let Some(f) = bn.as_deref_mut() {
             // ∂L/∂(col·Ŵ') in the output stage's gradient buffer (in place), or in the folded
             // batch norm's own when the stage passes `dy` through.
-            self.out.backward(dy, &mut f.zero_bias, n, features);
+            out_backward(&mut self.out, &mut f.zero_bias);
             match self.out.dz_mut(n) {
                 Some(g) => f.backward_in_place(g, &self.bias.value, &mut self.bias.grad, n),
                 None => f.backward(dy, &self.bias.value, &mut self.bias.grad, n),
             }
         } else {
-            self.out.backward(dy, &mut self.bias, n, features);
+            out_backward(&mut self.out, &mut self.bias);
         }
         let dz = match bn.as_deref() {
             Some(f) if self.out.passthrough() => f.product_grad(n),

@@ -5,11 +5,14 @@
 //!
 //! Shared by every layer whose output is `[rows, channels]`: a dense layer (rows = samples) and a
 //! convolution in NHWC (rows = samples × output positions). Element-wise work is fused: bias,
-//! activation and statistics are one pass over the product, fake quantization one more, and the
-//! backward pass folds the STE mask, the activation derivative and the bias gradient into one.
+//! activation, statistics and (for ReLU and linear outputs) fake quantization are one pass over
+//! the product, and the backward pass folds the STE mask, the activation derivative and the bias
+//! gradient into one; it can read `∂L/∂y` through a 2×2 max pooling after the layer
+//! ([`Epilogue::backward_pooled`]).
 
 use super::activation::{softmax_rows, Activation};
 use super::param::Param;
+use super::pool::{from_pool, PooledGrad};
 use crate::quant::act::{ActFakeQuant, BatchStats, Grid, Ste};
 use crate::quant::affine::bias_on_grid;
 use crate::quant::binary::sign;
@@ -219,6 +222,31 @@ impl Epilogue {
         }
     }
 
+    /// Whether [`Epilogue::backward_pooled`] applies to the last forward pass: a ReLU or linear
+    /// output, float or on a grid with the clipped straight-through estimator (not LSQ, not
+    /// sign), with its own `z` (not [`Epilogue::passthrough`]).
+    pub fn backward_reads_pooled(&self) -> bool {
+        !self.passthrough()
+            && !self.act.sign()
+            && matches!(self.activation, Activation::Relu | Activation::Linear)
+            && matches!(self.act.ste(), Ste::Pass | Ste::Clip { .. })
+    }
+
+    /// [`Epilogue::backward`] when a 2×2/stride-2 max pooling follows: `∂L/∂y` is read from the
+    /// pooled gradient and the pooling's argmax ([`PooledGrad`]), so the pooling writes no
+    /// full-size gradient first. The bits are those of the pooling's backward and then
+    /// [`Epilogue::backward`]. Only where [`Epilogue::backward_reads_pooled`].
+    pub fn backward_pooled(&mut self, p: PooledGrad, bias: &mut Param, n: usize, features: usize) {
+        debug_assert!(self.backward_reads_pooled());
+        let relu = self.activation == Activation::Relu;
+        let (zd, db) = (&mut self.z[..n], &mut bias.grad);
+        match self.act.ste() {
+            Ste::Clip { lo, hi } => clip_backward_pooled(zd, p, db, lo, hi, relu),
+            _ => pass_backward_pooled(zd, p, db, relu),
+        }
+        self.act.set_step_grad(0.0, features);
+    }
+
     /// Backward from `dy` (`n` values): writes `∂L/∂z` over the stored `z` (read it with
     /// [`Epilogue::dz`]; a second backward needs a new forward), the bias gradient, and the LSQ
     /// step gradient (`features` = output values per sample).
@@ -303,25 +331,70 @@ fn backward_pass(zd: &mut [f32], dy: &[f32], db: &mut [f32], mut f: impl FnMut(u
     }
 }
 
-crate::simd::widest! {
-    /// [`backward_pass`] of a float output (no grid): the ReLU mask, if any.
-    fn pass_backward(zd: &mut [f32], dy: &[f32], db: &mut [f32], relu: bool) {
-        backward_pass(zd, dy, db, |_, z, g| if relu && z <= 0.0 { 0.0 } else { g });
+/// `∂L/∂z` of a float output (no grid): `g` behind the ReLU mask, if any.
+#[inline(always)]
+fn pass_grad(z: f32, g: f32, relu: bool) -> f32 {
+    if relu && z <= 0.0 {
+        0.0
+    } else {
+        g
+    }
+}
+
+/// `∂L/∂z` of an output on a grid `[lo, hi]` with the clipped straight-through estimator, after
+/// a ReLU or nothing.
+#[inline(always)]
+fn clip_grad(z: f32, g: f32, lo: f32, hi: f32, relu: bool) -> f32 {
+    let a = if relu { z.max(0.0) } else { z };
+    if a >= lo && a <= hi && (!relu || z > 0.0) {
+        g
+    } else {
+        0.0
     }
 }
 
 crate::simd::widest! {
-    /// [`backward_pass`] of an output on a grid `[lo, hi]` with the clipped straight-through
-    /// estimator, after a ReLU or nothing.
+    /// [`backward_pass`] of [`pass_grad`].
+    fn pass_backward(zd: &mut [f32], dy: &[f32], db: &mut [f32], relu: bool) {
+        backward_pass(zd, dy, db, |_, z, g| pass_grad(z, g, relu));
+    }
+}
+
+crate::simd::widest! {
+    /// [`backward_pass`] of [`clip_grad`].
     fn clip_backward(zd: &mut [f32], dy: &[f32], db: &mut [f32], lo: f32, hi: f32, relu: bool) {
-        backward_pass(zd, dy, db, |_, z, g| {
-            let a = if relu { z.max(0.0) } else { z };
-            if a >= lo && a <= hi && (!relu || z > 0.0) {
-                g
-            } else {
-                0.0
-            }
-        });
+        backward_pass(zd, dy, db, |_, z, g| clip_grad(z, g, lo, hi, relu));
+    }
+}
+
+crate::simd::widest! {
+    /// [`pass_backward`] with `dy` read through the pooling after this stage.
+    fn pass_backward_pooled(zd: &mut [f32], p: PooledGrad, db: &mut [f32], relu: bool) {
+        backward_pass_pooled(zd, p, db, |z, g| pass_grad(z, g, relu));
+    }
+}
+
+crate::simd::widest! {
+    /// [`clip_backward`] with `dy` read through the pooling after this stage.
+    fn clip_backward_pooled(zd: &mut [f32], p: PooledGrad, db: &mut [f32], lo: f32, hi: f32, relu: bool) {
+        backward_pass_pooled(zd, p, db, |z, g| clip_grad(z, g, lo, hi, relu));
+    }
+}
+
+/// [`backward_pass`] with `∂L/∂y` of each value read from the pooled gradient ([`from_pool`]),
+/// in the same order (rows, then channels), so the bias gradient's sums are the same.
+#[inline(always)]
+fn backward_pass_pooled(zd: &mut [f32], p: PooledGrad, db: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    let c = db.len();
+    db.fill(0.0);
+    for (r, zr) in zd.chunks_exact_mut(c).enumerate() {
+        let (win, at, inside) = p.grid.source(r, c);
+        let (dp, arg) = (&p.dpool[win..win + c], &p.argmax[win..win + c]);
+        for (j, ((d, b), (&dp, &arg))) in zr.iter_mut().zip(db.iter_mut()).zip(dp.iter().zip(arg)).enumerate() {
+            let v = f(*d, from_pool(dp, arg, at + j as u32, inside));
+            *d = v;
+            *b += v;
+        }
     }
 }
 

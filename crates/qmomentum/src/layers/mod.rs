@@ -23,7 +23,7 @@ pub use dense::{BatchStats, Dense};
 pub use dropout::Dropout;
 pub use folded_bn::FoldedBn;
 pub use param::{Buffer, Param, ParamKind};
-pub use pool::{GlobalAvgPool, Pool2d, PoolKind};
+pub use pool::{GlobalAvgPool, Pool2d, PoolGrid, PoolKind, PooledGrad};
 
 use crate::quant::act::ActFakeQuant;
 use crate::quant::weight::WeightFakeQuant;

@@ -115,6 +115,17 @@ impl Pool2d {
         self.kind == PoolKind::Max && self.geo.kernel == [2, 2] && self.geo.stride == [2, 2] && self.geo.pad == [0; 4]
     }
 
+    /// The 2×2 windows of [`Pool2d::fast_2x2`], for a layer that does this pooling's passes.
+    pub fn grid(&self) -> PoolGrid {
+        let (i, o) = (self.geo.input, self.geo.output);
+        PoolGrid {
+            h: i.h,
+            w: i.w,
+            oh: o.h,
+            ow: o.w,
+        }
+    }
+
     /// Max pooling: for each output value of the last forward pass, the offset (within its
     /// sample) of the input value it took.
     pub fn argmax(&self) -> &[u32] {
@@ -248,8 +259,7 @@ crate::simd::widest! {
 crate::simd::widest! {
     /// Backward of [`max_2x2`]: each input position of a window receives the window's gradient if
     /// it was the maximum, else 0. One write per input position (the windows tile the input),
-    /// instead of clearing `dx` and adding into it: the same values (0 + g = g but for the sign
-    /// of a zero gradient).
+    /// instead of clearing `dx` and adding into it: the same values (written as `0 + g`).
     fn max_2x2_backward(dy: &[f32], argmax: &[u32], dx: &mut [f32], i: Shape, o: Shape, batch: usize) {
         let c = i.c;
         for b in 0..batch {
@@ -265,11 +275,63 @@ crate::simd::widest! {
                     let (g, arg) = (&dy[at..at + c], &argmax[at..at + c]);
                     for t in [s00, s00 + c, s00 + i.w * c, s00 + i.w * c + c] {
                         for (ch, ((d, &g), &a)) in dxb[t..t + c].iter_mut().zip(g).zip(arg).enumerate() {
-                            *d = if a == (t + ch) as u32 { g } else { 0.0 };
+                            // `0.0 + g`: the value the cleared-and-added form gave (+0 for a −0 gradient).
+                            *d = if a == (t + ch) as u32 { 0.0 + g } else { 0.0 };
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// The windows of a 2×2/stride-2 max pooling, for a layer before it that does its forward or
+/// backward pass (`BatchNorm::forward_through_pool`, `BatchNorm::backward_in_place_through_pool`,
+/// `Epilogue::backward_pooled`): the pooling's input `[h, w]` and output `[oh, ow]` per sample.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolGrid {
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+}
+
+impl PoolGrid {
+    /// The window of row `r` (sample, y, x) as `(offset of its pooled row, offset of this row
+    /// within its sample)` in values of `c` channels, and whether any window holds the row (an
+    /// odd last row or column is in none).
+    #[inline(always)]
+    pub(crate) fn source(&self, r: usize, c: usize) -> (usize, u32, bool) {
+        let hw = self.h * self.w;
+        let (b, p) = (r / hw, r % hw);
+        let (y, x) = (p / self.w, p % self.w);
+        let (wy, wx) = (y / 2, x / 2);
+        let inside = wy < self.oh && wx < self.ow;
+        let win = if inside { (b * self.oh + wy) * self.ow + wx } else { 0 };
+        (win * c, (p * c) as u32, inside)
+    }
+}
+
+/// The gradient of one input value of the pooling: the window's gradient if this value was its
+/// maximum (`argmax` holds its offset in the sample), else 0, as [`max_2x2_backward`] writes it.
+#[inline(always)]
+pub(crate) fn from_pool(dp: f32, arg: u32, at: u32, inside: bool) -> f32 {
+    if inside && arg == at {
+        0.0 + dp
+    } else {
+        0.0
+    }
+}
+
+/// The gradient of a 2×2/stride-2 max pooling's input, given as the pooled gradient and the
+/// pooling's argmax, for the layer before the pooling to read in its own backward pass
+/// ([`from_pool`] per value) instead of a full-size buffer the pooling would write first.
+#[derive(Clone, Copy, Debug)]
+pub struct PooledGrad<'a> {
+    /// `∂L/∂(pooled output)`.
+    pub dpool: &'a [f32],
+    /// [`Pool2d::argmax`].
+    pub argmax: &'a [u32],
+    /// [`Pool2d::grid`].
+    pub grid: PoolGrid,
 }
