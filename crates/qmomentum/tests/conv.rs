@@ -515,33 +515,16 @@ fn shared_gradient_buffers_give_the_out_of_place_gradients() {
     )
     .unwrap();
     let mut a = Sequential::from_config(&cfg, Scheme::Fp32, false, 7).unwrap();
-    let mut b = a.clone();
+    let b = a.clone();
     let batch = 5;
     let mut rng = Rng::new(9, 0);
     let x = rand(&mut rng, batch * 72);
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 4).collect();
     a.input_mut(batch).copy_from_slice(&x);
     a.forward_backward(&labels, batch, &mut Rng::new(3, 1));
-    // Reference: forward (same dropout stream), then out-of-place backward layer by layer.
-    b.input_mut(batch).copy_from_slice(&x);
-    b.forward(batch, true, true, &mut Rng::new(3, 1));
-    let l = b.layers.len();
-    let sizes: Vec<usize> = std::iter::once(72)
-        .chain((0..l).map(|i| b.layer_output(i, batch).len() / batch))
-        .collect();
-    let outs: Vec<Vec<f32>> = std::iter::once(x.clone())
-        .chain((0..l).map(|i| b.layer_output(i, batch).to_vec()))
-        .collect();
-    let mut probs = vec![0.0; batch * 4];
-    qmomentum::loss::softmax_crossentropy_forward(&outs[l], &labels, 4, &mut probs);
-    let mut dy = vec![0.0; batch * 4];
-    qmomentum::loss::softmax_crossentropy_backward(&probs, &labels, 4, &mut dy);
-    for i in (0..l).rev() {
-        let mut dx = vec![0.0; batch * sizes[i]];
-        b.layers[i].backward(&outs[i], &dy, (i > 0).then_some(&mut dx[..]), batch);
-        dy = dx;
-    }
-    for (p, q) in a.params_iter().zip(b.params_iter()) {
+    // Reference: the same dropout stream, every layer on its own with its own buffers.
+    let (_, _, layers) = layers_one_by_one(&b, b.layers.clone(), &x, &labels, &mut Rng::new(3, 1));
+    for (p, q) in a.params_iter().zip(layers.iter().flat_map(|l| l.params())) {
         assert_eq!(p.grad, q.grad, "{}", p.name);
         assert!(p.grad.iter().any(|&g| g != 0.0), "{} has a gradient", p.name);
     }
@@ -608,25 +591,8 @@ fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
         fused.input_mut(batch).copy_from_slice(&x);
         let (loss_sum, _) = fused.forward_backward(&labels, batch, &mut Rng::new(3, 1));
         // Reference: every layer on its own, out of place, nothing fused.
-        layers.iter_mut().for_each(|l| l.set_fused_next(false));
-        let sizes: Vec<usize> = fused.shapes().map(|s| s.len()).collect();
-        let mut outs = vec![x.clone()];
-        for (i, l) in layers.iter_mut().enumerate() {
-            let mut y = vec![0.0; batch * sizes[i + 1]];
-            l.forward(outs.last().unwrap(), &mut y, batch, true, true, &mut Rng::new(3, 1));
-            outs.push(y);
-        }
-        let last = outs.last().unwrap();
-        let mut probs = vec![0.0; batch * 4];
-        let loss = qmomentum::loss::softmax_crossentropy_forward(last, &labels, 4, &mut probs);
-        assert_eq!((loss as f64 * batch as f64).to_bits(), loss_sum.to_bits(), "{scheme:?}");
-        let mut dy = vec![0.0; batch * 4];
-        qmomentum::loss::softmax_crossentropy_backward(&probs, &labels, 4, &mut dy);
-        for (i, l) in layers.iter_mut().enumerate().rev() {
-            let mut dx = vec![0.0; outs[i].len()];
-            l.backward(&outs[i], &dy, (i > 0).then_some(&mut dx[..]), batch);
-            dy = dx;
-        }
+        let (loss, _, mut layers) = layers_one_by_one(&fused, layers, &x, &labels, &mut Rng::new(3, 1));
+        assert_eq!(loss.to_bits(), loss_sum.to_bits(), "{scheme:?}");
         let one_by_one: Vec<_> = layers.iter().flat_map(|l| l.params()).collect();
         let model: Vec<_> = fused.params_iter().collect();
         assert_eq!(one_by_one.len(), model.len());
@@ -637,12 +603,66 @@ fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
         // Evaluation (running statistics, deployed QAT layers) through the same fused passes.
         fused.input_mut(batch).copy_from_slice(&x);
         let out = fused.forward(batch, false, true, &mut Rng::new(3, 1)).to_vec();
-        let mut y = x.clone();
-        for (i, l) in layers.iter_mut().enumerate() {
-            let mut o = vec![0.0; batch * sizes[i + 1]];
-            l.forward(&y, &mut o, batch, false, true, &mut Rng::new(3, 1));
-            y = o;
-        }
+        let y = forward_one_by_one(&fused, &mut layers, &x, false, &mut Rng::new(3, 1));
         assert_eq!(bits(&out), bits(&y), "{scheme:?}: evaluation");
     }
+}
+
+/// The outputs of every layer of `layers` (the layers of `model`, unfused: `set_fused_next(false)`)
+/// run one by one into buffers of their own on `x`, the input first; `rng` goes through the layers
+/// in order, as the model passes it.
+fn outputs_one_by_one(
+    model: &qmomentum::model::Sequential,
+    layers: &mut [Layer],
+    x: &[f32],
+    training: bool,
+    rng: &mut Rng,
+) -> Vec<Vec<f32>> {
+    let sizes: Vec<usize> = model.shapes().map(|s| s.len()).collect();
+    let batch = x.len() / sizes[0];
+    let mut outs = vec![x.to_vec()];
+    for (i, l) in layers.iter_mut().enumerate() {
+        l.set_fused_next(false);
+        let mut y = vec![0.0; batch * sizes[i + 1]];
+        l.forward(outs.last().unwrap(), &mut y, batch, training, true, rng);
+        outs.push(y);
+    }
+    outs
+}
+
+/// [`outputs_one_by_one`]'s last output (evaluation, logits).
+fn forward_one_by_one(
+    model: &qmomentum::model::Sequential,
+    layers: &mut [Layer],
+    x: &[f32],
+    training: bool,
+    rng: &mut Rng,
+) -> Vec<f32> {
+    outputs_one_by_one(model, layers, x, training, rng).pop().unwrap()
+}
+
+/// Reference for the model's fused passes and shared buffers: a training step of `layers` run one
+/// by one ([`outputs_one_by_one`]), the softmax cross-entropy of the last output, then every
+/// layer's out-of-place `Layer::backward` with a buffer per activation. Returns the summed loss,
+/// the logits and the layers holding their gradients.
+fn layers_one_by_one(
+    model: &qmomentum::model::Sequential,
+    mut layers: Vec<Layer>,
+    x: &[f32],
+    labels: &[u32],
+    rng: &mut Rng,
+) -> (f64, Vec<f32>, Vec<Layer>) {
+    let outs = outputs_one_by_one(model, &mut layers, x, true, rng);
+    let (batch, classes) = (labels.len(), model.classes());
+    let last = outs.last().unwrap();
+    let mut probs = vec![0.0; batch * classes];
+    let loss = qmomentum::loss::softmax_crossentropy_forward(last, labels, classes, &mut probs);
+    let mut dy = vec![0.0; batch * classes];
+    qmomentum::loss::softmax_crossentropy_backward(&probs, labels, classes, &mut dy);
+    for (i, l) in layers.iter_mut().enumerate().rev() {
+        let mut dx = vec![0.0; outs[i].len()];
+        l.backward(&outs[i], &dy, (i > 0).then_some(&mut dx[..]), batch);
+        dy = dx;
+    }
+    (loss as f64 * batch as f64, last.clone(), layers)
 }

@@ -138,6 +138,9 @@ fn relu_mask(dy: f32, xhat: f32, g: f32, b: f32) -> f32 {
     }
 }
 
+// The statistics and gradient-sum passes repeat their block structure on purpose: one shared
+// helper taking a per-row closure gave the same bits but measured 40 % slower on a cnn-small
+// epoch (10.7 → 14.8 s, two alternating pairs), its loops no longer vectorised as these are.
 crate::simd::widest! {
     /// [`grad_sums`] of `dy` masked by a fused ReLU ([`relu_mask`]).
     fn grad_sums_relu(
