@@ -586,7 +586,7 @@ fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
         fused.input_mut(batch).copy_from_slice(&first);
         fused.forward_backward(&labels, batch, &mut Rng::new(3, 1));
         fused.finish_step(&[]);
-        let mut layers = fused.layers.clone();
+        let layers = fused.layers.clone();
         let x = rand(&mut rng, batch * 147);
         fused.input_mut(batch).copy_from_slice(&x);
         let (loss_sum, _) = fused.forward_backward(&labels, batch, &mut Rng::new(3, 1));
