@@ -350,18 +350,17 @@ impl Sequential {
     /// layers (`layers` is public: a layer replaced by one of another kind must not keep slots
     /// planned for the old one). Computed on every pass, without allocating.
     fn layout_key(&self) -> u64 {
-        self.layers
-            .iter()
-            .enumerate()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, (i, l)| {
-                let kind = std::mem::discriminant(l);
-                let mut k = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&kind, &mut k);
-                let fused =
-                    (self.fused_into_previous(i) as u64) | (Self::pool_through_batch_norm(&self.layers, i) as u64) << 1;
-                let v = std::hash::Hasher::finish(&k) ^ fused;
-                (h ^ v).wrapping_mul(0x0100_0000_01b3)
-            })
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            std::mem::discriminant(l).hash(&mut h);
+            (
+                self.fused_into_previous(i),
+                Self::pool_through_batch_norm(&self.layers, i),
+            )
+                .hash(&mut h);
+        }
+        h.finish()
     }
 
     fn ensure(&mut self, batch: usize) {
