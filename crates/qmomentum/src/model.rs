@@ -754,6 +754,25 @@ impl Sequential {
         }
     }
 
+    /// Quantize the kernels this model and its training `replica` share once, split over two
+    /// cores ([`crate::quant::weight::WeightFakeQuant::quantize_shared`]), before a step whose forward passes then skip
+    /// it. The replica must hold this model's weights ([`Sequential::sync_from`]). A kernel
+    /// folded with a batch norm (its `ŵ` depends on the batch) and the kernels that path does
+    /// not take are quantized by each forward pass as before.
+    pub fn quantize_shared(&mut self, replica: &mut Sequential, threads: usize) {
+        if threads < 2 {
+            return;
+        }
+        for (l, r) in self.layers.iter_mut().zip(replica.layers.iter_mut()) {
+            if matches!(&*l, Layer::Conv2d(c) if c.bn.is_some()) {
+                continue;
+            }
+            if let (Some((w, a)), Some((_, b))) = (l.weight_quant_mut(), r.weight_quant_mut()) {
+                a.quantize_shared(b, &w.value);
+            }
+        }
+    }
+
     /// Turn iterative freezing on for every quantized layer (after the trackers exist).
     pub fn enable_freezing(&mut self) {
         for (i, l) in self.layers.iter_mut().enumerate() {

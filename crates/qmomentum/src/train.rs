@@ -468,6 +468,7 @@ impl Trainer {
                 Box::new((r, Vec::new()))
             });
             rep.0.sync_from(&self.model, self.config.threads);
+            self.model.quantize_shared(&mut rep.0, self.config.threads);
             // The codes this step's forward pass writes and the tracker's states, which the
             // tracking pass reads right after the step's shares; each core prefetches its half
             // once its share is done (regions are addresses: they stay valid, nothing is
