@@ -159,7 +159,7 @@ pub fn fake_quant_weights_per_channel(
     for (s, &m) in scales.iter_mut().zip(max_abs.iter()) {
         *s = QParams::symmetric(m, bits, narrow).scale;
     }
-    fake_quant_weights_with_scales(w, outputs, bits, narrow, scales, max_abs, w_hat, codes, &mut []);
+    fake_quant_weights_with_scales(w, outputs, bits, narrow, scales, max_abs, w_hat, codes);
 }
 
 crate::simd::widest! {
@@ -183,7 +183,6 @@ crate::simd::widest! {
     ///
     /// Unless `codes` is empty, the integer codes `clamp(round(w/s_j))` are written there too, in
     /// the same pass (the oscillation tracker reads them: one byte per weight instead of ŵ again).
-    /// Unless `copy` is empty, `ŵ` is also written there (as many rows as it holds).
     pub fn fake_quant_weights_with_scales(
         w: &[f32],
         outputs: usize,
@@ -193,7 +192,6 @@ crate::simd::widest! {
         inv: &mut [f32],
         w_hat: &mut [f32],
         codes: &mut [i8],
-        copy: &mut [f32],
     ) {
         let qmax = ((1i32 << (bits - 1)) - 1) as f32;
         let qmin = if narrow { -qmax } else { -qmax - 1.0 };
@@ -201,16 +199,10 @@ crate::simd::widest! {
         for (i, &s) in inv.iter_mut().zip(scales.iter()) {
             *i = 1.0 / s;
         }
-        // A row of ŵ is copied while it is in L1 (a second reader's kernel, see
-        // `WeightFakeQuant::quantize_shared`); no copy when `copy` is empty.
-        let mut copies = copy.chunks_exact_mut(outputs);
         if codes.is_empty() {
             for (row, out) in w.chunks_exact(outputs).zip(w_hat.chunks_exact_mut(outputs)) {
                 for (((o, &v), &s), &i) in out.iter_mut().zip(row).zip(scales.iter()).zip(inv.iter()) {
                     *o = round_even_small((v * i).clamp(qmin, qmax)) * s;
-                }
-                if let Some(c) = copies.next() {
-                    c.copy_from_slice(out);
                 }
             }
             return;
@@ -233,9 +225,6 @@ crate::simd::widest! {
                 // i32. Unchecked because the saturating `as` does not vectorise (measured: the
                 // QAT epoch 1.5× slower with it).
                 *c = if q.is_nan() { 0 } else { (unsafe { q.to_int_unchecked::<i32>() }) as i8 };
-            }
-            if let Some(c) = copies.next() {
-                c.copy_from_slice(out);
             }
         }
     }

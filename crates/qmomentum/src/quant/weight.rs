@@ -20,6 +20,7 @@ use super::binary::{binarize, sign, ternarize};
 use super::oscillation::OscillationTracker;
 use super::WeightQuant;
 use crate::layers::{Buffer, Param, ParamKind};
+use std::sync::Arc;
 
 /// Fake quantization of one kernel, with its scratch (sized once, reused every step).
 #[derive(Clone, Debug)]
@@ -30,7 +31,10 @@ pub struct WeightFakeQuant {
     pub bop: bool,
     fan_in: usize,
     outputs: usize,
-    w_hat: Vec<f32>,
+    /// `ŵ`; shared with the main model's quantizer in a training replica after
+    /// [`WeightFakeQuant::quantize_shared`] (written through `Arc::make_mut`: a shared buffer is
+    /// copied before it is written, never changed under its other reader).
+    w_hat: Arc<Vec<f32>>,
     scale: Vec<f32>,
     tmp: Vec<f32>,
     dw_hat: Vec<f32>,
@@ -63,7 +67,7 @@ impl WeightFakeQuant {
             bop: false,
             fan_in,
             outputs,
-            w_hat: Vec::new(),
+            w_hat: Arc::default(),
             scale: vec![1.0; outputs],
             tmp: vec![0.0; outputs],
             dw_hat: Vec::new(),
@@ -95,7 +99,7 @@ impl WeightFakeQuant {
             self.bop = true;
         }
         let n = if quant.is_some() { self.fan_in * self.outputs } else { 0 };
-        self.w_hat.resize(n, 0.0);
+        Arc::make_mut(&mut self.w_hat).resize(n, 0.0);
         self.dw_hat.resize(n, 0.0);
         let index = w
             .name
@@ -290,7 +294,7 @@ impl WeightFakeQuant {
     /// [`WeightFakeQuant::quantize`] of this quantizer and of a training replica's (same rule,
     /// same kernel `w`) at once, split by rows over two cores: each core finds the column
     /// maxima of its rows (the max of the two halves is the max of the whole, exactly), then
-    /// quantizes its rows into both `ŵ` buffers and this quantizer's codes. The next `quantize`
+    /// quantizes its rows into one `ŵ` that both then read, and this quantizer's codes. The next `quantize`
     /// of both is then a no-op, so the step quantizes the kernel once instead of once per core
     /// (the whole kernel per core was 10 % of a W8A8 MLP epoch). Same values as `quantize`.
     ///
@@ -318,8 +322,7 @@ impl WeightFakeQuant {
             && (replica.fan_in, replica.outputs) == (self.fan_in, out)
             && replica.fixed().is_some() == fixed
             && replica.tracker.is_none()
-            && self.w_hat.len() == n
-            && replica.w_hat.len() == n;
+            && self.w_hat.len() == n;
         if !eligible {
             return false;
         }
@@ -340,8 +343,10 @@ impl WeightFakeQuant {
         }
         replica.scale.copy_from_slice(&self.scale);
         let scale = &self.scale;
-        let (h0, h1) = self.w_hat.split_at_mut(at);
-        let (r0, r1) = replica.w_hat.split_at_mut(at);
+        // One `ŵ` for both: the replica lets go of its share (so this one is written in place,
+        // unless another clone holds it: then it is copied once), and reads this one below.
+        replica.w_hat = Arc::default();
+        let (h0, h1) = Arc::make_mut(&mut self.w_hat).split_at_mut(at);
         let (c0, c1) = if self.codes.is_empty() {
             (&mut [][..], &mut [][..])
         } else {
@@ -349,9 +354,10 @@ impl WeightFakeQuant {
         };
         let (i0, i1) = (&mut self.tmp[..out], &mut replica.tmp[..out]);
         qmomentum_runtime::pool::join(
-            || fake_quant_weights_with_scales(w0, out, bits, narrow, scale, i0, h0, c0, r0),
-            || fake_quant_weights_with_scales(w1, out, bits, narrow, scale, i1, h1, c1, r1),
+            || fake_quant_weights_with_scales(w0, out, bits, narrow, scale, i0, h0, c0),
+            || fake_quant_weights_with_scales(w1, out, bits, narrow, scale, i1, h1, c1),
         );
+        replica.w_hat = Arc::clone(&self.w_hat);
         self.ready = true;
         replica.ready = true;
         true
@@ -379,9 +385,8 @@ impl WeightFakeQuant {
                 narrow,
                 &self.scale,
                 &mut self.tmp,
-                &mut self.w_hat,
+                Arc::make_mut(&mut self.w_hat).as_mut_slice(),
                 &mut self.codes,
-                &mut [],
             );
             self.apply_frozen();
             return;
@@ -396,7 +401,7 @@ impl WeightFakeQuant {
                 out,
                 bits,
                 narrow,
-                &mut self.w_hat,
+                Arc::make_mut(&mut self.w_hat).as_mut_slice(),
                 &mut self.scale,
                 &mut self.tmp,
                 &mut self.codes,
@@ -406,10 +411,10 @@ impl WeightFakeQuant {
                 per_channel: false,
                 narrow,
             } => {
-                let s = fake_quant_weights_per_tensor(w, bits, narrow, &mut self.w_hat);
+                let s = fake_quant_weights_per_tensor(w, bits, narrow, Arc::make_mut(&mut self.w_hat).as_mut_slice());
                 self.scale.fill(s);
                 let inv = 1.0 / s;
-                for (c, &v) in self.codes.iter_mut().zip(&self.w_hat) {
+                for (c, &v) in self.codes.iter_mut().zip(self.w_hat.iter()) {
                     *c = super::affine::round_even_small(v * inv) as i8;
                 }
             }
@@ -417,21 +422,34 @@ impl WeightFakeQuant {
                 if self.bop {
                     // Bop: w is ±1 already, ŵ = w/√K.
                     let a = 1.0 / (self.fan_in as f32).sqrt();
-                    for (o, &v) in self.w_hat.iter_mut().zip(w) {
+                    for (o, &v) in Arc::make_mut(&mut self.w_hat).iter_mut().zip(w) {
                         *o = a * v;
                     }
                     self.scale.fill(a);
                 } else {
-                    binarize(w, out, scaled, &mut self.w_hat, &mut self.scale)
+                    binarize(
+                        w,
+                        out,
+                        scaled,
+                        Arc::make_mut(&mut self.w_hat).as_mut_slice(),
+                        &mut self.scale,
+                    )
                 }
                 for (c, &v) in self.codes.iter_mut().zip(w) {
                     *c = sign(v) as i8;
                 }
             }
             WeightQuant::Ternary { rule } => {
-                ternarize(w, out, rule, &mut self.w_hat, &mut self.scale, &mut self.tmp);
+                ternarize(
+                    w,
+                    out,
+                    rule,
+                    Arc::make_mut(&mut self.w_hat).as_mut_slice(),
+                    &mut self.scale,
+                    &mut self.tmp,
+                );
                 // ŵ = α·t with α > 0: the code t is the sign of ŵ, or 0.
-                for (c, &v) in self.codes.iter_mut().zip(&self.w_hat) {
+                for (c, &v) in self.codes.iter_mut().zip(self.w_hat.iter()) {
                     *c = (v > 0.0) as i8 - (v < 0.0) as i8;
                 }
             }
@@ -444,7 +462,7 @@ impl WeightFakeQuant {
         let out = self.outputs;
         if let Some(f) = self.frozen.as_ref() {
             let tracked = !self.codes.is_empty();
-            for (i, (o, &code)) in self.w_hat.iter_mut().zip(&f.value).enumerate() {
+            for (i, (o, &code)) in Arc::make_mut(&mut self.w_hat).iter_mut().zip(&f.value).enumerate() {
                 if !code.is_nan() {
                     *o = code * self.scale[i % out];
                     if tracked {
@@ -507,7 +525,7 @@ impl WeightFakeQuant {
                     let (lo, hi) = code_range(q);
                     let k = 2.0 * self.dampening;
                     let c = self.outputs;
-                    for (i, ((g, &v), &q)) in w.grad.iter_mut().zip(&w.value).zip(&self.w_hat).enumerate() {
+                    for (i, ((g, &v), &q)) in w.grad.iter_mut().zip(&w.value).zip(self.w_hat.iter()).enumerate() {
                         let s = f[i % c];
                         *g = if v >= lo * s && v <= hi * s {
                             *g + k * (v - q)
@@ -522,7 +540,7 @@ impl WeightFakeQuant {
                 // max-scaled symmetric grid holds every weight, so clip(w) = w).
                 if self.dampening > 0.0 && self.quant.is_some() {
                     let k = 2.0 * self.dampening;
-                    for ((g, &v), &q) in w.grad.iter_mut().zip(&w.value).zip(&self.w_hat) {
+                    for ((g, &v), &q) in w.grad.iter_mut().zip(&w.value).zip(self.w_hat.iter()) {
                         *g += k * (v - q);
                     }
                 }
