@@ -613,6 +613,8 @@ mod tests {
                 );
             }
             assert_eq!(main.codes, want.codes);
+            assert!(Arc::ptr_eq(&main.w_hat, &rep.w_hat), "one ŵ for both");
+            let before = rep.w_hat.to_vec();
             assert!(!main.codes.is_empty() && rep.codes.is_empty());
             // The next quantize keeps ŵ (even of other weights); the one after computes it.
             let other: Vec<f32> = w.value.iter().map(|v| v * 0.5).collect();
@@ -620,14 +622,16 @@ mod tests {
             assert!(main
                 .w_hat
                 .iter()
-                .zip(&want.w_hat)
+                .zip(want.w_hat.iter())
                 .all(|(x, y)| x.to_bits() == y.to_bits()));
             main.quantize(&other);
             want.quantize(&other);
+            // Written through `make_mut`: the replica still reads the ŵ it was given.
+            assert!(rep.w_hat.iter().zip(&before).all(|(x, y)| x.to_bits() == y.to_bits()));
             assert!(main
                 .w_hat
                 .iter()
-                .zip(&want.w_hat)
+                .zip(want.w_hat.iter())
                 .all(|(x, y)| x.to_bits() == y.to_bits()));
         }
         // Not taken: a small kernel, binary weights, a replica with another rule.
