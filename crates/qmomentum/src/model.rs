@@ -714,20 +714,38 @@ impl Sequential {
 
     /// Copy the parameter values, buffers and observer states of `src` (same architecture).
     pub fn sync_from(&mut self, src: &Sequential, threads: usize) {
-        for (p, q) in self.params_iter_mut().zip(src.params_iter()) {
-            if threads >= 2 && p.value.len() >= crate::optim::SPLIT_MIN {
-                // The halves each core updated (`Optimizer::threads`), copied by that core.
-                let at = crate::optim::split_point(p.value.len());
-                let (a0, a1) = p.value.split_at_mut(at);
-                let (b0, b1) = q.value.split_at(at);
-                qmomentum_runtime::pool::join(|| a0.copy_from_slice(b0), || a1.copy_from_slice(b1));
-            } else {
-                p.value.copy_from_slice(&q.value);
+        for (l, s) in self.layers.iter_mut().zip(&src.layers) {
+            // A kernel [`Sequential::quantize_shared`] copied already.
+            let copied = l.weight_quant().is_some_and(|(_, wq)| wq.is_ready());
+            for (p, q) in l.params_mut().zip(s.params()) {
+                if copied && p.kind == crate::layers::ParamKind::Weight {
+                    p.frozen.clone_from(&q.frozen);
+                } else {
+                    Self::copy_param(p, q, threads);
+                }
             }
-            // The freeze mask too: the replica's backward zeroes frozen weights' gradients like
-            // the main model's (no allocation once both hold a mask).
-            p.frozen.clone_from(&q.frozen);
         }
+        self.sync_state_from(src);
+    }
+
+    /// Copy `q`'s values (and freeze mask) into `p`, by halves on two cores when large.
+    fn copy_param(p: &mut Param, q: &Param, threads: usize) {
+        if threads >= 2 && p.value.len() >= crate::optim::SPLIT_MIN {
+            // The halves each core updated (`Optimizer::threads`), copied by that core.
+            let at = crate::optim::split_point(p.value.len());
+            let (a0, a1) = p.value.split_at_mut(at);
+            let (b0, b1) = q.value.split_at(at);
+            qmomentum_runtime::pool::join(|| a0.copy_from_slice(b0), || a1.copy_from_slice(b1));
+        } else {
+            p.value.copy_from_slice(&q.value);
+        }
+        // The freeze mask too: the replica's backward zeroes frozen weights' gradients like
+        // the main model's (no allocation once both hold a mask).
+        p.frozen.clone_from(&q.frozen);
+    }
+
+    /// The buffers, frozen codes, fixed scales and observer states of [`Sequential::sync_from`].
+    fn sync_state_from(&mut self, src: &Sequential) {
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
             // A replica holds no oscillation tracker (only the main model tracks), but it needs
             // the frozen codes and fixed scales its forward pass uses.
@@ -767,8 +785,8 @@ impl Sequential {
             if matches!(&*l, Layer::Conv2d(c) if c.bn.is_some()) {
                 continue;
             }
-            if let (Some((w, a)), Some((_, b))) = (l.weight_quant_mut(), r.weight_quant_mut()) {
-                a.quantize_shared(b, &w.value);
+            if let (Some((w, a)), Some((rw, b))) = (l.weight_quant_mut(), r.weight_quant_mut()) {
+                a.quantize_shared(b, &w.value, &mut rw.value);
             }
         }
     }

@@ -467,8 +467,10 @@ impl Trainer {
                 }
                 Box::new((r, Vec::new()))
             });
-            rep.0.sync_from(&self.model, self.config.threads);
+            // The kernels quantized once for both first (copying them into the replica on the
+            // way), then the rest of the replica's parameters and state.
             self.model.quantize_shared(&mut rep.0, self.config.threads);
+            rep.0.sync_from(&self.model, self.config.threads);
             // The codes this step's forward pass writes and the tracker's states, which the
             // tracking pass reads right after the step's shares; each core prefetches its half
             // once its share is done (regions are addresses: they stay valid, nothing is

@@ -13,7 +13,7 @@
 //!   so `∂L/∂w = ∂L/∂ŵ/√fan_in`.
 
 use super::affine::{
-    column_max_abs, fake_quant_weights_per_channel, fake_quant_weights_per_tensor, fake_quant_weights_with_scales,
+    column_max_abs_copy, fake_quant_weights_per_channel, fake_quant_weights_per_tensor, fake_quant_weights_with_scales,
     QParams,
 };
 use super::binary::{binarize, sign, ternarize};
@@ -301,7 +301,10 @@ impl WeightFakeQuant {
     /// Only per-channel integer grids (max-abs or fixed scales) of [`crate::optim::SPLIT_MIN`]
     /// weights or more without frozen codes take this path; for the rest it returns `false` and
     /// does nothing (binary and ternary scales are sums, whose order the split would change).
-    pub fn quantize_shared(&mut self, replica: &mut WeightFakeQuant, w: &[f32]) -> bool {
+    ///
+    /// `w` is copied into `replica_w` (the replica's kernel) in the same pass, so a caller that
+    /// syncs the replica skips that parameter when this returns `true`.
+    pub fn quantize_shared(&mut self, replica: &mut WeightFakeQuant, w: &[f32], replica_w: &mut [f32]) -> bool {
         let (out, n) = (self.outputs, self.fan_in * self.outputs);
         let Some(WeightQuant::Int {
             bits,
@@ -316,6 +319,7 @@ impl WeightFakeQuant {
             && self.fan_in >= 2
             && n >= crate::optim::SPLIT_MIN
             && w.len() == n
+            && replica_w.len() == n
             && self.frozen.is_none()
             && replica.frozen.is_none()
             && replica.quant == self.quant
@@ -332,11 +336,13 @@ impl WeightFakeQuant {
         let rows0 = (crate::optim::split_point(n) / out).clamp(1, self.fan_in - 1);
         let at = rows0 * out;
         let (w0, w1) = w.split_at(at);
+        let (d0, d1) = replica_w.split_at_mut(at);
         if let Some(f) = self.fixed_scale.as_ref().filter(|_| fixed) {
             self.scale.copy_from_slice(&f.value);
+            qmomentum_runtime::pool::join(|| d0.copy_from_slice(w0), || d1.copy_from_slice(w1));
         } else {
             let (m0, m1) = (&mut self.tmp[..out], &mut replica.tmp[..out]);
-            qmomentum_runtime::pool::join(|| column_max_abs(w0, m0), || column_max_abs(w1, m1));
+            qmomentum_runtime::pool::join(|| column_max_abs_copy(w0, m0, d0), || column_max_abs_copy(w1, m1, d1));
             for ((s, &a), &b) in self.scale.iter_mut().zip(m0.iter()).zip(m1.iter()) {
                 *s = QParams::symmetric(a.max(b), bits, narrow).scale;
             }
@@ -361,6 +367,12 @@ impl WeightFakeQuant {
         self.ready = true;
         replica.ready = true;
         true
+    }
+
+    /// Whether `ŵ` is already this step's ([`WeightFakeQuant::quantize_shared`] ran, and no
+    /// forward pass since).
+    pub fn is_ready(&self) -> bool {
+        self.ready
     }
 
     /// Compute `ŵ` and the per-channel scales from `w` (no-op for float weights, and once after
@@ -599,10 +611,11 @@ mod tests {
                 want.fix_scales();
             }
             let (mut main, mut rep) = (want.clone(), want.clone());
+            let mut copy = vec![0.0; w.value.len()];
             rep.tracker = None;
             want.quantize(&w.value);
             assert!(
-                main.quantize_shared(&mut rep, &w.value),
+                main.quantize_shared(&mut rep, &w.value, &mut copy),
                 "{bits} bits, fixed {fixed}: not taken"
             );
             for q in [&main, &rep] {
@@ -613,6 +626,10 @@ mod tests {
                 );
             }
             assert_eq!(main.codes, want.codes);
+            assert!(
+                copy.iter().zip(&w.value).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "the kernel copied"
+            );
             assert!(Arc::ptr_eq(&main.w_hat, &rep.w_hat), "one ŵ for both");
             let before = rep.w_hat.to_vec();
             assert!(!main.codes.is_empty() && rep.codes.is_empty());
@@ -638,14 +655,18 @@ mod tests {
         let mut small = WeightFakeQuant::new(4, 4);
         let mut ws = Param::new("layers.0.weight", ParamKind::Weight, vec![4, 4], vec![0.5; 16]);
         small.configure(int(8), false, &mut ws);
-        assert!(!small.clone().quantize_shared(&mut small.clone(), &ws.value));
+        assert!(!small
+            .clone()
+            .quantize_shared(&mut small.clone(), &ws.value, &mut [0.0; 16]));
         let mut bin = WeightFakeQuant::new(fan_in, outputs);
         bin.configure(Some(WeightQuant::Binary { scaled: true }), false, &mut w);
-        assert!(!bin.clone().quantize_shared(&mut bin.clone(), &w.value));
+        assert!(!bin
+            .clone()
+            .quantize_shared(&mut bin.clone(), &w.value, &mut w.value.clone()));
         let mut a = WeightFakeQuant::new(fan_in, outputs);
         a.configure(int(8), false, &mut w);
         let mut b = WeightFakeQuant::new(fan_in, outputs);
         b.configure(int(4), false, &mut w);
-        assert!(!a.quantize_shared(&mut b, &w.value));
+        assert!(!a.quantize_shared(&mut b, &w.value, &mut w.value.clone()));
     }
 }
