@@ -31,10 +31,13 @@ pub struct WeightFakeQuant {
     pub bop: bool,
     fan_in: usize,
     outputs: usize,
-    /// `ŵ`; shared with the main model's quantizer in a training replica after
-    /// [`WeightFakeQuant::quantize_shared`] (written through `Arc::make_mut`: a shared buffer is
-    /// copied before it is written, never changed under its other reader).
+    /// `ŵ`, in an `Arc` so that a training replica can read it ([`WeightFakeQuant::shared`]);
+    /// written through `Arc::make_mut`, so a buffer still shared is copied before it is written,
+    /// never changed under its other reader.
     w_hat: Arc<Vec<f32>>,
+    /// The main model's `ŵ`, which this (replica's) quantizer uses instead of its own after
+    /// [`WeightFakeQuant::quantize_shared`], until it quantizes by itself again.
+    shared: Option<Arc<Vec<f32>>>,
     scale: Vec<f32>,
     tmp: Vec<f32>,
     dw_hat: Vec<f32>,
@@ -68,6 +71,7 @@ impl WeightFakeQuant {
             fan_in,
             outputs,
             w_hat: Arc::default(),
+            shared: None,
             scale: vec![1.0; outputs],
             tmp: vec![0.0; outputs],
             dw_hat: Vec::new(),
@@ -351,7 +355,7 @@ impl WeightFakeQuant {
         let scale = &self.scale;
         // One `ŵ` for both: the replica lets go of its share (so this one is written in place,
         // unless another clone holds it: then it is copied once), and reads this one below.
-        replica.w_hat = Arc::default();
+        replica.shared = None;
         let (h0, h1) = Arc::make_mut(&mut self.w_hat).split_at_mut(at);
         let (c0, c1) = if self.codes.is_empty() {
             (&mut [][..], &mut [][..])
@@ -363,7 +367,7 @@ impl WeightFakeQuant {
             || fake_quant_weights_with_scales(w0, out, bits, narrow, scale, i0, h0, c0),
             || fake_quant_weights_with_scales(w1, out, bits, narrow, scale, i1, h1, c1),
         );
-        replica.w_hat = Arc::clone(&self.w_hat);
+        replica.shared = Some(Arc::clone(&self.w_hat));
         self.ready = true;
         replica.ready = true;
         true
@@ -381,6 +385,7 @@ impl WeightFakeQuant {
         if std::mem::take(&mut self.ready) {
             return;
         }
+        self.shared = None;
         let Some(wq) = self.quant else { return };
         self.fit_codes();
         let out = self.outputs;
@@ -485,10 +490,15 @@ impl WeightFakeQuant {
         }
     }
 
+    /// `ŵ`: this quantizer's, or the main model's it shares.
+    fn w_hat(&self) -> &[f32] {
+        self.shared.as_deref().unwrap_or(&self.w_hat)
+    }
+
     /// The kernel the forward pass uses: `ŵ` (after [`WeightFakeQuant::quantize`]) or `w`.
     pub fn weights<'a>(&'a self, w: &'a [f32]) -> &'a [f32] {
         if self.quant.is_some() {
-            &self.w_hat
+            self.w_hat()
         } else {
             w
         }
@@ -537,7 +547,7 @@ impl WeightFakeQuant {
                     let (lo, hi) = code_range(q);
                     let k = 2.0 * self.dampening;
                     let c = self.outputs;
-                    for (i, ((g, &v), &q)) in w.grad.iter_mut().zip(&w.value).zip(self.w_hat.iter()).enumerate() {
+                    for (i, ((g, &v), &q)) in w.grad.iter_mut().zip(&w.value).zip(self.w_hat()).enumerate() {
                         let s = f[i % c];
                         *g = if v >= lo * s && v <= hi * s {
                             *g + k * (v - q)
@@ -552,7 +562,7 @@ impl WeightFakeQuant {
                 // max-scaled symmetric grid holds every weight, so clip(w) = w).
                 if self.dampening > 0.0 && self.quant.is_some() {
                     let k = 2.0 * self.dampening;
-                    for ((g, &v), &q) in w.grad.iter_mut().zip(&w.value).zip(self.w_hat.iter()) {
+                    for ((g, &v), &q) in w.grad.iter_mut().zip(&w.value).zip(self.w_hat()) {
                         *g += k * (v - q);
                     }
                 }
@@ -621,7 +631,7 @@ mod tests {
             for q in [&main, &rep] {
                 let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(
-                    same(&q.w_hat, &want.w_hat) && same(&q.scale, &want.scale),
+                    same(q.w_hat(), &want.w_hat) && same(&q.scale, &want.scale),
                     "{bits} bits, fixed {fixed}"
                 );
             }
@@ -630,8 +640,11 @@ mod tests {
                 copy.iter().zip(&w.value).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "the kernel copied"
             );
-            assert!(Arc::ptr_eq(&main.w_hat, &rep.w_hat), "one ŵ for both");
-            let before = rep.w_hat.to_vec();
+            assert!(
+                rep.shared.as_ref().is_some_and(|s| Arc::ptr_eq(&main.w_hat, s)),
+                "one ŵ for both"
+            );
+            let before = rep.w_hat().to_vec();
             assert!(!main.codes.is_empty() && rep.codes.is_empty());
             // The next quantize keeps ŵ (even of other weights); the one after computes it.
             let other: Vec<f32> = w.value.iter().map(|v| v * 0.5).collect();
@@ -644,7 +657,7 @@ mod tests {
             main.quantize(&other);
             want.quantize(&other);
             // Written through `make_mut`: the replica still reads the ŵ it was given.
-            assert!(rep.w_hat.iter().zip(&before).all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert!(rep.w_hat().iter().zip(&before).all(|(x, y)| x.to_bits() == y.to_bits()));
             assert!(main
                 .w_hat
                 .iter()
