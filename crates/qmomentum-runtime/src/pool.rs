@@ -105,6 +105,7 @@ fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
 }
 
 fn worker(pool: &'static Pool) {
+    ON_WORKER.with(|c| c.set(true));
     let mut seen = 0u64;
     loop {
         // Wait for a new job: spin first, then park.
@@ -148,6 +149,9 @@ fn worker(pool: &'static Pool) {
 
 thread_local! {
     static IN_JOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set on the pool's worker threads ([`Balance`] learns only from joins whose caller ran
+    /// the first share and a worker the second).
+    static ON_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Run `f` with [`inside_job`] true on this thread (restored after, also on unwinding).
@@ -205,6 +209,89 @@ pub fn join<A: Send, B: Send>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> 
     match (take(&ra), take(&rb)) {
         (Some(x), Some(y)) if ok => (x, y),
         _ => panic!("a share of a pool::join panicked on a worker thread"),
+    }
+}
+
+/// Where a recurring two-share [`join`] over `n` items splits them, moved toward equal times.
+///
+/// The two halves of an element-wise pass do not cost the same on the two cores when the data
+/// they write was last read by the other core: the trainer's momentum update of the first
+/// dense kernel measured 12.5 µs on the calling core and 36–42 µs on the worker for equal
+/// halves, because the calling core's forward product read the whole kernel, so every line of
+/// the worker's half must first be taken from that core's cache (`doc/performance.md`, "Balanced
+/// splits"). `Balance` measures both shares of each [`Balance::join`] and moves the caller's
+/// fraction a fifth of the way toward the split at which the measured per-item costs give
+/// equal times. Only where the work is split changes, never what is computed: an element-wise
+/// pass gives the same bits at any split.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Balance {
+    /// The caller's fraction of the items, in [0.05, 0.95].
+    caller: f64,
+}
+
+impl Default for Balance {
+    fn default() -> Self {
+        Balance { caller: 0.5 }
+    }
+}
+
+impl Balance {
+    /// The caller's current fraction of the items.
+    pub fn fraction(&self) -> f64 {
+        self.caller
+    }
+
+    /// Where to split `n` items: the caller's fraction rounded to a multiple of `align` (a
+    /// cache line of values), within `1..n` when `n ≥ 2·align`.
+    pub fn split(&self, n: usize, align: usize) -> usize {
+        let align = align.max(1);
+        let at = ((n as f64 * self.caller) as usize).next_multiple_of(align);
+        if n >= 2 * align {
+            at.clamp(align, (n - 1) / align * align)
+        } else {
+            at.min(n)
+        }
+    }
+
+    /// [`join`] of the shares of `n` items split at `at` (`a` the first `at` items, `b` the
+    /// rest), each share timed; the split then moves toward equal times (see [`Balance`]).
+    pub fn join<A: Send, B: Send>(
+        &mut self,
+        at: usize,
+        n: usize,
+        a: impl FnOnce() -> A + Send,
+        b: impl FnOnce() -> B + Send,
+    ) -> (A, B) {
+        let on_worker = || ON_WORKER.with(|c| c.get());
+        let ((x, ta, wa), (y, tb, wb)) = join(
+            || {
+                let t = Instant::now();
+                let r = a();
+                (r, t.elapsed().as_secs_f64(), on_worker())
+            },
+            || {
+                let t = Instant::now();
+                let r = b();
+                (r, t.elapsed().as_secs_f64(), on_worker())
+            },
+        );
+        if !wa && wb {
+            self.learn(at, n, ta, tb);
+        }
+        (x, y)
+    }
+
+    /// Move toward the split that equalises the shares' times, from one join's times `ta`
+    /// (caller, `at` items) and `tb` (worker, `n − at` items).
+    fn learn(&mut self, at: usize, n: usize, ta: f64, tb: f64) {
+        if at == 0 || at >= n || !(ta > 0.0 && tb > 0.0) {
+            return;
+        }
+        let fa = at as f64 / n as f64;
+        // Time per unit fraction on each side; equal times at x·ca = (1 − x)·cb.
+        let (ca, cb) = (ta / fa, tb / (1.0 - fa));
+        let target = cb / (ca + cb);
+        self.caller = (self.caller + 0.2 * (target - self.caller)).clamp(0.05, 0.95);
     }
 }
 
@@ -266,6 +353,45 @@ pub fn run(threads: usize, job: &(dyn Fn() + Sync)) -> bool {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    /// The split follows measured costs: a worker share that costs three times the caller's per
+    /// item moves the caller's fraction to 3/4 (x·1 = (1 − x)·3); splits stay aligned and inside.
+    #[test]
+    fn balance_moves_toward_equal_times_and_splits_aligned() {
+        let mut b = Balance::default();
+        assert_eq!(b.split(1000, 16), 496 + 16);
+        for _ in 0..60 {
+            let n = 100_000;
+            let at = b.split(n, 16);
+            let fa = at as f64 / n as f64;
+            b.learn(at, n, fa * 1.0, (1.0 - fa) * 3.0);
+        }
+        assert!((b.fraction() - 0.75).abs() < 0.01, "{}", b.fraction());
+        // Bounds: never an empty share of a splittable tensor, never beyond the clamp.
+        for _ in 0..60 {
+            b.learn(b.split(1000, 16), 1000, 1e-9, 1.0);
+        }
+        assert!(b.fraction() <= 0.95);
+        let at = b.split(1000, 16);
+        assert!(at % 16 == 0 && at < 1000 && at > 0, "{at}");
+        assert_eq!(b.split(8, 16), 8, "a tensor too small to split goes to the caller whole");
+        // Degenerate times teach nothing.
+        let before = b;
+        b.learn(500, 1000, 0.0, 1.0);
+        b.learn(0, 1000, 1.0, 1.0);
+        assert_eq!(b, before);
+    }
+
+    /// `Balance::join` is `join`: both results, in order.
+    #[test]
+    fn balance_join_returns_both_results() {
+        let mut b = Balance::default();
+        let mut v = vec![1u32; 100];
+        let at = b.split(v.len(), 16);
+        let (x, y) = v.split_at_mut(at);
+        let (sx, sy) = b.join(at, 100, || x.iter().sum::<u32>(), || y.iter().sum::<u32>());
+        assert_eq!((sx, sy), (at as u32, 100 - at as u32));
+    }
 
     #[test]
     fn join_returns_both_results_in_order_and_marks_its_shares() {

@@ -63,6 +63,10 @@ pub struct Sequential {
     probs: Vec<f32>,
     sizes: Vec<usize>,
     cap: usize,
+    /// Per parameter, where its gradient sum and its copy into a replica are split over the two
+    /// cores ([`Sequential::add_grads`], [`Sequential::sync_from`]; measured, see
+    /// [`qmomentum_runtime::pool::Balance`]).
+    balance: Vec<[qmomentum_runtime::pool::Balance; 2]>,
 }
 
 impl Sequential {
@@ -81,6 +85,7 @@ impl Sequential {
             probs: Vec::new(),
             sizes: Vec::new(),
             cap: 0,
+            balance: Vec::new(),
         }
     }
 
@@ -714,6 +719,7 @@ impl Sequential {
 
     /// Copy the parameter values, buffers and observer states of `src` (same architecture).
     pub fn sync_from(&mut self, src: &Sequential, threads: usize) {
+        let mut k = 0;
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
             // A kernel [`Sequential::quantize_shared`] copied already.
             let copied = l.weight_quant().is_some_and(|(_, wq)| wq.is_ready());
@@ -721,21 +727,26 @@ impl Sequential {
                 if copied && p.kind == crate::layers::ParamKind::Weight {
                     p.frozen.clone_from(&q.frozen);
                 } else {
-                    Self::copy_param(p, q, threads);
+                    if self.balance.len() <= k {
+                        self.balance.resize(k + 1, Default::default());
+                    }
+                    Self::copy_param(p, q, threads, &mut self.balance[k][1]);
                 }
+                k += 1;
             }
         }
         self.sync_state_from(src);
     }
 
-    /// Copy `q`'s values (and freeze mask) into `p`, by halves on two cores when large.
-    fn copy_param(p: &mut Param, q: &Param, threads: usize) {
+    /// Copy `q`'s values (and freeze mask) into `p`, in two shares on two cores when large
+    /// (split where their measured times come out equal: `pool::Balance`).
+    fn copy_param(p: &mut Param, q: &Param, threads: usize, bal: &mut qmomentum_runtime::pool::Balance) {
         if threads >= 2 && p.value.len() >= crate::optim::SPLIT_MIN {
-            // The halves each core updated (`Optimizer::threads`), copied by that core.
-            let at = crate::optim::split_point(p.value.len());
+            let n = p.value.len();
+            let at = bal.split(n, 16);
             let (a0, a1) = p.value.split_at_mut(at);
             let (b0, b1) = q.value.split_at(at);
-            qmomentum_runtime::pool::join(|| a0.copy_from_slice(b0), || a1.copy_from_slice(b1));
+            bal.join(at, n, || a0.copy_from_slice(b0), || a1.copy_from_slice(b1));
         } else {
             p.value.copy_from_slice(&q.value);
         }
@@ -855,14 +866,19 @@ impl Sequential {
             }
         }
         let mut probe = 0u32;
-        for (p, q) in self.params_iter_mut().zip(other.params_iter()) {
+        let params = self.layers.iter_mut().flat_map(|l| l.params_mut());
+        for (k, (p, q)) in params.zip(other.params_iter()).enumerate() {
             if threads >= 2 && p.grad.len() >= crate::optim::SPLIT_MIN {
-                // Large tensors in two halves on two cores, split where the optimizer splits
-                // its update, so each core then updates the half it has in cache.
-                let at = crate::optim::split_point(p.grad.len());
+                // Large tensors in two shares on two cores, split where their measured times
+                // come out equal (`pool::Balance`); the probe is a max, the same at any split.
+                if self.balance.len() <= k {
+                    self.balance.resize(k + 1, Default::default());
+                }
+                let (bal, n) = (&mut self.balance[k][0], p.grad.len());
+                let at = bal.split(n, 16);
                 let (a0, a1) = p.grad.split_at_mut(at);
                 let (b0, b1) = q.grad.split_at(at);
-                let (x, y) = qmomentum_runtime::pool::join(|| add(a0, b0, 0), || add(a1, b1, 0));
+                let (x, y) = bal.join(at, n, || add(a0, b0, 0), || add(a1, b1, 0));
                 probe = probe.max(x).max(y);
             } else {
                 probe = add(&mut p.grad, &q.grad, probe);

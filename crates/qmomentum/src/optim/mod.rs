@@ -200,13 +200,14 @@ impl OptimizerConfig {
     }
 }
 
-/// Tensors of at least this many values have their gradient sum and momentum update split over
-/// two cores at [`split_point`] when the trainer runs two threads.
+/// Tensors of at least this many values have their gradient sum, momentum update and copy into
+/// the training replica split over two cores when the trainer runs two threads (where the split
+/// falls is measured: [`qmomentum_runtime::pool::Balance`]).
 pub const SPLIT_MIN: usize = 32 * 1024;
 
-/// Where a tensor of `n` values is split in two: the first multiple of 16 values (64 bytes) at or
-/// after the middle, so that with a 64-byte aligned buffer the two cores never write the same
-/// cache line (a `Vec<f32>` is only 16-byte aligned in general: then they share one line).
+/// The middle of a tensor of `n` values for a split in two: the first multiple of 16 values (64
+/// bytes) at or after it, so that with a 64-byte aligned buffer the two cores never write the
+/// same cache line (a `Vec<f32>` is only 16-byte aligned in general: then they share one line).
 pub fn split_point(n: usize) -> usize {
     n.div_ceil(2).next_multiple_of(16).min(n)
 }
@@ -247,6 +248,9 @@ pub struct Optimizer {
     state_scratch: Vec<f32>,
     /// Values of frozen entries, put back after an update (scratch).
     held: Vec<(usize, f32)>,
+    /// Where each parameter's update is split over the two cores (measured, see
+    /// [`qmomentum_runtime::pool::Balance`]; not state: the values do not depend on it).
+    balance: Vec<qmomentum_runtime::pool::Balance>,
 }
 
 impl ParamState {
@@ -278,6 +282,7 @@ impl Optimizer {
             scratch: Vec::new(),
             state_scratch: Vec::new(),
             held: Vec::new(),
+            balance: Vec::new(),
         })
     }
 
@@ -417,14 +422,24 @@ impl Optimizer {
                 };
             let plain = norm_scale == 1.0 && cfg.clip_value.is_none() && !decays;
             if plain && self.threads >= 2 && p.len() >= SPLIT_MIN {
-                // The two halves on two cores, the halves whose gradients were just summed in two
-                // (`Sequential::add_grads`): usually each core updates what is in its own cache
-                // (`pool::join` gives the caller the first share it takes, normally the first).
-                let (first, at) = (st.steps == 0, split_point(p.len()));
+                // Two shares on two cores, split where their measured times come out equal
+                // (not in the middle: the worker's share of the first kernel costs up to three
+                // times the caller's, see `pool::Balance`); element-wise, so the same values.
+                if self.balance.len() <= i {
+                    self.balance.resize(i + 1, Default::default());
+                }
+                let bal = &mut self.balance[i];
+                let (first, n) = (st.steps == 0, p.len());
+                let at = bal.split(n, 16);
                 let (t0, t1) = p.value.split_at_mut(at);
                 let (g0, g1) = p.grad.split_at(at);
                 let (v0, v1) = v.split_at_mut(at);
-                qmomentum_runtime::pool::join(|| mom.apply(t0, g0, v0, lr, first), || mom.apply(t1, g1, v1, lr, first));
+                bal.join(
+                    at,
+                    n,
+                    || mom.apply(t0, g0, v0, lr, first),
+                    || mom.apply(t1, g1, v1, lr, first),
+                );
             } else if plain {
                 // Nothing to transform: update straight from the gradient (no copy).
                 mom.apply(&mut p.value, &p.grad, v, lr, st.steps == 0);

@@ -336,7 +336,7 @@ impl WeightFakeQuant {
         }
         self.fit_codes();
         replica.fit_codes();
-        // Rows split where the optimizer splits the tensor's update (the rows each core wrote).
+        // Rows split in the middle (each core then quantizes half of them).
         let rows0 = (crate::optim::split_point(n) / out).clamp(1, self.fan_in - 1);
         let at = rows0 * out;
         let (w0, w1) = w.split_at(at);
