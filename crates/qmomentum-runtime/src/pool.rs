@@ -374,7 +374,11 @@ mod tests {
         assert!(b.fraction() <= 0.95);
         let at = b.split(1000, 16);
         assert!(at % 16 == 0 && at < 1000 && at > 0, "{at}");
-        assert_eq!(b.split(8, 16), 8, "a tensor too small to split goes to the caller whole");
+        assert_eq!(
+            b.split(8, 16),
+            8,
+            "a tensor too small to split goes to the caller whole"
+        );
         // Degenerate times teach nothing.
         let before = b;
         b.learn(500, 1000, 0.0, 1.0);

@@ -721,7 +721,8 @@ impl Sequential {
     pub fn sync_from(&mut self, src: &Sequential, threads: usize) {
         let mut k = 0;
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
-            // A kernel [`Sequential::quantize_shared`] copied already.
+            // A kernel [`Sequential::quantize_shared`] handled this step: copied already, or not
+            // read by the replica ([`crate::quant::weight::WeightFakeQuant::quantize_shared`]).
             let copied = l.weight_quant().is_some_and(|(_, wq)| wq.is_ready());
             for (p, q) in l.params_mut().zip(s.params()) {
                 if copied && p.kind == crate::layers::ParamKind::Weight {

@@ -165,25 +165,11 @@ pub fn fake_quant_weights_per_channel(
 crate::simd::widest! {
     /// `max_j |w[k, j]|` over the rows of a `[rows, m.len()]` kernel (exact: the order of a max
     /// changes nothing).
-    fn column_max_abs(w: &[f32], m: &mut [f32]) {
+    pub fn column_max_abs(w: &[f32], m: &mut [f32]) {
         m.fill(0.0);
         for row in w.chunks_exact(m.len()) {
             for (m, &v) in m.iter_mut().zip(row) {
                 *m = m.max(v.abs());
-            }
-        }
-    }
-}
-
-crate::simd::widest! {
-    /// [`column_max_abs`] that also copies `w` into `copy` in the same pass (a training replica's
-    /// kernel, see `WeightFakeQuant::quantize_shared`).
-    pub fn column_max_abs_copy(w: &[f32], m: &mut [f32], copy: &mut [f32]) {
-        m.fill(0.0);
-        for (row, c) in w.chunks_exact(m.len()).zip(copy.chunks_exact_mut(m.len())) {
-            for ((m, &v), c) in m.iter_mut().zip(row).zip(c.iter_mut()) {
-                *m = m.max(v.abs());
-                *c = v;
             }
         }
     }
