@@ -549,16 +549,7 @@ impl WeightFakeQuant {
                     // Fixed scales clip: the STE passes the gradient inside the grid's range
                     // only, and dampening pulls toward ŵ from clip(w) = w there.
                     let (lo, hi) = code_range(q);
-                    let k = 2.0 * self.dampening;
-                    let c = self.outputs;
-                    for (i, ((g, &v), &q)) in w.grad.iter_mut().zip(&w.value).zip(self.w_hat()).enumerate() {
-                        let s = f[i % c];
-                        *g = if v >= lo * s && v <= hi * s {
-                            *g + k * (v - q)
-                        } else {
-                            0.0
-                        };
-                    }
+                    fixed_scale_ste(&mut w.grad, &w.value, self.w_hat(), f, lo, hi, 2.0 * self.dampening);
                     return;
                 }
                 // Oscillation dampening (Nagel et al. 2022): the gradient of λ·Σ(ŵ − w)² with ŵ
@@ -570,6 +561,21 @@ impl WeightFakeQuant {
                         *g += k * (v - q);
                     }
                 }
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// The STE of a grid with fixed per-channel scales `s` (rows of `s.len()` channels): `g`
+    /// passes where `lo·s ≤ w ≤ hi·s` (plus the dampening pull `k·(w − ŵ)`), 0 outside. Row by
+    /// row, so it vectorises (the per-element `i % channels` of the first version made it 27 %
+    /// of a W4A4 epoch's samples once the scales were fixed).
+    fn fixed_scale_ste(g: &mut [f32], w: &[f32], w_hat: &[f32], s: &[f32], lo: f32, hi: f32, k: f32) {
+        let c = s.len();
+        for ((gr, wr), qr) in g.chunks_exact_mut(c).zip(w.chunks_exact(c)).zip(w_hat.chunks_exact(c)) {
+            for (((g, &v), &q), &s) in gr.iter_mut().zip(wr).zip(qr).zip(s) {
+                *g = if v >= lo * s && v <= hi * s { *g + k * (v - q) } else { 0.0 };
             }
         }
     }
@@ -597,6 +603,37 @@ mod tests {
             per_channel: true,
             narrow: true,
         })
+    }
+
+    /// The vectorised fixed-scale STE is the per-element definition (`s = scales[i % c]`), on
+    /// values inside, on and beyond the range's edges.
+    #[test]
+    fn fixed_scale_ste_is_its_definition() {
+        let (rows, c) = (7, 19);
+        let mut r = Rng::new(3, 0);
+        let s: Vec<f32> = (0..c).map(|_| r.uniform_range(0.01, 0.1)).collect();
+        let (lo, hi, k) = (-7.0f32, 7.0f32, 0.25f32);
+        let w: Vec<f32> = (0..rows * c)
+            .map(|i| match i % 5 {
+                0 => hi * s[i % c],
+                1 => lo * s[i % c],
+                _ => r.uniform_range(-1.0, 1.0),
+            })
+            .collect();
+        let q: Vec<f32> = w.iter().map(|v| v * 0.9).collect();
+        let g0: Vec<f32> = (0..rows * c).map(|_| r.uniform_range(-1.0, 1.0)).collect();
+        let mut g = g0.clone();
+        fixed_scale_ste(&mut g, &w, &q, &s, lo, hi, k);
+        for i in 0..rows * c {
+            let si = s[i % c];
+            let want = if w[i] >= lo * si && w[i] <= hi * si {
+                g0[i] + k * (w[i] - q[i])
+            } else {
+                0.0
+            };
+            assert_eq!(g[i].to_bits(), want.to_bits(), "{i}");
+        }
+        assert!(g.contains(&0.0) && g.iter().any(|&v| v != 0.0), "both cases occur");
     }
 
     /// The shared, row-split quantization gives both quantizers exactly what `quantize` gives
