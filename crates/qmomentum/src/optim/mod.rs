@@ -248,6 +248,8 @@ pub struct Optimizer {
     state_scratch: Vec<f32>,
     /// Values of frozen entries, put back after an update (scratch).
     held: Vec<(usize, f32)>,
+    /// The values before an update of a parameter with frozen entries (scratch).
+    kept: Vec<f32>,
     /// Where each parameter's update is split over the two cores (measured, see
     /// [`qmomentum_runtime::pool::Balance`]; not state: the values do not depend on it).
     balance: Vec<qmomentum_runtime::pool::Balance>,
@@ -282,6 +284,7 @@ impl Optimizer {
             scratch: Vec::new(),
             state_scratch: Vec::new(),
             held: Vec::new(),
+            kept: Vec::new(),
             balance: Vec::new(),
         })
     }
@@ -383,15 +386,22 @@ impl Optimizer {
                 )));
             }
             // Frozen entries (iterative freezing) are skipped: their values are put back after
-            // the update and their momentum is kept at 0.
+            // the update and their momentum is kept at 0 (Bop's ±1 weights: from a list, to
+            // count the flips undone; the others: from a copy, in one vectorised pass).
             self.held.clear();
+            self.kept.clear();
+            let bop_here = p.kind == ParamKind::Binary && bop.is_some();
             if let Some(mask) = p.frozen.as_ref() {
-                self.held.extend(
-                    mask.iter()
-                        .enumerate()
-                        .filter(|(_, &m)| m)
-                        .map(|(i, _)| (i, p.value[i])),
-                );
+                if bop_here {
+                    self.held.extend(
+                        mask.iter()
+                            .enumerate()
+                            .filter(|(_, &m)| m)
+                            .map(|(i, _)| (i, p.value[i])),
+                    );
+                } else {
+                    self.kept.extend_from_slice(&p.value);
+                }
             }
             if p.kind == ParamKind::Binary {
                 if let Some(b) = bop {
@@ -461,9 +471,8 @@ impl Optimizer {
                 }
                 mom.apply(&mut p.value, g, v, lr, st.steps == 0);
             }
-            for &(i, x) in &self.held {
-                p.value[i] = x;
-                v[i] = 0.0;
+            if let (Some(mask), false) = (p.frozen.as_ref(), self.kept.is_empty()) {
+                restore_frozen(&mut p.value, v, mask, &self.kept);
             }
             if let Some(q) = st.q8.as_mut() {
                 q.quantize(&self.state_scratch);
@@ -471,6 +480,16 @@ impl Optimizer {
             st.steps = st.steps.saturating_add(1);
         }
         Ok(())
+    }
+}
+
+crate::simd::widest! {
+    /// Put frozen entries back after an update: `θ = kept`, `v = 0` where `frozen`.
+    fn restore_frozen(theta: &mut [f32], v: &mut [f32], frozen: &[bool], kept: &[f32]) {
+        for (((t, v), &f), &k) in theta.iter_mut().zip(v.iter_mut()).zip(frozen).zip(kept) {
+            *t = if f { k } else { *t };
+            *v = if f { 0.0 } else { *v };
+        }
     }
 }
 

@@ -284,3 +284,49 @@ fn eight_bit_state_tracks_the_f32_state() {
     let small = run(cfg8, &[1.0, -2.0], 5);
     assert_eq!(small, run(base(Convention::LrInside), &[1.0, -2.0], 5));
 }
+
+/// Frozen entries (iterative freezing) keep their value and a zero velocity through updates;
+/// the others follow the heavy ball by hand (θ₀ = 1, g = θ: θ1 = .9, θ2 = .72), with the f32
+/// and the 8-bit state, split over two cores or not.
+#[test]
+fn frozen_entries_keep_their_value_and_zero_velocity() {
+    for (bits, threads, n) in [
+        (32u32, 1usize, 8usize),
+        (32, 2, SPLIT_MIN + 40),
+        (8, 1, state8::MIN_VALUES + 8),
+    ] {
+        let cfg = OptimizerConfig {
+            state_bits: bits,
+            ..base(Convention::LrInside)
+        };
+        let mut opt = Optimizer::new(cfg).unwrap();
+        opt.threads = threads;
+        let mut p = Param::new("theta", ParamKind::Weight, vec![n], vec![1.0; n]);
+        let mask: Vec<bool> = (0..n).map(|i| i % 3 == 1).collect();
+        p.frozen = Some(mask.clone());
+        for t in 1..=2u64 {
+            p.grad.copy_from_slice(&p.value);
+            opt.step(&mut [&mut p], t).unwrap();
+        }
+        for (i, (&v, &m)) in p.value.iter().zip(&mask).enumerate() {
+            let want = if m { 1.0 } else { 0.72 };
+            assert!(
+                (v - want).abs() < 2e-3,
+                "{bits}-bit state, {threads} threads, θ[{i}] = {v}, want {want}"
+            );
+        }
+        let st = &opt.state[0];
+        let vel: Vec<f32> = match &st.q8 {
+            Some(q) => {
+                let mut v = vec![0.0; n];
+                q.dequantize(&mut v);
+                v
+            }
+            None => st.buffer.clone(),
+        };
+        assert!(
+            mask.iter().zip(&vel).all(|(&m, &v)| !m || v == 0.0),
+            "frozen velocity is 0"
+        );
+    }
+}
