@@ -717,7 +717,9 @@ impl Sequential {
         None
     }
 
-    /// Copy the parameter values, buffers and observer states of `src` (same architecture).
+    /// Copy the parameter values, buffers and observer states of `src` (same architecture),
+    /// except the kernels a [`Sequential::quantize_shared`] of this step handled (their
+    /// quantizers are ready: copied there, or not read by this replica).
     pub fn sync_from(&mut self, src: &Sequential, threads: usize) {
         let mut k = 0;
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
@@ -785,20 +787,32 @@ impl Sequential {
     }
 
     /// Quantize the kernels this model and its training `replica` share once, split over two
-    /// cores ([`crate::quant::weight::WeightFakeQuant::quantize_shared`]), before a step whose forward passes then skip
-    /// it. The replica must hold this model's weights ([`Sequential::sync_from`]). A kernel
-    /// folded with a batch norm (its `ŵ` depends on the batch) and the kernels that path does
-    /// not take are quantized by each forward pass as before.
+    /// cores ([`crate::quant::weight::WeightFakeQuant::quantize_shared`]), before a step whose
+    /// forward passes then skip it; call [`Sequential::sync_from`] on the replica after it (it
+    /// skips the kernels handled here). The replica needs this model's rules and fixed scales
+    /// from an earlier sync, not its current kernel values. A kernel folded with a batch norm
+    /// (its `ŵ` depends on the batch) and the kernels that path does not take are quantized by
+    /// each forward pass as before. After the step, [`Sequential::release_shared`] on the
+    /// replica.
     pub fn quantize_shared(&mut self, replica: &mut Sequential, threads: usize) {
-        if threads < 2 {
-            return;
-        }
+        replica.release_shared();
         for (l, r) in self.layers.iter_mut().zip(replica.layers.iter_mut()) {
-            if matches!(&*l, Layer::Conv2d(c) if c.bn.is_some()) {
+            if threads < 2 || matches!(&*l, Layer::Conv2d(c) if c.bn.is_some()) {
                 continue;
             }
             if let (Some((w, a)), Some((rw, b))) = (l.weight_quant_mut(), r.weight_quant_mut()) {
                 a.quantize_shared(b, &w.value, &mut rw.value);
+            }
+        }
+    }
+
+    /// Let go of every `ŵ` this (replica) model reads from its main model, and of any pending
+    /// [`Sequential::quantize_shared`] (see
+    /// [`crate::quant::weight::WeightFakeQuant::release_shared`]).
+    pub fn release_shared(&mut self) {
+        for l in self.layers.iter_mut() {
+            if let Some((_, q)) = l.weight_quant_mut() {
+                q.release_shared();
             }
         }
     }

@@ -467,8 +467,8 @@ impl Trainer {
                 }
                 Box::new((r, Vec::new()))
             });
-            // The kernels quantized once for both first (copying them into the replica on the
-            // way), then the rest of the replica's parameters and state.
+            // The kernels quantized once for both first (the replica reads the one `ŵ`), then
+            // the rest of the replica's parameters and state.
             self.model.quantize_shared(&mut rep.0, self.config.threads);
             rep.0.sync_from(&self.model, self.config.threads);
             // The codes this step's forward pass writes and the tracker's states, which the
@@ -509,6 +509,8 @@ impl Trainer {
                     r
                 },
             );
+            // The replica's backward is done: it lets go of the main model's `ŵ`.
+            rep.0.release_shared();
             grads_finite = self.model.add_grads(&rep.0, self.config.threads);
             self.model.merge_step_stats(&[&rep.0]);
             (s0 + s1, c0 + c1)

@@ -246,7 +246,7 @@ pub struct Optimizer {
     pub threads: usize,
     scratch: Vec<f32>,
     state_scratch: Vec<f32>,
-    /// Values of frozen entries, put back after an update (scratch).
+    /// Values of frozen entries of a Bop parameter, put back after its update (scratch).
     held: Vec<(usize, f32)>,
     /// The values before an update of a parameter with frozen entries (scratch).
     kept: Vec<f32>,

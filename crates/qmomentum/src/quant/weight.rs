@@ -317,6 +317,10 @@ impl WeightFakeQuant {
     /// `true`, and copies it on a step where this returns `false` (measured: the copy was 6 µs
     /// of a 335 µs W8A8 step).
     pub fn quantize_shared(&mut self, replica: &mut WeightFakeQuant, w: &[f32], replica_w: &mut [f32]) -> bool {
+        // A flag left by a step that did not reach its forward passes (an unwound step) must not
+        // survive into one this path does not take.
+        self.ready = false;
+        replica.ready = false;
         let (out, n) = (self.outputs, self.fan_in * self.outputs);
         let Some(WeightQuant::Int {
             bits,
@@ -382,9 +386,17 @@ impl WeightFakeQuant {
     }
 
     /// Whether `ŵ` is already this step's ([`WeightFakeQuant::quantize_shared`] ran, and no
-    /// forward pass since).
+    /// [`WeightFakeQuant::quantize`] since).
     pub fn is_ready(&self) -> bool {
         self.ready
+    }
+
+    /// Let go of the main model's `ŵ` (a replica after its step), so that the main model's next
+    /// `quantize` outside training (evaluation, export) writes its `ŵ` in place instead of
+    /// copying it; and forget a `quantize_shared` whose forward pass did not come.
+    pub fn release_shared(&mut self) {
+        self.shared = None;
+        self.ready = false;
     }
 
     /// Compute `ŵ` and the per-channel scales from `w` (no-op for float weights, and once after
@@ -758,6 +770,19 @@ mod tests {
                 .zip(want.w_hat.iter())
                 .all(|(x, y)| x.to_bits() == y.to_bits()));
         }
+        // A step that never reached its forward passes leaves no flag behind once the kernel no
+        // longer qualifies (here: frozen codes appeared), and the replica lets go of `ŵ`.
+        let mut main = WeightFakeQuant::new(fan_in, outputs);
+        main.configure(int(8), false, &mut w);
+        let mut rep = main.clone();
+        rep.tracker = None;
+        let mut copy = vec![0.0; w.value.len()];
+        assert!(main.quantize_shared(&mut rep, &w.value, &mut copy));
+        main.enable_freezing(0);
+        assert!(!main.quantize_shared(&mut rep, &w.value, &mut copy));
+        assert!(!main.is_ready() && !rep.is_ready());
+        rep.release_shared();
+        assert!(rep.shared.is_none());
         // Not taken: a small kernel, binary weights, a replica with another rule.
         let mut small = WeightFakeQuant::new(4, 4);
         let mut ws = Param::new("layers.0.weight", ParamKind::Weight, vec![4, 4], vec![0.5; 16]);
