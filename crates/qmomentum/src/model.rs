@@ -346,6 +346,37 @@ impl Sequential {
         (Self::conv_under_pool(layers, p) == Some(i)).then_some(p)
     }
 
+    /// For a convolution at `i` with a folded batch norm (QAT) followed, past the layers folded
+    /// into it, by a 2×2/stride-2 max pooling: that pooling, whose forward pass the convolution
+    /// does ([`Conv2d::forward_through_pool`]). Decided by the layers alone (the same for every
+    /// pass), as the forward loop skips the pooling by it.
+    fn pool_after_conv(layers: &[Layer], i: usize) -> Option<usize> {
+        match layers.get(i)? {
+            Layer::Conv2d(c) if c.bn.is_some() => {}
+            _ => return None,
+        }
+        let mut p = i + 1;
+        while matches!(layers.get(p)?, Layer::Folded(k) if *k == i) {
+            p += 1;
+        }
+        matches!(layers.get(p)?, Layer::Pool2d(pool) if pool.fast_2x2()).then_some(p)
+    }
+
+    /// Whether the pooling at `p` is computed by the convolution before it
+    /// ([`Sequential::pool_after_conv`]).
+    fn pooled_by_conv(layers: &[Layer], p: usize) -> bool {
+        let Some(mut j) = p.checked_sub(1) else {
+            return false;
+        };
+        while let Layer::Folded(k) = layers[j] {
+            if k >= j {
+                return false;
+            }
+            j = k;
+        }
+        Self::pool_after_conv(layers, j) == Some(p)
+    }
+
     /// Whether layer `i` is computed by the layer before it ([`Layer::fuses_next`]).
     fn fused_into_previous(&self, i: usize) -> bool {
         i > 0 && self.layers[i - 1].fuses_next(&self.layers[i])
@@ -454,6 +485,10 @@ impl Sequential {
             // A pooling computed by the batch norm two layers down; a batch norm that pools.
             let pooled_below = i >= 2 && Self::pool_through_batch_norm(&self.layers, i - 2);
             let pools = Self::pool_through_batch_norm(&self.layers, i);
+            let (conv_pools, pooled_by_conv) = (
+                Self::pool_after_conv(&self.layers, i),
+                Self::pooled_by_conv(&self.layers, i),
+            );
             let layer = &mut self.layers[i];
             // The grid each layer's input lies on: a quantized layer's output grid survives max
             // pooling, dropout (at inference) and flatten; anything else computes new values.
@@ -471,8 +506,31 @@ impl Sequential {
                 _ => in_scale = None,
             }
             let (from, into) = (self.aslot[i], self.aslot[i + 1]);
-            if from == into || pooled_below {
-                // Nothing to compute, or computed by the batch norm two layers down (below).
+            if from == into || pooled_below || pooled_by_conv {
+                // Nothing to compute, or computed by the batch norm two layers down or the
+                // convolution before it (below).
+                continue;
+            }
+            if let Some(p) = conv_pools {
+                // A QAT convolution with its folded batch norm, then a 2×2 max pooling: the
+                // convolution writes the pooling's output too (and its own, unless fused).
+                let (lo, hi) = self.layers.split_at_mut(i + 1);
+                if let (Layer::Conv2d(conv), Layer::Pool2d(pool)) = (&mut lo[i], &mut hi[p - i - 1]) {
+                    let pooled = self.aslot[p + 1];
+                    debug_assert!(from < into && into < pooled);
+                    let (a, b) = self.acts.split_at_mut(pooled);
+                    let (a0, a1) = a.split_at_mut(into);
+                    conv.forward_through_pool(
+                        &a0[from][..batch * size],
+                        pool,
+                        &mut a1[0][..batch * out],
+                        &mut b[0][..batch * self.sizes[p + 1]],
+                        batch,
+                        training,
+                        logits,
+                    );
+                }
+                size = self.sizes[p + 1];
                 continue;
             }
             if pools {

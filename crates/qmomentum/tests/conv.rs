@@ -600,6 +600,19 @@ fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
             assert!(p.grad.iter().any(|&g| g != 0.0), "{} has a gradient", p.name);
             assert_eq!(bits(&p.grad), bits(&q.grad), "{scheme:?}: {}", p.name);
         }
+        // What the step leaves for `finish_step`: the output ranges the observers take (of every
+        // value, those outside the pooling windows too) and the batch norms' sums.
+        for (l, r) in fused.layers.iter().zip(&layers) {
+            if let (Layer::Conv2d(a), Layer::Conv2d(b)) = (l, r) {
+                let (sa, sb) = (&a.out.act.stats, &b.out.act.stats);
+                let key = |s: &qmomentum::quant::act::BatchStats| {
+                    (s.lo.to_bits(), s.hi.to_bits(), s.sum_abs.to_bits(), s.count)
+                };
+                assert_eq!(key(sa), key(sb), "{scheme:?}: output range of layer {}", a.index);
+                let sums = |c: &Conv2d| c.bn.as_ref().map(|f| f.bn.batch_sums.clone());
+                assert_eq!(sums(a), sums(b), "{scheme:?}: batch-norm sums of layer {}", a.index);
+            }
+        }
         // Evaluation (running statistics, deployed QAT layers) through the same fused passes.
         fused.input_mut(batch).copy_from_slice(&x);
         let out = fused.forward(batch, false, true, &mut Rng::new(3, 1)).to_vec();

@@ -35,6 +35,19 @@ pub enum BnMomentum {
     },
 }
 
+/// `(μ, 1/σ, γ, β)` per channel.
+pub(crate) type Affine<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32]);
+
+/// The per-channel coefficients of the input gradient `k·(dy − m1 − x̂·m2)`,
+/// `x̂ = (x − μ)·(1/σ)` ([`BatchNorm::grads_with`]).
+pub(crate) struct InputGradCoefficients<'a> {
+    pub(crate) k: &'a [f32],
+    pub(crate) m1: &'a [f32],
+    pub(crate) m2: &'a [f32],
+    pub(crate) mean: &'a [f32],
+    pub(crate) inv_std: &'a [f32],
+}
+
 /// Per-channel batch normalisation.
 #[derive(Clone, Debug)]
 pub struct BatchNorm {
@@ -441,6 +454,12 @@ impl BatchNorm {
     /// Forward over `n` values (`n / channels` rows).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], n: usize, training: bool) {
         self.statistics(x, n, training);
+        self.normalize_into(x, y, n);
+    }
+
+    /// The normalisation of [`BatchNorm::forward`] with the statistics already in place
+    /// ([`BatchNorm::statistics`] or [`BatchNorm::batch_statistics_with`]).
+    pub(crate) fn normalize_into(&self, x: &[f32], y: &mut [f32], n: usize) {
         let c = self.channels;
         let (g, b) = (&self.gamma.value, &self.beta.value);
         let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
@@ -456,26 +475,69 @@ impl BatchNorm {
 
     /// The mean and `1/σ` this forward pass normalises with: the batch's (and its sums, for the
     /// running statistics) in training, else the running ones.
-    fn statistics(&mut self, x: &[f32], n: usize, training: bool) {
+    pub(crate) fn statistics(&mut self, x: &[f32], n: usize, training: bool) {
         let c = self.channels;
-        let rows = n / c;
-        self.batch_stats = training;
         if training {
-            let (s1, s2, count) = &mut self.batch_sums;
-            block_sums(&x[..n], c, s1, s2, &mut self.dsum_f32, &mut self.dsum_xhat_f32);
-            *count = rows as u64;
-            let r = rows.max(1) as f64;
-            for ch in 0..c {
-                let m = s1[ch] / r;
-                let var = (s2[ch] / r - m * m).max(0.0);
-                self.mean[ch] = m as f32;
-                self.inv_std[ch] = (1.0 / (var + self.epsilon as f64).sqrt()) as f32;
-            }
+            self.batch_statistics_with(n, |s1, s2, b1, b2| block_sums(&x[..n], c, s1, s2, b1, b2));
         } else {
+            self.batch_stats = false;
             for ch in 0..c {
                 self.mean[ch] = self.running_mean.value[ch];
                 self.inv_std[ch] = 1.0 / (self.running_var.value[ch] + self.epsilon).sqrt();
             }
+        }
+    }
+
+    /// The batch statistics of `n` values whose sums `Σx`, `Σx²` per channel `sums` writes
+    /// (into its first two arguments, with two f32 scratch rows of `channels`): [`block_sums`]
+    /// of the input, or a pass that computes the input and its sums at once (QAT's folded batch
+    /// norm: `FoldedBn::forward`), in the same order so with the same bits.
+    pub(crate) fn batch_statistics_with(
+        &mut self,
+        n: usize,
+        sums: impl FnOnce(&mut [f64], &mut [f64], &mut [f32], &mut [f32]),
+    ) {
+        let c = self.channels;
+        let rows = n / c;
+        self.batch_stats = true;
+        let (s1, s2, count) = &mut self.batch_sums;
+        sums(s1, s2, &mut self.dsum_f32, &mut self.dsum_xhat_f32);
+        *count = rows as u64;
+        let r = rows.max(1) as f64;
+        for ch in 0..c {
+            let m = s1[ch] / r;
+            let var = (s2[ch] / r - m * m).max(0.0);
+            self.mean[ch] = m as f32;
+            self.inv_std[ch] = (1.0 / (var + self.epsilon as f64).sqrt()) as f32;
+        }
+    }
+
+    /// `(μ, 1/σ, γ, β)` of the last forward pass, for a layer that normalises in a pass of its
+    /// own (with [`normalize`]'s operations: `γ·((x − μ)·(1/σ)) + β`).
+    pub(crate) fn affine(&self) -> Affine<'_> {
+        let c = self.channels;
+        (&self.mean[..c], &self.inv_std[..c], &self.gamma.value, &self.beta.value)
+    }
+
+    /// [`BatchNorm::param_grads`] with the sums `Σ dy`, `Σ dy·x̂` written by `sums` (from
+    /// `μ`, `1/σ`, into the two f64 rows, with two f32 scratch rows), for a layer whose pass
+    /// computes `dy` itself (QAT's folded batch norm under a pooling). Then the coefficients of
+    /// the input gradient (`k`, `m1 = mean(dy)`, `m2 = mean(dy·x̂)`, `μ`, `1/σ`) for
+    /// [`input_grad`]'s operations `k·(dy − m1 − x̂·m2)`.
+    pub(crate) fn grads_with(
+        &mut self,
+        n: usize,
+        sums: impl FnOnce(&[f32], &[f32], &mut [f64], &mut [f64], &mut [f32], &mut [f32]),
+    ) -> InputGradCoefficients<'_> {
+        let c = self.channels;
+        self.sums_into_grads(|(mean, inv_std, _, _), s1, s2, b1, b2| sums(mean, inv_std, s1, s2, b1, b2));
+        self.input_grad_coefficients(n);
+        InputGradCoefficients {
+            k: &self.k[..c],
+            m1: &self.dsum_f32[..c],
+            m2: &self.dsum_xhat_f32[..c],
+            mean: &self.mean[..c],
+            inv_std: &self.inv_std[..c],
         }
     }
 
@@ -570,25 +632,23 @@ impl BatchNorm {
         let c = self.channels;
         let grid = pool.grid();
         let argmax = pool.argmax();
-        grad_sums_relu_pool(
-            dpool,
-            argmax,
-            grid,
-            &x[..n],
-            c,
-            &self.mean[..c],
-            &self.inv_std[..c],
-            &self.gamma.value,
-            &self.beta.value,
-            &mut self.dsum,
-            &mut self.dsum_xhat,
-            &mut self.dsum_f32,
-            &mut self.dsum_xhat_f32,
-        );
-        for ch in 0..c {
-            self.beta.grad[ch] = self.dsum[ch] as f32;
-            self.gamma.grad[ch] = self.dsum_xhat[ch] as f32;
-        }
+        self.sums_into_grads(|(mean, inv_std, gamma, beta), s1, s2, b1, b2| {
+            grad_sums_relu_pool(
+                dpool,
+                argmax,
+                grid,
+                &x[..n],
+                c,
+                mean,
+                inv_std,
+                gamma,
+                beta,
+                s1,
+                s2,
+                b1,
+                b2,
+            );
+        });
         self.input_grad_coefficients(n);
         input_grad_relu_pool(
             dpool,
@@ -609,34 +669,27 @@ impl BatchNorm {
 
     /// `dγ`, `dβ` and the per-channel sums `Σ dy`, `Σ dy·x̂` the input gradient needs.
     fn param_grads(&mut self, x: &[f32], dy: &[f32], n: usize) {
+        let (c, relu) = (self.channels, self.relu);
+        self.sums_into_grads(|(mean, inv_std, gamma, beta), s1, s2, b1, b2| {
+            if relu {
+                grad_sums_relu(&dy[..n], &x[..n], c, mean, inv_std, gamma, beta, s1, s2, b1, b2);
+            } else {
+                grad_sums(&dy[..n], &x[..n], c, mean, inv_std, s1, s2, b1, b2);
+            }
+        });
+    }
+
+    /// `dγ = Σ dy·x̂`, `dβ = Σ dy` from the sums `sums` writes (given `(μ, 1/σ, γ, β)`, into
+    /// `dsum`, `dsum_xhat`, with two f32 scratch rows), which the input gradient then uses.
+    fn sums_into_grads(&mut self, sums: impl FnOnce(Affine, &mut [f64], &mut [f64], &mut [f32], &mut [f32])) {
         let c = self.channels;
-        if self.relu {
-            grad_sums_relu(
-                &dy[..n],
-                &x[..n],
-                c,
-                &self.mean[..c],
-                &self.inv_std[..c],
-                &self.gamma.value,
-                &self.beta.value,
-                &mut self.dsum,
-                &mut self.dsum_xhat,
-                &mut self.dsum_f32,
-                &mut self.dsum_xhat_f32,
-            );
-        } else {
-            grad_sums(
-                &dy[..n],
-                &x[..n],
-                c,
-                &self.mean[..c],
-                &self.inv_std[..c],
-                &mut self.dsum,
-                &mut self.dsum_xhat,
-                &mut self.dsum_f32,
-                &mut self.dsum_xhat_f32,
-            );
-        }
+        sums(
+            (&self.mean[..c], &self.inv_std[..c], &self.gamma.value, &self.beta.value),
+            &mut self.dsum,
+            &mut self.dsum_xhat,
+            &mut self.dsum_f32,
+            &mut self.dsum_xhat_f32,
+        );
         for ch in 0..c {
             self.beta.grad[ch] = self.dsum[ch] as f32;
             self.gamma.grad[ch] = self.dsum_xhat[ch] as f32;

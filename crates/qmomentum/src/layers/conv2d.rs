@@ -29,7 +29,7 @@ use super::batch_norm::BatchNorm;
 use super::epilogue::Epilogue;
 use super::folded_bn::FoldedBn;
 use super::param::{Param, ParamKind};
-use super::pool::PooledGrad;
+use super::pool::{Pool2d, PooledGrad};
 use super::Shape;
 use crate::error::{Error, Result};
 use crate::gemm::{matmul_strided, Strides};
@@ -451,6 +451,43 @@ impl Conv2d {
 
     /// Forward over `batch` samples (`x`: `batch·h·w·cin`, `y`: `batch·oh·ow·cout`).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], batch: usize, training: bool, logits: bool) {
+        self.forward_impl(x, y, None, batch, training, logits);
+    }
+
+    /// [`Conv2d::forward`] followed by the 2×2/stride-2 max pooling `pool` (past the layers
+    /// folded into this convolution), whose output goes to `pooled`. A folded batch norm whose
+    /// output stage is a ReLU on a grid, in training, computes the batch norm, the stage and the
+    /// pooling in one pass ([`FoldedBn::normalize_quant_pool`]) and leaves `y` unwritten;
+    /// otherwise `y` is written and pooled. The bits are those of the two layers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_through_pool(
+        &mut self,
+        x: &[f32],
+        pool: &mut Pool2d,
+        y: &mut [f32],
+        pooled: &mut [f32],
+        batch: usize,
+        training: bool,
+        logits: bool,
+    ) {
+        debug_assert!(pool.fast_2x2());
+        if !self.forward_impl(x, y, Some((&mut *pool, &mut *pooled)), batch, training, logits) {
+            let n = batch * self.geo.output.len();
+            pool.forward(&y[..n], pooled, batch);
+        }
+    }
+
+    /// [`Conv2d::forward`], and the pooling's forward when given and fused (returns whether it
+    /// did it).
+    fn forward_impl(
+        &mut self,
+        x: &[f32],
+        y: &mut [f32],
+        pool: Option<(&mut Pool2d, &mut [f32])>,
+        batch: usize,
+        training: bool,
+        logits: bool,
+    ) -> bool {
         let (rows, kg, _, og) = self.dims(batch);
         let cout = self.geo.output.c;
         let n = rows * cout;
@@ -495,12 +532,27 @@ impl Conv2d {
             );
         }
         self.col = col;
+        let mut pooled = false;
         match bn.as_deref_mut() {
             Some(f) if train_bn => {
                 // Batch norm between the product and the output stage (whose bias is 0).
-                f.forward(&self.bias.value, self.out.product_target(y, n), n, training);
-                self.out
-                    .forward(&f.zero_bias, &self.wq, self.input_scale, y, n, training, logits);
+                f.statistics(&self.bias.value, n, training);
+                if let Some((pool, out)) = pool {
+                    let f = &*f;
+                    pooled = self.out.forward_pooled(
+                        &f.zero_bias,
+                        &self.wq,
+                        self.input_scale,
+                        n,
+                        training,
+                        |zout, bias, lo, hi, grid| f.normalize_quant_pool(zout, bias, lo, hi, grid, pool, out, n),
+                    );
+                }
+                if !pooled {
+                    f.bn.normalize_into(&f.z[..n], self.out.product_target(y, n), n);
+                    self.out
+                        .forward(&f.zero_bias, &self.wq, self.input_scale, y, n, training, logits);
+                }
             }
             Some(f) => {
                 let b = f.folded_bias(&self.bias.value);
@@ -511,6 +563,7 @@ impl Conv2d {
                 .forward(&self.bias, &self.wq, self.input_scale, y, n, training, logits),
         }
         self.bn = bn;
+        pooled
     }
 
     /// Backward: parameter gradients, and `dx` when given.
@@ -541,7 +594,12 @@ impl Conv2d {
             Upstream::Pooled(p) => out.backward_pooled(p, bias, n, features),
         };
         let mut bn = self.bn.take();
-        if let Some(f) = bn.as_deref_mut() {
+        if let (Some(f), Upstream::Pooled(p)) = (bn.as_deref_mut(), up) {
+            // The output stage's backward, the batch norm's and the unfold's in two passes,
+            // `∂L/∂(col·Ŵ')` written over the stage's `z`.
+            let (zout, ste, relu) = self.out.pooled_backward_parts(n, features);
+            f.backward_through_pool(zout, p, ste, relu, &self.bias.value, &mut self.bias.grad, n);
+        } else if let Some(f) = bn.as_deref_mut() {
             // ∂L/∂(col·Ŵ') in the output stage's gradient buffer (in place), or in the folded
             // batch norm's own when the stage passes `dy` through.
             out_backward(&mut self.out, &mut f.zero_bias);

@@ -222,6 +222,71 @@ impl Epilogue {
         }
     }
 
+    /// [`Epilogue::forward`] by a pass of the layer's own, where that pass can do this stage's
+    /// work with the layer's (QAT's folded batch norm with the 2×2 max pooling after it:
+    /// `FoldedBn::normalize_quant_pool`): a ReLU output on a grid in training, with its range
+    /// statistics (not LSQ's first batch, not a sign). Then `pass` gets this stage's `z` buffer
+    /// (`n` values, to be written with the pre-activation), the bias as [`Epilogue::forward`]
+    /// adds it, the per-channel range to update and the grid, and this returns `true`; otherwise
+    /// it does nothing and returns `false` (call [`Epilogue::forward`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_pooled(
+        &mut self,
+        bias: &Param,
+        wq: &WeightFakeQuant,
+        input_scale: Option<f32>,
+        n: usize,
+        training: bool,
+        pass: impl FnOnce(&mut [f32], &[f32], &mut [f32], &mut [f32], Grid),
+    ) -> bool {
+        let lsq_start = self
+            .act
+            .observer
+            .as_ref()
+            .is_none_or(|o| o.observer == crate::quant::observer::Observer::Lsq && !o.initialized);
+        if !training || self.passthrough() || self.act.sign() || self.activation != Activation::Relu || lsq_start {
+            return false;
+        }
+        let Some(grid) = self.act.grid() else {
+            return false;
+        };
+        let c = self.channels;
+        let bias: &[f32] = match (input_scale, wq.on_integer_grid()) {
+            (Some(s_in), true) => {
+                for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&bias.value).zip(wq.scales()) {
+                    *bh = bias_on_grid(b, s_in, sw).1;
+                }
+                &self.b_hat
+            }
+            _ => &bias.value,
+        };
+        if self.z.len() < n {
+            self.z.resize(n, 0.0);
+        }
+        let (lo_col, hi_col) = (&mut self.lo_col[..c], &mut self.hi_col[..c]);
+        lo_col.fill(f32::INFINITY);
+        hi_col.fill(f32::NEG_INFINITY);
+        pass(&mut self.z[..n], bias, lo_col, hi_col, grid);
+        self.act.stats = BatchStats {
+            lo: lo_col.iter().fold(f32::INFINITY, |m, &v| m.min(v)),
+            hi: hi_col.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
+            sum_abs: 0.0,
+            count: n as u64,
+        };
+        true
+    }
+
+    /// For a layer whose own backward pass reads this stage's `z` and does its backward with
+    /// the pooling's after it (`FoldedBn::backward_through_pool`), where
+    /// [`Epilogue::backward_reads_pooled`]: the buffer (`n` values: `z`, to be overwritten with
+    /// `∂L/∂z`), the estimator and whether the activation is a ReLU. Sets what
+    /// [`Epilogue::backward_pooled`] sets besides (the step gradient, 0 for these estimators).
+    pub(crate) fn pooled_backward_parts(&mut self, n: usize, features: usize) -> (&mut [f32], Ste, bool) {
+        debug_assert!(self.backward_reads_pooled());
+        self.act.set_step_grad(0.0, features);
+        (&mut self.z[..n], self.act.ste(), self.activation == Activation::Relu)
+    }
+
     /// Whether [`Epilogue::backward_pooled`] applies to the last forward pass: a ReLU or linear
     /// output, float or on a grid with the clipped straight-through estimator (not LSQ, not
     /// sign), with its own `z` (not [`Epilogue::passthrough`]).
@@ -333,7 +398,7 @@ fn backward_pass(zd: &mut [f32], dy: &[f32], db: &mut [f32], mut f: impl FnMut(u
 
 /// `∂L/∂z` of a float output (no grid): `g` behind the ReLU mask, if any.
 #[inline(always)]
-fn pass_grad(z: f32, g: f32, relu: bool) -> f32 {
+pub(super) fn pass_grad(z: f32, g: f32, relu: bool) -> f32 {
     if relu && z <= 0.0 {
         0.0
     } else {
@@ -344,7 +409,7 @@ fn pass_grad(z: f32, g: f32, relu: bool) -> f32 {
 /// `∂L/∂z` of an output on a grid `[lo, hi]` with the clipped straight-through estimator, after
 /// a ReLU or nothing.
 #[inline(always)]
-fn clip_grad(z: f32, g: f32, lo: f32, hi: f32, relu: bool) -> f32 {
+pub(super) fn clip_grad(z: f32, g: f32, lo: f32, hi: f32, relu: bool) -> f32 {
     let a = if relu { z.max(0.0) } else { z };
     if a >= lo && a <= hi && (!relu || z > 0.0) {
         g

@@ -36,7 +36,10 @@
 //! `tests/conv_bn_qat.rs`.
 
 use super::batch_norm::BatchNorm;
+use super::epilogue::{clip_grad, pass_grad};
 use super::param::{Param, ParamKind};
+use super::pool::{from_pool, Pool2d, PoolGrid, PooledGrad};
+use crate::quant::act::{Grid, Ste};
 
 /// A batch norm folded into the convolution before it, with the scratch of the fold.
 #[derive(Clone, Debug)]
@@ -162,12 +165,119 @@ impl FoldedBn {
     /// `z = (col·Ŵ')/s + b` in place, then the batch norm into `y` (`n` values): batch statistics
     /// when `training` and not frozen, running statistics otherwise.
     pub fn forward(&mut self, b: &[f32], y: &mut [f32], n: usize, training: bool) {
+        self.statistics(b, n, training);
+        self.bn.normalize_into(&self.z[..n], y, n);
+    }
+
+    /// The first half of [`FoldedBn::forward`]: `z = (col·Ŵ')/s + b` in place and the batch
+    /// norm's statistics, in one pass when they are the batch's ([`unfold_sums`]: the sums of
+    /// the batch norm's own pass, in its order, so the same bits).
+    pub(crate) fn statistics(&mut self, b: &[f32], n: usize, training: bool) {
+        if training && !self.frozen {
+            let (z, s, c) = (&mut self.z[..n], &self.factor[..], self.bn.channels);
+            self.bn
+                .batch_statistics_with(n, |s1, s2, b1, b2| unfold_sums(z, s, b, c, s1, s2, b1, b2));
+            return;
+        }
         unfold(&mut self.z[..n], &self.factor, b);
-        let batch_stats = training && !self.frozen;
-        self.bn.forward(&self.z[..n], y, n, batch_stats);
-        if training && self.frozen {
-            // No batch sums: the running statistics stay where they are.
+        self.bn.statistics(&[], n, false);
+        if training {
+            // Frozen: no batch sums, the running statistics stay where they are.
             self.bn.batch_sums.2 = 0;
+        }
+    }
+
+    /// The rest of [`FoldedBn::forward`] in one pass, when the output stage after the batch norm
+    /// is `q(max(z + bias, 0))` on grid `g` with its range statistics (QAT's ReLU on a grid;
+    /// [`Epilogue::forward_pooled`]) and a 2×2/stride-2 max pooling follows: the stage's `z`
+    /// (`zout`, which its backward pass reads), its per-channel range `lo`, `hi`, and the pooled
+    /// output `y` with the pooling's argmax, without the full-size output the pooling would read
+    /// back. The operations of the batch norm, the stage and the pooling one after the other,
+    /// so their bits (`tests/conv.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn normalize_quant_pool(
+        &self,
+        zout: &mut [f32],
+        bias: &[f32],
+        lo: &mut [f32],
+        hi: &mut [f32],
+        g: Grid,
+        pool: &mut Pool2d,
+        y: &mut [f32],
+        n: usize,
+    ) {
+        debug_assert!(!self.bn.relu && pool.fast_2x2() && pool.geo.input.c == self.bn.channels);
+        let (mean, inv_std, gamma, beta) = self.bn.affine();
+        let grid = pool.grid();
+        let batch = n / pool.geo.input.len().max(1);
+        let m = batch * pool.geo.output.len();
+        normalize_relu_quant_pool(
+            &self.z[..n],
+            &mut zout[..n],
+            &mut y[..m],
+            pool.argmax_mut(batch),
+            grid,
+            self.bn.channels,
+            mean,
+            inv_std,
+            gamma,
+            beta,
+            bias,
+            lo,
+            hi,
+            g,
+        );
+    }
+
+    /// [`Epilogue::backward_pooled`] and [`FoldedBn::backward_in_place`] in two passes instead of
+    /// four: `zout` holds the output stage's `z` (its ReLU and straight-through estimator `ste`)
+    /// and receives `∂L/∂(col·Ŵ')`; `∂L/∂y` is read from the pooled gradient. The first pass
+    /// takes the batch norm's sums of `∂L/∂BN(z)` (recomputed, not stored), the second recomputes
+    /// it, applies the batch norm's input gradient and the unfold's backward (its sums `∂L/∂b`,
+    /// `∂L/∂s`) and writes the result. The operations and the orders of summation of the passes
+    /// one after the other, so their bits (`tests/conv.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_through_pool(
+        &mut self,
+        zout: &mut [f32],
+        p: PooledGrad,
+        ste: Ste,
+        relu: bool,
+        b: &[f32],
+        db: &mut [f32],
+        n: usize,
+    ) {
+        let c = self.bn.channels;
+        let x = &self.z[..n];
+        let zout = &mut zout[..n];
+        let bn = self.bn.grads_with(n, |mean, inv_std, s1, s2, b1, b2| match ste {
+            Ste::Clip { lo, hi } => pooled_sums_clip(zout, p, x, c, mean, inv_std, s1, s2, b1, b2, lo, hi, relu),
+            _ => pooled_sums_pass(zout, p, x, c, mean, inv_std, s1, s2, b1, b2, relu),
+        });
+        let coef = Coefficients {
+            k: bn.k,
+            m1: bn.m1,
+            m2: bn.m2,
+            mean: bn.mean,
+            inv_std: bn.inv_std,
+            s: &self.factor,
+            b,
+        };
+        let (b1, b2) = self.block.split_at_mut(c);
+        match ste {
+            Ste::Clip { lo, hi } => {
+                pooled_input_grad_clip(zout, p, x, coef, &mut self.db, &mut self.ds, b1, b2, lo, hi, relu)
+            }
+            _ => pooled_input_grad_pass(zout, p, x, coef, &mut self.db, &mut self.ds, b1, b2, relu),
+        }
+        self.finish_backward(db);
+    }
+
+    /// `∂L/∂s` (its second term) and `∂L/∂b` from the f64 sums of the backward pass.
+    fn finish_backward(&mut self, db: &mut [f32]) {
+        for ((d, &s), (o, &v)) in self.ds.iter_mut().zip(&self.factor).zip(db.iter_mut().zip(&self.db)) {
+            *d = -*d / s as f64;
+            *o = v as f32;
         }
     }
 
@@ -191,10 +301,7 @@ impl FoldedBn {
             b1,
             b2,
         );
-        for ((d, &s), (o, &v)) in self.ds.iter_mut().zip(&self.factor).zip(db.iter_mut().zip(&self.db)) {
-            *d = -*d / s as f64;
-            *o = v as f32;
-        }
+        self.finish_backward(db);
     }
 
     /// [`FoldedBn::backward_in_place`] from a read-only `dy` (an output stage that passes its
@@ -334,5 +441,437 @@ crate::simd::widest! {
                 ds[j] += a2[j] as f64;
             }
         }
+    }
+}
+
+// The fused passes below repeat the block structure of the batch norm's sums on purpose (as
+// `batch_norm.rs` does, and for its reason: a shared helper taking a per-row closure measured
+// 40 % slower there); `tests/conv.rs` checks them bit for bit against the passes one by one.
+crate::simd::widest! {
+    /// [`unfold`] and the batch norm's `Σz`, `Σz²` per channel of the result, in the blocks and
+    /// order of `batch_norm::block_sums` (the same bits as the two passes).
+    fn unfold_sums(
+        z: &mut [f32],
+        s: &[f32],
+        b: &[f32],
+        c: usize,
+        s1: &mut [f64],
+        s2: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+    ) {
+        s1.fill(0.0);
+        s2.fill(0.0);
+        for block in z.chunks_mut(BLOCK_ROWS * c) {
+            let (a1, a2) = (&mut b1[..c], &mut b2[..c]);
+            a1.fill(0.0);
+            a2.fill(0.0);
+            for row in block.chunks_exact_mut(c) {
+                for ((((v, &s), &b), p), q) in row.iter_mut().zip(s).zip(b).zip(a1.iter_mut()).zip(a2.iter_mut()) {
+                    *v = *v / s + b;
+                    *p += *v;
+                    *q += *v * *v;
+                }
+            }
+            for ch in 0..c {
+                s1[ch] += a1[ch] as f64;
+                s2[ch] += a2[ch] as f64;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// [`FoldedBn::normalize_quant_pool`]'s pass. Per value: the batch norm
+    /// `γ·((x − μ)·(1/σ)) + β`, the stage's `z = · + bias`, `a = max(z, 0)`, its range and
+    /// `q(a)`; per 2×2 window, the maximum of the four `q(a)` (the first on ties) and its offset
+    /// in the sample, as `pool::max_2x2` takes them. An odd last row or column (in no window)
+    /// gets its `z` and range only.
+    fn normalize_relu_quant_pool(
+        x: &[f32],
+        zout: &mut [f32],
+        y: &mut [f32],
+        argmax: &mut [u32],
+        grid: PoolGrid,
+        c: usize,
+        mean: &[f32],
+        inv_std: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        bias: &[f32],
+        lo: &mut [f32],
+        hi: &mut [f32],
+        q: Grid,
+    ) {
+        let PoolGrid { h, w, oh, ow } = grid;
+        // One value: `z` written, range kept, `q(a)` returned.
+        #[inline(always)]
+        fn one(x: f32, zo: &mut f32, m: f32, s: f32, g: f32, be: f32, b: f32, l: &mut f32, hh: &mut f32, q: Grid) -> f32 {
+            let z = (g * ((x - m) * s) + be) + b;
+            *zo = z;
+            let a = z.max(0.0);
+            *l = l.min(a);
+            *hh = hh.max(a);
+            q.fake_quant(a)
+        }
+        let hw = h * w * c;
+        for (sample, (xb, zb)) in x.chunks_exact(hw).zip(zout.chunks_exact_mut(hw)).enumerate() {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let at = ((sample * oh + oy) * ow + ox) * c;
+                    let s00 = (2 * oy * w + 2 * ox) * c;
+                    let (out, arg) = (&mut y[at..at + c], &mut argmax[at..at + c]);
+                    for (ch, (((o, a), (&x, zo)), ((((&m, &s), (&g, &be)), &b), (l, hh)))) in out
+                        .iter_mut()
+                        .zip(arg.iter_mut())
+                        .zip(xb[s00..s00 + c].iter().zip(zb[s00..s00 + c].iter_mut()))
+                        .zip(
+                            mean.iter()
+                                .zip(inv_std)
+                                .zip(gamma.iter().zip(beta))
+                                .zip(bias)
+                                .zip(lo.iter_mut().zip(hi.iter_mut())),
+                        )
+                        .enumerate()
+                    {
+                        *o = one(x, zo, m, s, g, be, b, l, hh, q);
+                        *a = (s00 + ch) as u32;
+                    }
+                    for t in [s00 + c, s00 + w * c, s00 + w * c + c] {
+                        for (ch, (((o, a), (&x, zo)), ((((&m, &s), (&g, &be)), &b), (l, hh)))) in out
+                            .iter_mut()
+                            .zip(arg.iter_mut())
+                            .zip(xb[t..t + c].iter().zip(zb[t..t + c].iter_mut()))
+                            .zip(
+                                mean.iter()
+                                    .zip(inv_std)
+                                    .zip(gamma.iter().zip(beta))
+                                    .zip(bias)
+                                    .zip(lo.iter_mut().zip(hi.iter_mut())),
+                            )
+                            .enumerate()
+                        {
+                            let v = one(x, zo, m, s, g, be, b, l, hh, q);
+                            let take = v > *o;
+                            *o = if take { v } else { *o };
+                            *a = if take { (t + ch) as u32 } else { *a };
+                        }
+                    }
+                }
+            }
+            // Values in no window: an odd last column, then an odd last row.
+            for yy in 0..h {
+                let x0 = if yy < 2 * oh { 2 * ow } else { 0 };
+                for xx in x0..w {
+                    let t = (yy * w + xx) * c;
+                    for ((&x, zo), ((((&m, &s), (&g, &be)), &b), (l, hh))) in
+                        xb[t..t + c].iter().zip(zb[t..t + c].iter_mut()).zip(
+                            mean.iter()
+                                .zip(inv_std)
+                                .zip(gamma.iter().zip(beta))
+                                .zip(bias)
+                                .zip(lo.iter_mut().zip(hi.iter_mut())),
+                        )
+                    {
+                        one(x, zo, m, s, g, be, b, l, hh, q);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The per-channel coefficients of [`pooled_input_grad`]: the batch norm's input gradient
+/// `k·(g − m1 − x̂·m2)` with `x̂ = (x − μ)·(1/σ)`, and the unfold's `s` and `b`.
+#[derive(Clone, Copy)]
+struct Coefficients<'a> {
+    k: &'a [f32],
+    m1: &'a [f32],
+    m2: &'a [f32],
+    mean: &'a [f32],
+    inv_std: &'a [f32],
+    s: &'a [f32],
+    b: &'a [f32],
+}
+
+/// The first backward pass of [`FoldedBn::backward_through_pool`]: with `g = f(z_out, ∂L/∂y)`
+/// (the output stage's gradient, `∂L/∂y` read through the pooling), the batch norm's `Σ g` and
+/// `Σ g·x̂` per channel in the blocks and order of `batch_norm::grad_sums`. Inlined so each
+/// caller's `f` vectorises with it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pooled_sums(
+    zout: &[f32],
+    p: PooledGrad,
+    x: &[f32],
+    c: usize,
+    mean: &[f32],
+    inv_std: &[f32],
+    dsum: &mut [f64],
+    dsum_xhat: &mut [f64],
+    b1: &mut [f32],
+    b2: &mut [f32],
+    f: impl Fn(f32, f32) -> f32,
+) {
+    dsum.fill(0.0);
+    dsum_xhat.fill(0.0);
+    for (k, (zb, xb)) in zout.chunks(BLOCK_ROWS * c).zip(x.chunks(BLOCK_ROWS * c)).enumerate() {
+        let (a, b) = (&mut b1[..c], &mut b2[..c]);
+        a.fill(0.0);
+        b.fill(0.0);
+        for (j, (zr, xr)) in zb.chunks_exact(c).zip(xb.chunks_exact(c)).enumerate() {
+            let (win, at, inside) = p.grid.source(k * BLOCK_ROWS + j, c);
+            let (dp, arg) = (&p.dpool[win..win + c], &p.argmax[win..win + c]);
+            for (ch, (((a, b), (&z, &x)), ((&m, &s), (&dp, &arg)))) in a
+                .iter_mut()
+                .zip(b.iter_mut())
+                .zip(zr.iter().zip(xr))
+                .zip(mean.iter().zip(inv_std).zip(dp.iter().zip(arg)))
+                .enumerate()
+            {
+                let g = f(z, from_pool(dp, arg, at + ch as u32, inside));
+                *a += g;
+                *b += g * ((x - m) * s);
+            }
+        }
+        for ch in 0..c {
+            dsum[ch] += a[ch] as f64;
+            dsum_xhat[ch] += b[ch] as f64;
+        }
+    }
+}
+
+/// The second backward pass of [`FoldedBn::backward_through_pool`]: `g = f(z_out, ∂L/∂y)` again,
+/// the batch norm's input gradient `g' = k·(g − m1 − x̂·m2)` (`batch_norm::input_grad`), the
+/// unfold's sums `Σ g'`, `Σ g'·(x − b)` in the blocks and order of [`unfold_backward`], and
+/// `z_out ← g'/s`. Inlined so each caller's `f` vectorises with it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pooled_input_grad(
+    zout: &mut [f32],
+    p: PooledGrad,
+    x: &[f32],
+    co: Coefficients,
+    db: &mut [f64],
+    ds: &mut [f64],
+    b1: &mut [f32],
+    b2: &mut [f32],
+    f: impl Fn(f32, f32) -> f32,
+) {
+    let c = co.k.len();
+    db.fill(0.0);
+    ds.fill(0.0);
+    for (kb, (zb, xb)) in zout
+        .chunks_mut(BLOCK_ROWS * c)
+        .zip(x.chunks(BLOCK_ROWS * c))
+        .enumerate()
+    {
+        let (a1, a2) = (&mut b1[..c], &mut b2[..c]);
+        a1.fill(0.0);
+        a2.fill(0.0);
+        for (j, (zr, xr)) in zb.chunks_exact_mut(c).zip(xb.chunks_exact(c)).enumerate() {
+            let (win, at, inside) = p.grid.source(kb * BLOCK_ROWS + j, c);
+            let (dp, arg) = (&p.dpool[win..win + c], &p.argmax[win..win + c]);
+            for (ch, (((d, &x), ((&k, &m1), &m2)), ((((&m, &is), (&s, &b)), (&dp, &arg)), (p1, p2)))) in zr
+                .iter_mut()
+                .zip(xr)
+                .zip(co.k.iter().zip(co.m1).zip(co.m2))
+                .zip(
+                    co.mean
+                        .iter()
+                        .zip(co.inv_std)
+                        .zip(co.s.iter().zip(co.b))
+                        .zip(dp.iter().zip(arg))
+                        .zip(a1.iter_mut().zip(a2.iter_mut())),
+                )
+                .enumerate()
+            {
+                let g = f(*d, from_pool(dp, arg, at + ch as u32, inside));
+                let g = k * (g - m1 - ((x - m) * is) * m2);
+                *p1 += g;
+                *p2 += g * (x - b);
+                *d = g / s;
+            }
+        }
+        for ch in 0..c {
+            db[ch] += a1[ch] as f64;
+            ds[ch] += a2[ch] as f64;
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// [`pooled_sums`] of a stage on a grid (the clipped straight-through estimator).
+    fn pooled_sums_clip(
+        zout: &[f32],
+        p: PooledGrad,
+        x: &[f32],
+        c: usize,
+        mean: &[f32],
+        inv_std: &[f32],
+        dsum: &mut [f64],
+        dsum_xhat: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+        lo: f32,
+        hi: f32,
+        relu: bool,
+    ) {
+        pooled_sums(zout, p, x, c, mean, inv_std, dsum, dsum_xhat, b1, b2, |z, g| clip_grad(z, g, lo, hi, relu));
+    }
+}
+
+crate::simd::widest! {
+    /// [`pooled_sums`] of a stage without a grid yet.
+    fn pooled_sums_pass(
+        zout: &[f32],
+        p: PooledGrad,
+        x: &[f32],
+        c: usize,
+        mean: &[f32],
+        inv_std: &[f32],
+        dsum: &mut [f64],
+        dsum_xhat: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+        relu: bool,
+    ) {
+        pooled_sums(zout, p, x, c, mean, inv_std, dsum, dsum_xhat, b1, b2, |z, g| pass_grad(z, g, relu));
+    }
+}
+
+crate::simd::widest! {
+    /// [`pooled_input_grad`] of a stage on a grid (the clipped straight-through estimator).
+    fn pooled_input_grad_clip(
+        zout: &mut [f32],
+        p: PooledGrad,
+        x: &[f32],
+        co: Coefficients,
+        db: &mut [f64],
+        ds: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+        lo: f32,
+        hi: f32,
+        relu: bool,
+    ) {
+        pooled_input_grad(zout, p, x, co, db, ds, b1, b2, |z, g| clip_grad(z, g, lo, hi, relu));
+    }
+}
+
+crate::simd::widest! {
+    /// [`pooled_input_grad`] of a stage without a grid yet.
+    fn pooled_input_grad_pass(
+        zout: &mut [f32],
+        p: PooledGrad,
+        x: &[f32],
+        co: Coefficients,
+        db: &mut [f64],
+        ds: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+        relu: bool,
+    ) {
+        pooled_input_grad(zout, p, x, co, db, ds, b1, b2, |z, g| pass_grad(z, g, relu));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused forward pass against its definition, value by value: the batch norm, the stage's
+    /// bias, ReLU, range and fake quantization of every value (those of the odd last row and
+    /// column, in no window, too), then 2×2 max pooling of the quantized values, the first
+    /// maximum of a window winning ties (a coarse grid makes ties).
+    #[test]
+    fn normalize_relu_quant_pool_is_its_definition() {
+        let (batch, h, w, c) = (2, 5, 7, 3);
+        let grid = PoolGrid { h, w, oh: 2, ow: 3 };
+        let n = batch * h * w * c;
+        let mut rng = crate::rng::Rng::new(5, 0);
+        // Channel 0 is largest in the last column and row, in no window: the range must see it.
+        let edge = |i: usize| {
+            let p = (i / c) % (h * w);
+            p / w == h - 1 || p % w == w - 1
+        };
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % c == 0 && edge(i) {
+                    3.0
+                } else {
+                    rng.uniform_range(-2.0, 2.0)
+                }
+            })
+            .collect();
+        let (mean, inv_std) = ([0.1, -0.2, 0.0], [1.5, 0.7, 1.0]);
+        let (gamma, beta, bias) = ([1.0, -0.5, 2.0], [0.0, 0.3, -0.1], [0.0, 0.25, -0.5]);
+        let q = Grid {
+            inv: 4.0,
+            zero: 0.0,
+            qmin: 0.0,
+            qmax: 6.0,
+            scale: 0.25,
+        };
+        let mut zout = vec![0.0; n];
+        let m = batch * grid.oh * grid.ow * c;
+        let (mut y, mut argmax) = (vec![0.0; m], vec![0u32; m]);
+        let (mut lo, mut hi) = ([f32::INFINITY; 3], [f32::NEG_INFINITY; 3]);
+        normalize_relu_quant_pool(
+            &x,
+            &mut zout,
+            &mut y,
+            &mut argmax,
+            grid,
+            c,
+            &mean,
+            &inv_std,
+            &gamma,
+            &beta,
+            &bias,
+            &mut lo,
+            &mut hi,
+            q,
+        );
+        // The definition.
+        let mut full = vec![0.0f32; n];
+        let (mut lo_ref, mut hi_ref) = ([f32::INFINITY; 3], [f32::NEG_INFINITY; 3]);
+        for (i, (&v, f)) in x.iter().zip(full.iter_mut()).enumerate() {
+            let ch = i % c;
+            let z = (gamma[ch] * ((v - mean[ch]) * inv_std[ch]) + beta[ch]) + bias[ch];
+            assert_eq!(zout[i].to_bits(), z.to_bits(), "z[{i}]");
+            let a = z.max(0.0);
+            lo_ref[ch] = lo_ref[ch].min(a);
+            hi_ref[ch] = hi_ref[ch].max(a);
+            *f = q.fake_quant(a);
+        }
+        assert_eq!(lo, lo_ref);
+        assert_eq!(hi, hi_ref);
+        let mut ties = 0;
+        for b in 0..batch {
+            for oy in 0..grid.oh {
+                for ox in 0..grid.ow {
+                    for ch in 0..c {
+                        let taps =
+                            [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(dy, dx)| ((2 * oy + dy) * w + 2 * ox + dx) * c + ch);
+                        let v = |t: usize| full[b * h * w * c + t];
+                        let best = taps
+                            .iter()
+                            .copied()
+                            .fold(taps[0], |m, t| if v(t) > v(m) { t } else { m });
+                        ties += taps.iter().filter(|&&t| t != best && v(t) == v(best)).count();
+                        let at = ((b * grid.oh + oy) * grid.ow + ox) * c + ch;
+                        assert_eq!(y[at].to_bits(), v(best).to_bits(), "pooled {at}");
+                        assert_eq!(argmax[at], best as u32, "argmax {at}");
+                    }
+                }
+            }
+        }
+        assert!(ties > 0, "the grid makes ties");
+        assert_eq!(
+            hi[0],
+            (3.0 - mean[0]) * inv_std[0],
+            "channel 0's largest value is outside the windows"
+        );
     }
 }
