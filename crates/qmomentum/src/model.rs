@@ -489,6 +489,8 @@ impl Sequential {
                 Self::pool_after_conv(&self.layers, i),
                 Self::pooled_by_conv(&self.layers, i),
             );
+            // A convolution before a batch norm that pools leaves its bias to it in training.
+            let bias_to_bn = training && Self::pool_through_batch_norm(&self.layers, i + 1);
             let layer = &mut self.layers[i];
             // The grid each layer's input lies on: a quantized layer's output grid survives max
             // pooling, dropout (at inference) and flatten; anything else computes new values.
@@ -537,17 +539,28 @@ impl Sequential {
                 // A batch norm + ReLU + 2×2 max pooling: the batch norm writes the pooled output
                 // straight into the pooling's buffer (its own stays unwritten).
                 let (lo, hi) = self.layers.split_at_mut(i + 1);
-                if let (Layer::BatchNorm(bn), Layer::Pool2d(pool)) = (&mut lo[i], &mut hi[1]) {
+                let (before, lo) = lo.split_at_mut(i);
+                // The bias of a convolution before that left it to the batch norm.
+                let bias = match before.last() {
+                    Some(Layer::Conv2d(conv)) if conv.bias_deferred() => Some(&conv.bias.value[..]),
+                    _ => None,
+                };
+                if let (Layer::BatchNorm(bn), Layer::Pool2d(pool)) = (&mut lo[0], &mut hi[1]) {
                     let pooled = self.aslot[i + 3];
                     debug_assert!(pooled > from);
                     let (a, b) = self.acts.split_at_mut(pooled);
                     let n = batch * size;
-                    bn.forward_through_pool(&a[from][..n], pool, &mut b[0], n, training);
+                    bn.forward_through_pool(&mut a[from][..n], bias, pool, &mut b[0], n, training);
                 }
                 size = self.sizes[i + 3];
                 continue;
             }
             let (a, b) = self.acts.split_at_mut(into);
+            if let (Layer::Conv2d(conv), true) = (&mut *layer, bias_to_bn) {
+                conv.forward_bias_to_batch_norm(&a[from][..batch * size], &mut b[0][..batch * out], batch);
+                size = out;
+                continue;
+            }
             layer.forward(
                 &a[from][..batch * size],
                 &mut b[0][..batch * out],
@@ -625,12 +638,25 @@ impl Sequential {
                 // pooled gradient (`grads[gslot[i + 3]]`) and writes its input gradient into its
                 // own buffer (shared with the ReLU's and the pooling's input gradients).
                 let (lo, hi) = self.layers.split_at_mut(i + 1);
-                if let (Layer::BatchNorm(bn), Layer::Pool2d(pool)) = (&mut lo[i], &hi[1]) {
+                let (before, lo) = lo.split_at_mut(i);
+                // The bias gradient of a convolution before that left its bias to the batch norm.
+                let bias_grad = match before.last_mut() {
+                    Some(Layer::Conv2d(conv)) if conv.bias_deferred() => Some(&mut conv.bias.grad[..]),
+                    _ => None,
+                };
+                if let (Layer::BatchNorm(bn), Layer::Pool2d(pool)) = (&mut lo[0], &hi[1]) {
                     let (g, dpool) = (gslot[i], gslot[i + 3]);
                     debug_assert!(g > dpool && g == from);
                     let (a, b) = grads.split_at_mut(g);
                     let n = batch * sizes[i];
-                    bn.backward_in_place_through_pool(x, pool, &a[dpool][..batch * sizes[i + 3]], &mut b[0][..n], n);
+                    bn.backward_in_place_through_pool(
+                        x,
+                        pool,
+                        &a[dpool][..batch * sizes[i + 3]],
+                        &mut b[0][..n],
+                        n,
+                        bias_grad,
+                    );
                 }
                 continue;
             }

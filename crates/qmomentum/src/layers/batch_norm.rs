@@ -87,6 +87,8 @@ pub struct BatchNorm {
     dsum_f32: Vec<f32>,
     dsum_xhat_f32: Vec<f32>,
     k: Vec<f32>,
+    /// `Σ_rows ∂L/∂x` per channel of the last pooled backward pass.
+    colsum: Vec<f32>,
 }
 
 /// Rows summed in f32 before the f64 total: the inner loop runs over channels and vectorises,
@@ -315,7 +317,9 @@ crate::simd::widest! {
 
 crate::simd::widest! {
     /// [`input_grad_relu`] of the gradient the pooling after the batch norm would pass down
-    /// ([`from_pool`]), written to `g`.
+    /// ([`from_pool`]), written to `g`, and `colsum = Σ_rows g` per channel, summed in row
+    /// order as `epilogue::column_sums` sums it (the bias gradient of the layer before, when that
+    /// layer leaves its bias to this one: `Conv2d::forward_bias_to_batch_norm`).
     fn input_grad_relu_pool(
         dpool: &[f32],
         argmax: &[u32],
@@ -330,11 +334,13 @@ crate::simd::widest! {
         inv_std: &[f32],
         gamma: &[f32],
         beta: &[f32],
+        colsum: &mut [f32],
     ) {
+        colsum.fill(0.0);
         for (r, (gr, xr)) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
             let (win, at, inside) = grid.source(r, c);
             let (dp, arg) = (&dpool[win..win + c], &argmax[win..win + c]);
-            for (ch, ((((((d, &x), &k), (&m1, &m2)), (&m, &s)), (&ga, &be)), (&dp, &arg))) in gr
+            for (ch, (((((((d, &x), &k), (&m1, &m2)), (&m, &s)), (&ga, &be)), (&dp, &arg)), cs)) in gr
                 .iter_mut()
                 .zip(xr)
                 .zip(k)
@@ -342,11 +348,39 @@ crate::simd::widest! {
                 .zip(mean.iter().zip(inv_std))
                 .zip(gamma.iter().zip(beta))
                 .zip(dp.iter().zip(arg))
+                .zip(colsum.iter_mut())
                 .enumerate()
             {
                 let xhat = (x - m) * s;
                 let dy = relu_mask(from_pool(dp, arg, at + ch as u32, inside), xhat, ga, be);
                 *d = k * (dy - m1 - xhat * m2);
+                *cs += *d;
+            }
+        }
+    }
+}
+
+crate::simd::widest! {
+    /// `x += b` per row (the bias of the layer before, `epilogue::add_rows`) and then
+    /// [`block_sums`] of the result, in one pass with the same operations in the same order.
+    fn add_rows_block_sums(x: &mut [f32], b: &[f32], s1: &mut [f64], s2: &mut [f64], b1: &mut [f32], b2: &mut [f32]) {
+        let c = b.len();
+        s1.fill(0.0);
+        s2.fill(0.0);
+        for block in x.chunks_mut(BLOCK_ROWS * c) {
+            let (p, q) = (&mut b1[..c], &mut b2[..c]);
+            p.fill(0.0);
+            q.fill(0.0);
+            for row in block.chunks_exact_mut(c) {
+                for (((p, q), v), &b) in p.iter_mut().zip(q.iter_mut()).zip(row.iter_mut()).zip(b) {
+                    *v += b;
+                    *p += *v;
+                    *q += *v * *v;
+                }
+            }
+            for ch in 0..c {
+                s1[ch] += p[ch] as f64;
+                s2[ch] += q[ch] as f64;
             }
         }
     }
@@ -448,6 +482,7 @@ impl BatchNorm {
             dsum_f32: vec![0.0; channels],
             dsum_xhat_f32: vec![0.0; channels],
             k: vec![0.0; channels],
+            colsum: vec![0.0; channels],
         }
     }
 
@@ -546,16 +581,26 @@ impl BatchNorm {
     /// the pooling's argmax are written, not the full-size output the pooling would read back
     /// (cnn-small: one write and one read of the largest activation less per step). The bits are
     /// those of the three layers.
+    ///
+    /// With `bias` (in training only: the bias of the layer before, which left it to this one,
+    /// `Conv2d::forward_bias_to_batch_norm`), `x += bias` first, in the statistics pass.
     pub fn forward_through_pool(
         &mut self,
-        x: &[f32],
+        x: &mut [f32],
+        bias: Option<&[f32]>,
         pool: &mut super::Pool2d,
         y: &mut [f32],
         n: usize,
         training: bool,
     ) {
         debug_assert!(self.relu && pool.fast_2x2() && pool.geo.input.c == self.channels);
-        self.statistics(x, n, training);
+        match bias {
+            Some(b) => {
+                assert!(training, "a bias is left to a batch norm in training only");
+                self.batch_statistics_with(n, |s1, s2, b1, b2| add_rows_block_sums(&mut x[..n], b, s1, s2, b1, b2));
+            }
+            None => self.statistics(x, n, training),
+        }
         let c = self.channels;
         let (i, o) = (pool.geo.input, pool.geo.output);
         let grid = pool.grid();
@@ -619,7 +664,8 @@ impl BatchNorm {
     /// from the pooled gradient `dpool` and the pooling's `argmax` instead of a full-size buffer
     /// the pooling would write first (cnn-small: one write and two reads of the largest
     /// activation's gradient less per step). `g` receives `∂L/∂x`; the bits are those of the
-    /// three layers' backward passes.
+    /// three layers' backward passes. `bias_grad`, if given, receives `Σ_rows ∂L/∂x` per channel
+    /// (the bias gradient of the layer before, when it left its bias to this one).
     pub fn backward_in_place_through_pool(
         &mut self,
         x: &[f32],
@@ -627,6 +673,7 @@ impl BatchNorm {
         dpool: &[f32],
         g: &mut [f32],
         n: usize,
+        bias_grad: Option<&mut [f32]>,
     ) {
         debug_assert!(self.relu && pool.fast_2x2() && pool.geo.input.c == self.channels);
         let c = self.channels;
@@ -664,7 +711,11 @@ impl BatchNorm {
             &self.inv_std[..c],
             &self.gamma.value,
             &self.beta.value,
+            &mut self.colsum,
         );
+        if let Some(bg) = bias_grad {
+            bg.copy_from_slice(&self.colsum);
+        }
     }
 
     /// `dγ`, `dβ` and the per-channel sums `Σ dy`, `Σ dy·x̂` the input gradient needs.

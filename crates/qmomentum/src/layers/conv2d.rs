@@ -228,6 +228,10 @@ pub struct Conv2d {
     /// A batch norm folded into this convolution for QAT ([`FoldedBn`]): the output stage then
     /// follows the batch norm.
     pub bn: Option<Box<FoldedBn>>,
+    /// The last forward pass left the bias to the batch norm after this layer
+    /// ([`Conv2d::forward_bias_to_batch_norm`]), whose backward pass then also gives the bias
+    /// gradient.
+    bias_deferred: bool,
     col: Vec<f32>,
 }
 
@@ -286,6 +290,7 @@ impl Conv2d {
             out: Epilogue::new(cfg.filters, activation),
             input_scale: None,
             bn: None,
+            bias_deferred: false,
             col: Vec::new(),
         })
     }
@@ -451,7 +456,30 @@ impl Conv2d {
 
     /// Forward over `batch` samples (`x`: `batch·h·w·cin`, `y`: `batch·oh·ow·cout`).
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], batch: usize, training: bool, logits: bool) {
+        self.bias_deferred = false;
         self.forward_impl(x, y, None, batch, training, logits);
+    }
+
+    /// [`Conv2d::forward`] of a float convolution without its output stage ([`Epilogue::passthrough`])
+    /// followed by a batch norm in training, without adding the bias: the batch norm adds it in
+    /// its statistics pass and sums its input gradient into the bias gradient
+    /// (`BatchNorm::forward_through_pool`, `BatchNorm::backward_in_place_through_pool`), the
+    /// operations of this layer's bias pass and bias-gradient pass, so the same bits, with one
+    /// read of the output less each way. Returns whether it did so (else it ran
+    /// [`Conv2d::forward`]).
+    pub fn forward_bias_to_batch_norm(&mut self, x: &[f32], y: &mut [f32], batch: usize) -> bool {
+        if !self.out.passthrough() || self.bn.is_some() {
+            self.forward(x, y, batch, true, false);
+            return false;
+        }
+        self.bias_deferred = true;
+        self.forward_impl(x, y, None, batch, true, false);
+        true
+    }
+
+    /// Whether the last forward pass left the bias to the batch norm after this layer.
+    pub fn bias_deferred(&self) -> bool {
+        self.bias_deferred
     }
 
     /// [`Conv2d::forward`] followed by the 2×2/stride-2 max pooling `pool` (past the layers
@@ -471,6 +499,7 @@ impl Conv2d {
         logits: bool,
     ) {
         debug_assert!(pool.fast_2x2());
+        self.bias_deferred = false;
         if !self.forward_impl(x, y, Some((&mut *pool, &mut *pooled)), batch, training, logits) {
             let n = batch * self.geo.output.len();
             pool.forward(&y[..n], pooled, batch);
@@ -558,6 +587,7 @@ impl Conv2d {
                 let b = f.folded_bias(&self.bias.value);
                 self.out.forward(b, &self.wq, self.input_scale, y, n, training, logits);
             }
+            None if self.bias_deferred => self.out.forward_without_bias(n, training),
             None => self
                 .out
                 .forward(&self.bias, &self.wq, self.input_scale, y, n, training, logits),
@@ -607,7 +637,7 @@ impl Conv2d {
                 Some(g) => f.backward_in_place(g, &self.bias.value, &mut self.bias.grad, n),
                 None => f.backward(dy, &self.bias.value, &mut self.bias.grad, n),
             }
-        } else {
+        } else if !self.bias_deferred {
             out_backward(&mut self.out, &mut self.bias);
         }
         let dz = match bn.as_deref() {

@@ -118,14 +118,7 @@ impl Epilogue {
         if self.passthrough() {
             // The product is in `y` already: add the bias (no statistics: no observer).
             add_rows(&mut y[..n], bias);
-            if training {
-                self.act.stats = BatchStats {
-                    lo: f32::INFINITY,
-                    hi: f32::NEG_INFINITY,
-                    sum_abs: 0.0,
-                    count: n as u64,
-                };
-            }
+            self.forward_without_bias(n, training);
             return;
         }
         // Pass 1: bias + activation (+ range statistics).
@@ -285,6 +278,20 @@ impl Epilogue {
         debug_assert!(self.backward_reads_pooled());
         self.act.set_step_grad(0.0, features);
         (&mut self.z[..n], self.act.ste(), self.activation == Activation::Relu)
+    }
+
+    /// [`Epilogue::forward`] of a [`Epilogue::passthrough`] stage whose bias the next layer adds
+    /// (`Conv2d::forward_bias_to_batch_norm`): nothing to compute.
+    pub(crate) fn forward_without_bias(&mut self, n: usize, training: bool) {
+        debug_assert!(self.passthrough());
+        if training {
+            self.act.stats = BatchStats {
+                lo: f32::INFINITY,
+                hi: f32::NEG_INFINITY,
+                sum_abs: 0.0,
+                count: n as u64,
+            };
+        }
     }
 
     /// Whether [`Epilogue::backward_pooled`] applies to the last forward pass: a ReLU or linear
