@@ -44,8 +44,8 @@ pub(crate) struct InputGradCoefficients<'a> {
     pub(crate) k: &'a [f32],
     pub(crate) m1: &'a [f32],
     pub(crate) m2: &'a [f32],
-    pub(crate) mean: &'a [f32],
-    pub(crate) inv_std: &'a [f32],
+    /// `(μ, 1/σ, γ, β)`.
+    pub(crate) affine: Affine<'a>,
 }
 
 /// Per-channel batch normalisation.
@@ -554,25 +554,24 @@ impl BatchNorm {
         (&self.mean[..c], &self.inv_std[..c], &self.gamma.value, &self.beta.value)
     }
 
-    /// [`BatchNorm::param_grads`] with the sums `Σ dy`, `Σ dy·x̂` written by `sums` (from
-    /// `μ`, `1/σ`, into the two f64 rows, with two f32 scratch rows), for a layer whose pass
-    /// computes `dy` itself (QAT's folded batch norm under a pooling). Then the coefficients of
-    /// the input gradient (`k`, `m1 = mean(dy)`, `m2 = mean(dy·x̂)`, `μ`, `1/σ`) for
-    /// [`input_grad`]'s operations `k·(dy − m1 − x̂·m2)`.
+    /// [`BatchNorm::param_grads`] with the sums `Σ dy`, `Σ dy·x̂` written by `sums` (given
+    /// `(μ, 1/σ, γ, β)`, into the two f64 rows, with two f32 scratch rows), for a layer whose
+    /// pass computes `dy` itself (QAT's folded batch norm under a pooling). Then the
+    /// coefficients of the input gradient (`k`, `m1 = mean(dy)`, `m2 = mean(dy·x̂)`, and
+    /// `(μ, 1/σ, γ, β)`) for [`input_grad`]'s operations `k·(dy − m1 − x̂·m2)`.
     pub(crate) fn grads_with(
         &mut self,
         n: usize,
-        sums: impl FnOnce(&[f32], &[f32], &mut [f64], &mut [f64], &mut [f32], &mut [f32]),
+        sums: impl FnOnce(Affine, &mut [f64], &mut [f64], &mut [f32], &mut [f32]),
     ) -> InputGradCoefficients<'_> {
         let c = self.channels;
-        self.sums_into_grads(|(mean, inv_std, _, _), s1, s2, b1, b2| sums(mean, inv_std, s1, s2, b1, b2));
+        self.sums_into_grads(sums);
         self.input_grad_coefficients(n);
         InputGradCoefficients {
             k: &self.k[..c],
             m1: &self.dsum_f32[..c],
             m2: &self.dsum_xhat_f32[..c],
-            mean: &self.mean[..c],
-            inv_std: &self.inv_std[..c],
+            affine: (&self.mean[..c], &self.inv_std[..c], &self.gamma.value, &self.beta.value),
         }
     }
 

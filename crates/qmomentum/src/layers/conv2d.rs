@@ -574,7 +574,7 @@ impl Conv2d {
                         self.input_scale,
                         n,
                         training,
-                        |zout, bias, lo, hi, grid| f.normalize_quant_pool(zout, bias, lo, hi, grid, pool, out, n),
+                        |bias, lo, hi, grid| f.normalize_quant_pool(bias, lo, hi, grid, pool, out, n),
                     );
                 }
                 if !pooled {
@@ -624,11 +624,12 @@ impl Conv2d {
             Upstream::Pooled(p) => out.backward_pooled(p, bias, n, features),
         };
         let mut bn = self.bn.take();
-        if let (Some(f), Upstream::Pooled(p)) = (bn.as_deref_mut(), up) {
-            // The output stage's backward, the batch norm's and the unfold's in two passes,
-            // `∂L/∂(col·Ŵ')` written over the stage's `z`.
-            let (zout, ste, relu) = self.out.pooled_backward_parts(n, features);
-            f.backward_through_pool(zout, p, ste, relu, &self.bias.value, &mut self.bias.grad, n);
+        let fused = self.out.z_left_to_layer();
+        if let (Some(f), Upstream::Pooled(p), true) = (bn.as_deref_mut(), up, fused) {
+            // After the fused forward pass: the output stage's backward, the batch norm's and the
+            // unfold's in two passes, `∂L/∂(col·Ŵ')` into the stage's gradient buffer.
+            let (dz, stage_bias, ste, relu) = self.out.pooled_backward_parts(n, features);
+            f.backward_through_pool(dz, stage_bias, p, ste, relu, &self.bias.value, &mut self.bias.grad, n);
         } else if let Some(f) = bn.as_deref_mut() {
             // ∂L/∂(col·Ŵ') in the output stage's gradient buffer (in place), or in the folded
             // batch norm's own when the stage passes `dy` through.

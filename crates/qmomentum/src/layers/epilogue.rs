@@ -35,6 +35,8 @@ pub struct Epilogue {
     ds_col: Vec<f32>,
     lo_col: Vec<f32>,
     hi_col: Vec<f32>,
+    /// The last forward pass was [`Epilogue::forward_pooled`]: `z` was not stored.
+    z_left_to_layer: bool,
 }
 
 impl Epilogue {
@@ -49,6 +51,7 @@ impl Epilogue {
             ds_col: vec![0.0; channels],
             lo_col: vec![0.0; channels],
             hi_col: vec![0.0; channels],
+            z_left_to_layer: false,
         }
     }
 
@@ -105,6 +108,7 @@ impl Epilogue {
         training: bool,
         logits: bool,
     ) {
+        self.z_left_to_layer = false;
         // The bias as the integer runtime adds it: round(b/(s_in·s_w))·s_in·s_w.
         let bias: &[f32] = match (input_scale, wq.on_integer_grid()) {
             (Some(s_in), true) => {
@@ -218,10 +222,11 @@ impl Epilogue {
     /// [`Epilogue::forward`] by a pass of the layer's own, where that pass can do this stage's
     /// work with the layer's (QAT's folded batch norm with the 2×2 max pooling after it:
     /// `FoldedBn::normalize_quant_pool`): a ReLU output on a grid in training, with its range
-    /// statistics (not LSQ's first batch, not a sign). Then `pass` gets this stage's `z` buffer
-    /// (`n` values, to be written with the pre-activation), the bias as [`Epilogue::forward`]
-    /// adds it, the per-channel range to update and the grid, and this returns `true`; otherwise
-    /// it does nothing and returns `false` (call [`Epilogue::forward`]).
+    /// statistics and the clipped straight-through estimator (not LSQ, not a sign). Then `pass`
+    /// gets the bias as [`Epilogue::forward`] adds it, the per-channel range to update and the
+    /// grid, and this returns `true`; otherwise it does nothing and returns `false` (call
+    /// [`Epilogue::forward`]). The pre-activation `z` is not stored: the layer's backward pass
+    /// recomputes it ([`Epilogue::pooled_backward_parts`] gives it this bias again).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_pooled(
         &mut self,
@@ -230,36 +235,38 @@ impl Epilogue {
         input_scale: Option<f32>,
         n: usize,
         training: bool,
-        pass: impl FnOnce(&mut [f32], &[f32], &mut [f32], &mut [f32], Grid),
+        pass: impl FnOnce(&[f32], &mut [f32], &mut [f32], Grid),
     ) -> bool {
-        let lsq_start = self
+        let lsq = self
             .act
             .observer
             .as_ref()
-            .is_none_or(|o| o.observer == crate::quant::observer::Observer::Lsq && !o.initialized);
-        if !training || self.passthrough() || self.act.sign() || self.activation != Activation::Relu || lsq_start {
+            .is_none_or(|o| o.observer == crate::quant::observer::Observer::Lsq);
+        if !training || self.passthrough() || self.act.sign() || self.activation != Activation::Relu || lsq {
             return false;
         }
         let Some(grid) = self.act.grid() else {
             return false;
         };
         let c = self.channels;
-        let bias: &[f32] = match (input_scale, wq.on_integer_grid()) {
+        // The bias in `b_hat` either way, where the backward pass finds it.
+        match (input_scale, wq.on_integer_grid()) {
             (Some(s_in), true) => {
                 for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&bias.value).zip(wq.scales()) {
                     *bh = bias_on_grid(b, s_in, sw).1;
                 }
-                &self.b_hat
             }
-            _ => &bias.value,
-        };
+            _ => self.b_hat.copy_from_slice(&bias.value),
+        }
+        // The backward pass's buffer for `∂L/∂z`.
         if self.z.len() < n {
             self.z.resize(n, 0.0);
         }
         let (lo_col, hi_col) = (&mut self.lo_col[..c], &mut self.hi_col[..c]);
         lo_col.fill(f32::INFINITY);
         hi_col.fill(f32::NEG_INFINITY);
-        pass(&mut self.z[..n], bias, lo_col, hi_col, grid);
+        pass(&self.b_hat, lo_col, hi_col, grid);
+        self.z_left_to_layer = true;
         self.act.stats = BatchStats {
             lo: lo_col.iter().fold(f32::INFINITY, |m, &v| m.min(v)),
             hi: hi_col.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
@@ -269,21 +276,24 @@ impl Epilogue {
         true
     }
 
-    /// For a layer whose own backward pass reads this stage's `z` and does its backward with
-    /// the pooling's after it (`FoldedBn::backward_through_pool`), where
-    /// [`Epilogue::backward_reads_pooled`]: the buffer (`n` values: `z`, to be overwritten with
-    /// `∂L/∂z`), the estimator and whether the activation is a ReLU. Sets what
-    /// [`Epilogue::backward_pooled`] sets besides (the step gradient, 0 for these estimators).
-    pub(crate) fn pooled_backward_parts(&mut self, n: usize, features: usize) -> (&mut [f32], Ste, bool) {
-        debug_assert!(self.backward_reads_pooled());
+    /// For a layer whose own backward pass does this stage's and the pooling's after it after a
+    /// forward pass by [`Epilogue::forward_pooled`] (`FoldedBn::backward_through_pool`, which
+    /// recomputes `z`): the buffer for `∂L/∂z` (`n` values, where [`Epilogue::dz`] reads it),
+    /// the bias that forward pass added, the estimator and whether the activation is a ReLU.
+    /// Sets what [`Epilogue::backward_pooled`] sets besides (the step gradient, 0 for these
+    /// estimators).
+    pub(crate) fn pooled_backward_parts(&mut self, n: usize, features: usize) -> (&mut [f32], &[f32], Ste, bool) {
+        debug_assert!(self.backward_reads_pooled() && self.z_left_to_layer);
         self.act.set_step_grad(0.0, features);
-        (&mut self.z[..n], self.act.ste(), self.activation == Activation::Relu)
+        let ste = self.act.ste();
+        (&mut self.z[..n], &self.b_hat, ste, self.activation == Activation::Relu)
     }
 
     /// [`Epilogue::forward`] of a [`Epilogue::passthrough`] stage whose bias the next layer adds
     /// (`Conv2d::forward_bias_to_batch_norm`): nothing to compute.
     pub(crate) fn forward_without_bias(&mut self, n: usize, training: bool) {
         debug_assert!(self.passthrough());
+        self.z_left_to_layer = false;
         if training {
             self.act.stats = BatchStats {
                 lo: f32::INFINITY,
@@ -292,6 +302,12 @@ impl Epilogue {
                 count: n as u64,
             };
         }
+    }
+
+    /// Whether the last forward pass was [`Epilogue::forward_pooled`], which leaves `z` to the
+    /// layer's backward pass ([`Epilogue::pooled_backward_parts`]).
+    pub(crate) fn z_left_to_layer(&self) -> bool {
+        self.z_left_to_layer
     }
 
     /// Whether [`Epilogue::backward_pooled`] applies to the last forward pass: a ReLU or linear
