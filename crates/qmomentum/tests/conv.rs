@@ -577,7 +577,7 @@ fn fused_passes_give_the_bits_of_the_layers_one_by_one() {
         "#,
     )
     .unwrap();
-    for scheme in [Scheme::Fp32, Scheme::W8a8] {
+    for scheme in [Scheme::Fp32, Scheme::W8a8, Scheme::W4a4] {
         let mut fused = Sequential::from_config(&cfg, scheme, false, 7).unwrap();
         // Biases and batch-norm shifts away from their initial 0, so that every pass that adds
         // them (in whichever layer a fusion moves it to) shows in the bits.

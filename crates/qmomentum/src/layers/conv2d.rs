@@ -628,8 +628,9 @@ impl Conv2d {
         if let (Some(f), Upstream::Pooled(p), true) = (bn.as_deref_mut(), up, fused) {
             // After the fused forward pass: the output stage's backward, the batch norm's and the
             // unfold's in two passes, `∂L/∂(col·Ŵ')` into the stage's gradient buffer.
-            let (dz, stage_bias, ste, relu) = self.out.pooled_backward_parts(n, features);
-            f.backward_through_pool(dz, stage_bias, p, ste, relu, &self.bias.value, &mut self.bias.grad, n);
+            let stage = self.out.pooled_backward_parts(n);
+            let ds = f.backward_through_pool(stage, p, &self.bias.value, &mut self.bias.grad, n);
+            self.out.set_step_grad(ds, features);
         } else if let Some(f) = bn.as_deref_mut() {
             // ∂L/∂(col·Ŵ') in the output stage's gradient buffer (in place), or in the folded
             // batch norm's own when the stage passes `dy` through.

@@ -19,6 +19,20 @@ use crate::quant::binary::sign;
 use crate::quant::observer::lsq_grad;
 use crate::quant::weight::WeightFakeQuant;
 
+/// What [`Epilogue::pooled_backward_parts`] gives a layer's fused backward pass.
+pub(crate) struct PooledBackward<'a> {
+    /// The buffer for `∂L/∂z`.
+    pub(crate) dz: &'a mut [f32],
+    /// The bias the forward pass added after the layer's own output.
+    pub(crate) bias: &'a [f32],
+    /// The straight-through estimator of the forward pass's grid.
+    pub(crate) ste: Ste,
+    /// A ReLU (else a linear output).
+    pub(crate) relu: bool,
+    /// LSQ's per-channel sums of `g·∂v̂/∂s`.
+    pub(crate) ds_col: &'a mut [f32],
+}
+
 /// The output stage of a layer with `channels` outputs per row.
 #[derive(Clone, Debug)]
 pub struct Epilogue {
@@ -222,7 +236,7 @@ impl Epilogue {
     /// [`Epilogue::forward`] by a pass of the layer's own, where that pass can do this stage's
     /// work with the layer's (QAT's folded batch norm with the 2×2 max pooling after it:
     /// `FoldedBn::normalize_quant_pool`): a ReLU output on a grid in training, with its range
-    /// statistics and the clipped straight-through estimator (not LSQ, not a sign). Then `pass`
+    /// statistics (not a sign, not LSQ's first batch). Then `pass`
     /// gets the bias as [`Epilogue::forward`] adds it, the per-channel range to update and the
     /// grid, and this returns `true`; otherwise it does nothing and returns `false` (call
     /// [`Epilogue::forward`]). The pre-activation `z` is not stored: the layer's backward pass
@@ -237,12 +251,13 @@ impl Epilogue {
         training: bool,
         pass: impl FnOnce(&[f32], &mut [f32], &mut [f32], Grid),
     ) -> bool {
-        let lsq = self
+        // LSQ's first batch needs Σ|a| (`Epilogue::forward`), which this pass does not take.
+        let lsq_start = self
             .act
             .observer
             .as_ref()
-            .is_none_or(|o| o.observer == crate::quant::observer::Observer::Lsq);
-        if !training || self.passthrough() || self.act.sign() || self.activation != Activation::Relu || lsq {
+            .is_none_or(|o| o.observer == crate::quant::observer::Observer::Lsq && !o.initialized);
+        if !training || self.passthrough() || self.act.sign() || self.activation != Activation::Relu || lsq_start {
             return false;
         }
         let Some(grid) = self.act.grid() else {
@@ -279,14 +294,25 @@ impl Epilogue {
     /// For a layer whose own backward pass does this stage's and the pooling's after it after a
     /// forward pass by [`Epilogue::forward_pooled`] (`FoldedBn::backward_through_pool`, which
     /// recomputes `z`): the buffer for `∂L/∂z` (`n` values, where [`Epilogue::dz`] reads it),
-    /// the bias that forward pass added, the estimator and whether the activation is a ReLU.
-    /// Sets what [`Epilogue::backward_pooled`] sets besides (the step gradient, 0 for these
-    /// estimators).
-    pub(crate) fn pooled_backward_parts(&mut self, n: usize, features: usize) -> (&mut [f32], &[f32], Ste, bool) {
-        debug_assert!(self.backward_reads_pooled() && self.z_left_to_layer);
-        self.act.set_step_grad(0.0, features);
+    /// the bias that forward pass added, the estimator, whether the activation is a ReLU, and a
+    /// row of `channels` for LSQ's per-channel sums of `∂v̂/∂s` (then give their total to
+    /// [`Epilogue::set_step_grad`]).
+    pub(crate) fn pooled_backward_parts(&mut self, n: usize) -> PooledBackward<'_> {
+        debug_assert!(self.z_left_to_layer);
         let ste = self.act.ste();
-        (&mut self.z[..n], &self.b_hat, ste, self.activation == Activation::Relu)
+        PooledBackward {
+            dz: &mut self.z[..n],
+            bias: &self.b_hat,
+            ste,
+            relu: self.activation == Activation::Relu,
+            ds_col: &mut self.ds_col,
+        }
+    }
+
+    /// The LSQ step gradient from `Σ g·∂v̂/∂s` (`features` output values per sample; nothing
+    /// for the other estimators), as [`Epilogue::backward`] sets it.
+    pub(crate) fn set_step_grad(&mut self, ds: f32, features: usize) {
+        self.act.set_step_grad(ds, features);
     }
 
     /// [`Epilogue::forward`] of a [`Epilogue::passthrough`] stage whose bias the next layer adds
@@ -310,10 +336,18 @@ impl Epilogue {
         self.z_left_to_layer
     }
 
-    /// Whether [`Epilogue::backward_pooled`] applies to the last forward pass: a ReLU or linear
-    /// output, float or on a grid with the clipped straight-through estimator (not LSQ, not
-    /// sign), with its own `z` (not [`Epilogue::passthrough`]).
+    /// Whether the backward pass of the last forward pass reads the gradient of a 2×2 max
+    /// pooling after this stage as the pooled gradient: after [`Epilogue::forward_pooled`] (the
+    /// layer's own fused backward pass, LSQ included), or where [`Epilogue::backward_pooled`]
+    /// applies.
     pub fn backward_reads_pooled(&self) -> bool {
+        self.z_left_to_layer || self.stage_reads_pooled()
+    }
+
+    /// Whether [`Epilogue::backward_pooled`] applies: a ReLU or linear output, float or on a
+    /// grid with the clipped straight-through estimator (not LSQ, not sign), with its own `z`
+    /// (not [`Epilogue::passthrough`]).
+    fn stage_reads_pooled(&self) -> bool {
         !self.passthrough()
             && !self.act.sign()
             && matches!(self.activation, Activation::Relu | Activation::Linear)
@@ -323,9 +357,10 @@ impl Epilogue {
     /// [`Epilogue::backward`] when a 2×2/stride-2 max pooling follows: `∂L/∂y` is read from the
     /// pooled gradient and the pooling's argmax ([`PooledGrad`]), so the pooling writes no
     /// full-size gradient first. The bits are those of the pooling's backward and then
-    /// [`Epilogue::backward`]. Only where [`Epilogue::backward_reads_pooled`].
+    /// [`Epilogue::backward`]. Only where [`Epilogue::stage_reads_pooled`], after
+    /// [`Epilogue::forward`].
     pub fn backward_pooled(&mut self, p: PooledGrad, bias: &mut Param, n: usize, features: usize) {
-        debug_assert!(self.backward_reads_pooled());
+        debug_assert!(self.stage_reads_pooled() && !self.z_left_to_layer);
         let relu = self.activation == Activation::Relu;
         let (zd, db) = (&mut self.z[..n], &mut bias.grad);
         match self.act.ste() {

@@ -36,10 +36,11 @@
 //! `tests/conv_bn_qat.rs`.
 
 use super::batch_norm::{Affine, BatchNorm};
-use super::epilogue::{clip_grad, pass_grad};
+use super::epilogue::{clip_grad, pass_grad, PooledBackward};
 use super::param::{Param, ParamKind};
 use super::pool::{from_pool, Pool2d, PoolGrid, PooledGrad};
 use crate::quant::act::{Grid, Ste};
+use crate::quant::observer::lsq_grad;
 
 /// A batch norm folded into the convolution before it, with the scratch of the fold.
 #[derive(Clone, Debug)]
@@ -222,26 +223,33 @@ impl FoldedBn {
     /// it, applies the batch norm's input gradient and the unfold's backward (its sums `∂L/∂b`,
     /// `∂L/∂s`) and writes `∂L/∂(col·Ŵ')` into `dz`. The operations and the orders of
     /// summation of the passes one after the other, so their bits (`tests/conv.rs`).
-    #[allow(clippy::too_many_arguments)]
+    /// Returns LSQ's `Σ g·∂v̂/∂s` over every output (0 for the other estimators), summed per
+    /// channel in row order and then over channels, as the stage's own backward pass sums it.
     pub(crate) fn backward_through_pool(
         &mut self,
-        dz: &mut [f32],
-        stage_bias: &[f32],
+        stage: PooledBackward,
         p: PooledGrad,
-        ste: Ste,
-        relu: bool,
         b: &[f32],
         db: &mut [f32],
         n: usize,
-    ) {
+    ) -> f32 {
+        let PooledBackward {
+            dz,
+            bias: stage_bias,
+            ste,
+            relu,
+            ds_col,
+        } = stage;
         let x = &self.z[..n];
         let dz = &mut dz[..n];
         let c = self.bn.channels;
+        let ds_col = &mut ds_col[..c];
         let bn = self.bn.grads_with(n, |affine, s1, s2, b1, b2| {
             let st = Stage::new(affine, stage_bias);
             match ste {
                 Ste::Clip { lo, hi } => pooled_sums_clip(p, x, st, s1, s2, b1, b2, lo, hi, relu),
-                _ => pooled_sums_pass(p, x, st, s1, s2, b1, b2, relu),
+                Ste::Lsq { inv, qn, qp } => pooled_sums_lsq(p, x, st, s1, s2, b1, b2, ds_col, inv, qn, qp, relu),
+                Ste::Pass => pooled_sums_pass(p, x, st, s1, s2, b1, b2, relu),
             }
         });
         let coef = Coefficients {
@@ -257,9 +265,16 @@ impl FoldedBn {
             Ste::Clip { lo, hi } => {
                 pooled_input_grad_clip(dz, p, x, coef, &mut self.db, &mut self.ds, b1, b2, lo, hi, relu)
             }
-            _ => pooled_input_grad_pass(dz, p, x, coef, &mut self.db, &mut self.ds, b1, b2, relu),
+            Ste::Lsq { inv, qn, qp } => {
+                pooled_input_grad_lsq(dz, p, x, coef, &mut self.db, &mut self.ds, b1, b2, inv, qn, qp, relu)
+            }
+            Ste::Pass => pooled_input_grad_pass(dz, p, x, coef, &mut self.db, &mut self.ds, b1, b2, relu),
         }
         self.finish_backward(db);
+        match ste {
+            Ste::Lsq { .. } => ds_col.iter().sum(),
+            _ => 0.0,
+        }
     }
 
     /// `∂L/∂s` (its second term) and `∂L/∂b` from the f64 sums of the backward pass.
@@ -602,9 +617,12 @@ struct Coefficients<'a> {
 /// output stage's gradient, `z` recomputed by [`stage_z`], `∂L/∂y` read through the pooling), the
 /// batch norm's `Σ g` and `Σ g·x̂` per channel in the blocks and order of
 /// `batch_norm::grad_sums`. Inlined so each caller's `f` vectorises with it.
+///
+/// With `LSQ`, `f` also returns the value's `∂v̂/∂s`, and `ds_col` receives `Σ ∂L/∂y·∂v̂/∂s` per
+/// channel in row order (the sums of the stage's `lsq_backward`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pooled_sums(
+fn pooled_sums<const LSQ: bool>(
     p: PooledGrad,
     x: &[f32],
     st: Stage,
@@ -612,8 +630,12 @@ fn pooled_sums(
     dsum_xhat: &mut [f64],
     b1: &mut [f32],
     b2: &mut [f32],
-    f: impl Fn(f32, f32) -> f32,
+    ds_col: &mut [f32],
+    f: impl Fn(f32, f32) -> (f32, f32),
 ) {
+    if LSQ {
+        ds_col.fill(0.0);
+    }
     let c = st.bias.len();
     dsum.fill(0.0);
     dsum_xhat.fill(0.0);
@@ -631,7 +653,11 @@ fn pooled_sums(
                 .zip(st.iter().zip(dp.iter().zip(arg)))
                 .enumerate()
             {
-                let g = f(stage_z(x, m, s, ga, be, bi), from_pool(dp, arg, at + ch as u32, inside));
+                let dy = from_pool(dp, arg, at + ch as u32, inside);
+                let (g, gs) = f(stage_z(x, m, s, ga, be, bi), dy);
+                if LSQ {
+                    ds_col[ch] += dy * gs;
+                }
                 *a += g;
                 *b += g * ((x - m) * s);
             }
@@ -713,7 +739,7 @@ crate::simd::widest! {
         hi: f32,
         relu: bool,
     ) {
-        pooled_sums(p, x, st, dsum, dsum_xhat, b1, b2, |z, g| clip_grad(z, g, lo, hi, relu));
+        pooled_sums::<false>(p, x, st, dsum, dsum_xhat, b1, b2, &mut [], |z, g| (clip_grad(z, g, lo, hi, relu), 0.0));
     }
 }
 
@@ -729,8 +755,57 @@ crate::simd::widest! {
         b2: &mut [f32],
         relu: bool,
     ) {
-        pooled_sums(p, x, st, dsum, dsum_xhat, b1, b2, |z, g| pass_grad(z, g, relu));
+        pooled_sums::<false>(p, x, st, dsum, dsum_xhat, b1, b2, &mut [], |z, g| (pass_grad(z, g, relu), 0.0));
     }
+}
+
+crate::simd::widest! {
+    /// [`pooled_sums`] of a stage with a learned step (LSQ), with its sums of `∂v̂/∂s`.
+    fn pooled_sums_lsq(
+        p: PooledGrad,
+        x: &[f32],
+        st: Stage,
+        dsum: &mut [f64],
+        dsum_xhat: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+        ds_col: &mut [f32],
+        inv: f32,
+        qn: i32,
+        qp: i32,
+        relu: bool,
+    ) {
+        pooled_sums::<true>(p, x, st, dsum, dsum_xhat, b1, b2, ds_col, |z, g| lsq_step(z, g, inv, qn, qp, relu));
+    }
+}
+
+crate::simd::widest! {
+    /// [`pooled_input_grad`] of a stage with a learned step (LSQ).
+    fn pooled_input_grad_lsq(
+        dz: &mut [f32],
+        p: PooledGrad,
+        x: &[f32],
+        co: Coefficients,
+        db: &mut [f64],
+        ds: &mut [f64],
+        b1: &mut [f32],
+        b2: &mut [f32],
+        inv: f32,
+        qn: i32,
+        qp: i32,
+        relu: bool,
+    ) {
+        pooled_input_grad(dz, p, x, co, db, ds, b1, b2, |z, g| lsq_step(z, g, inv, qn, qp, relu).0);
+    }
+}
+
+/// `(∂L/∂z, ∂v̂/∂s)` of an output with a learned step, after a ReLU or nothing: the clipped STE
+/// on LSQ's range and the ReLU mask, as the stage's `lsq_backward` computes them.
+#[inline(always)]
+fn lsq_step(z: f32, g: f32, inv: f32, qn: i32, qp: i32, relu: bool) -> (f32, f32) {
+    let a = if relu { z.max(0.0) } else { z };
+    let (gs, inside) = lsq_grad(a, inv, qn, qp);
+    (if inside && (!relu || z > 0.0) { g } else { 0.0 }, gs)
 }
 
 crate::simd::widest! {
