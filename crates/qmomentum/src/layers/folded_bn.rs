@@ -247,9 +247,9 @@ impl FoldedBn {
         let bn = self.bn.grads_with(n, |affine, s1, s2, b1, b2| {
             let st = Stage::new(affine, stage_bias);
             match ste {
-                Ste::Clip { lo, hi } => pooled_sums_clip(p, x, st, s1, s2, b1, b2, lo, hi, relu),
+                Ste::Clip { lo, hi } => pooled_sums_clip(p, x, st, s1, s2, b1, b2, ds_col, lo, hi, relu),
                 Ste::Lsq { inv, qn, qp } => pooled_sums_lsq(p, x, st, s1, s2, b1, b2, ds_col, inv, qn, qp, relu),
-                Ste::Pass => pooled_sums_pass(p, x, st, s1, s2, b1, b2, relu),
+                Ste::Pass => pooled_sums_pass(p, x, st, s1, s2, b1, b2, ds_col, relu),
             }
         });
         let coef = Coefficients {
@@ -613,13 +613,14 @@ struct Coefficients<'a> {
     b: &'a [f32],
 }
 
-/// The first backward pass of [`FoldedBn::backward_through_pool`]: with `g = f(z, ∂L/∂y)` (the
+/// The first backward pass of [`FoldedBn::backward_through_pool`]: with `g = f.grad(z, ∂L/∂y)` (the
 /// output stage's gradient, `z` recomputed by [`stage_z`], `∂L/∂y` read through the pooling), the
 /// batch norm's `Σ g` and `Σ g·x̂` per channel in the blocks and order of
-/// `batch_norm::grad_sums`. Inlined so each caller's `f` vectorises with it.
+/// `batch_norm::grad_sums`. Inlined so each caller's estimator vectorises with it.
 ///
-/// With `LSQ`, `f` also returns the value's `∂v̂/∂s`, and `ds_col` receives `Σ ∂L/∂y·∂v̂/∂s` per
-/// channel in row order (the sums of the stage's `lsq_backward`).
+/// With `LSQ`, `f` also returns the value's `∂v̂/∂s`, and `ds_col` (a row of channels, untouched
+/// without `LSQ`) receives `Σ ∂L/∂y·∂v̂/∂s` per channel in row order (the sums of the stage's
+/// `lsq_backward`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pooled_sums<const LSQ: bool>(
@@ -631,7 +632,7 @@ fn pooled_sums<const LSQ: bool>(
     b1: &mut [f32],
     b2: &mut [f32],
     ds_col: &mut [f32],
-    f: impl Fn(f32, f32) -> (f32, f32),
+    f: impl StageGrad,
 ) {
     if LSQ {
         ds_col.fill(0.0);
@@ -646,17 +647,18 @@ fn pooled_sums<const LSQ: bool>(
         for (j, xr) in xb.chunks_exact(c).enumerate() {
             let (win, at, inside) = p.grid.source(k * BLOCK_ROWS + j, c);
             let (dp, arg) = (&p.dpool[win..win + c], &p.argmax[win..win + c]);
-            for (ch, (((a, b), &x), ((m, s, ga, be, bi), (&dp, &arg)))) in a
+            for (ch, ((((a, b), &x), ((m, s, ga, be, bi), (&dp, &arg))), dsc)) in a
                 .iter_mut()
                 .zip(b.iter_mut())
                 .zip(xr)
                 .zip(st.iter().zip(dp.iter().zip(arg)))
+                .zip(ds_col.iter_mut())
                 .enumerate()
             {
                 let dy = from_pool(dp, arg, at + ch as u32, inside);
-                let (g, gs) = f(stage_z(x, m, s, ga, be, bi), dy);
+                let (g, gs) = f.grad(stage_z(x, m, s, ga, be, bi), dy);
                 if LSQ {
-                    ds_col[ch] += dy * gs;
+                    *dsc += dy * gs;
                 }
                 *a += g;
                 *b += g * ((x - m) * s);
@@ -669,10 +671,10 @@ fn pooled_sums<const LSQ: bool>(
     }
 }
 
-/// The second backward pass of [`FoldedBn::backward_through_pool`]: `g = f(z, ∂L/∂y)` again, the
+/// The second backward pass of [`FoldedBn::backward_through_pool`]: `g = f.grad(z, ∂L/∂y)` again, the
 /// batch norm's input gradient `g' = k·(g − m1 − x̂·m2)` (`batch_norm::input_grad`), the
 /// unfold's sums `Σ g'`, `Σ g'·(x − b)` in the blocks and order of [`unfold_backward`], and
-/// `dz = g'/s`. Inlined so each caller's `f` vectorises with it.
+/// `dz = g'/s`. Inlined so each caller's estimator vectorises with it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pooled_input_grad(
@@ -684,7 +686,7 @@ fn pooled_input_grad(
     ds: &mut [f64],
     b1: &mut [f32],
     b2: &mut [f32],
-    f: impl Fn(f32, f32) -> f32,
+    f: impl StageGrad,
 ) {
     let c = co.k.len();
     db.fill(0.0);
@@ -708,10 +710,12 @@ fn pooled_input_grad(
                 )
                 .enumerate()
             {
-                let g = f(
-                    stage_z(x, m, is, ga, be, bi),
-                    from_pool(dp, arg, at + ch as u32, inside),
-                );
+                let g = f
+                    .grad(
+                        stage_z(x, m, is, ga, be, bi),
+                        from_pool(dp, arg, at + ch as u32, inside),
+                    )
+                    .0;
                 let g = k * (g - m1 - ((x - m) * is) * m2);
                 *p1 += g;
                 *p2 += g * (x - b);
@@ -735,11 +739,12 @@ crate::simd::widest! {
         dsum_xhat: &mut [f64],
         b1: &mut [f32],
         b2: &mut [f32],
+        ds_col: &mut [f32],
         lo: f32,
         hi: f32,
         relu: bool,
     ) {
-        pooled_sums::<false>(p, x, st, dsum, dsum_xhat, b1, b2, &mut [], |z, g| (clip_grad(z, g, lo, hi, relu), 0.0));
+        pooled_sums::<false>(p, x, st, dsum, dsum_xhat, b1, b2, ds_col, ClipSte { lo, hi, relu });
     }
 }
 
@@ -753,9 +758,10 @@ crate::simd::widest! {
         dsum_xhat: &mut [f64],
         b1: &mut [f32],
         b2: &mut [f32],
+        ds_col: &mut [f32],
         relu: bool,
     ) {
-        pooled_sums::<false>(p, x, st, dsum, dsum_xhat, b1, b2, &mut [], |z, g| (pass_grad(z, g, relu), 0.0));
+        pooled_sums::<false>(p, x, st, dsum, dsum_xhat, b1, b2, ds_col, PassSte { relu });
     }
 }
 
@@ -775,7 +781,7 @@ crate::simd::widest! {
         qp: i32,
         relu: bool,
     ) {
-        pooled_sums::<true>(p, x, st, dsum, dsum_xhat, b1, b2, ds_col, |z, g| lsq_step(z, g, inv, qn, qp, relu));
+        pooled_sums::<true>(p, x, st, dsum, dsum_xhat, b1, b2, ds_col, LsqSte { inv, qn, qp, relu });
     }
 }
 
@@ -795,17 +801,63 @@ crate::simd::widest! {
         qp: i32,
         relu: bool,
     ) {
-        pooled_input_grad(dz, p, x, co, db, ds, b1, b2, |z, g| lsq_step(z, g, inv, qn, qp, relu).0);
+        pooled_input_grad(dz, p, x, co, db, ds, b1, b2, LsqSte { inv, qn, qp, relu });
     }
 }
 
-/// `(∂L/∂z, ∂v̂/∂s)` of an output with a learned step, after a ReLU or nothing: the clipped STE
-/// on LSQ's range and the ReLU mask, as the stage's `lsq_backward` computes them.
-#[inline(always)]
-fn lsq_step(z: f32, g: f32, inv: f32, qn: i32, qp: i32, relu: bool) -> (f32, f32) {
-    let a = if relu { z.max(0.0) } else { z };
-    let (gs, inside) = lsq_grad(a, inv, qn, qp);
-    (if inside && (!relu || z > 0.0) { g } else { 0.0 }, gs)
+/// The output stage's backward for one value: `(∂L/∂z, ∂v̂/∂s)` from its pre-activation `z` and
+/// `∂L/∂y`, as the stage's own passes compute them. A trait with inlined methods rather than a
+/// closure: a closure was not inlined into the long LSQ pass, which then ran scalar (2.3× its
+/// time).
+trait StageGrad: Copy {
+    fn grad(self, z: f32, g: f32) -> (f32, f32);
+}
+
+/// The clipped straight-through estimator ([`clip_grad`]).
+#[derive(Clone, Copy)]
+struct ClipSte {
+    lo: f32,
+    hi: f32,
+    relu: bool,
+}
+
+impl StageGrad for ClipSte {
+    #[inline(always)]
+    fn grad(self, z: f32, g: f32) -> (f32, f32) {
+        (clip_grad(z, g, self.lo, self.hi, self.relu), 0.0)
+    }
+}
+
+/// No grid yet ([`pass_grad`]).
+#[derive(Clone, Copy)]
+struct PassSte {
+    relu: bool,
+}
+
+impl StageGrad for PassSte {
+    #[inline(always)]
+    fn grad(self, z: f32, g: f32) -> (f32, f32) {
+        (pass_grad(z, g, self.relu), 0.0)
+    }
+}
+
+/// A learned step: the clipped STE on LSQ's range, the ReLU mask and `∂v̂/∂s`, as the stage's
+/// `lsq_backward` computes them.
+#[derive(Clone, Copy)]
+struct LsqSte {
+    inv: f32,
+    qn: i32,
+    qp: i32,
+    relu: bool,
+}
+
+impl StageGrad for LsqSte {
+    #[inline(always)]
+    fn grad(self, z: f32, g: f32) -> (f32, f32) {
+        let a = if self.relu { z.max(0.0) } else { z };
+        let (gs, inside) = lsq_grad(a, self.inv, self.qn, self.qp);
+        (if inside && (!self.relu || z > 0.0) { g } else { 0.0 }, gs)
+    }
 }
 
 crate::simd::widest! {
@@ -823,7 +875,7 @@ crate::simd::widest! {
         hi: f32,
         relu: bool,
     ) {
-        pooled_input_grad(dz, p, x, co, db, ds, b1, b2, |z, g| clip_grad(z, g, lo, hi, relu));
+        pooled_input_grad(dz, p, x, co, db, ds, b1, b2, ClipSte { lo, hi, relu });
     }
 }
 
@@ -840,7 +892,7 @@ crate::simd::widest! {
         b2: &mut [f32],
         relu: bool,
     ) {
-        pooled_input_grad(dz, p, x, co, db, ds, b1, b2, |z, g| pass_grad(z, g, relu));
+        pooled_input_grad(dz, p, x, co, db, ds, b1, b2, PassSte { relu });
     }
 }
 

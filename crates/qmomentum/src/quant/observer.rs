@@ -158,14 +158,13 @@ pub fn lsq_grad(v: f32, inv_s: f32, qn: i32, qp: i32) -> (f32, bool) {
     let r = v * inv_s;
     let (lo, hi) = (-(qn as f32), qp as f32);
     let inside = r > lo && r < hi;
-    let gs = if inside {
-        super::affine::round_even_small(r.clamp(lo, hi)) - r
-    } else if r <= lo {
-        lo
-    } else {
-        hi
-    };
-    (gs, inside)
+    // Both candidates computed, then selected: no branch left in the loops that inline this
+    // (a nested `if` here stayed a branch in a long fused pass, which then ran scalar).
+    // `max`/`min`, not `clamp` (whose check of its bounds is a branch): the same value wherever
+    // it is used (inside the range; a NaN `r` is outside).
+    let rounded = super::affine::round_even_small(r.max(lo).min(hi)) - r;
+    let edge = if r <= lo { lo } else { hi };
+    (if inside { rounded } else { edge }, inside)
 }
 
 #[cfg(test)]
