@@ -313,7 +313,7 @@ impl Sequential {
     /// For a 2×2/stride-2 max pooling at `p`: the convolution before it (past the layers folded
     /// into that convolution: QAT's batch norm and activation) when the convolution's output
     /// stage does the pooling's backward ([`Conv2d::backward_through_pool`]; cnn-small's QAT
-    /// blocks, where that stage ends in a ReLU on a clipped-STE grid).
+    /// blocks: after the fused forward pass, or a ReLU/linear stage on a clipped-STE grid).
     fn conv_under_pool(layers: &[Layer], p: usize) -> Option<usize> {
         let Layer::Pool2d(pool) = layers.get(p)? else {
             return None;
@@ -712,6 +712,9 @@ impl Sequential {
     /// the next ([`Layer::fuses_next`]) share its output: a batch norm followed by a ReLU gives
     /// the ReLU's output, and both are empty when the max pooling after them is computed in the
     /// same pass (their full-size output is never written: [`BatchNorm::forward_through_pool`]).
+    /// After a QAT training pass, a folded convolution followed by a max pooling
+    /// ([`Conv2d::forward_through_pool`]) and its folded layers hold an earlier pass's output
+    /// (the fused pass writes only the pooled one); after an evaluation pass they are current.
     pub fn layer_output(&self, i: usize, batch: usize) -> &[f32] {
         let n = self.shapes().nth(i + 1).map(|s| s.len()).unwrap_or(0);
         self.acts[self.aslot[i + 1]].get(..batch * n).unwrap_or(&[])

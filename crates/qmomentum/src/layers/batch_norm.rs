@@ -526,7 +526,7 @@ impl BatchNorm {
     /// The batch statistics of `n` values whose sums `Σx`, `Σx²` per channel `sums` writes
     /// (into its first two arguments, with two f32 scratch rows of `channels`): [`block_sums`]
     /// of the input, or a pass that computes the input and its sums at once (QAT's folded batch
-    /// norm: `FoldedBn::forward`), in the same order so with the same bits.
+    /// norm: `FoldedBn::statistics`), in the same order so with the same bits.
     pub(crate) fn batch_statistics_with(
         &mut self,
         n: usize,
@@ -581,8 +581,9 @@ impl BatchNorm {
     /// (cnn-small: one write and one read of the largest activation less per step). The bits are
     /// those of the three layers.
     ///
-    /// With `bias` (in training only: the bias of the layer before, which left it to this one,
-    /// `Conv2d::forward_bias_to_batch_norm`), `x += bias` first, in the statistics pass.
+    /// With `bias` (the bias of the layer before, which left it to this one:
+    /// `Conv2d::forward_bias_to_batch_norm`), `x += bias` first, in the statistics pass when
+    /// training.
     pub fn forward_through_pool(
         &mut self,
         x: &mut [f32],
@@ -594,9 +595,17 @@ impl BatchNorm {
     ) {
         debug_assert!(self.relu && pool.fast_2x2() && pool.geo.input.c == self.channels);
         match bias {
-            Some(b) => {
-                assert!(training, "a bias is left to a batch norm in training only");
+            Some(b) if training => {
                 self.batch_statistics_with(n, |s1, s2, b1, b2| add_rows_block_sums(&mut x[..n], b, s1, s2, b1, b2));
+            }
+            Some(b) => {
+                // Running statistics: no statistics pass to add the bias in.
+                for row in x[..n].chunks_exact_mut(b.len()) {
+                    for (v, &bv) in row.iter_mut().zip(b) {
+                        *v += bv;
+                    }
+                }
+                self.statistics(x, n, false);
             }
             None => self.statistics(x, n, training),
         }

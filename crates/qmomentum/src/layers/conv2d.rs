@@ -468,7 +468,10 @@ impl Conv2d {
     /// read of the output less each way. Returns whether it did so (else it ran
     /// [`Conv2d::forward`]).
     pub fn forward_bias_to_batch_norm(&mut self, x: &[f32], y: &mut [f32], batch: usize) -> bool {
-        if !self.out.passthrough() || self.bn.is_some() {
+        // Not a float product, or a bias on the accumulator grid (which the output stage would
+        // round): the layer adds its own bias.
+        let on_grid = self.input_scale.is_some() && self.wq.on_integer_grid();
+        if !self.out.passthrough() || self.bn.is_some() || on_grid {
             self.forward(x, y, batch, true, false);
             return false;
         }
@@ -602,8 +605,11 @@ impl Conv2d {
     }
 
     /// [`Conv2d::backward`] of a convolution followed by a 2×2/stride-2 max pooling (past the
-    /// layers folded into it), whose backward it does too: its output stage reads the pooled
-    /// gradient ([`Epilogue::backward_pooled`], where [`Epilogue::backward_reads_pooled`]).
+    /// layers folded into it), whose backward it does too, where
+    /// [`Epilogue::backward_reads_pooled`]: after a fused forward pass
+    /// ([`Conv2d::forward_through_pool`]) the folded batch norm's fused passes
+    /// ([`FoldedBn::backward_through_pool`]), otherwise the output stage reading the pooled
+    /// gradient ([`Epilogue::backward_pooled`]).
     pub fn backward_through_pool(&mut self, x: &[f32], pooled: PooledGrad, dx: Option<&mut [f32]>, batch: usize) {
         self.backward_from(x, Upstream::Pooled(pooled), dx, batch);
     }
@@ -625,6 +631,13 @@ impl Conv2d {
         };
         let mut bn = self.bn.take();
         let fused = self.out.z_left_to_layer();
+        // After a fused forward pass the stage's `z` was not stored: only the fused backward
+        // (through the pooling, as the model calls it) can follow.
+        assert!(
+            !fused || matches!(up, Upstream::Pooled(_)),
+            "layer {}: a forward pass fused with the pooling after it needs the backward through that pooling",
+            self.index
+        );
         if let (Some(f), Upstream::Pooled(p), true) = (bn.as_deref_mut(), up, fused) {
             // After the fused forward pass: the output stage's backward, the batch norm's and the
             // unfold's in two passes, `∂L/∂(col·Ŵ')` into the stage's gradient buffer.

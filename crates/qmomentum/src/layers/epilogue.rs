@@ -43,7 +43,8 @@ pub struct Epilogue {
     channels: usize,
     /// The pre-activation `z + b̂` after the forward pass; `∂L/∂z` after the backward pass, which
     /// overwrites it (nothing reads `z` after its own element's gradient: one buffer for both,
-    /// for cnn-small's two QAT replicas 19 MB less).
+    /// for cnn-small's two QAT replicas 19 MB less). After [`Epilogue::forward_pooled`], which
+    /// stores no `z`, only the layer's fused backward pass writes it.
     z: Vec<f32>,
     b_hat: Vec<f32>,
     ds_col: Vec<f32>,
@@ -251,13 +252,19 @@ impl Epilogue {
         training: bool,
         pass: impl FnOnce(&[f32], &mut [f32], &mut [f32], Grid),
     ) -> bool {
-        // LSQ's first batch needs Σ|a| (`Epilogue::forward`), which this pass does not take.
-        let lsq_start = self
+        // No observer (a float stage), or LSQ's first batch, which needs Σ|a|
+        // (`Epilogue::forward`): this pass takes neither case.
+        let no_grid_or_lsq_start = self
             .act
             .observer
             .as_ref()
             .is_none_or(|o| o.observer == crate::quant::observer::Observer::Lsq && !o.initialized);
-        if !training || self.passthrough() || self.act.sign() || self.activation != Activation::Relu || lsq_start {
+        if !training
+            || self.passthrough()
+            || self.act.sign()
+            || self.activation != Activation::Relu
+            || no_grid_or_lsq_start
+        {
             return false;
         }
         let Some(grid) = self.act.grid() else {

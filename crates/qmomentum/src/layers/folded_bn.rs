@@ -215,8 +215,9 @@ impl FoldedBn {
         normalize_relu_quant_pool(&self.z[..n], &mut y[..m], pool.argmax_mut(batch), grid, st, lo, hi, g);
     }
 
-    /// [`Epilogue::backward_pooled`] and [`FoldedBn::backward_in_place`] in two passes instead of
-    /// four, after [`FoldedBn::normalize_quant_pool`]: the output stage's `z` (the batch norm's
+    /// The output stage's backward through the pooling (what [`Epilogue::backward_pooled`], or
+    /// for LSQ the pooling's backward and the stage's `lsq_backward`, compute) and
+    /// [`FoldedBn::backward_in_place`], in two passes, after [`FoldedBn::normalize_quant_pool`]: the output stage's `z` (the batch norm's
     /// output plus `stage_bias`) is recomputed from the batch norm's input with the forward
     /// pass's operations, its ReLU and straight-through estimator `ste` give `∂L/∂z` from the
     /// pooled gradient. The first pass takes the batch norm's sums of it, the second recomputes
