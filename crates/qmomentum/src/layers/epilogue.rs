@@ -124,15 +124,10 @@ impl Epilogue {
         logits: bool,
     ) {
         self.z_left_to_layer = false;
-        // The bias as the integer runtime adds it: round(b/(s_in·s_w))·s_in·s_w.
-        let bias: &[f32] = match (input_scale, wq.on_integer_grid()) {
-            (Some(s_in), true) => {
-                for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&bias.value).zip(wq.scales()) {
-                    *bh = bias_on_grid(b, s_in, sw).1;
-                }
-                &self.b_hat
-            }
-            _ => &bias.value,
+        let bias: &[f32] = if bias_on_stage_grid(&mut self.b_hat, bias, wq, input_scale) {
+            &self.b_hat
+        } else {
+            &bias.value
         };
         if self.passthrough() {
             // The product is in `y` already: add the bias (no statistics: no observer).
@@ -272,13 +267,8 @@ impl Epilogue {
         };
         let c = self.channels;
         // The bias in `b_hat` either way, where the backward pass finds it.
-        match (input_scale, wq.on_integer_grid()) {
-            (Some(s_in), true) => {
-                for ((bh, &b), &sw) in self.b_hat.iter_mut().zip(&bias.value).zip(wq.scales()) {
-                    *bh = bias_on_grid(b, s_in, sw).1;
-                }
-            }
-            _ => self.b_hat.copy_from_slice(&bias.value),
+        if !bias_on_stage_grid(&mut self.b_hat, bias, wq, input_scale) {
+            self.b_hat.copy_from_slice(&bias.value);
         }
         // The backward pass's buffer for `∂L/∂z`.
         if self.z.len() < n {
@@ -419,6 +409,21 @@ impl Epilogue {
             }
         }
         self.act.set_step_grad(ds, features);
+    }
+}
+
+/// The bias as the integer runtime adds it, `round(b/(s_in·s_w))·s_in·s_w`, into `b_hat` when
+/// the weights are on an integer grid and the input's grid `s_in` is known (returns `true`);
+/// otherwise the float bias applies as it is (returns `false`, `b_hat` untouched).
+fn bias_on_stage_grid(b_hat: &mut [f32], bias: &Param, wq: &WeightFakeQuant, input_scale: Option<f32>) -> bool {
+    match (input_scale, wq.on_integer_grid()) {
+        (Some(s_in), true) => {
+            for ((bh, &b), &sw) in b_hat.iter_mut().zip(&bias.value).zip(wq.scales()) {
+                *bh = bias_on_grid(b, s_in, sw).1;
+            }
+            true
+        }
+        _ => false,
     }
 }
 
