@@ -91,6 +91,29 @@ fn configs() -> Vec<(Shape, Conv2dConfig)> {
                 ..Default::default()
             },
         ),
+        // One channel per group: the columns kernel-position-major (`Conv2d::k_major`), with a
+        // tap outside the input on either side, a stride and a dilation.
+        (
+            Shape::new(7, 9, 1),
+            Conv2dConfig {
+                filters: 5,
+                kernel: [3, 4],
+                stride: [1, 2],
+                dilation: [1, 2],
+                padding: Padding::Explicit([2, 3, 0, 1]),
+                ..Default::default()
+            },
+        ),
+        (
+            Shape::new(5, 7, 3),
+            Conv2dConfig {
+                filters: 6,
+                kernel: [3, 3],
+                groups: 3,
+                padding: Padding::Explicit([0, 2, 1, 0]),
+                ..Default::default()
+            },
+        ),
     ]
 }
 

@@ -365,6 +365,102 @@ impl Conv2d {
             .filter(|&iy| iy < geo.input.h)
     }
 
+    /// Whether the columns of group `g` are stored kernel-position-major (`kg × rows`: element
+    /// `(r, k)` at `k·rows + r`) rather than row-major. With one channel per group (a first
+    /// layer on one-channel images, a depthwise convolution) a row of the columns is only
+    /// `kh·kw` values, gathered one by one from around the input (cnn-small's conv1: 9 values
+    /// per row, 4 % of an epoch in im2col); kernel-position-major, each kernel position
+    /// (`ky`, `kx`) is a shifted copy of an input row, copied in one piece. The GEMM reads either
+    /// layout through its strides, with the same products summed in the same order.
+    fn k_major(&self) -> bool {
+        self.geo.input.c / self.groups == 1
+    }
+
+    /// The strides of the columns of one group as the `rows × kg` matrix of the products.
+    fn col_strides(&self, rows: usize, kg: usize) -> Strides {
+        if self.k_major() {
+            Strides::transposed(rows)
+        } else {
+            Strides::row_major(kg)
+        }
+    }
+
+    /// The output columns `ox` whose tap `kx` falls inside the input: `lo..hi`.
+    fn inside_columns(&self, kx: usize) -> (usize, usize) {
+        let geo = &self.geo;
+        let (sw, left, off) = (geo.stride[1], geo.pad[1], kx * geo.dilation[1]);
+        let ow = geo.output.w;
+        // ix = ox·sw + off − left must be ≥ 0 and < w.
+        let lo = left.saturating_sub(off).div_ceil(sw).min(ow);
+        let hi = (geo.input.w + left).saturating_sub(off).div_ceil(sw).min(ow);
+        (lo, hi.max(lo))
+    }
+
+    /// im2col of group `g` into `col` (`kg × rows`, [`Conv2d::k_major`]; one channel per group):
+    /// for each kernel position, the input rows it reads, shifted, padded where outside.
+    fn im2col_k_major(&self, x: &[f32], batch: usize, g: usize, col: &mut [f32]) {
+        let geo = &self.geo;
+        let (i, o) = (geo.input, geo.output);
+        let rows = batch * o.h * o.w;
+        let pad = self.pad_value();
+        let step = geo.stride[1] * i.c;
+        for ky in 0..geo.kernel[0] {
+            for kx in 0..geo.kernel[1] {
+                let k = ky * geo.kernel[1] + kx;
+                let (lo, hi) = self.inside_columns(kx);
+                let dst_k = &mut col[k * rows..(k + 1) * rows];
+                for (r, dst) in dst_k.chunks_exact_mut(o.w).enumerate() {
+                    let (b, oy) = (r / o.h, r % o.h);
+                    let Some(iy) = self.source_row(oy, ky) else {
+                        dst.fill(pad);
+                        continue;
+                    };
+                    dst[..lo].fill(pad);
+                    dst[hi..].fill(pad);
+                    if lo == hi {
+                        continue;
+                    }
+                    let ix = lo * geo.stride[1] + kx * geo.dilation[1] - geo.pad[1];
+                    let at = b * i.len() + (iy * i.w + ix) * i.c + g;
+                    if step == 1 {
+                        dst[lo..hi].copy_from_slice(&x[at..at + hi - lo]);
+                    } else {
+                        for (j, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = x[at + j * step];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// col2im of group `g` from `kg × rows` columns ([`Conv2d::im2col_k_major`]).
+    fn col2im_k_major(&self, dcol: &[f32], batch: usize, g: usize, dx: &mut [f32]) {
+        let geo = &self.geo;
+        let (i, o) = (geo.input, geo.output);
+        let rows = batch * o.h * o.w;
+        let step = geo.stride[1] * i.c;
+        for ky in 0..geo.kernel[0] {
+            for kx in 0..geo.kernel[1] {
+                let k = ky * geo.kernel[1] + kx;
+                let (lo, hi) = self.inside_columns(kx);
+                if lo == hi {
+                    continue;
+                }
+                let src_k = &dcol[k * rows..(k + 1) * rows];
+                for (r, src) in src_k.chunks_exact(o.w).enumerate() {
+                    let (b, oy) = (r / o.h, r % o.h);
+                    let Some(iy) = self.source_row(oy, ky) else { continue };
+                    let ix = lo * geo.stride[1] + kx * geo.dilation[1] - geo.pad[1];
+                    let at = b * i.len() + (iy * i.w + ix) * i.c + g;
+                    for (j, &s) in src[lo..hi].iter().enumerate() {
+                        dx[at + j * step] += s;
+                    }
+                }
+            }
+        }
+    }
+
     /// im2col of group `g` into `col` (`rows × kg`).
     fn im2col(&self, x: &[f32], batch: usize, g: usize, col: &mut [f32]) {
         let geo = &self.geo;
@@ -536,11 +632,17 @@ impl Conv2d {
         }
         let mut col = std::mem::take(&mut self.col);
         for g in 0..self.groups {
-            self.im2col(x, batch, g, &mut col[g * rows * kg..(g + 1) * rows * kg]);
+            let col_g = &mut col[g * rows * kg..(g + 1) * rows * kg];
+            if self.k_major() {
+                self.im2col_k_major(x, batch, g, col_g);
+            } else {
+                self.im2col(x, batch, g, col_g);
+            }
         }
         // Evaluation of a folded layer is the deployed layer: `col·Ŵ' + b_f` into the output
         // stage, the folded bias on the accumulator grid ([`FoldedBn::fold`]). A batch norm kept
         // after a binary kernel runs in evaluation too, on its running statistics.
+        let cs = self.col_strides(rows, kg);
         let train_bn = bn.as_deref().is_some_and(|f| f.runs_batch_norm(training));
         let (kernel, z): (&[f32], &mut [f32]) = match bn.as_deref_mut() {
             Some(f) if train_bn => f.kernel_and_product(n),
@@ -555,7 +657,7 @@ impl Conv2d {
                 og,
                 kg,
                 &col[g * rows * kg..],
-                Strides::row_major(kg),
+                cs,
                 &w[g * og..],
                 Strides::row_major(cout),
                 &mut z[g * og..],
@@ -660,6 +762,7 @@ impl Conv2d {
             _ => self.out.dz(dy, n),
         };
         let (groups, col) = (self.groups, &self.col);
+        let cs = self.col_strides(rows, kg);
         self.wq.backward(&mut self.weight, |gw| {
             for g in 0..groups {
                 // dŴ[:, g·og..] = col_gᵀ (kg × rows) · dz[:, g·og..].
@@ -668,7 +771,7 @@ impl Conv2d {
                     og,
                     rows,
                     &col[g * rows * kg..],
-                    Strides::transposed(kg),
+                    Strides { rs: cs.cs, cs: cs.rs },
                     &dz[g * og..],
                     Strides::row_major(cout),
                     &mut gw[g * og..],
@@ -705,10 +808,14 @@ impl Conv2d {
                     &w[g * og..],
                     Strides::transposed(cout),
                     &mut dcol[..rows * kg],
-                    Strides::row_major(kg),
+                    cs,
                     false,
                 );
-                self.col2im(&dcol[..rows * kg], batch, g, dx);
+                if self.k_major() {
+                    self.col2im_k_major(&dcol[..rows * kg], batch, g, dx);
+                } else {
+                    self.col2im(&dcol[..rows * kg], batch, g, dx);
+                }
             }
             self.col = dcol;
         }
