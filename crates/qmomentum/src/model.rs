@@ -715,6 +715,8 @@ impl Sequential {
     /// After a QAT training pass, a folded convolution followed by a max pooling
     /// ([`Conv2d::forward_through_pool`]) and its folded layers hold an earlier pass's output
     /// (the fused pass writes only the pooled one); after an evaluation pass they are current.
+    /// After a float training pass, a convolution that left its bias to the batch norm after it
+    /// ([`Conv2d::forward_bias_to_batch_norm`]) holds its product without the bias.
     pub fn layer_output(&self, i: usize, batch: usize) -> &[f32] {
         let n = self.shapes().nth(i + 1).map(|s| s.len()).unwrap_or(0);
         self.acts[self.aslot[i + 1]].get(..batch * n).unwrap_or(&[])

@@ -89,6 +89,11 @@ pub struct BatchNorm {
     k: Vec<f32>,
     /// `Σ_rows ∂L/∂x` per channel of the last pooled backward pass.
     colsum: Vec<f32>,
+    /// Added to each input value as the pooled passes read it: the bias of the layer before when
+    /// that layer left it to this one (`Conv2d::forward_bias_to_batch_norm`), else −0, which
+    /// gives every value back unchanged (`x + (−0) = x`, also for `x = −0`). The input itself
+    /// is never rewritten, so the statistics pass only reads it.
+    shift: Vec<f32>,
 }
 
 /// Rows summed in f32 before the f64 total: the inner loop runs over channels and vectorises,
@@ -226,6 +231,7 @@ crate::simd::widest! {
     /// offset in the sample are written, as `pool::max_2x2` would from the written output.
     fn normalize_relu_pool(
         x: &[f32],
+        shift: &[f32],
         y: &mut [f32],
         argmax: &mut [u32],
         grid: PoolGrid,
@@ -236,6 +242,7 @@ crate::simd::widest! {
         b: &[f32],
     ) {
         let PoolGrid { h, w, oh, ow } = grid;
+        let (mean, inv_std, g, b) = (&mean[..c], &inv_std[..c], &g[..c], &b[..c]);
         let f = |x: f32, m: f32, s: f32, g: f32, b: f32| (g * ((x - m) * s) + b).max(0.0);
         for (sample, xb) in x.chunks_exact(h * w * c).enumerate() {
             for oy in 0..oh {
@@ -243,17 +250,17 @@ crate::simd::widest! {
                     let at = ((sample * oh + oy) * ow + ox) * c;
                     let s00 = (2 * oy * w + 2 * ox) * c;
                     let (out, arg) = (&mut y[at..at + c], &mut argmax[at..at + c]);
-                    for (ch, (((((o, a), &x), &m), &s), (&g, &b))) in
-                        out.iter_mut().zip(arg.iter_mut()).zip(&xb[s00..s00 + c]).zip(mean).zip(inv_std).zip(g.iter().zip(b)).enumerate()
+                    for (ch, ((((((o, a), &x), &sh), &m), &s), (&g, &b))) in
+                        out.iter_mut().zip(arg.iter_mut()).zip(&xb[s00..s00 + c]).zip(shift).zip(mean).zip(inv_std).zip(g.iter().zip(b)).enumerate()
                     {
-                        *o = f(x, m, s, g, b);
+                        *o = f(x + sh, m, s, g, b);
                         *a = (s00 + ch) as u32;
                     }
                     for t in [s00 + c, s00 + w * c, s00 + w * c + c] {
-                        for (ch, (((((o, a), &x), &m), &s), (&g, &b))) in
-                            out.iter_mut().zip(arg.iter_mut()).zip(&xb[t..t + c]).zip(mean).zip(inv_std).zip(g.iter().zip(b)).enumerate()
+                        for (ch, ((((((o, a), &x), &sh), &m), &s), (&g, &b))) in
+                            out.iter_mut().zip(arg.iter_mut()).zip(&xb[t..t + c]).zip(shift).zip(mean).zip(inv_std).zip(g.iter().zip(b)).enumerate()
                         {
-                            let v = f(x, m, s, g, b);
+                            let v = f(x + sh, m, s, g, b);
                             let take = v > *o;
                             *o = if take { v } else { *o };
                             *a = if take { (t + ch) as u32 } else { *a };
@@ -273,6 +280,7 @@ crate::simd::widest! {
         argmax: &[u32],
         grid: PoolGrid,
         x: &[f32],
+        shift: &[f32],
         c: usize,
         mean: &[f32],
         inv_std: &[f32],
@@ -292,16 +300,17 @@ crate::simd::widest! {
             for (j, xr) in xb.chunks_exact(c).enumerate() {
                 let (win, at, inside) = grid.source(k * BLOCK_ROWS + j, c);
                 let (dp, arg) = (&dpool[win..win + c], &argmax[win..win + c]);
-                for (ch, (((((a, b), &x), (&m, &s)), (&ga, &be)), (&dp, &arg))) in a
+                for (ch, ((((((a, b), &x), &sh), (&m, &s)), (&ga, &be)), (&dp, &arg))) in a
                     .iter_mut()
                     .zip(b.iter_mut())
                     .zip(xr)
+                    .zip(shift)
                     .zip(mean.iter().zip(inv_std))
                     .zip(gamma.iter().zip(beta))
                     .zip(dp.iter().zip(arg))
                     .enumerate()
                 {
-                    let xhat = (x - m) * s;
+                    let xhat = ((x + sh) - m) * s;
                     let g = relu_mask(from_pool(dp, arg, at + ch as u32, inside), xhat, ga, be);
                     *a += g;
                     *b += g * xhat;
@@ -326,6 +335,7 @@ crate::simd::widest! {
         grid: PoolGrid,
         g: &mut [f32],
         x: &[f32],
+        shift: &[f32],
         c: usize,
         k: &[f32],
         m1: &[f32],
@@ -340,9 +350,10 @@ crate::simd::widest! {
         for (r, (gr, xr)) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
             let (win, at, inside) = grid.source(r, c);
             let (dp, arg) = (&dpool[win..win + c], &argmax[win..win + c]);
-            for (ch, (((((((d, &x), &k), (&m1, &m2)), (&m, &s)), (&ga, &be)), (&dp, &arg)), cs)) in gr
+            for (ch, ((((((((d, &x), &sh), &k), (&m1, &m2)), (&m, &s)), (&ga, &be)), (&dp, &arg)), cs)) in gr
                 .iter_mut()
                 .zip(xr)
+                .zip(shift)
                 .zip(k)
                 .zip(m1.iter().zip(m2))
                 .zip(mean.iter().zip(inv_std))
@@ -351,7 +362,7 @@ crate::simd::widest! {
                 .zip(colsum.iter_mut())
                 .enumerate()
             {
-                let xhat = (x - m) * s;
+                let xhat = ((x + sh) - m) * s;
                 let dy = relu_mask(from_pool(dp, arg, at + ch as u32, inside), xhat, ga, be);
                 *d = k * (dy - m1 - xhat * m2);
                 *cs += *d;
@@ -361,21 +372,22 @@ crate::simd::widest! {
 }
 
 crate::simd::widest! {
-    /// `x += b` per row (the bias of the layer before, `epilogue::add_rows`) and then
-    /// [`block_sums`] of the result, in one pass with the same operations in the same order.
-    fn add_rows_block_sums(x: &mut [f32], b: &[f32], s1: &mut [f64], s2: &mut [f64], b1: &mut [f32], b2: &mut [f32]) {
+    /// [`block_sums`] of `x + b` per row (`b`: the bias of the layer before, added as
+    /// `epilogue::add_rows` would), without writing `x + b`: the passes after add `b` again as
+    /// they read `x` ([`BatchNorm::forward_through_pool`]).
+    fn shifted_block_sums(x: &[f32], b: &[f32], s1: &mut [f64], s2: &mut [f64], b1: &mut [f32], b2: &mut [f32]) {
         let c = b.len();
         s1.fill(0.0);
         s2.fill(0.0);
-        for block in x.chunks_mut(BLOCK_ROWS * c) {
+        for block in x.chunks(BLOCK_ROWS * c) {
             let (p, q) = (&mut b1[..c], &mut b2[..c]);
             p.fill(0.0);
             q.fill(0.0);
-            for row in block.chunks_exact_mut(c) {
-                for (((p, q), v), &b) in p.iter_mut().zip(q.iter_mut()).zip(row.iter_mut()).zip(b) {
-                    *v += b;
-                    *p += *v;
-                    *q += *v * *v;
+            for row in block.chunks_exact(c) {
+                for (((p, q), &x), &b) in p.iter_mut().zip(q.iter_mut()).zip(row).zip(b) {
+                    let v = x + b;
+                    *p += v;
+                    *q += v * v;
                 }
             }
             for ch in 0..c {
@@ -483,6 +495,7 @@ impl BatchNorm {
             dsum_xhat_f32: vec![0.0; channels],
             k: vec![0.0; channels],
             colsum: vec![0.0; channels],
+            shift: vec![-0.0; channels],
         }
     }
 
@@ -582,8 +595,9 @@ impl BatchNorm {
     /// those of the three layers.
     ///
     /// With `bias` (the bias of the layer before, which left it to this one:
-    /// `Conv2d::forward_bias_to_batch_norm`), `x += bias` first, in the statistics pass when
-    /// training.
+    /// `Conv2d::forward_bias_to_batch_norm`), the input is `x + bias`: each pass adds the bias
+    /// as it reads `x`, which stays as it is (the statistics pass only reads it: one write of the
+    /// largest activation less), and [`BatchNorm::backward_in_place_through_pool`] adds it again.
     pub fn forward_through_pool(
         &mut self,
         x: &mut [f32],
@@ -595,19 +609,14 @@ impl BatchNorm {
     ) {
         debug_assert!(self.relu && pool.fast_2x2() && pool.geo.input.c == self.channels);
         match bias {
+            Some(b) => self.shift.copy_from_slice(b),
+            None => self.shift.fill(-0.0),
+        }
+        match bias {
             Some(b) if training => {
-                self.batch_statistics_with(n, |s1, s2, b1, b2| add_rows_block_sums(&mut x[..n], b, s1, s2, b1, b2));
+                self.batch_statistics_with(n, |s1, s2, b1, b2| shifted_block_sums(&x[..n], b, s1, s2, b1, b2));
             }
-            Some(b) => {
-                // Running statistics: no statistics pass to add the bias in.
-                for row in x[..n].chunks_exact_mut(b.len()) {
-                    for (v, &bv) in row.iter_mut().zip(b) {
-                        *v += bv;
-                    }
-                }
-                self.statistics(x, n, false);
-            }
-            None => self.statistics(x, n, training),
+            _ => self.statistics(x, n, training),
         }
         let c = self.channels;
         let (i, o) = (pool.geo.input, pool.geo.output);
@@ -615,6 +624,7 @@ impl BatchNorm {
         let batch = n / i.len().max(1);
         normalize_relu_pool(
             &x[..n],
+            &self.shift,
             &mut y[..batch * o.len()],
             pool.argmax_mut(batch),
             grid,
@@ -687,12 +697,14 @@ impl BatchNorm {
         let c = self.channels;
         let grid = pool.grid();
         let argmax = pool.argmax();
+        let shift = std::mem::take(&mut self.shift);
         self.sums_into_grads(|(mean, inv_std, gamma, beta), s1, s2, b1, b2| {
             grad_sums_relu_pool(
                 dpool,
                 argmax,
                 grid,
                 &x[..n],
+                &shift,
                 c,
                 mean,
                 inv_std,
@@ -711,6 +723,7 @@ impl BatchNorm {
             grid,
             &mut g[..n],
             &x[..n],
+            &shift,
             c,
             &self.k[..c],
             &self.dsum_f32[..c],
@@ -721,6 +734,7 @@ impl BatchNorm {
             &self.beta.value,
             &mut self.colsum,
         );
+        self.shift = shift;
         if let Some(bg) = bias_grad {
             bg.copy_from_slice(&self.colsum);
         }

@@ -557,12 +557,12 @@ impl Conv2d {
     }
 
     /// [`Conv2d::forward`] of a float convolution without its output stage ([`Epilogue::passthrough`])
-    /// followed by a batch norm in training, without adding the bias: the batch norm adds it in
-    /// its statistics pass and sums its input gradient into the bias gradient
+    /// followed by a batch norm in training, without adding the bias: the batch norm adds it to
+    /// each value it reads and sums its input gradient into the bias gradient
     /// (`BatchNorm::forward_through_pool`, `BatchNorm::backward_in_place_through_pool`), the
     /// operations of this layer's bias pass and bias-gradient pass, so the same bits, with one
-    /// read of the output less each way. Returns whether it did so (else it ran
-    /// [`Conv2d::forward`]).
+    /// read and one write of the output less each way. The output buffer then holds the product
+    /// without the bias. Returns whether it did so (else it ran [`Conv2d::forward`]).
     pub fn forward_bias_to_batch_norm(&mut self, x: &[f32], y: &mut [f32], batch: usize) -> bool {
         // Not a float product, or a bias on the accumulator grid (which the output stage would
         // round): the layer adds its own bias.
