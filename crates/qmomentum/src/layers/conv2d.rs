@@ -371,9 +371,12 @@ impl Conv2d {
     /// `kh·kw` values, gathered one by one from around the input (cnn-small's conv1: 9 values
     /// per row, 4 % of an epoch in im2col); kernel-position-major, each kernel position
     /// (`ky`, `kx`) is a shifted copy of an input row, copied in one piece. The GEMM reads either
-    /// layout through its strides, with the same products summed in the same order.
+    /// layout through its strides, with the same products summed in the same order, and
+    /// [`Conv2d::col2im_k_major`] adds in `col2im`'s order (a unit test compares both layouts
+    /// bit for bit). A single output channel keeps the row-major layout: the `gemm` crate then
+    /// takes a matrix-vector path chosen by the strides, which sums in another order.
     fn k_major(&self) -> bool {
-        self.geo.input.c / self.groups == 1
+        self.geo.input.c / self.groups == 1 && self.geo.output.c > 1
     }
 
     /// The strides of the columns of one group as the `rows × kg` matrix of the products.
@@ -440,17 +443,20 @@ impl Conv2d {
         let (i, o) = (geo.input, geo.output);
         let rows = batch * o.h * o.w;
         let step = geo.stride[1] * i.c;
-        for ky in 0..geo.kernel[0] {
-            for kx in 0..geo.kernel[1] {
-                let k = ky * geo.kernel[1] + kx;
-                let (lo, hi) = self.inside_columns(kx);
-                if lo == hi {
-                    continue;
-                }
-                let src_k = &dcol[k * rows..(k + 1) * rows];
-                for (r, src) in src_k.chunks_exact(o.w).enumerate() {
-                    let (b, oy) = (r / o.h, r % o.h);
-                    let Some(iy) = self.source_row(oy, ky) else { continue };
+        // Each input value receives its terms in the order `col2im` adds them, by output row
+        // `oy` then output column `ox` (one kernel row `ky` reaches one input row from a given
+        // `oy`; `ox` falls as `kx` grows, so `kx` runs backwards): the same sums, the same bits.
+        for r in 0..batch * o.h {
+            let (b, oy) = (r / o.h, r % o.h);
+            for ky in 0..geo.kernel[0] {
+                let Some(iy) = self.source_row(oy, ky) else { continue };
+                for kx in (0..geo.kernel[1]).rev() {
+                    let (lo, hi) = self.inside_columns(kx);
+                    if lo == hi {
+                        continue;
+                    }
+                    let k = ky * geo.kernel[1] + kx;
+                    let src = &dcol[k * rows + r * o.w..k * rows + (r + 1) * o.w];
                     let ix = lo * geo.stride[1] + kx * geo.dilation[1] - geo.pad[1];
                     let at = b * i.len() + (iy * i.w + ix) * i.c + g;
                     for (j, &s) in src[lo..hi].iter().enumerate() {
@@ -820,5 +826,77 @@ impl Conv2d {
             self.col = dcol;
         }
         self.bn = bn;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Geometries with one input channel per group (the kernel-position-major layout): strides,
+    /// dilations, asymmetric padding, a kernel wider than the input, depthwise groups.
+    fn one_channel_geometries() -> Vec<(Shape, Conv2dConfig)> {
+        let cfg = |filters, kernel, stride, dilation, groups, padding| Conv2dConfig {
+            filters,
+            kernel,
+            stride,
+            dilation,
+            groups,
+            padding,
+            ..Default::default()
+        };
+        vec![
+            (Shape::new(28, 28, 1), cfg(32, [3, 3], [1, 1], [1, 1], 1, Padding::Same)),
+            (
+                Shape::new(7, 9, 1),
+                cfg(5, [3, 4], [1, 2], [1, 2], 1, Padding::Explicit([2, 3, 0, 1])),
+            ),
+            (
+                Shape::new(5, 7, 3),
+                cfg(6, [3, 3], [1, 1], [1, 1], 3, Padding::Explicit([0, 2, 1, 0])),
+            ),
+            (Shape::new(6, 6, 4), cfg(4, [3, 3], [2, 2], [1, 1], 4, Padding::Same)),
+            (Shape::new(3, 2, 1), cfg(2, [1, 5], [1, 1], [1, 1], 1, Padding::Same)),
+        ]
+    }
+
+    /// The kernel-position-major columns are the row-major ones transposed, value for value,
+    /// and col2im from them adds the same terms in the same order: `dx` bit for bit.
+    #[test]
+    fn k_major_columns_are_the_row_major_ones_transposed() {
+        let mut rng = Rng::new(7, 0);
+        for (shape, cfg) in one_channel_geometries() {
+            let c = Conv2d::new(0, shape, cfg, Activation::Linear, &mut rng).unwrap();
+            assert!(c.k_major(), "{shape} {cfg:?}");
+            let batch = 3;
+            let (rows, kg, _, _) = c.dims(batch);
+            let x: Vec<f32> = (0..batch * shape.len()).map(|_| rng.uniform_range(-1.0, 1.0)).collect();
+            // Values of very different magnitudes, so that another order of the sums shows.
+            let dcol: Vec<f32> = (0..rows * kg)
+                .map(|i| rng.uniform_range(-1.0, 1.0) * [1.0, 1e4, 1e-4][i % 3])
+                .collect();
+            for g in 0..c.groups {
+                let mut by_row = vec![f32::NAN; rows * kg];
+                let mut by_k = vec![f32::NAN; rows * kg];
+                c.im2col(&x, batch, g, &mut by_row);
+                c.im2col_k_major(&x, batch, g, &mut by_k);
+                for r in 0..rows {
+                    for k in 0..kg {
+                        assert_eq!(
+                            by_row[r * kg + k].to_bits(),
+                            by_k[k * rows + r].to_bits(),
+                            "{shape} {cfg:?} r {r} k {k}"
+                        );
+                    }
+                }
+                let dcol_k: Vec<f32> = (0..rows * kg).map(|i| dcol[(i % rows) * kg + i / rows]).collect();
+                let (mut dx_row, mut dx_k) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+                c.col2im(&dcol, batch, g, &mut dx_row);
+                c.col2im_k_major(&dcol_k, batch, g, &mut dx_k);
+                for (i, (a, b)) in dx_row.iter().zip(&dx_k).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{shape} {cfg:?} dx[{i}]: {a} vs {b}");
+                }
+            }
+        }
     }
 }
