@@ -843,7 +843,6 @@ mod tests {
             dilation,
             groups,
             padding,
-            ..Default::default()
         };
         vec![
             (Shape::new(28, 28, 1), cfg(32, [3, 3], [1, 1], [1, 1], 1, Padding::Same)),
