@@ -91,6 +91,16 @@ fn configs() -> Vec<(Shape, Conv2dConfig)> {
                 ..Default::default()
             },
         ),
+        // The products without columns (`ImplicitGemm`): an odd kernel, "same", stride 1.
+        (
+            Shape::new(6, 5, 4),
+            Conv2dConfig {
+                filters: 3,
+                kernel: [5, 3],
+                padding: Padding::Same,
+                ..Default::default()
+            },
+        ),
         // One channel per group: the columns kernel-position-major (`Conv2d::k_major`), with a
         // tap outside the input on either side, a stride and a dilation.
         (

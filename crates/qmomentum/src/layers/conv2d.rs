@@ -1,5 +1,7 @@
-//! `Conv2d`: a 2-D convolution over NHWC activations, lowered onto the tuned GEMM by im2col, plus
-//! the quantization components every layer shares ([`WeightFakeQuant`], [`Epilogue`]).
+//! `Conv2d`: a 2-D convolution over NHWC activations, lowered onto the tuned GEMM by im2col (or,
+//! for a one-group, stride-1, "same" convolution with an odd kernel, without columns over a
+//! padded grid: [`ImplicitGemm`]), plus the quantization components every layer shares
+//! ([`WeightFakeQuant`], [`Epilogue`]).
 //!
 //! Layout: one sample is `h·w·c` values with the channel fastest (NHWC), so `Flatten` after a
 //! convolution is free and the integer runtime reads the same order. The kernel is Keras's HWIO,
@@ -26,6 +28,7 @@
 
 use super::activation::Activation;
 use super::batch_norm::BatchNorm;
+use super::conv_implicit::ImplicitGemm;
 use super::epilogue::Epilogue;
 use super::folded_bn::FoldedBn;
 use super::param::{Param, ParamKind};
@@ -233,6 +236,9 @@ pub struct Conv2d {
     /// gradient.
     bias_deferred: bool,
     col: Vec<f32>,
+    /// The products without columns, where they apply ([`ImplicitGemm::applies`]; not for
+    /// binary weights, whose padding is +1).
+    implicit: Option<Box<ImplicitGemm>>,
 }
 
 impl Conv2d {
@@ -292,6 +298,7 @@ impl Conv2d {
             bn: None,
             bias_deferred: false,
             col: Vec::new(),
+            implicit: ImplicitGemm::applies(&geo, g).then(Box::default),
         })
     }
 
@@ -377,6 +384,11 @@ impl Conv2d {
     /// takes a matrix-vector path chosen by the strides, which sums in another order.
     fn k_major(&self) -> bool {
         self.geo.input.c / self.groups == 1 && self.geo.output.c > 1
+    }
+
+    /// Whether the products run without columns ([`ImplicitGemm`]).
+    fn lowers_implicitly(&self) -> bool {
+        self.implicit.is_some() && self.pad_value() == 0.0
     }
 
     /// The strides of the columns of one group as the `rows × kg` matrix of the products.
@@ -625,7 +637,8 @@ impl Conv2d {
         let (rows, kg, _, og) = self.dims(batch);
         let cout = self.geo.output.c;
         let n = rows * cout;
-        if self.col.len() < self.groups * rows * kg {
+        let implicit = self.lowers_implicitly();
+        if !implicit && self.col.len() < self.groups * rows * kg {
             self.col.resize(self.groups * rows * kg, 0.0);
         }
         let mut bn = self.bn.take();
@@ -637,7 +650,7 @@ impl Conv2d {
             None => self.wq.quantize(&self.weight.value),
         }
         let mut col = std::mem::take(&mut self.col);
-        for g in 0..self.groups {
+        for g in (0..self.groups).filter(|_| !implicit) {
             let col_g = &mut col[g * rows * kg..(g + 1) * rows * kg];
             if self.k_major() {
                 self.im2col_k_major(x, batch, g, col_g);
@@ -656,7 +669,10 @@ impl Conv2d {
             None => (&self.weight.value, self.out.product_target(y, n)),
         };
         let w = self.wq.weights(kernel);
-        for g in 0..self.groups {
+        if let (true, Some(imp)) = (implicit, self.implicit.as_deref_mut()) {
+            imp.forward(&self.geo, x, w, z, batch);
+        }
+        for g in (0..self.groups).filter(|_| !implicit) {
             // z[:, g·og..] (row stride cout) = col_g (rows × kg) · Ŵ[:, g·og..] (row stride cout).
             matmul_strided(
                 rows,
@@ -722,7 +738,7 @@ impl Conv2d {
         self.backward_from(x, Upstream::Pooled(pooled), dx, batch);
     }
 
-    fn backward_from(&mut self, _x: &[f32], up: Upstream, dx: Option<&mut [f32]>, batch: usize) {
+    fn backward_from(&mut self, _x: &[f32], up: Upstream, mut dx: Option<&mut [f32]>, batch: usize) {
         let (rows, kg, _, og) = self.dims(batch);
         let cout = self.geo.output.c;
         let n = rows * cout;
@@ -769,7 +785,17 @@ impl Conv2d {
         };
         let (groups, col) = (self.groups, &self.col);
         let cs = self.col_strides(rows, kg);
+        let implicit = self.lowers_implicitly();
+        let mut imp = self.implicit.take();
+        if let (true, Some(imp)) = (implicit, imp.as_deref_mut()) {
+            imp.load_output_grad(&self.geo, dz, batch);
+        }
+        let geo = &self.geo;
         self.wq.backward(&mut self.weight, |gw| {
+            if let (true, Some(imp)) = (implicit, imp.as_deref()) {
+                imp.weight_grad(geo, gw, batch);
+                return;
+            }
             for g in 0..groups {
                 // dŴ[:, g·og..] = col_gᵀ (kg × rows) · dz[:, g·og..].
                 matmul_strided(
@@ -793,7 +819,15 @@ impl Conv2d {
             Some(f) if self.out.passthrough() => f.product_grad(n),
             _ => self.out.dz(dy, n),
         };
-        if let Some(dx) = dx {
+        if let (true, Some(dx), Some(imp)) = (implicit, dx.as_deref_mut(), imp.as_deref_mut()) {
+            let w = self.wq.weights(match bn.as_deref() {
+                Some(f) => &f.w_fold,
+                None => &self.weight.value,
+            });
+            imp.input_grad(&self.geo, w, dx, batch);
+        }
+        self.implicit = imp;
+        if let (false, Some(dx)) = (implicit, dx) {
             dx.fill(0.0);
             // The columns are not needed any more (the weight gradient is done): their buffer
             // takes `∂L/∂col` (one buffer of the layer's largest size instead of two: for

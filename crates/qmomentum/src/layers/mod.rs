@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod batch_norm;
 pub mod conv2d;
+pub mod conv_implicit;
 pub mod dense;
 pub mod dropout;
 pub mod epilogue;
