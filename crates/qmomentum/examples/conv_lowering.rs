@@ -1,27 +1,29 @@
-//! An experiment, not the library's code: cnn-small's second convolution (3×3, "same", 32 → 64
-//! channels, 14×14, 64 samples: one core's half of a batch) lowered two ways on the same GEMM.
+//! cnn-small's second convolution (3×3, "same", 32 → 64 channels, 14×14, 64 samples: one core's
+//! half of a batch) lowered two ways on the same GEMM: the experiment that measured the
+//! library's [`ImplicitGemm`](qmomentum::layers::conv_implicit::ImplicitGemm) against im2col
+//! before `Conv2d` took it.
 //!
 //! - **im2col** (what `Conv2d` does): the `rows × 288` columns written, then `z = col·W`,
 //!   `dW = colᵀ·dz`, `dcol = dz·Wᵀ` and col2im.
-//! - **implicit GEMM over a padded input**: the input is stored with one zero column between
-//!   its rows and one zero row between its images, so that the window of every output pixel
-//!   starts at a fixed offset from it. Over that grid (15×15 per image instead of 14×14, 15 %
-//!   more rows, the extra rows' results thrown away), each kernel row `ky` is one strided
-//!   matrix whose rows overlap: three products with K = 96 forward, three weight-gradient
-//!   products, and three input-gradient products of the zero-padded `dz` against the flipped
-//!   kernel (K = 192). No columns are written. The sums over K are cut in three where the GEMM
-//!   does not cut them, so the values differ from im2col's in the last bits: adopting this
-//!   would change a trained network's bits.
+//! - **implicit GEMM over a padded input** (`layers/conv_implicit.rs`): the input on a grid with
+//!   one zero column between its rows and one zero row between its images (15×15 per image
+//!   instead of 14×14, 15 % more rows), where each kernel row's windows are one strided matrix
+//!   with overlapping rows: three products per pass and no columns. The sums over K are cut in
+//!   three where the GEMM does not cut them, so the values differ from im2col's in the last bits.
 //!
 //! It prints the median time of each part and the largest difference between the two ways.
-//! Measured on the Xeon VM of 2026-11-26, one thread: im2col way 13.2–14.1 ms, implicit
-//! 11.7–11.9 ms per forward + backward (`doc/performance.md`, twelfth session).
+//! Measured on the Xeon VM of 2026-11-26 (`doc/performance.md`, twelfth session): one copy,
+//! im2col way 13.1 ms, implicit 11.8 ms per forward + backward (1.11×); two copies at once
+//! 1.19–1.30×.
 //!
 //! Run: `cargo run --release --example conv_lowering -p qmomentum [-- THREADS ROUNDS]`
 //! (THREADS copies run at once, each on its own core and buffers, as training's two halves do;
 //! the figures printed are the first copy's).
 
 use qmomentum::gemm::{matmul_strided, Strides};
+use qmomentum::layers::conv2d::{Conv2d, Conv2dConfig, Padding};
+use qmomentum::layers::conv_implicit::ImplicitGemm;
+use qmomentum::layers::{Activation, Shape};
 use std::time::Instant;
 
 const B: usize = 64;
@@ -29,12 +31,6 @@ const H: usize = 14;
 const W: usize = 14;
 const CI: usize = 32;
 const CO: usize = 64;
-/// The padded grid: one shared zero column per row, one shared zero row per image.
-const WP: usize = W + 1;
-const HP: usize = H + 1;
-/// Zero rows of the grid before and after the images (the taps reach `WP + 1` before a pixel
-/// and the input gradient's flipped windows `WP + 1` after).
-const MARGIN: usize = 2 * WP + 2;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -50,6 +46,15 @@ fn run(rounds: usize, seed: u64) -> (Vec<(&'static str, f64)>, [f32; 3]) {
     let rows = B * H * W;
     let kg = 9 * CI;
     let mut rng = qmomentum::rng::Rng::new(seed, 0);
+    let cfg = Conv2dConfig {
+        filters: CO,
+        kernel: [3, 3],
+        padding: Padding::Same,
+        ..Default::default()
+    };
+    let geo = Conv2d::new(0, Shape::new(H, W, CI), cfg, Activation::Linear, &mut rng)
+        .expect("a 3×3 conv")
+        .geo;
     let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform_range(-0.5, 0.5)).collect() };
     let x = rand(B * H * W * CI);
     let w = rand(kg * CO);
@@ -60,37 +65,18 @@ fn run(rounds: usize, seed: u64) -> (Vec<(&'static str, f64)>, [f32; 3]) {
         vec![0.0; kg * CO],
         vec![0.0; x.len()],
     );
-    let grid = B * HP * WP;
-    let (mut xp, mut dzp) = (vec![0.0; (grid + 2 * MARGIN) * CI], vec![0.0; (grid + 2 * MARGIN) * CO]);
-    let (mut zp, mut dxp, mut dw2, mut dx2) = (
-        vec![0.0; grid * CO],
-        vec![0.0; grid * CI],
-        vec![0.0; kg * CO],
-        vec![0.0; x.len()],
-    );
-    // The kernel for the input gradient, per kernel row: row `(2 − kx)·CO + co`, column `ci`.
-    let mut wflip = vec![0.0; 3 * 3 * CO * CI];
-    for ky in 0..3 {
-        for kx in 0..3 {
-            for ci in 0..CI {
-                for co in 0..CO {
-                    wflip[(ky * 3 * CO + (2 - kx) * CO + co) * CI + ci] = w[((ky * 3 + kx) * CI + ci) * CO + co];
-                }
-            }
-        }
-    }
+    let (mut z2, mut dw2, mut dx2) = (vec![0.0; z.len()], vec![0.0; dw.len()], vec![0.0; dx.len()]);
+    let mut imp = ImplicitGemm::default();
     let names = [
         "im2col",
         "forward",
         "weight grad",
         "input grad",
         "col2im",
-        "pad x",
         "implicit forward",
-        "pad dz",
+        "implicit load dz",
         "implicit weight grad",
         "implicit input grad",
-        "unpad dx",
     ];
     let mut t: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let lap = |t: &mut Vec<Vec<f64>>, clock: &mut Instant, i: usize| {
@@ -154,82 +140,17 @@ fn run(rounds: usize, seed: u64) -> (Vec<(&'static str, f64)>, [f32; 3]) {
             }
         }
         lap(&mut t, &mut clock, 4);
-        // Implicit: pixel (b, y, x) at grid row MARGIN + (b·HP + y)·WP + x; the window of output
-        // p (same numbering) starts WP + 1 rows before it.
-        for (b_y, src) in x.chunks_exact(W * CI).enumerate() {
-            let at = (MARGIN + (b_y / H * HP + b_y % H) * WP) * CI;
-            xp[at..at + W * CI].copy_from_slice(src);
-        }
+        imp.forward(&geo, &x, &w, &mut z2, B);
         lap(&mut t, &mut clock, 5);
-        for ky in 0..3 {
-            let a = &xp[(MARGIN - WP - 1 + ky * WP) * CI..];
-            matmul_strided(
-                grid,
-                CO,
-                3 * CI,
-                a,
-                rm(CI),
-                &w[ky * 3 * CI * CO..],
-                rm(CO),
-                &mut zp,
-                rm(CO),
-                ky > 0,
-            );
-        }
+        imp.load_output_grad(&geo, &dz, B);
         lap(&mut t, &mut clock, 6);
-        for (b_y, src) in dz.chunks_exact(W * CO).enumerate() {
-            let at = (MARGIN + (b_y / H * HP + b_y % H) * WP) * CO;
-            dzp[at..at + W * CO].copy_from_slice(src);
-        }
+        imp.weight_grad(&geo, &mut dw2, B);
         lap(&mut t, &mut clock, 7);
-        for ky in 0..3 {
-            let a = &xp[(MARGIN - WP - 1 + ky * WP) * CI..];
-            let dwk = &mut dw2[ky * 3 * CI * CO..(ky + 1) * 3 * CI * CO];
-            matmul_strided(
-                3 * CI,
-                CO,
-                grid,
-                a,
-                Strides::transposed(CI),
-                &dzp[MARGIN * CO..],
-                rm(CO),
-                dwk,
-                rm(CO),
-                false,
-            );
-        }
+        imp.input_grad(&geo, &w, &mut dx2, B);
         lap(&mut t, &mut clock, 8);
-        for ky in 0..3 {
-            // Input pixel q gets dz of outputs q + WP + 1 − ky·WP − kx, kx = 2, 1, 0 in a row.
-            let a = &dzp[(MARGIN + WP + 1 - ky * WP - 2) * CO..];
-            matmul_strided(
-                grid,
-                CI,
-                3 * CO,
-                a,
-                rm(CO),
-                &wflip[ky * 3 * CO * CI..],
-                rm(CI),
-                &mut dxp,
-                rm(CI),
-                ky > 0,
-            );
-        }
-        lap(&mut t, &mut clock, 9);
-        for (b_y, dst) in dx2.chunks_exact_mut(W * CI).enumerate() {
-            let at = (b_y / H * HP + b_y % H) * WP * CI;
-            dst.copy_from_slice(&dxp[at..at + W * CI]);
-        }
-        lap(&mut t, &mut clock, 10);
     }
-    let zd = (0..rows)
-        .map(|r| {
-            let (b, oy, ox) = (r / (H * W), r / W % H, r % W);
-            max_diff(&z[r * CO..][..CO], &zp[((b * HP + oy) * WP + ox) * CO..][..CO])
-        })
-        .fold(0.0, f32::max);
     let medians = names.iter().zip(t).map(|(&n, v)| (n, median(v))).collect();
-    (medians, [zd, max_diff(&dw, &dw2), max_diff(&dx, &dx2)])
+    (medians, [max_diff(&z, &z2), max_diff(&dw, &dw2), max_diff(&dx, &dx2)])
 }
 
 fn main() {
