@@ -650,12 +650,14 @@ impl Conv2d {
             None => self.wq.quantize(&self.weight.value),
         }
         let mut col = std::mem::take(&mut self.col);
-        for g in (0..self.groups).filter(|_| !implicit) {
-            let col_g = &mut col[g * rows * kg..(g + 1) * rows * kg];
-            if self.k_major() {
-                self.im2col_k_major(x, batch, g, col_g);
-            } else {
-                self.im2col(x, batch, g, col_g);
+        if !implicit {
+            for g in 0..self.groups {
+                let col_g = &mut col[g * rows * kg..(g + 1) * rows * kg];
+                if self.k_major() {
+                    self.im2col_k_major(x, batch, g, col_g);
+                } else {
+                    self.im2col(x, batch, g, col_g);
+                }
             }
         }
         // Evaluation of a folded layer is the deployed layer: `col·Ŵ' + b_f` into the output
@@ -669,23 +671,25 @@ impl Conv2d {
             None => (&self.weight.value, self.out.product_target(y, n)),
         };
         let w = self.wq.weights(kernel);
-        if let (true, Some(imp)) = (implicit, self.implicit.as_deref_mut()) {
-            imp.forward(&self.geo, x, w, z, batch);
-        }
-        for g in (0..self.groups).filter(|_| !implicit) {
-            // z[:, g·og..] (row stride cout) = col_g (rows × kg) · Ŵ[:, g·og..] (row stride cout).
-            matmul_strided(
-                rows,
-                og,
-                kg,
-                &col[g * rows * kg..],
-                cs,
-                &w[g * og..],
-                Strides::row_major(cout),
-                &mut z[g * og..],
-                Strides::row_major(cout),
-                false,
-            );
+        match self.implicit.as_deref_mut() {
+            Some(imp) if implicit => imp.forward(&self.geo, x, w, z, batch),
+            _ => {
+                for g in 0..self.groups {
+                    // z[:, g·og..] (row stride cout) = col_g (rows × kg) · Ŵ[:, g·og..] (row stride cout).
+                    matmul_strided(
+                        rows,
+                        og,
+                        kg,
+                        &col[g * rows * kg..],
+                        cs,
+                        &w[g * og..],
+                        Strides::row_major(cout),
+                        &mut z[g * og..],
+                        Strides::row_major(cout),
+                        false,
+                    );
+                }
+            }
         }
         self.col = col;
         let mut pooled = false;
