@@ -29,6 +29,27 @@
 use super::conv2d::Geometry;
 use crate::gemm::{matmul_strided, Strides};
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Kernel rows the hand-written kernels take (their tap offsets are a fixed array).
+const MAX_TAPS: usize = 15;
+
+/// Whether the hand-written kernels (`conv_implicit/avx512.rs`) compute a pass whose output has
+/// `n` columns, for a kernel of `kh` rows, here; else each kernel row is a product on the `gemm`
+/// crate.
+fn by_hand(n: usize, kh: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        kh <= MAX_TAPS && avx512::usable(n)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (n, kh);
+        false
+    }
+}
+
 /// The padded-grid buffers of one convolution (grown to the largest batch seen, never shrunk;
 /// the padding rows and columns are never written, so they stay zero).
 #[derive(Clone, Debug, Default)]
@@ -43,6 +64,9 @@ pub struct ImplicitGemm {
     dxp: Vec<f32>,
     /// `F_ky` for each kernel row: `[kh][kw·cout][cin]`, rebuilt from the kernel each backward.
     wflip: Vec<f32>,
+    /// The grid row of each pixel of `rowmap_batch` images (the hand-written kernels' rows).
+    rowmap: Vec<u32>,
+    rowmap_batch: usize,
     /// Grid rows of `xp` that may hold pixels: a smaller batch zeroes the rest, which the
     /// weight gradient multiplies by the zero gradient of the rows between outputs (a stale
     /// non-finite value would make 0·∞ = NaN).
@@ -102,6 +126,15 @@ impl ImplicitGemm {
         batch * g.hp * g.wp
     }
 
+    /// The offsets `tap(ky)` of the kernel rows `ky < kh ≤ MAX_TAPS` (then unused zeros).
+    fn taps(kh: usize, tap: impl Fn(usize) -> usize) -> [usize; MAX_TAPS] {
+        let mut t = [0; MAX_TAPS];
+        for (ky, t) in t[..kh].iter_mut().enumerate() {
+            *t = tap(ky);
+        }
+        t
+    }
+
     /// The grid row of pixel row `by = b·h + y`'s first pixel.
     fn row_start(g: Grid, h: usize, by: usize) -> usize {
         (by / h * g.hp + by % h) * g.wp
@@ -115,7 +148,6 @@ impl ImplicitGemm {
         let (kh, kw) = (geo.kernel[0], geo.kernel[1]);
         let rows = Self::rows(geo, batch);
         grow(&mut self.xp, (rows + 2 * g.margin) * i.c);
-        grow(&mut self.zp, rows * cout);
         if self.filled > rows {
             self.xp[(g.margin + rows) * i.c..(g.margin + self.filled) * i.c].fill(0.0);
         }
@@ -125,6 +157,17 @@ impl ImplicitGemm {
             self.xp[at..at + src.len()].copy_from_slice(src);
         }
         let k = kw * i.c;
+        let z = &mut z[..batch * i.h * i.w * cout];
+        if by_hand(cout, kh) {
+            // Tap ky reads grid row p − back + ky·WP for the output at grid row p; the outputs
+            // are written in place, only at the pixels.
+            let taps = Self::taps(kh, |ky| (g.margin - g.back + ky * g.wp) * i.c);
+            self.map_rows(geo, batch);
+            #[cfg(target_arch = "x86_64")]
+            avx512::tap_rows(&self.xp, &taps[..kh], i.c, k, &self.rowmap, w, cout, z);
+            return;
+        }
+        grow(&mut self.zp, rows * cout);
         for ky in 0..kh {
             let a = &self.xp[(g.margin - g.back + ky * g.wp) * i.c..];
             matmul_strided(
@@ -140,7 +183,7 @@ impl ImplicitGemm {
                 ky > 0,
             );
         }
-        for (by, dst) in z[..batch * i.h * i.w * cout].chunks_exact_mut(i.w * cout).enumerate() {
+        for (by, dst) in z.chunks_exact_mut(i.w * cout).enumerate() {
             let at = Self::row_start(g, i.h, by) * cout;
             dst.copy_from_slice(&self.zp[at..at + dst.len()]);
         }
@@ -167,6 +210,22 @@ impl ImplicitGemm {
         let (kh, kw) = (geo.kernel[0], geo.kernel[1]);
         let rows = Self::rows(geo, batch);
         let k = kw * cin;
+        if by_hand(cout, kh) {
+            let taps = Self::taps(kh, |ky| (g.margin - g.back + ky * g.wp) * cin);
+            debug_assert_eq!(self.rowmap_batch, batch, "weight_grad after forward");
+            #[cfg(target_arch = "x86_64")]
+            avx512::tap_weight_grad(
+                &self.xp,
+                &taps[..kh],
+                cin,
+                k,
+                &self.rowmap,
+                &self.dzp[g.margin * cout..],
+                cout,
+                gw,
+            );
+            return;
+        }
         for ky in 0..kh {
             let a = &self.xp[(g.margin - g.back + ky * g.wp) * cin..];
             matmul_strided(
@@ -205,15 +264,23 @@ impl ImplicitGemm {
                 }
             }
         }
+        // Grid row q: the outputs q + back − ky·WP − (kw − 1) … q + back − ky·WP.
+        let tap = |ky: usize| (g.margin + g.back - ky * g.wp - (kw - 1)) * cout;
+        let dx = &mut dx[..batch * i.len()];
+        if by_hand(i.c, kh) {
+            let taps = Self::taps(kh, tap);
+            self.map_rows(geo, batch);
+            #[cfg(target_arch = "x86_64")]
+            avx512::tap_rows(&self.dzp, &taps[..kh], cout, k, &self.rowmap, &self.wflip, i.c, dx);
+            return;
+        }
         grow(&mut self.dxp, rows * i.c);
         for ky in 0..kh {
-            // Grid row q: the outputs q + back − ky·WP − (kw − 1) … q + back − ky·WP.
-            let a = &self.dzp[(g.margin + g.back - ky * g.wp - (kw - 1)) * cout..];
             matmul_strided(
                 rows,
                 i.c,
                 k,
-                a,
+                &self.dzp[tap(ky)..],
                 Strides::row_major(cout),
                 &self.wflip[ky * k * i.c..],
                 Strides::row_major(i.c),
@@ -222,10 +289,24 @@ impl ImplicitGemm {
                 ky > 0,
             );
         }
-        for (by, dst) in dx[..batch * i.len()].chunks_exact_mut(i.w * i.c).enumerate() {
+        for (by, dst) in dx.chunks_exact_mut(i.w * i.c).enumerate() {
             let at = Self::row_start(g, i.h, by) * i.c;
             dst.copy_from_slice(&self.dxp[at..at + dst.len()]);
         }
+    }
+
+    /// [`ImplicitGemm::rowmap`] for `batch` images (kept while the batch size stays).
+    fn map_rows(&mut self, geo: &Geometry, batch: usize) {
+        if self.rowmap_batch == batch && !self.rowmap.is_empty() {
+            return;
+        }
+        let (g, i) = (Self::grid(geo), geo.input);
+        self.rowmap.clear();
+        for by in 0..batch * i.h {
+            let start = u32::try_from(Self::row_start(g, i.h, by)).expect("a grid of fewer than 2³² rows");
+            self.rowmap.extend((0..i.w as u32).map(|x| start + x));
+        }
+        self.rowmap_batch = batch;
     }
 }
 
@@ -257,6 +338,10 @@ mod tests {
             (Shape::new(5, 6, 3), [3, 3], 4),
             (Shape::new(7, 4, 2), [5, 3], 3),
             (Shape::new(3, 5, 5), [1, 3], 2),
+            // Multiples of 16 channels: the hand-written kernels where the CPU has them
+            // (forward 32 columns and input gradient 16; forward 16 and input gradient 32).
+            (Shape::new(5, 6, 16), [3, 3], 32),
+            (Shape::new(4, 3, 32), [5, 3], 16),
         ] {
             let cfg = Conv2dConfig {
                 filters: cout,
