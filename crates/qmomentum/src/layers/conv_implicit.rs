@@ -17,8 +17,11 @@
 //!   `q + ph·WP + pw − ky·WP − kx`, which for `kx = kw−1 … 0` are `kw` adjacent rows of
 //!   `dz_grid` (K = `kw·cout`), against the kernel row flipped in `kx` and transposed (`F_ky`).
 //!
-//! The grid has `(h + ph)(w + pw)` rows per image instead of `h·w` (cnn-small: 225 for 196):
-//! the products compute the rows between the images' pixels too and throw them away. What is
+//! The grid has `(h + ph)(w + pw)` rows per image instead of `h·w` (cnn-small: 225 for 196).
+//! On the `gemm` crate the products compute the rows between the images' pixels too and throw
+//! them away; the hand-written kernels (`conv_implicit/avx512.rs`, on CPUs with AVX-512F)
+//! compute the pixels' rows only, each reading its window at its grid row ([`ImplicitGemm`]'s
+//! `rowmap`), and write the output in place. What is
 //! saved is the columns (`kh·kw` times the input, 14.4 MB per core and step for cnn-small's
 //! conv2), written and read twice, and their gradient written and read back: measured on
 //! cnn-small's conv2 by `examples/conv_lowering.rs` (`doc/performance.md`, twelfth session).
@@ -64,14 +67,19 @@ pub struct ImplicitGemm {
     dxp: Vec<f32>,
     /// `F_ky` for each kernel row: `[kh][kw·cout][cin]`, rebuilt from the kernel each backward.
     wflip: Vec<f32>,
-    /// The grid row of each pixel of `rowmap_batch` images (the hand-written kernels' rows).
+    /// The grid row of each pixel (the hand-written kernels' rows) for the batch and geometry
+    /// in `rowmap_key`.
     rowmap: Vec<u32>,
-    rowmap_batch: usize,
+    rowmap_key: RowmapKey,
     /// Grid rows of `xp` that may hold pixels: a smaller batch zeroes the rest, which the
     /// weight gradient multiplies by the zero gradient of the rows between outputs (a stale
     /// non-finite value would make 0·∞ = NaN).
     filled: usize,
 }
+
+/// What [`ImplicitGemm::map_rows`] built the row map for: the batch, the image's height and
+/// width, and the grid's.
+type RowmapKey = (usize, usize, usize, usize, usize);
 
 /// The grid's dimensions.
 #[derive(Clone, Copy)]
@@ -203,7 +211,8 @@ impl ImplicitGemm {
     }
 
     /// `dW = colᵀ·dz` from the input of the last [`ImplicitGemm::forward`] and the gradient of
-    /// [`ImplicitGemm::load_output_grad`], into `gw` (`[kh·kw·cin, cout]`).
+    /// [`ImplicitGemm::load_output_grad`], into `gw` (`[kh·kw·cin, cout]`). Panics if that
+    /// forward pass had another batch or geometry.
     pub fn weight_grad(&self, geo: &Geometry, gw: &mut [f32], batch: usize) {
         let g = Self::grid(geo);
         let (cin, cout) = (geo.input.c, geo.output.c);
@@ -212,7 +221,11 @@ impl ImplicitGemm {
         let k = kw * cin;
         if by_hand(cout, kh) {
             let taps = Self::taps(kh, |ky| (g.margin - g.back + ky * g.wp) * cin);
-            debug_assert_eq!(self.rowmap_batch, batch, "weight_grad after forward");
+            let i = geo.input;
+            assert!(
+                self.rowmap_key == (batch, i.h, i.w, g.hp, g.wp) && self.rowmap.len() == batch * i.h * i.w,
+                "ImplicitGemm::weight_grad: after a forward pass of the same batch and geometry"
+            );
             #[cfg(target_arch = "x86_64")]
             avx512::tap_weight_grad(
                 &self.xp,
@@ -295,18 +308,20 @@ impl ImplicitGemm {
         }
     }
 
-    /// [`ImplicitGemm::rowmap`] for `batch` images (kept while the batch size stays).
+    /// [`ImplicitGemm::rowmap`] for `batch` images of `geo` (kept while both stay).
     fn map_rows(&mut self, geo: &Geometry, batch: usize) {
-        if self.rowmap_batch == batch && !self.rowmap.is_empty() {
+        let (g, i) = (Self::grid(geo), geo.input);
+        let key = (batch, i.h, i.w, g.hp, g.wp);
+        if self.rowmap_key == key && self.rowmap.len() == batch * i.h * i.w {
             return;
         }
-        let (g, i) = (Self::grid(geo), geo.input);
         self.rowmap.clear();
         for by in 0..batch * i.h {
-            let start = u32::try_from(Self::row_start(g, i.h, by)).expect("a grid of fewer than 2³² rows");
-            self.rowmap.extend((0..i.w as u32).map(|x| start + x));
+            let start = Self::row_start(g, i.h, by);
+            let last = u32::try_from(start + i.w).expect("a grid of fewer than 2³² rows");
+            self.rowmap.extend(last - i.w as u32..last);
         }
-        self.rowmap_batch = batch;
+        self.rowmap_key = key;
     }
 }
 

@@ -18,8 +18,10 @@
 //!   output, summed over the rows in blocks of [`GRAD_ROWS`]. A block's operands stay in L1
 //!   while every tile of the weight gradient passes over it.
 //!
-//! Every sum runs in a fixed order: tap by tap, k by k, row by row. The bits depend only on the
-//! shapes, not on timing or threads. They differ from the `gemm` crate's in the last place.
+//! Every sum runs in a fixed order: tap by tap, k by k, row by row, so the kernels' bits depend
+//! only on the shapes, not on timing or threads. They equal the `gemm` crate's results to
+//! rounding, not bit for bit: a CPU without AVX-512F (which takes the `gemm` crate) trains other
+//! bits from the same seed than one with it.
 //!
 //! Checked against the scalar definition (f64) on odd shapes by this file's tests, and
 //! through [`super::ImplicitGemm`] against the convolution's definition.
@@ -45,11 +47,47 @@ pub(super) fn usable(n: usize) -> bool {
 }
 
 /// One past the largest index of `a` that the taps read:
-/// `max(offsets) + max(rowmap)·sa + kk`.
-fn a_extent(offsets: &[usize], rowmap: &[u32], sa: usize, kk: usize) -> usize {
+/// `max(offsets) + max(rowmap)·sa + kk` (0 without rows), or `None` if that overflows.
+fn a_extent(offsets: &[usize], rowmap: &[u32], sa: usize, kk: usize) -> Option<usize> {
     match (offsets.iter().max(), rowmap.iter().max()) {
-        (Some(&o), Some(&r)) if kk > 0 => o + r as usize * sa + kk,
-        _ => 0,
+        (Some(&o), Some(&r)) => (r as usize).checked_mul(sa)?.checked_add(o)?.checked_add(kk),
+        _ => Some(0),
+    }
+}
+
+/// Panics unless the kernels can run on these operands: AVX-512F, `n` a multiple of 16, at
+/// least one tap and one k, and every index below the slices' lengths (`b_len`: the values of
+/// the operand indexed by tap, `taps·kk·n`; `c_len`, if given: the values indexed by row,
+/// `rows·n`), with no overflow in the bounds.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    name: &str,
+    a: &[f32],
+    offsets: &[usize],
+    sa: usize,
+    kk: usize,
+    rowmap: &[u32],
+    n: usize,
+    b_len: usize,
+    c_len: Option<usize>,
+) {
+    assert!(usable(n), "{name}: AVX-512F and n = {n} a multiple of 16");
+    assert!(kk > 0 && !offsets.is_empty(), "{name}: at least one tap and one k");
+    let need = |v: Option<usize>, what: &str| v.unwrap_or_else(|| panic!("{name}: {what} overflows usize"));
+    assert!(
+        a.len() >= need(a_extent(offsets, rowmap, sa, kk), "a's extent"),
+        "{name}: a too short"
+    );
+    let taps = need(
+        offsets.len().checked_mul(kk).and_then(|v| v.checked_mul(n)),
+        "taps·kk·n",
+    );
+    assert!(b_len >= taps, "{name}: b too short");
+    if let Some(c_len) = c_len {
+        assert!(
+            c_len >= need(rowmap.len().checked_mul(n), "rows·n"),
+            "{name}: c too short"
+        );
     }
 }
 
@@ -57,7 +95,8 @@ fn a_extent(offsets: &[usize], rowmap: &[u32], sa: usize, kk: usize) -> usize {
 /// row `r < rowmap.len()` and `j < n` (c overwritten): output row `r` reads its left operand at
 /// row `rowmap[r]` of `a` (rows `sa` apart).
 ///
-/// Panics unless [`usable`]`(n)` and the slices hold every index the sum reads and writes.
+/// Panics unless [`usable`]`(n)`, `kk > 0`, `offsets` is not empty and the slices hold every
+/// index the sum reads and writes.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn tap_rows(
     a: &[f32],
@@ -69,10 +108,7 @@ pub(super) fn tap_rows(
     n: usize,
     c: &mut [f32],
 ) {
-    assert!(usable(n), "tap_rows: AVX-512F and n = {n} a multiple of 16");
-    assert!(a.len() >= a_extent(offsets, rowmap, sa, kk), "tap_rows: a too short");
-    assert!(b.len() >= offsets.len() * kk * n, "tap_rows: b too short");
-    assert!(c.len() >= rowmap.len() * n, "tap_rows: c too short");
+    check("tap_rows", a, offsets, sa, kk, rowmap, n, b.len(), Some(c.len()));
     let ops = Operands {
         a: a.as_ptr(),
         sa,
@@ -81,17 +117,18 @@ pub(super) fn tap_rows(
         b: b.as_ptr(),
         n,
     };
-    // SAFETY: AVX-512F is present (asserted by `usable`). Every read is at
-    // `offsets[t] + rowmap[r]·sa + k < a_extent ≤ a.len()` and `(t·kk + k)·n + j < b.len()`, and
-    // every write at `r·n + j < rowmap.len()·n ≤ c.len()`, with `r < rowmap.len()`, `k < kk`,
-    // `j < n` (asserted above).
+    // SAFETY: AVX-512F is present, `kk > 0` and `offsets` is not empty (asserted by `check`).
+    // Every read is at `offsets[t] + rowmap[r]·sa + k < a_extent ≤ a.len()` and
+    // `(t·kk + k)·n + j < b.len()`, and every write at `r·n + j < rowmap.len()·n ≤ c.len()`,
+    // with `r < rowmap.len()`, `k < kk`, `j < n` (asserted by `check`, without overflow).
     unsafe { tap_rows_avx512(ops, offsets, c.as_mut_ptr()) }
 }
 
 /// `gw[(t·kk + k)·n + j] = Σ_r a[offsets[t] + rowmap[r]·sa + k] · d[rowmap[r]·n + j]` over the
 /// rows `r < rowmap.len()`, for every tap `t`, `k < kk`, `j < n` (gw overwritten).
 ///
-/// Panics unless [`usable`]`(n)` and the slices hold every index the sum reads and writes.
+/// Panics unless [`usable`]`(n)`, `kk > 0`, `offsets` is not empty and the slices hold every
+/// index the sum reads and writes.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn tap_weight_grad(
     a: &[f32],
@@ -103,13 +140,9 @@ pub(super) fn tap_weight_grad(
     n: usize,
     gw: &mut [f32],
 ) {
-    assert!(usable(n), "tap_weight_grad: AVX-512F and n = {n} a multiple of 16");
-    assert!(
-        a.len() >= a_extent(offsets, rowmap, sa, kk),
-        "tap_weight_grad: a too short"
-    );
-    assert!(d.len() >= a_extent(&[0], rowmap, n, n), "tap_weight_grad: d too short");
-    assert!(gw.len() >= offsets.len() * kk * n, "tap_weight_grad: gw too short");
+    check("tap_weight_grad", a, offsets, sa, kk, rowmap, n, gw.len(), None);
+    let d_extent = a_extent(&[0], rowmap, n, n).expect("tap_weight_grad: d's extent overflows usize");
+    assert!(d.len() >= d_extent, "tap_weight_grad: d too short");
     if rowmap.is_empty() {
         gw[..offsets.len() * kk * n].fill(0.0);
         return;
@@ -123,7 +156,8 @@ pub(super) fn tap_weight_grad(
         n,
     };
     // SAFETY: as in `tap_rows`: AVX-512F is present, and every index read or written is below
-    // the lengths asserted above (`d` is read at `rowmap[r]·n + j < max(rowmap)·n + n`).
+    // the lengths asserted by `check` and above (`d` is read at
+    // `rowmap[r]·n + j < max(rowmap)·n + n`).
     unsafe { tap_weight_grad_avx512(ops, offsets, gw.as_mut_ptr()) }
 }
 
@@ -370,12 +404,14 @@ mod tests {
             (80, 11, 11, 7, 2),
             (128, 6, 3, 65, 3),
             (64, 1, 1, 1, 1),
+            // More rows than a block of `tap_rows` (240) and of the weight gradient (64).
+            (64, 9, 11, 487, 2),
         ] {
             let offsets: Vec<usize> = (0..taps).map(|t| t * 17 % 23 + t * sa).collect();
             // Rows mapped as pixels of 5-wide image rows on a grid 7 wide (a gap of 2).
             let rowmap: Vec<u32> = (0..rows as u32).map(|r| r / 5 * 7 + r % 5).collect();
             let top = *rowmap.last().unwrap() as usize;
-            let a = rand(&mut rng, a_extent(&offsets, &rowmap, sa, kk) + 3);
+            let a = rand(&mut rng, a_extent(&offsets, &rowmap, sa, kk).unwrap() + 3);
             let b = rand(&mut rng, taps * kk * n);
             let d = rand(&mut rng, (top + 1) * n);
             let mut c = vec![f32::NAN; rows * n];
@@ -415,17 +451,34 @@ mod tests {
         }
     }
 
-    /// Out-of-bounds operands are refused before any access.
+    /// Operands that would be read or written out of bounds, or whose bounds overflow, are
+    /// refused before any access, naming the operand.
     #[test]
-    #[should_panic(expected = "a too short")]
-    fn a_short_operand_panics() {
+    fn bad_operands_are_refused() {
         if !usable(16) {
-            panic!("a too short (no AVX-512F: the check is the same)");
+            eprintln!("no AVX-512F here: the kernels are not used, nothing to check");
+            return;
         }
-        let a = vec![0.0; 10];
-        let b = vec![0.0; 16];
-        let mut c = vec![0.0; 48];
-        // Reads up to index 2·5 + 1 = 11 > 10.
-        tap_rows(&a, &[0], 5, 1, &[0, 1, 2], &b, 16, &mut c);
+        let refusal = |f: &dyn Fn()| {
+            let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("refused");
+            match e.downcast_ref::<&str>() {
+                Some(m) => m.to_string(),
+                None => e.downcast_ref::<String>().cloned().unwrap_or_default(),
+            }
+        };
+        let (a, b) = (vec![0.0; 10], vec![0.0; 16]);
+        // Row 2 reads up to index 2·5 + 1 = 11 > 10.
+        let msg = refusal(&|| tap_rows(&a, &[0], 5, 1, &[0, 1, 2], &b, 16, &mut [0.0; 48]));
+        assert!(msg.contains("a too short"), "{msg}");
+        let msg = refusal(&|| tap_rows(&a, &[0], 1, 1, &[0, 1, 2], &b, 16, &mut [0.0; 47]));
+        assert!(msg.contains("c too short"), "{msg}");
+        let msg = refusal(&|| tap_rows(&a, &[0, 1], 1, 1, &[0], &b, 16, &mut [0.0; 16]));
+        assert!(msg.contains("b too short"), "{msg}");
+        let msg = refusal(&|| tap_rows(&a, &[0], 1, 0, &[0], &b, 16, &mut [0.0; 16]));
+        assert!(msg.contains("at least one tap and one k"), "{msg}");
+        let msg = refusal(&|| tap_rows(&a, &[usize::MAX], 1, 1, &[0], &b, 16, &mut [0.0; 16]));
+        assert!(msg.contains("overflows"), "{msg}");
+        let msg = refusal(&|| tap_weight_grad(&a, &[0], 1, 1, &[0, 1], &b, 16, &mut [0.0; 16]));
+        assert!(msg.contains("d too short"), "{msg}");
     }
 }
