@@ -124,6 +124,28 @@ fn configs() -> Vec<(Shape, Conv2dConfig)> {
                 ..Default::default()
             },
         ),
+        // cnn-small's first layer in small: one channel, 16 filters (kernel-position-major
+        // columns on the `gemm` crate).
+        (
+            Shape::new(6, 5, 1),
+            Conv2dConfig {
+                filters: 16,
+                kernel: [3, 3],
+                padding: Padding::Same,
+                ..Default::default()
+            },
+        ),
+        // Multiples of 16 channels: on a CPU with AVX-512F, the three products without columns
+        // on the hand-written kernels of `conv_implicit/avx512.rs`.
+        (
+            Shape::new(4, 5, 16),
+            Conv2dConfig {
+                filters: 16,
+                kernel: [3, 3],
+                padding: Padding::Same,
+                ..Default::default()
+            },
+        ),
     ]
 }
 
