@@ -10,11 +10,15 @@
 //!   instead of 14×14, 15 % more rows), where each kernel row's windows are one strided matrix
 //!   with overlapping rows: three products per pass and no columns. The sums over K are cut in
 //!   three where the GEMM does not cut them, so the values differ from im2col's in the last bits.
+//!   On a CPU with AVX-512F the library runs these passes on its hand-written kernels
+//!   (`layers/conv_implicit/avx512.rs`: the pixels' rows only, every kernel row summed in
+//!   registers), elsewhere on the `gemm` crate.
 //!
 //! It prints the median time of each part and the largest difference between the two ways.
-//! Measured on the Xeon VM of 2026-11-26 (`doc/performance.md`, twelfth session): one copy,
-//! im2col way 13.1 ms, implicit 11.8 ms per forward + backward (1.11×); two copies at once
-//! 1.19–1.30×.
+//! Measured on the Xeon VM of 2026-11-26 (`doc/performance.md`): in the twelfth session, with
+//! the implicit way on the `gemm` crate, one copy 13.1 ms against 11.8 ms per forward + backward
+//! (1.11×), two copies at once 1.19–1.30×; in the thirteenth, on the kernels, 12.2–12.5 ms
+//! against 9.9 ms (1.24–1.27×), two copies 1.26–1.28×.
 //!
 //! Run: `cargo run --release --example conv_lowering -p qmomentum [-- THREADS ROUNDS]`
 //! (THREADS copies run at once, each on its own core and buffers, as training's two halves do;
