@@ -372,8 +372,9 @@ impl Conv2d {
             .filter(|&iy| iy < geo.input.h)
     }
 
-    /// Whether the columns of group `g` are stored kernel-position-major (`kg × rows`: element
-    /// `(r, k)` at `k·rows + r`) rather than row-major. With one channel per group (a first
+    /// Whether the columns of group `g` are stored kernel-position-major (`kg` rows of `rows`
+    /// values: element `(r, k)` at `k·ld + r`, `ld` = [`Conv2d::k_major_ld`]) rather than
+    /// row-major. With one channel per group (a first
     /// layer on one-channel images, a depthwise convolution) a row of the columns is only
     /// `kh·kw` values, gathered one by one from around the input (cnn-small's conv1: 9 values
     /// per row, 4 % of an epoch in im2col); kernel-position-major, each kernel position

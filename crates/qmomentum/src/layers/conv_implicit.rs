@@ -21,10 +21,12 @@
 //! On the `gemm` crate the products compute the rows between the images' pixels too and throw
 //! them away; the hand-written kernels (`conv_implicit/avx512.rs`, on CPUs with AVX-512F)
 //! compute the pixels' rows only, each reading its window at its grid row ([`ImplicitGemm`]'s
-//! `rowmap`), and write the output in place. What is
-//! saved is the columns (`kh·kw` times the input, 14.4 MB per core and step for cnn-small's
-//! conv2), written and read twice, and their gradient written and read back: measured on
-//! cnn-small's conv2 by `examples/conv_lowering.rs` (`doc/performance.md`, twelfth session).
+//! `rowmap`), and write the output in place.
+//!
+//! What is saved is the columns (`kh·kw` times the input, 14.4 MB per core and step for
+//! cnn-small's conv2), written and read twice, and their gradient written and read back:
+//! measured on cnn-small's conv2 by `examples/conv_lowering.rs` (`doc/performance.md`, twelfth
+//! and thirteenth sessions).
 //!
 //! The sums over K are cut by kernel row, where the im2col product does not cut them: the
 //! results equal im2col's to rounding, not bit for bit.
