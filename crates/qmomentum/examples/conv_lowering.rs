@@ -11,7 +11,7 @@
 //!   with overlapping rows: three products per pass and no columns. The sums over K are cut in
 //!   three where the GEMM does not cut them, so the values differ from im2col's in the last bits.
 //!   On a CPU with AVX-512F the library runs these passes on its hand-written kernels
-//!   (`layers/conv_implicit/avx512.rs`: the pixels' rows only, every kernel row summed in
+//!   (`layers/conv_implicit/avx512.rs`: the pixels' rows only, each kernel row's K summed in
 //!   registers), elsewhere on the `gemm` crate.
 //!
 //! It prints the median time of each part and the largest difference between the two ways.

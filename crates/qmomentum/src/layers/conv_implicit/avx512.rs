@@ -1,5 +1,5 @@
-//! AVX-512F kernels for [`super::ImplicitGemm`]'s products: a sum over taps of strided
-//! products, computed in registers from start to end.
+//! AVX-512F kernels for [`super::ImplicitGemm`]'s products: a sum over taps (kernel rows) of
+//! strided products, each tap's K summed in registers.
 //!
 //! # Why by hand
 //! On the padded grid each pass is a sum of `kh` products (one per kernel row) whose K is
@@ -10,10 +10,13 @@
 //! core's FMA peak. No crate we know computes a sum of products over one output tile. BLAS
 //! implementations and `gemm` take one product per call.
 //!
-//! Here one register tile of the output receives every tap and every k before it is stored:
+//! Here a register tile of the output takes all of a tap's K before it is stored, and the taps
+//! add into the same output while it is still in cache:
 //! - **rows** ([`tap_rows`], forward and input gradient): `R` rows × `NV` vectors of 16
 //!   columns (6 × 64, 8 × 48, 12 × 32, 24 × 16: 24 accumulators). Per k, `NV` loads of the
-//!   right operand and `R` broadcasts of the strided left one feed `R·NV` FMAs.
+//!   right operand and `R` broadcasts of the strided left one feed `R·NV` FMAs. Blocks of
+//!   [`ROWS_BLOCK`] rows take the taps in turn (the tile reloaded from what the tap before
+//!   stored: exact, so the same sum as in registers throughout).
 //! - **weight gradient** ([`tap_weight_grad`]): `KT` values of k × `NV` vectors of the
 //!   output, summed over the rows in blocks of [`GRAD_ROWS`]. A block's operands stay in L1
 //!   while every tile of the weight gradient passes over it.
