@@ -95,6 +95,14 @@ struct Grid {
     back: usize,
 }
 
+impl Grid {
+    /// Where kernel row `ky`'s windows start in the input grid (values of `cin` channels): the
+    /// output at grid row `p` reads grid row `p − back + ky·WP` (forward and weight gradient).
+    fn input_tap(self, ky: usize, cin: usize) -> usize {
+        (self.margin - self.back + ky * self.wp) * cin
+    }
+}
+
 impl ImplicitGemm {
     /// Whether this lowering computes `geo`'s products: one group, stride 1, dilation 1, an odd
     /// kernel larger than 1×1 with the same padding on both sides of each axis, equal to half
@@ -171,7 +179,7 @@ impl ImplicitGemm {
         if by_hand(cout, kh) {
             // Tap ky reads grid row p − back + ky·WP for the output at grid row p; the outputs
             // are written in place, only at the pixels.
-            let taps = Self::taps(kh, |ky| (g.margin - g.back + ky * g.wp) * i.c);
+            let taps = Self::taps(kh, |ky| g.input_tap(ky, i.c));
             self.map_rows(geo, batch);
             #[cfg(target_arch = "x86_64")]
             avx512::tap_rows(&self.xp, &taps[..kh], i.c, k, &self.rowmap, w, cout, z);
@@ -179,7 +187,7 @@ impl ImplicitGemm {
         }
         grow(&mut self.zp, rows * cout);
         for ky in 0..kh {
-            let a = &self.xp[(g.margin - g.back + ky * g.wp) * i.c..];
+            let a = &self.xp[g.input_tap(ky, i.c)..];
             matmul_strided(
                 rows,
                 cout,
@@ -222,7 +230,7 @@ impl ImplicitGemm {
         let rows = Self::rows(geo, batch);
         let k = kw * cin;
         if by_hand(cout, kh) {
-            let taps = Self::taps(kh, |ky| (g.margin - g.back + ky * g.wp) * cin);
+            let taps = Self::taps(kh, |ky| g.input_tap(ky, cin));
             let i = geo.input;
             assert!(
                 self.rowmap_key == (batch, i.h, i.w, g.hp, g.wp) && self.rowmap.len() == batch * i.h * i.w,
@@ -242,7 +250,7 @@ impl ImplicitGemm {
             return;
         }
         for ky in 0..kh {
-            let a = &self.xp[(g.margin - g.back + ky * g.wp) * cin..];
+            let a = &self.xp[g.input_tap(ky, cin)..];
             matmul_strided(
                 k,
                 cout,
